@@ -1,0 +1,34 @@
+# Two entry points: `make test` and `make demo`. Both create .venv on first use.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo lint format install clean
+
+$(STAMP): pyproject.toml requirements-dev.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements-dev.txt
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/ruff check spheretorch tests benchmarks
+	$(BIN)/ruff format --check spheretorch tests benchmarks
+	$(BIN)/python -m pytest -q -n 2 tests
+
+demo: $(STAMP)
+	$(BIN)/python -m spheretorch demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check spheretorch tests benchmarks
+	$(BIN)/ruff format --check spheretorch tests benchmarks
+
+format: $(STAMP)
+	$(BIN)/ruff format spheretorch tests benchmarks
+	$(BIN)/ruff check --fix spheretorch tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

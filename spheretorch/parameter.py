@@ -1,0 +1,184 @@
+r"""``SphereParameter``: an ``nn.Parameter`` whose slices along one axis are unit vectors.
+
+The optimizers in :mod:`spheretorch.optim` read the axis from :func:`sphere_dim_of`, so any
+tensor that carries a ``sphere_dim`` attribute (for example a DTensor made by
+:func:`spheretorch.distributed.fully_shard`) is treated as living on the sphere.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .sphere import check_floating, check_sphere_dim, normalize
+
+__all__ = [
+    "SphereParameter",
+    "from_geoopt",
+    "renormalize_",
+    "sphere_",
+    "sphere_dim_of",
+    "to_geoopt",
+]
+
+
+def _rebuild_sphere_parameter(data: Tensor, requires_grad: bool, sphere_dim: int) -> Any:
+    """Unpickling hook: rebuild without re-projecting (the data were saved unit-norm)."""
+    p = SphereParameter.__new__(SphereParameter, data, sphere_dim, requires_grad, _project=False)
+    return p
+
+
+class SphereParameter(nn.Parameter):
+    r"""A parameter constrained to the unit sphere along ``dim``.
+
+    Each slice ``x[..., :, ...]`` along ``dim`` satisfies :math:`\|x\| = 1`. The data are
+    projected at construction (:math:`x \leftarrow x / \|x\|`); after that, keeping them on the
+    sphere is the optimizer's job (:class:`spheretorch.optim.RiemannianAdam`,
+    :class:`spheretorch.optim.RenormAdam`, :class:`spheretorch.optim.RiemannianSGD`) or
+    :func:`renormalize_`'s.
+
+    Args:
+        data: floating-point tensor of any shape with at least one axis.
+        dim: the sphere axis; stored as the non-negative int ``.sphere_dim``
+            (``.dim()`` stays torch's method).
+        requires_grad: as for ``nn.Parameter``.
+
+    Raises:
+        TypeError: non-floating dtype or non-int ``dim``.
+        ValueError: ``dim`` out of range, a slice of zero norm, or NaN/inf entries.
+
+    The class and ``sphere_dim`` survive ``copy.deepcopy``, ``pickle``, ``torch.save`` /
+    ``torch.load``, ``Module.to()`` and ``Module.load_state_dict``. A module's ``state_dict``
+    holds plain tensors, so ``torch.load(..., weights_only=True)`` reads it.
+    """
+
+    sphere_dim: int
+
+    def __new__(
+        cls,
+        data: Tensor | None = None,
+        dim: int = -1,
+        requires_grad: bool = True,
+        *,
+        _project: bool = True,
+    ) -> SphereParameter:
+        if data is None:
+            raise TypeError("SphereParameter needs data: a floating-point tensor")
+        check_floating(data, "data")
+        sphere_dim = check_sphere_dim(data, dim, "dim")
+        if _project:
+            with torch.no_grad():
+                data = normalize(data.detach(), sphere_dim, on_zero="raise")
+        self = torch.Tensor._make_subclass(cls, data, requires_grad)
+        self.sphere_dim = sphere_dim
+        return self
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # all work happens in __new__
+        super().__init__()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SphereParameter:
+        if id(self) in memo:
+            return memo[id(self)]
+        data = self.data.clone(memory_format=torch.preserve_format)
+        result = SphereParameter(data, self.sphere_dim, self.requires_grad, _project=False)
+        memo[id(self)] = result
+        for key, value in self.__dict__.items():
+            if key != "sphere_dim":
+                setattr(result, key, copy.deepcopy(value, memo))
+        return result
+
+    def __reduce_ex__(self, proto: int) -> tuple[Any, ...]:
+        return (_rebuild_sphere_parameter, (self.data, self.requires_grad, self.sphere_dim))
+
+    def __repr__(self) -> str:
+        return f"SphereParameter(dim={self.sphere_dim}) containing:\n{self.data!r}"
+
+
+def sphere_dim_of(p: Tensor) -> int | None:
+    """The sphere axis of ``p`` (a non-negative int) or ``None`` for a Euclidean tensor."""
+    d = getattr(p, "sphere_dim", None)
+    if d is None:
+        return None
+    return d % p.dim()
+
+
+def sphere_(module: nn.Module, name: str = "weight", dim: int = -1) -> nn.Module:
+    """Turn ``module.<name>`` into a :class:`SphereParameter` along ``dim``, in place.
+
+    The data are projected onto the sphere (same storage is not kept: the parameter object is
+    replaced, so build optimizers after calling this). Returns ``module`` for chaining, e.g.
+    ``sphere_(nn.Linear(8, 4), dim=1)`` makes each output neuron's weight row a unit vector.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    param = module._parameters.get(name)
+    if param is None:
+        available = ", ".join(n for n, p in module.named_parameters(recurse=False)) or "none"
+        raise ValueError(
+            f"{type(module).__name__} has no registered parameter {name!r} "
+            f"(its direct parameters: {available})"
+        )
+    setattr(module, name, SphereParameter(param.data, dim, param.requires_grad))
+    return module
+
+
+def _sphere_params(params_or_module: nn.Module | Iterable[Tensor] | Tensor) -> list[Tensor]:
+    if isinstance(params_or_module, nn.Module):
+        params: Iterable[Tensor] = params_or_module.parameters()
+    elif isinstance(params_or_module, Tensor):
+        params = [params_or_module]
+    else:
+        params = params_or_module
+    return [p for p in params if sphere_dim_of(p) is not None]
+
+
+@torch.no_grad()
+def renormalize_(params_or_module: nn.Module | Iterable[Tensor] | Tensor) -> int:
+    """Re-project every sphere parameter (``sphere_dim`` set) onto the sphere, in place.
+
+    Norms are computed in float32 for half types. Zero slices are left as they are (no NaN).
+    Returns the number of parameters renormalized.
+    """
+    params = _sphere_params(params_or_module)
+    for p in params:
+        p.copy_(normalize(p, sphere_dim_of(p), on_zero="keep"))
+    return len(params)
+
+
+def to_geoopt(p: SphereParameter) -> Any:
+    """Convert to ``geoopt.ManifoldParameter`` on ``geoopt.Sphere`` (needs the last axis)."""
+    import geoopt
+
+    dim = sphere_dim_of(p)
+    if dim is None:
+        raise TypeError("to_geoopt expects a SphereParameter (a tensor with sphere_dim)")
+    if dim != p.dim() - 1:
+        raise ValueError(
+            f"geoopt.Sphere works on the last axis; this parameter's sphere_dim is {dim} of "
+            f"{p.dim()} axes (transpose it first, e.g. p.data.movedim({dim}, -1))"
+        )
+    return geoopt.ManifoldParameter(
+        p.data.clone(), manifold=geoopt.Sphere(), requires_grad=p.requires_grad
+    )
+
+
+def from_geoopt(p: Any) -> SphereParameter:
+    """Convert a ``geoopt.ManifoldParameter`` on ``geoopt.Sphere`` to a :class:`SphereParameter`."""
+    import geoopt
+
+    manifold = getattr(p, "manifold", None)
+    if not isinstance(manifold, geoopt.Sphere):
+        raise TypeError(
+            f"from_geoopt expects a geoopt.ManifoldParameter on geoopt.Sphere, got manifold "
+            f"{type(manifold).__name__}"
+        )
+    return SphereParameter(p.data.clone(), dim=-1, requires_grad=p.requires_grad)
+
+
+# Let torch.load(weights_only=True) rebuild a pickled SphereParameter (the rebuild function only
+# constructs the parameter from a tensor, a bool and an int).
+torch.serialization.add_safe_globals([SphereParameter, _rebuild_sphere_parameter])
