@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint format install clean
+.PHONY: test demo docs lint format install clean
 
 $(STAMP): pyproject.toml requirements-dev.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,9 +18,13 @@ test: $(STAMP)
 	$(BIN)/ruff check spheretorch tests benchmarks
 	$(BIN)/ruff format --check spheretorch tests benchmarks
 	$(BIN)/python -m pytest -q -n 2 tests
+	$(BIN)/sphinx-build -W -q -b html docs docs/_build/html
 
 demo: $(STAMP)
 	$(BIN)/python -m spheretorch demo
+
+docs: $(STAMP)
+	$(BIN)/sphinx-build -W -q -b html docs docs/_build/html
 
 lint: $(STAMP)
 	$(BIN)/ruff check spheretorch tests benchmarks
