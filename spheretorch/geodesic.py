@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from .sphere import (
+    _cos_sinc_sq,
     _up,
     antipodal_direction,
     check_floating,
@@ -30,7 +31,6 @@ from .sphere import (
     check_sphere_dim,
     geodesic_frame,
     normalize,
-    sinc,
 )
 
 __all__ = ["geodesic_update", "nlerp", "slerp"]
@@ -103,16 +103,21 @@ def _geodesic_step(a: Tensor, b: Tensor, t: float | Tensor, dim: int) -> Tensor:
     if isinstance(t, Tensor) and t.dim() >= a.dim() - dim and t.shape[dim - a.dim()] != 1:
         # A per-coordinate t tilts the step out of the tangent space; project it back.
         step = step - (step * au).sum(dim, keepdim=True) * au
-    n = torch.linalg.vector_norm(step, dim=dim, keepdim=True)
-    out = torch.cos(n) * au + sinc(n) * step
+    cos_n, sinc_n = _cos_sinc_sq((step * step).sum(dim, keepdim=True))
+    out = cos_n * au + sinc_n * step
     return normalize(out, dim, on_zero="keep").to(a.dtype)
 
 
 def _lerp_normalize(a: Tensor, b: Tensor, t: float | Tensor, dim: int) -> tuple[Tensor, Tensor]:
     """``(Norm(a + t (b - a)), degenerate)`` in the compute dtype, no checks (hot path)."""
     au, bu = _up(a), _up(b)
-    tu = _up(t) if isinstance(t, Tensor) else t
-    y = torch.lerp(au, bu, tu) if isinstance(tu, Tensor) else au + tu * (bu - au)
+    if isinstance(t, Tensor):
+        # torch.lerp needs one dtype: promote (a float64 t with float32 points computes in
+        # float64, as slerp does), the result is cast back to a's dtype by the callers.
+        ct = torch.promote_types(au.dtype, _up(t).dtype)
+        y = torch.lerp(au.to(ct), bu.to(ct), t.to(ct))
+    else:
+        y = au + t * (bu - au)
     n = torch.linalg.vector_norm(y, dim=dim, keepdim=True)
     degenerate = n <= 16 * torch.finfo(n.dtype).eps
     return y / torch.where(degenerate, torch.ones_like(n), n), degenerate
@@ -151,8 +156,9 @@ def geodesic_update(
       \log_h h_{target})))`; for a scalar ``alpha`` (or one of size 1 along ``dim``) this is
       exactly :func:`slerp` with ``t = alpha``.
 
-    This is the models' hot path: it validates nothing and, for ``"nlerp"``, skips
-    :func:`nlerp`'s antipodal guard (a chord through the origin needs ``alpha == 1/2``
+    This is the models' hot path: it checks only ``dim`` (in Python, no tensor work; an
+    out-of-range ``dim`` used to wrap around silently for ``"slerp"``) and, for ``"nlerp"``,
+    skips :func:`nlerp`'s antipodal guard (a chord through the origin needs ``alpha == 1/2``
     exactly on every coordinate and an exactly antipodal target).
 
     Args:
@@ -166,8 +172,9 @@ def geodesic_update(
     Returns:
         Tensor shaped and typed like ``h``, unit along ``dim``.
     """
+    dim = check_sphere_dim(h, dim)
     if rule == "nlerp":
         return _lerp_normalize(h, target, alpha, dim)[0].to(h.dtype)
     if rule == "slerp":
-        return _geodesic_step(h, target, alpha, dim % h.dim())
+        return _geodesic_step(h, target, alpha, dim)
     raise ValueError(f"rule must be 'nlerp' or 'slerp', got {rule!r}")

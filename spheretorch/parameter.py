@@ -53,7 +53,9 @@ class SphereParameter(nn.Parameter):
 
     The class and ``sphere_dim`` survive ``copy.deepcopy``, ``pickle``, ``torch.save`` /
     ``torch.load``, ``Module.to()`` and ``Module.load_state_dict``. A module's ``state_dict``
-    holds plain tensors, so ``torch.load(..., weights_only=True)`` reads it.
+    holds plain tensors, so ``torch.load(..., weights_only=True)`` reads it. (Only
+    ``load_state_dict(..., assign=True)`` loses the class: torch then replaces every parameter
+    object with a plain ``nn.Parameter``; load without ``assign`` to copy into the existing one.)
     """
 
     sphere_dim: int

@@ -1,0 +1,37 @@
+"""Shared test configuration.
+
+Hypothesis runs with a deterministic profile by default so the suite is fast and reproducible
+(the same examples on every run and every machine). Set ``HYPOTHESIS_PROFILE=thorough`` for a
+longer randomised search when changing the geometry code.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "spheretorch",
+    derandomize=True,
+    max_examples=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    print_blob=True,
+)
+settings.register_profile(
+    "thorough",
+    max_examples=500,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    print_blob=True,
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "spheretorch"))
+
+
+@pytest.fixture(autouse=True)
+def _seed_torch():
+    """Every test starts from the same global torch RNG state."""
+    torch.manual_seed(0)
