@@ -21,7 +21,7 @@ test: $(STAMP)
 	$(BIN)/sphinx-build -W -q -b html docs docs/_build/html
 
 demo: $(STAMP)
-	$(BIN)/python -m spheretorch demo
+	$(BIN)/python -m spheretorch compare --preset cpu-small --out runs/demo
 
 docs: $(STAMP)
 	$(BIN)/sphinx-build -W -q -b html docs docs/_build/html

@@ -1,0 +1,273 @@
+"""Time one optimizer step: spheretorch's optimizers against torch's Adam/SGD and geoopt.
+
+Every candidate gets its own copy of the same parameters and fixed gradients; the candidates
+are timed interleaved in one process (one step each per round, the order rotating between
+rounds) and the median over the rounds is reported, with ratios against
+``torch.optim.Adam(foreach=True)`` and geoopt's ``RiemannianAdam``.
+
+Parameter sets (``--set``):
+
+* ``default``: 8 x (512, 512) + 4 x (2048, 512) sphere matrices (unit rows) + 20 Euclidean
+  vectors of 512 -- the set of the targets in docs/benchmarks.md;
+* ``small``: 64 sphere matrices of shape (4, 8): per-parameter overhead;
+* ``gpt124m``: the parameter shapes of GPT-2 small (124M): token and position embeddings,
+  12 blocks of attention/MLP matrices (sphere along d_model = 768, as in nGPT) and their
+  Euclidean gains/biases. Meant for ``--device cuda``.
+
+The script re-executes itself with glibc's ``MALLOC_MMAP_THRESHOLD_=33554432`` and
+``MALLOC_TRIM_THRESHOLD_=1073741824`` (stable allocation costs on CPU) unless they are set.
+
+Usage::
+
+    python benchmarks/optim_step.py                      # CPU, default + small sets
+    python benchmarks/optim_step.py --device cuda --set default small gpt124m
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
+
+if __name__ == "__main__" and any(os.environ.get(k) != v for k, v in _MALLOC_ENV.items()):
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **_MALLOC_ENV})
+
+import torch  # noqa: E402
+
+import spheretorch as st  # noqa: E402
+from spheretorch.optim import RenormAdam, RiemannianAdam, RiemannianSGD  # noqa: E402
+
+# ----------------------------------------------------------------------------- parameter sets
+
+
+def default_set() -> list[tuple[tuple[int, ...], int | None]]:
+    return [((512, 512), 1)] * 8 + [((2048, 512), 1)] * 4 + [((512,), None)] * 20
+
+
+def small_set() -> list[tuple[tuple[int, ...], int | None]]:
+    return [((4, 8), 1)] * 64
+
+
+def gpt124m_set() -> list[tuple[tuple[int, ...], int | None]]:
+    d, vocab, ctx, layers = 768, 50257, 1024, 12
+    out: list[tuple[tuple[int, ...], int | None]] = [((vocab, d), 1), ((ctx, d), 1)]
+    for _ in range(layers):
+        out += [
+            ((3 * d, d), 1),  # qkv: rows are input-side d_model vectors
+            ((d, d), 0),  # attention output projection: columns along d_model
+            ((4 * d, d), 1),  # MLP up
+            ((d, 4 * d), 0),  # MLP down
+        ]
+        out += [((d,), None)] * 4 + [((3 * d,), None), ((4 * d,), None)]  # gains / biases
+    out += [((d,), None)] * 2
+    return out
+
+
+SETS = {"default": default_set, "small": small_set, "gpt124m": gpt124m_set}
+
+
+def make_params(layout, device, *, seed: int = 0, geoopt_layout: bool = False):
+    """Parameters with fixed gradients. ``geoopt_layout``: sphere axis moved last (geoopt)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    params = []
+    for shape, dim in layout:
+        if geoopt_layout and dim is not None and dim != len(shape) - 1:
+            shape = (*shape[:dim], *shape[dim + 1 :], shape[dim])
+            dim = len(shape) - 1
+        data = torch.randn(shape, generator=g).to(device)
+        if dim is None:
+            p = torch.nn.Parameter(data)
+        elif geoopt_layout:
+            import geoopt
+
+            p = geoopt.ManifoldParameter(
+                torch.nn.functional.normalize(data, dim=-1), manifold=geoopt.Sphere()
+            )
+        else:
+            p = st.SphereParameter(data, dim=dim)
+        p.grad = torch.randn(shape, generator=g).to(device) * 1e-2
+        params.append(p)
+    return params
+
+
+# ----------------------------------------------------------------------------- candidates
+
+
+def candidates(have_geoopt: bool):
+    """(name, factory(params) -> optimizer, needs geoopt layout)."""
+    out = [
+        ("torch Adam(foreach)", lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=True), False),
+        ("torch Adam(fused)", lambda ps: torch.optim.Adam(ps, lr=1e-3, fused=True), False),
+        ("RiemannianAdam", lambda ps: RiemannianAdam(ps, lr=1e-3), False),
+        (
+            "RiemannianAdam(nonfinite='ignore')",
+            lambda ps: RiemannianAdam(ps, lr=1e-3, nonfinite="ignore"),
+            False,
+        ),
+        ("RenormAdam", lambda ps: RenormAdam(ps, lr=1e-3), False),
+        ("RenormAdam(fused)", lambda ps: RenormAdam(ps, lr=1e-3, fused=True), False),
+        (
+            "torch SGD(momentum, foreach)",
+            lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, foreach=True),
+            False,
+        ),
+        ("RiemannianSGD(momentum)", lambda ps: RiemannianSGD(ps, lr=1e-2, momentum=0.9), False),
+    ]
+    if have_geoopt:
+        import geoopt
+
+        out.append(
+            ("geoopt RiemannianAdam", lambda ps: geoopt.optim.RiemannianAdam(ps, lr=1e-3), True)
+        )
+    return out
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_set(name: str, device: torch.device, reps: int, warmup: int, only=None):
+    layout = SETS[name]()
+    try:
+        import geoopt  # noqa: F401
+
+        have_geoopt = True
+    except ImportError:
+        have_geoopt = False
+    entries = []
+    for cname, factory, geo in candidates(have_geoopt):
+        if only and cname not in only:
+            continue
+        params = make_params(layout, device, geoopt_layout=geo)
+        entries.append([cname, factory(params), []])
+    for _ in range(warmup):
+        for _, opt, _ in entries:
+            opt.step()
+    sync(device)
+    for r in range(reps):
+        k = r % len(entries)
+        for cname, opt, times in entries[k:] + entries[:k]:
+            sync(device)
+            t0 = time.perf_counter()
+            opt.step()
+            sync(device)
+            times.append(time.perf_counter() - t0)
+    return {cname: statistics.median(times) for cname, _, times in entries}
+
+
+TARGETS = {
+    # (set, candidate, reference, bound, kind): ratio candidate/reference <= bound ("max") or
+    # reference/candidate >= bound ("min")
+    "RenormAdam <= 1.2x torch Adam(foreach)": (
+        "default",
+        "RenormAdam",
+        "torch Adam(foreach)",
+        1.2,
+        "max",
+    ),
+    "RiemannianAdam <= 1.4x torch Adam(foreach)": (
+        "default",
+        "RiemannianAdam",
+        "torch Adam(foreach)",
+        1.4,
+        "max",
+    ),
+    "geoopt RiemannianAdam >= 2x slower than ours": (
+        "default",
+        "RiemannianAdam",
+        "geoopt RiemannianAdam",
+        2.0,
+        "min",
+    ),
+    "small: RiemannianAdam <= 1.5x torch Adam(foreach)": (
+        "small",
+        "RiemannianAdam",
+        "torch Adam(foreach)",
+        1.5,
+        "max",
+    ),
+    "small: RenormAdam <= 1.5x torch Adam(foreach)": (
+        "small",
+        "RenormAdam",
+        "torch Adam(foreach)",
+        1.5,
+        "max",
+    ),
+}
+
+
+def report(results: dict[str, dict[str, float]], args) -> None:
+    print(f"# optim_step: {' '.join(sys.argv)}")
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    dev = args.device
+    if args.device.startswith("cuda") and torch.cuda.is_available():
+        dev += f" ({torch.cuda.get_device_name()})"
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {dev}, CPU {cpu}, "
+        f"{args.reps} rounds (median)\n"
+    )
+    for set_name, res in results.items():
+        base = res.get("torch Adam(foreach)")
+        geo = res.get("geoopt RiemannianAdam")
+        print(f"## set `{set_name}`\n")
+        print("| optimizer | step (ms) | vs torch Adam(foreach) | geoopt / this |")
+        print("| --- | ---: | ---: | ---: |")
+        for cname, t in res.items():
+            r1 = f"{t / base:.2f}x" if base else "-"
+            r2 = f"{geo / t:.2f}x" if geo else "-"
+            print(f"| {cname} | {t * 1e3:.3f} | {r1} | {r2} |")
+        print()
+    lines = []
+    for label, (set_name, cand, ref, bound, kind) in TARGETS.items():
+        res = results.get(set_name, {})
+        if cand not in res or ref not in res:
+            continue
+        ratio = res[cand] / res[ref] if kind == "max" else res[ref] / res[cand]
+        ok = ratio <= bound if kind == "max" else ratio >= bound
+        lines.append(f"| {label} | {ratio:.2f}x | {'met' if ok else 'MISSED'} |")
+    if lines:
+        print("## targets\n\n| target | measured | |\n| --- | ---: | --- |")
+        print("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    ap.add_argument(
+        "--set",
+        nargs="+",
+        default=["default", "small"],
+        choices=sorted(SETS),
+        help="parameter sets to time (default: default small)",
+    )
+    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    ap.add_argument("--reps", type=int, default=None, help="timed rounds (default 40; 15 gpt)")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed rounds first (default 3)")
+    ap.add_argument("--only", nargs="*", default=None, help="candidate names to keep")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available here")
+    results = {}
+    reps = args.reps
+    for set_name in args.set:
+        n = reps if reps is not None else (15 if set_name == "gpt124m" else 40)
+        args.reps = n
+        results[set_name] = bench_set(set_name, device, n, args.warmup, args.only)
+    report(results, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+r"""Optimizers for parameters on the sphere.
+
+* :class:`RiemannianAdam` -- Riemannian gradient, moments in the tangent space, retraction and
+  transported momentum; by default step-for-step :class:`geoopt.optim.RiemannianAdam`.
+* :class:`RenormAdam` -- torch's Adam/AdamW on every parameter, then sphere parameters
+  renormalised (the nGPT recipe).
+* :class:`RiemannianSGD` -- SGD with (Nesterov) momentum on the sphere, torch's conventions.
+
+A parameter is on the sphere when it has a ``sphere_dim`` (a :class:`~spheretorch.SphereParameter`
+or any tensor with that attribute, see :func:`spheretorch.parameter.sphere_dim_of`); the others
+get exactly torch's Adam/AdamW/SGD step in the same optimizer. Each optimizer is a thin
+:class:`torch.optim.Optimizer` over a functional core (:func:`riemannian_adam`,
+:func:`renorm_adam`, :func:`riemannian_sgd`) with a single-tensor and a multi-tensor
+(``_foreach``) implementation; the latter is the default on CPU and CUDA.
+"""
+
+from .optimizer import NONFINITE_POLICIES, NonfinitePolicy, SphereOptimizer
+from .renorm_adam import RenormAdam, renorm_adam, renormalize
+from .riemannian_adam import RiemannianAdam, riemannian_adam
+from .riemannian_sgd import RiemannianSGD, riemannian_sgd
+
+__all__ = [
+    "NONFINITE_POLICIES",
+    "NonfinitePolicy",
+    "RenormAdam",
+    "RiemannianAdam",
+    "RiemannianSGD",
+    "SphereOptimizer",
+    "renorm_adam",
+    "renormalize",
+    "riemannian_adam",
+    "riemannian_sgd",
+]

@@ -1,0 +1,309 @@
+r"""Adam, then renormalisation: the nGPT recipe (Loshchilov et al., 2024).
+
+Every parameter gets torch's own Adam/AdamW step (the code calls ``torch.optim.adam.adam``,
+with its fused, foreach or single-tensor kernel); afterwards every sphere parameter is put
+back on the sphere, :math:`x \leftarrow x / \|x\|` along its ``sphere_dim``. The result is
+bitwise equal to :class:`torch.optim.Adam` with the same ``foreach``/``fused`` flags followed
+by ``p.div_(p.norm(dim=sphere_dim, keepdim=True))`` (norms of float16/bfloat16 parameters are
+accumulated in float32).
+
+Compared with :class:`~spheretorch.optim.RiemannianAdam` the moments see the full Euclidean
+gradient (its radial part included) and nothing is transported; it is cheaper and what nGPT
+trains with.
+
+Weight decay is **not applied to sphere parameters** (it would be undone by the
+renormalisation, or with coupled decay feed a radial term into the moments); Euclidean
+parameters get it exactly as torch's Adam/AdamW.
+
+By default (``foreach=None``) torch's foreach kernel runs on CPU and CUDA tensors, so the
+result is bitwise ``torch.optim.Adam(foreach=True)`` + renormalisation. On CPU the parameters
+are processed in cache-sized buckets (Adam, then the renormalisation of the same bucket while
+it is still in cache), which makes the whole step about as fast as torch's foreach Adam alone.
+``fused=True`` uses torch's fused kernel, a single pass over memory (about 3x faster than
+foreach on CPU for large parameters); with ``nonfinite="skip"`` it also skips a step with a
+NaN/inf gradient on the device, through the kernel's ``found_inf`` input, with no host
+synchronisation at all. (On CPU torch's fused kernel opens a thread-parallel region for every
+tensor, however small: with many small parameters on a busy machine foreach is faster.)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import sphere
+from ..parameter import sphere_dim_of
+from . import foreach_sphere as fs
+from .optimizer import (
+    NonfinitePolicy,
+    SphereOptimizer,
+    check_hyperparameters,
+    compiling,
+    default_foreach,
+    group_by_axis,
+    pick,
+    scalar_dtype,
+    scalar_value,
+    torch_adam,
+)
+
+__all__ = ["RenormAdam", "renorm_adam", "renormalize"]
+
+
+class RenormAdam(SphereOptimizer):
+    r"""torch Adam/AdamW on every parameter, then sphere parameters renormalised (nGPT).
+
+    Args:
+        params: parameters or parameter groups; those with a ``sphere_dim`` are renormalised
+            along it after the Adam step.
+        lr, betas, eps, amsgrad, maximize: as :class:`torch.optim.Adam`.
+        weight_decay: L2 penalty (or decoupled decay) for **Euclidean** parameters only.
+        foreach, fused: as :class:`torch.optim.Adam`; by default the foreach kernel on
+            CPU/CUDA tensors. ``fused=True`` selects torch's fused kernel (also skips
+            non-finite steps without a host synchronisation).
+        decoupled_weight_decay: AdamW (equal to :class:`torch.optim.AdamW`).
+        nonfinite: ``"skip"`` (default), ``"raise"`` or ``"ignore"``; see
+            :mod:`spheretorch.optim.optimizer`.
+
+    The state is torch Adam's (``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``),
+    so state dicts move between :class:`torch.optim.Adam` and this class.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
+        nonfinite: NonfinitePolicy = "skip",
+    ) -> None:
+        check_hyperparameters(lr, betas, eps, weight_decay)
+        if fused and foreach:
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        defaults = dict(
+            lr=lr,
+            betas=tuple(float(b) for b in betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            foreach=foreach,
+            maximize=maximize,
+            fused=fused,
+            decoupled_weight_decay=decoupled_weight_decay,
+        )
+        super().__init__(params, defaults, nonfinite=nonfinite)
+
+    def _implementation(self, group: dict[str, Any]) -> tuple[bool, bool]:
+        """``(fused, foreach)`` for ``group``, resolving ``None`` from its parameters."""
+        fused, foreach = bool(group["fused"]), group["foreach"]
+        if foreach is None:
+            foreach = not fused and default_foreach(group["params"])
+        return fused, bool(foreach)
+
+    def _uses_device_side_skip(self) -> bool:
+        return all(self._implementation(g)[0] for g in self.param_groups)
+
+    _n_lists = 7
+
+    def _init_group(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        exp_avgs: list[Tensor],
+        exp_avg_sqs: list[Tensor],
+        max_exp_avg_sqs: list[Tensor],
+        steps: list[Tensor],
+        dims: list[int | None],
+    ) -> None:
+        fused = self._implementation(group)[0]
+        amsgrad = group["amsgrad"]
+        state_of = self.state
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise self._sparse_error(group, p)
+            state = state_of[p]
+            if len(state) == 0:
+                # torch Adam's layout: the step lives on the device for the fused kernel
+                state["step"] = (
+                    torch.zeros((), dtype=torch.float32, device=p.device)
+                    if fused
+                    else torch.zeros((), dtype=scalar_dtype())
+                )
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if amsgrad:
+                    state["max_exp_avg_sq"] = torch.zeros_like(
+                        p, memory_format=torch.preserve_format
+                    )
+            params.append(p)
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            if amsgrad:
+                max_exp_avg_sqs.append(state["max_exp_avg_sq"])
+            steps.append(state["step"])
+            dims.append(sphere_dim_of(p))
+
+    def _update(self, group: dict[str, Any], lists: Any, found_inf: Tensor | None) -> None:
+        fused, foreach = self._implementation(group)
+        beta1, beta2 = group["betas"]
+        renorm_adam(
+            *lists,
+            foreach=foreach,
+            fused=fused,
+            found_inf=found_inf,
+            amsgrad=group["amsgrad"],
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=group["maximize"],
+            decoupled_weight_decay=group["decoupled_weight_decay"],
+        )
+
+
+def renorm_adam(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    sphere_dims: list[int | None],
+    *,
+    foreach: bool | None = None,
+    fused: bool = False,
+    found_inf: Tensor | None = None,
+    amsgrad: bool = False,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    lr: float | Tensor = 1e-3,
+    weight_decay: float = 0.0,
+    eps: float = 1e-8,
+    maximize: bool = False,
+    decoupled_weight_decay: bool = False,
+) -> None:
+    r"""Functional RenormAdam: torch's functional Adam, then :func:`renormalize`.
+
+    Lists as for :func:`torch.optim.adam.adam` plus ``sphere_dims``. ``found_inf`` (fused
+    only) is a 0-d float tensor: when nonzero nothing changes (the device-side skip).
+    """
+    if foreach is None:
+        foreach = default_foreach(params)
+    hyper = dict(
+        foreach=foreach and not fused,
+        fused=fused,
+        found_inf=found_inf,
+        amsgrad=amsgrad,
+        beta1=beta1,
+        beta2=beta2,
+        lr=lr,
+        eps=eps,
+        maximize=maximize,
+        decoupled_weight_decay=decoupled_weight_decay,
+    )
+    # Work units: on CPU buckets of parameters go through Adam then their renormalisation
+    # while still in cache; small same-shaped parameters with the same step are stacked into
+    # one tensor (see foreach_sphere.work_units). Elementwise results are unchanged.
+    multi = foreach or fused
+    keys = None
+    if multi and not compiling() and all(s.device.type == "cpu" for s in state_steps):
+        keys = [(d, scalar_value(s)) for d, s in zip(sphere_dims, state_steps)]
+    for stacked, unit in (
+        fs.work_units(params, keys) if multi else [(False, list(range(len(params))))]
+    ):
+        u_params = pick(params, unit)
+        u_dims = pick(sphere_dims, unit)
+        lists = [
+            u_params,
+            pick(grads, unit),
+            pick(exp_avgs, unit),
+            pick(exp_avg_sqs, unit),
+            pick(max_exp_avg_sqs, unit) if amsgrad else [],
+            pick(state_steps, unit),
+        ]
+        if stacked:
+            _stacked_unit(lists, u_dims[0], weight_decay, hyper, found_inf)
+            continue
+        euclidean, _ = group_by_axis(u_params, u_dims)
+        if weight_decay != 0 and len(euclidean) < len(u_params):
+            spherical = [i for i, d in enumerate(u_dims) if d is not None]
+            for idx, wd in ((euclidean, weight_decay), (spherical, 0.0)):
+                sub = [pick(lst, idx) if lst else [] for lst in lists]
+                torch_adam(*sub, weight_decay=wd, **hyper)
+        else:
+            torch_adam(*lists, weight_decay=weight_decay, **hyper)
+        renormalize(u_params, u_dims, foreach=multi, keep=found_inf)
+
+
+def _stacked_unit(
+    lists: list[list[Tensor]],
+    dim: int | None,
+    weight_decay: float,
+    hyper: dict[str, Any],
+    found_inf: Tensor | None,
+) -> None:
+    """Adam + renormalisation of small same-shaped parameters sharing one step, stacked."""
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = lists
+    stacked = [fs.stack_into(t) for t in (params, grads, exp_avgs, exp_avg_sqs)]
+    vmax = [fs.stack_into(max_exp_avg_sqs)] if max_exp_avg_sqs else []
+    step = steps[0].clone()
+    torch_adam(
+        *[[t] for t in stacked],
+        vmax,
+        [step],
+        weight_decay=weight_decay if dim is None else 0.0,
+        **hyper,
+    )
+    if dim is not None:
+        renormalize(stacked[:1], [dim + 1], keep=found_inf)
+    for dst, src in zip((params, exp_avgs, exp_avg_sqs), (stacked[0], stacked[2], stacked[3])):
+        torch._foreach_copy_(dst, src.unbind(0))
+    if vmax:
+        torch._foreach_copy_(max_exp_avg_sqs, vmax[0].unbind(0))
+    torch._foreach_copy_(steps, [step] * len(steps))
+
+
+@torch.no_grad()
+def renormalize(
+    params: list[Tensor],
+    sphere_dims: list[int | None],
+    *,
+    foreach: bool = True,
+    keep: Tensor | None = None,
+) -> None:
+    r"""In place :math:`x \leftarrow x / \|x\|` along ``sphere_dims[i]`` (``None``: skipped).
+
+    Norms of float16/bfloat16 tensors are accumulated in float32. ``keep`` (a 0-d tensor)
+    leaves everything bitwise unchanged when nonzero, without a host synchronisation.
+    """
+    _, groups = group_by_axis(params, sphere_dims)
+    for (_, dtype, dim), idx in groups.items():
+        xs = pick(params, idx)
+        if not foreach:
+            norms = [sphere.norm(x, dim) for x in xs]
+        else:
+            norms = fs.RowReducer(xs, dim).norm(xs, dtype=sphere.compute_dtype(dtype))
+        if keep is not None:
+            # lerp(n, 1, keep) is exactly n for keep == 0 and exactly 1 for keep == 1
+            n0 = norms[0]
+            ones = [torch.ones((), dtype=n0.dtype, device=n0.device)] * len(norms)
+            torch._foreach_lerp_(norms, ones, [keep.to(n0.dtype)] * len(norms))
+        if foreach:
+            torch._foreach_div_(xs, norms)
+        else:
+            for x, n in zip(xs, norms):
+                x.div_(n)

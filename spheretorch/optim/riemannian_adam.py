@@ -1,0 +1,529 @@
+r"""Riemannian Adam on the sphere (Bécigneul & Ganea, 2019), geoopt-compatible by default.
+
+For a sphere parameter :math:`x` (unit slices along its ``sphere_dim``) with Euclidean
+gradient :math:`g`, one step is
+
+.. math::
+    r_t &= g - \langle x, g\rangle x \qquad\text{(Riemannian gradient, per slice)}\\
+    m_t &= \beta_1 m_{t-1} + (1-\beta_1) r_t\\
+    v_t &= \beta_2 v_{t-1} + (1-\beta_2) \|r_t\|^2 \qquad\text{(one number per slice)}\\
+    u_t &= -\gamma\, \frac{m_t / (1-\beta_1^t)}{\sqrt{v_t / (1-\beta_2^t)} + \epsilon}\\
+    x_{t} &= R_{x_{t-1}}(u_t) = \frac{x_{t-1} + u_t}{\|x_{t-1} + u_t\|}, \qquad
+    m_t \leftarrow m_t - \langle x_t, m_t\rangle x_t
+
+which is exactly :class:`geoopt.optim.RiemannianAdam` on :class:`geoopt.Sphere` (the per-slice
+second moment is geoopt's ``component_inner``; momentum is transported by projection onto the
+new tangent space). Options:
+
+* ``second_moment="coordinate"``: :math:`v_t = \beta_2 v_{t-1} + (1-\beta_2) r_t^2` per
+  coordinate, as Euclidean Adam does; the preconditioned direction
+  :math:`\hat m_t / (\sqrt{\hat v_t} + \epsilon)` is then no longer tangent and is projected
+  onto the tangent space before the retraction;
+* ``retraction="exp"``: the exponential map :math:`\exp_x(u)` instead of the projective
+  retraction, with the momentum moved by parallel transport along the geodesic;
+* ``amsgrad`` (the max of the second moments is used) and ``maximize``.
+
+Euclidean parameters in the same optimizer get exactly :class:`torch.optim.Adam` (or
+:class:`torch.optim.AdamW` with ``decoupled_weight_decay=True``): the code calls torch's own
+functional ``adam``.
+
+Weight decay is **not applied to sphere parameters**: shrinking a unit vector towards 0 is
+undone by the retraction (decoupled decay) or adds a radial component that the projection
+removes (coupled decay), so on the sphere it is meaningless. ``p.grad`` is never modified
+(geoopt adds the decay to ``p.grad`` in place).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from .. import sphere
+from ..parameter import sphere_dim_of
+from ..sphere import compute_dtype
+from . import foreach_sphere as fs
+from .optimizer import (
+    NonfinitePolicy,
+    SphereOptimizer,
+    check_hyperparameters,
+    compiling,
+    default_foreach,
+    group_by_axis,
+    increment_steps,
+    pick,
+    scalar_dtype,
+    scalar_value,
+    torch_adam,
+)
+
+__all__ = ["RiemannianAdam", "riemannian_adam"]
+
+SecondMoment = Literal["row", "coordinate"]
+Retraction = Literal["project", "exp"]
+
+
+def _check_choices(second_moment: str, retraction: str) -> None:
+    if second_moment not in ("row", "coordinate"):
+        raise ValueError(f"second_moment must be 'row' or 'coordinate', got {second_moment!r}")
+    if retraction not in ("project", "exp"):
+        raise ValueError(f"retraction must be 'project' or 'exp', got {retraction!r}")
+
+
+class RiemannianAdam(SphereOptimizer):
+    r"""Adam on the sphere: Riemannian gradient, moments in the tangent space, retraction.
+
+    Args:
+        params: parameters or parameter groups. Parameters with a ``sphere_dim`` (see
+            :func:`spheretorch.parameter.sphere_dim_of`) are updated on the sphere along that
+            axis; all others get torch's Adam/AdamW step.
+        lr: learning rate :math:`\gamma` (a float, or a one-element tensor).
+        betas: :math:`(\beta_1, \beta_2)`.
+        eps: :math:`\epsilon`, added to :math:`\sqrt{\hat v}`.
+        weight_decay: L2 penalty for **Euclidean** parameters only (see the module notes).
+        amsgrad: use the running maximum of the second moment.
+        foreach: ``None`` (default) picks the multi-tensor implementation for CPU/CUDA tensors;
+            ``False`` runs the single-tensor reference loop.
+        maximize: maximise the objective instead of minimising it.
+        second_moment: ``"row"`` (default, geoopt: one second moment per slice) or
+            ``"coordinate"``.
+        retraction: ``"project"`` (default, geoopt: :math:`(x+u)/\|x+u\|`, momentum
+            transported by projection) or ``"exp"`` (exponential map, parallel transport).
+        decoupled_weight_decay: AdamW-style weight decay for the Euclidean parameters
+            (equal to :class:`torch.optim.AdamW`).
+        nonfinite: ``"skip"`` (default), ``"raise"`` or ``"ignore"``: what a NaN/inf gradient
+            does; see :mod:`spheretorch.optim.optimizer`.
+
+    The state of a sphere parameter is ``step``, ``exp_avg`` (shape of the parameter),
+    ``exp_avg_sq`` (the parameter's shape with the sphere axis of size 1 for
+    ``second_moment="row"``) and ``max_exp_avg_sq`` with ``amsgrad``; in float32 for
+    float16/bfloat16 parameters. Euclidean parameters have torch Adam's state.
+    """
+
+    _compute_dtype_state = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        second_moment: SecondMoment = "row",
+        retraction: Retraction = "project",
+        decoupled_weight_decay: bool = False,
+        nonfinite: NonfinitePolicy = "skip",
+    ) -> None:
+        check_hyperparameters(lr, betas, eps, weight_decay)
+        _check_choices(second_moment, retraction)
+        defaults = dict(
+            lr=lr,
+            betas=tuple(float(b) for b in betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            foreach=foreach,
+            maximize=maximize,
+            second_moment=second_moment,
+            retraction=retraction,
+            decoupled_weight_decay=decoupled_weight_decay,
+        )
+        super().__init__(params, defaults, nonfinite=nonfinite)
+
+    _n_lists = 7
+
+    def _init_group(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        exp_avgs: list[Tensor],
+        exp_avg_sqs: list[Tensor],
+        max_exp_avg_sqs: list[Tensor],
+        steps: list[Tensor],
+        dims: list[int | None],
+    ) -> None:
+        state_of = self.state
+        amsgrad = group["amsgrad"]
+        row = group["second_moment"] == "row"
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise self._sparse_error(group, p)
+            d = sphere_dim_of(p)
+            state = state_of[p]
+            if len(state) == 0:
+                state["step"] = torch.zeros((), dtype=scalar_dtype())
+                if d is None:
+                    sq_like, dtype = p, p.dtype
+                else:
+                    dtype = compute_dtype(p.dtype)
+                    sq_like = p.narrow(d, 0, 1) if row else p
+                state["exp_avg"] = torch.zeros_like(p, dtype=dtype)
+                state["exp_avg_sq"] = torch.zeros_like(sq_like, dtype=dtype)
+                if amsgrad:
+                    state["max_exp_avg_sq"] = torch.zeros_like(sq_like, dtype=dtype)
+            params.append(p)
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            if amsgrad:
+                max_exp_avg_sqs.append(state["max_exp_avg_sq"])
+            steps.append(state["step"])
+            dims.append(d)
+
+    def _update(self, group: dict[str, Any], lists: Any, found_inf: Tensor | None) -> None:
+        foreach = group["foreach"]
+        if foreach is None:
+            foreach = default_foreach(lists[0])
+        beta1, beta2 = group["betas"]
+        riemannian_adam(
+            *lists,
+            foreach=foreach,
+            amsgrad=group["amsgrad"],
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=group["maximize"],
+            second_moment=group["second_moment"],
+            retraction=group["retraction"],
+            decoupled_weight_decay=group["decoupled_weight_decay"],
+        )
+
+
+def riemannian_adam(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    sphere_dims: list[int | None],
+    *,
+    foreach: bool | None = None,
+    amsgrad: bool = False,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    lr: float | Tensor = 1e-3,
+    weight_decay: float = 0.0,
+    eps: float = 1e-8,
+    maximize: bool = False,
+    second_moment: SecondMoment = "row",
+    retraction: Retraction = "project",
+    decoupled_weight_decay: bool = False,
+) -> None:
+    r"""Functional Riemannian Adam: updates ``params`` and the state lists in place.
+
+    All lists are aligned with ``params`` (``max_exp_avg_sqs`` is empty unless ``amsgrad``);
+    ``sphere_dims[i]`` is the sphere axis of ``params[i]`` or ``None`` for a Euclidean one.
+    The state of a sphere parameter is in its compute dtype and ``exp_avg_sqs[i]`` has size 1
+    along the axis for ``second_moment="row"``. ``foreach`` selects
+    :func:`_multi_tensor_riemannian_adam` or :func:`_single_tensor_riemannian_adam`, which
+    give the same result up to rounding.
+    """
+    _check_choices(second_moment, retraction)
+    if foreach is None:
+        foreach = default_foreach(params)
+    fn = _multi_tensor_riemannian_adam if foreach else _single_tensor_riemannian_adam
+    fn(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        max_exp_avg_sqs,
+        state_steps,
+        sphere_dims,
+        amsgrad=amsgrad,
+        beta1=beta1,
+        beta2=beta2,
+        lr=lr,
+        weight_decay=weight_decay,
+        eps=eps,
+        maximize=maximize,
+        second_moment=second_moment,
+        retraction=retraction,
+        decoupled_weight_decay=decoupled_weight_decay,
+    )
+
+
+def _euclidean_part(
+    idx: list[int],
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    foreach: bool,
+    amsgrad: bool,
+    **hyper: Any,
+) -> None:
+    torch_adam(
+        pick(params, idx),
+        pick(grads, idx),
+        pick(exp_avgs, idx),
+        pick(exp_avg_sqs, idx),
+        pick(max_exp_avg_sqs, idx) if amsgrad else [],
+        pick(state_steps, idx),
+        foreach=foreach,
+        amsgrad=amsgrad,
+        **hyper,
+    )
+
+
+def _single_tensor_riemannian_adam(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    sphere_dims: list[int | None],
+    *,
+    amsgrad: bool,
+    beta1: float,
+    beta2: float,
+    lr: float | Tensor,
+    weight_decay: float,
+    eps: float,
+    maximize: bool,
+    second_moment: SecondMoment,
+    retraction: Retraction,
+    decoupled_weight_decay: bool,
+) -> None:
+    """Reference loop, one parameter at a time, written with :mod:`spheretorch.sphere`."""
+    euclidean = [i for i, d in enumerate(sphere_dims) if d is None]
+    _euclidean_part(
+        euclidean,
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        max_exp_avg_sqs,
+        state_steps,
+        foreach=False,
+        amsgrad=amsgrad,
+        beta1=beta1,
+        beta2=beta2,
+        lr=lr,
+        weight_decay=weight_decay,
+        eps=eps,
+        maximize=maximize,
+        decoupled_weight_decay=decoupled_weight_decay,
+    )
+    for i, d in enumerate(sphere_dims):
+        if d is None:
+            continue
+        x = params[i]
+        cd = compute_dtype(x.dtype)
+        xc = x.to(cd)
+        g = grads[i].to(cd)
+        if maximize:
+            g = -g
+        m, v = exp_avgs[i], exp_avg_sqs[i]
+        step_t = state_steps[i]
+        step_t += 1
+        step = scalar_value(step_t)
+        bias_correction1 = 1 - beta1**step
+        bias_correction2 = 1 - beta2**step
+
+        rg = sphere.project(xc, g, d)
+        m.lerp_(rg, 1 - beta1)
+        if second_moment == "row":
+            v.mul_(beta2).add_(sphere.inner(rg, rg, d), alpha=1 - beta2)
+        else:
+            v.mul_(beta2).addcmul_(rg, rg, value=1 - beta2)
+        if amsgrad:
+            torch.maximum(max_exp_avg_sqs[i], v, out=max_exp_avg_sqs[i])
+            v = max_exp_avg_sqs[i]
+        denom = (v.sqrt() / bias_correction2**0.5).add_(eps)
+        u = m / denom * (-lr / bias_correction1)
+        if second_moment == "coordinate":
+            u = sphere.project(xc, u, d)  # m / denom is not tangent
+        if retraction == "project":
+            y = sphere.retract(xc, u, d)
+            m.copy_(sphere.project(y, m, d))
+        else:
+            y = sphere.expmap(xc, u, d)
+            m.copy_(sphere.transport(xc, y, m, d))
+        x.copy_(y)
+
+
+def _multi_tensor_riemannian_adam(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    sphere_dims: list[int | None],
+    *,
+    amsgrad: bool,
+    beta1: float,
+    beta2: float,
+    lr: float | Tensor,
+    weight_decay: float,
+    eps: float,
+    maximize: bool,
+    second_moment: SecondMoment,
+    retraction: Retraction,
+    decoupled_weight_decay: bool,
+) -> None:
+    """``_foreach`` implementation: sphere parameters grouped by (device, dtype, axis), each
+    group cut into cache-sized buckets (CPU); Euclidean ones go to torch's foreach Adam."""
+    euclidean, groups = group_by_axis(params, sphere_dims)
+    _euclidean_part(
+        euclidean,
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        max_exp_avg_sqs,
+        state_steps,
+        foreach=True,
+        amsgrad=amsgrad,
+        beta1=beta1,
+        beta2=beta2,
+        lr=lr,
+        weight_decay=weight_decay,
+        eps=eps,
+        maximize=maximize,
+        decoupled_weight_decay=decoupled_weight_decay,
+    )
+    tensor_lr = isinstance(lr, Tensor)
+    hyper = dict(
+        lr=lr if tensor_lr else None,
+        amsgrad=amsgrad,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        maximize=maximize,
+        row=second_moment == "row",
+        exp=retraction == "exp",
+    )
+    for (_, dtype, dim), idx in groups.items():
+        steps = pick(state_steps, idx)
+        increment_steps(steps)
+        step_values = [scalar_value(s) for s in steps]
+        bc1 = [1 - beta1**s for s in step_values]
+        bc2_sqrt = [(1 - beta2**s) ** 0.5 for s in step_values]
+        # -lr / bc1, with lr applied separately when it is a tensor
+        neg_step = [(-1 if tensor_lr else -lr) / b for b in bc1]
+        xs_all = pick(params, idx)
+        cd = compute_dtype(dtype)
+        keys = None if compiling() else step_values
+        for stacked, unit in fs.work_units(xs_all, keys):
+            u_idx = [idx[j] for j in unit]
+            xs = pick(xs_all, unit)
+            ms, vs = pick(exp_avgs, u_idx), pick(exp_avg_sqs, u_idx)
+            vmaxs = pick(max_exp_avg_sqs, u_idx) if amsgrad else []
+            gs = pick(grads, u_idx)
+            if stacked:  # one tensor for many small same-shaped parameters, same step
+                j = unit[0]
+                x = fs.stack_into(xs, cd)
+                m, v = fs.stack_into(ms), fs.stack_into(vs)
+                vmax = [fs.stack_into(vmaxs)] if amsgrad else []
+                _sphere_adam_bucket(
+                    [x],
+                    [fs.stack_into(gs, cd)],
+                    [m],
+                    [v],
+                    vmax,
+                    [neg_step[j]],
+                    [bc2_sqrt[j]],
+                    dim + 1,
+                    **hyper,
+                )
+                torch._foreach_copy_(xs, x.unbind(0))
+                torch._foreach_copy_(ms, m.unbind(0))
+                torch._foreach_copy_(vs, v.unbind(0))
+                if amsgrad:
+                    torch._foreach_copy_(vmaxs, vmax[0].unbind(0))
+                continue
+            xc = xs if cd == dtype else [x.to(cd) for x in xs]
+            gs = [g if g.dtype == cd else g.to(cd) for g in gs]
+            _sphere_adam_bucket(
+                xc,
+                gs,
+                ms,
+                vs,
+                vmaxs,
+                pick(neg_step, unit),
+                pick(bc2_sqrt, unit),
+                dim,
+                **hyper,
+            )
+            if xc is not xs:
+                torch._foreach_copy_(xs, xc)
+
+
+def _sphere_adam_bucket(
+    xs: list[Tensor],
+    gs: list[Tensor],
+    ms: list[Tensor],
+    vs: list[Tensor],
+    vmaxs: list[Tensor],
+    neg_step: list[float],
+    bc2_sqrt: list[float],
+    dim: int,
+    *,
+    lr: Tensor | None,
+    amsgrad: bool,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    maximize: bool,
+    row: bool,
+    exp: bool,
+) -> None:
+    """One bucket of sphere parameters sharing ``dim``, all in the compute dtype."""
+    red = fs.RowReducer(xs, dim)
+    if maximize:
+        gs = torch._foreach_neg(gs)
+    rg = fs.project(xs, gs, red)
+    torch._foreach_lerp_(ms, rg, 1 - beta1)
+    torch._foreach_mul_(vs, beta2)
+    if row:
+        torch._foreach_add_(vs, red.sqnorm(rg), alpha=1 - beta2)
+    else:
+        torch._foreach_addcmul_(vs, rg, rg, value=1 - beta2)
+    del rg
+    if amsgrad:
+        torch._foreach_maximum_(vmaxs, vs)
+        vs = vmaxs
+    denom = torch._foreach_sqrt(vs)
+    torch._foreach_div_(denom, bc2_sqrt)
+    torch._foreach_add_(denom, eps)
+    if row:
+        # per-slice coefficient of the momentum: -lr / bc1 / denom (tiny tensors)
+        torch._foreach_div_(denom, neg_step)
+        coef = torch._foreach_reciprocal(denom)
+        if lr is not None:
+            torch._foreach_mul_(coef, lr)
+        if exp:
+            fs.expmap_(xs, torch._foreach_mul(ms, coef), red, transported=ms)
+            return
+        torch._foreach_addcmul_(xs, ms, coef)  # x + u
+    else:
+        # the preconditioned direction m / denom is not tangent: project it
+        u = torch._foreach_div(ms, denom)
+        del denom
+        torch._foreach_mul_(u, neg_step)
+        if lr is not None:
+            torch._foreach_mul_(u, lr)
+        fs.project_(xs, u, red)
+        if exp:
+            fs.expmap_(xs, u, red, transported=ms)
+            return
+        torch._foreach_add_(xs, u)  # x + u
+    fs.normalize_(xs, red)  # projective retraction
+    fs.project_(xs, ms, red)  # momentum transported by projection

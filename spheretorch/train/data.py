@@ -1,0 +1,139 @@
+"""Training text, the 90/10 split, and batches as a deterministic function of (seed, step).
+
+``get_batch`` draws the global batch for a given step from a generator seeded with
+``(seed, step)`` alone, so a resumed run sees exactly the batches it would have seen, and a
+data-parallel rank can take its slice of the same global batch (``rank``, ``world_size``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .errors import UserError
+from .tokenizer import Kind, Tokenizer
+
+__all__ = ["BUILTIN", "TextData", "eval_batches", "get_batch", "load_data", "read_text"]
+
+BUILTIN = "tinyshakespeare"
+
+
+def read_text(path: str | Path | None) -> tuple[str | bytes, str]:
+    """Return ``(content, name)``. ``None`` (or ``"tinyshakespeare"``) reads the text shipped
+    inside the package. Files are returned as bytes; decoding is the tokenizer's business."""
+    if path is None or str(path) == BUILTIN:
+        ref = resources.files("spheretorch").joinpath("data", "tinyshakespeare.txt")
+        return ref.read_text(encoding="utf-8"), BUILTIN
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"data file not found: {p}")
+    if not p.is_file():
+        raise UserError(f"data path is not a file: {p}")
+    try:
+        return p.read_bytes(), str(p)
+    except OSError as e:
+        raise UserError(f"cannot read data file {p}: {e.strerror}") from None
+
+
+def _decode(raw: str | bytes, name: str) -> str:
+    if isinstance(raw, str):
+        return raw
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"{name} is not UTF-8 text (invalid byte 0x{raw[e.start]:02x} at offset {e.start}); "
+            f"convert it to UTF-8 or train with --tokenizer byte"
+        ) from None
+
+
+@dataclass
+class TextData:
+    """Token ids of a text split 90/10 into ``train`` and ``val`` (int64 tensors)."""
+
+    tokenizer: Tokenizer
+    train: Tensor
+    val: Tensor
+    name: str
+
+    def check_fits(self, seq_len: int) -> None:
+        for split in ("train", "val"):
+            n = len(getattr(self, split))
+            if n < seq_len + 2:
+                raise UserError(
+                    f"{self.name} is too short: its {split} split has {n} tokens, fewer than "
+                    f"the context length {seq_len} + 2"
+                )
+
+
+def load_data(
+    path: str | Path | None = None,
+    tokenizer: Tokenizer | Kind = "char",
+    val_fraction: float = 0.1,
+) -> TextData:
+    """Read, tokenize and split a text. ``tokenizer`` is a kind (a new vocabulary is built from
+    the text) or an existing :class:`Tokenizer` (resume, sampling)."""
+    raw, name = read_text(path)
+    kind = tokenizer.kind if isinstance(tokenizer, Tokenizer) else tokenizer
+    if kind not in ("char", "byte"):
+        raise UserError(f"unknown tokenizer {kind!r}; choose char or byte")
+    if kind == "byte":
+        data = raw if isinstance(raw, bytes) else raw.encode("utf-8")
+        ids = torch.frombuffer(bytearray(data), dtype=torch.uint8).long() if data else None
+        tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer("byte")
+    else:
+        text = _decode(raw, name)
+        if not text:
+            raise UserError(f"{name} is empty")
+        tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.from_text(text)
+        ids = torch.tensor(tok.encode(text), dtype=torch.long)
+    if ids is None or len(ids) == 0:
+        raise UserError(f"{name} is empty")
+    n_val = int(len(ids) * val_fraction)
+    return TextData(tok, ids[: len(ids) - n_val], ids[len(ids) - n_val :], name)
+
+
+def _windows(data: Tensor, starts: Tensor, seq_len: int) -> tuple[Tensor, Tensor]:
+    offsets = starts[:, None] + torch.arange(seq_len + 1)
+    chunk = data[offsets]
+    return chunk[:, :-1], chunk[:, 1:]
+
+
+def batch_generator(seed: int, step: int) -> torch.Generator:
+    """The generator for ``(seed, step)``: independent of everything else in the process."""
+    mixed = (int(seed) * 0x9E3779B97F4A7C15 + int(step) * 0xBF58476D1CE4E5B9) % (2**63 - 1)
+    return torch.Generator().manual_seed(mixed)
+
+
+def get_batch(
+    data: Tensor,
+    seed: int,
+    step: int,
+    batch_size: int,
+    seq_len: int,
+    rank: int = 0,
+    world_size: int = 1,
+) -> tuple[Tensor, Tensor]:
+    """Inputs and next-token targets ``(B/world, T)`` for training step ``step``.
+
+    The global batch of ``batch_size`` random windows depends on ``(seed, step)`` only; rank
+    ``r`` of ``world_size`` gets rows ``r::world_size``.
+    """
+    starts = torch.randint(
+        0, len(data) - seq_len, (batch_size,), generator=batch_generator(seed, step)
+    )
+    return _windows(data, starts[rank::world_size], seq_len)
+
+
+def eval_batches(
+    data: Tensor, n_batches: int, batch_size: int, seq_len: int
+) -> list[tuple[Tensor, Tensor]]:
+    """Fixed evaluation batches: ``n_batches * batch_size`` windows evenly spaced over ``data``
+    (no randomness: every model and every run sees the same ones)."""
+    n = n_batches * batch_size
+    starts = torch.linspace(0, len(data) - seq_len - 1, n).long()
+    return [_windows(data, s, seq_len) for s in starts.split(batch_size)]

@@ -1,0 +1,289 @@
+"""GPT, NGPT and GeoNormGPT: shapes, causality, the sphere invariants, init, config errors."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+
+from spheretorch import sphere
+from spheretorch.models import GPT, MODELS, NGPT, GeoNormGPT, TransformerConfig, build_model
+from spheretorch.models.geonorm import geonorm_step
+
+torch.set_num_threads(1)  # tiny models; avoid oversubscription under pytest-xdist
+
+CFG = dict(vocab_size=17, seq_len=16, n_layer=3, n_head=2, d_model=32)
+
+
+def make(name: str, **kw) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(name, TransformerConfig(**{**CFG, **kw}))
+
+
+def tokens(b: int = 3, t: int = 16, seed: int = 1) -> torch.Tensor:
+    return torch.randint(
+        0, CFG["vocab_size"], (b, t), generator=torch.Generator().manual_seed(seed)
+    )
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_shapes_and_loss(name: str) -> None:
+    model = make(name)
+    idx = tokens()
+    logits, loss = model(idx)
+    assert logits.shape == (3, 16, CFG["vocab_size"])
+    assert loss is None
+    logits2, loss = model(idx, idx)
+    assert loss is not None and loss.shape == () and math.isfinite(loss.item())
+    assert torch.equal(logits, logits2)
+    # near-uniform predictions at initialisation
+    assert abs(loss.item() - math.log(CFG["vocab_size"])) < 1.0
+    loss.backward()
+    for n, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), n
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_causal(name: str) -> None:
+    model = make(name)
+    idx = tokens()
+    changed = idx.clone()
+    changed[:, 10:] = (changed[:, 10:] + 1) % CFG["vocab_size"]
+    a, _ = model(idx)
+    b, _ = model(changed)
+    assert torch.allclose(a[:, :10], b[:, :10], atol=1e-5)
+    assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_hidden_states_count_and_shorter_inputs(name: str) -> None:
+    model = make(name)
+    hs = model.hidden_states(tokens(2, 5))
+    assert hs.shape == (2 * CFG["n_layer"] + 1, 2, 5, CFG["d_model"])
+    out = model.generate(tokens(1, 3), 20, temperature=1.0, top_k=5)
+    assert out.shape == (1, 23)
+    assert out.max() < CFG["vocab_size"]
+
+
+@pytest.mark.parametrize("name", ["ngpt", "geonorm"])
+@pytest.mark.parametrize("rule", ["nlerp", "slerp"])
+def test_hidden_states_unit_norm(name: str, rule: str) -> None:
+    model = make(name, residual_rule=rule)
+    hs = model.hidden_states(tokens())
+    norms = hs.norm(dim=-1)
+    assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
+
+
+def test_ngpt_sphere_parameters_along_d_model() -> None:
+    model = make("ngpt")
+    d = CFG["d_model"]
+    expected = {
+        "tok_emb.weight": 1,
+        "lm_head.weight": 1,
+        "attn.qkv.weight": 1,
+        "mlp.up.weight": 1,
+        "attn.proj.weight": 0,
+        "mlp.down.weight": 0,
+    }
+    seen = set()
+    for name, p in model.named_parameters():
+        dim = getattr(p, "sphere_dim", None)
+        if p.dim() == 1:
+            assert dim is None, name  # scaling vectors are Euclidean
+            continue
+        suffix = next(k for k in expected if name.endswith(k))
+        seen.add(suffix)
+        assert dim == expected[suffix], name
+        assert p.shape[dim] == d, name  # normalized along d_model
+        n = p.norm(dim=dim)
+        assert torch.allclose(n, torch.ones_like(n), atol=1e-6), name
+    assert seen == set(expected)
+    assert not any("norm" in n or "bias" in n for n, _ in model.named_parameters())
+    assert model.lm_head.weight is not model.tok_emb.weight
+
+
+def test_ngpt_scale_trick_values() -> None:
+    model = make("ngpt")
+    block = model.blocks[0]
+    d = CFG["d_model"]
+    assert torch.allclose(block.alpha_a(), torch.full((d,), 0.05))
+    assert torch.allclose(block.alpha_a.param, torch.full((d,), 1 / math.sqrt(d)))
+    assert torch.allclose(block.attn.s_qk(), torch.ones(d))
+    assert torch.allclose(model.s_z(), torch.ones(CFG["vocab_size"]))
+    assert block.mlp.v_gain == pytest.approx(math.sqrt(d))
+
+
+def test_ngpt_attention_matches_reference_formula() -> None:
+    """q, k unit per head after RoPE, scaled by s_qk; softmax scale sqrt(d_k)."""
+    model = make("ngpt", n_layer=1)
+    attn = model.blocks[0].attn
+    with torch.no_grad():
+        attn.s_qk.param.mul_(torch.linspace(0.5, 1.5, CFG["d_model"]))
+    x = sphere.random(2, 7, CFG["d_model"])
+    b, t, h, dh = 2, 7, attn.n_head, attn.head_dim
+    qkv = attn.qkv(x).view(b, t, 3, h, dh)
+    q, k, v = (attn.rotary(qkv[:, :, i]) if i < 2 else qkv[:, :, i] for i in range(3))
+    s = attn.s_qk().view(h, dh)
+    q, k = s * sphere.normalize(q), s * sphere.normalize(k)
+    scores = torch.einsum("bthd,bshd->bhts", q, k) * math.sqrt(dh)
+    scores = scores.masked_fill(torch.ones(t, t).triu(1).bool(), float("-inf"))
+    y = torch.einsum("bhts,bshd->bthd", scores.softmax(-1), v).reshape(b, t, -1)
+    assert torch.allclose(attn(x), attn.proj(y), atol=1e-5)
+
+
+def test_gpt_init_stds() -> None:
+    torch.manual_seed(0)
+    cfg = TransformerConfig(vocab_size=64, seq_len=16, n_layer=4, n_head=4, d_model=256)
+    model = GPT(cfg)
+    out_std = 0.02 / math.sqrt(2 * cfg.n_layer)
+    for name, p in model.named_parameters():
+        if p.dim() == 1:
+            assert torch.all(p == 1), name
+        elif name.endswith(("attn.proj.weight", "mlp.down.weight")):
+            assert p.std().item() == pytest.approx(out_std, rel=0.05), name
+        else:
+            assert p.std().item() == pytest.approx(0.02, rel=0.05), name
+    assert not any("bias" in n for n, _ in model.named_parameters())
+    tied = GPT(TransformerConfig(**{**CFG, "tie_embeddings": True}))
+    assert tied.lm_head.weight is tied.tok_emb.weight
+
+
+def test_gpt_post_norm_has_unit_rms_states() -> None:
+    model = make("gpt", norm_position="post")
+    hs = model.hidden_states(tokens())[1:]
+    rms = hs.pow(2).mean(-1).sqrt()
+    assert torch.allclose(rms, torch.ones_like(rms), atol=1e-2)
+
+
+def test_geonorm_step_on_sphere_and_smooth() -> None:
+    torch.manual_seed(0)
+    d = 32
+    h = sphere.random(5, d)
+    g = torch.randn(5, d) * 3
+    for angle in ("linear", "atan"):
+        out = geonorm_step(h, g, 0.7, math.sqrt(d), angle)
+        assert torch.allclose(out.norm(dim=-1), torch.ones(5), atol=1e-6)
+        # the step moves within span{h, g}: out is orthogonal to anything orthogonal to both
+        w = torch.randn(5, d)
+        basis = torch.linalg.qr(torch.stack([h, g], -1)).Q
+        w = w - (basis @ (basis.transpose(-1, -2) @ w[..., None]))[..., 0]
+        assert torch.allclose((out * w).sum(-1), torch.zeros(5), atol=1e-5)
+    # a purely radial update does not move the state, with finite gradients
+    gr = (2.0 * h).requires_grad_()
+    hr = h.clone().requires_grad_()
+    out = geonorm_step(hr, gr, 1.0, math.sqrt(d), "atan")
+    assert torch.allclose(out, h, atol=1e-6)
+    out.sum().backward()
+    assert torch.isfinite(gr.grad).all() and torch.isfinite(hr.grad).all()
+
+
+def test_geonorm_atan_unit_step_is_post_norm_of_tangent_update() -> None:
+    """s = 1, no decay, angle atan: the geodesic step lands on Norm(r h + v)."""
+    torch.manual_seed(0)
+    d = 16
+    r = math.sqrt(d)
+    h, g = sphere.random(4, d), torch.randn(4, d)
+    v = g - (h * g).sum(-1, keepdim=True) * h
+    expected = sphere.normalize(r * h + v)
+    assert torch.allclose(geonorm_step(h, g, 1.0, r, "atan"), expected, atol=1e-6)
+    # linear angle = exp map of the tangent vector v on the radius-r sphere
+    assert torch.allclose(geonorm_step(h, g, 1.0, r, "linear"), sphere.expmap(h, v / r), atol=1e-6)
+
+
+@pytest.mark.parametrize("decay", ["none", "inverse", "inverse_sqrt", "linear"])
+def test_geonorm_decays(decay: str) -> None:
+    cfg = TransformerConfig(**{**CFG, "n_layer": 4, "update_decay": decay})
+    factors = [cfg.decay(layer) for layer in range(4)]
+    expected = {
+        "none": [1, 1, 1, 1],
+        "inverse": [1, 1 / 2, 1 / 3, 1 / 4],
+        "inverse_sqrt": [1, 1 / math.sqrt(2), 1 / math.sqrt(3), 1 / 2],
+        "linear": [1, 3 / 4, 1 / 2, 1 / 4],
+    }[decay]
+    assert factors == pytest.approx(expected)
+    model = GeoNormGPT(cfg)
+    assert [b.decay for b in model.blocks] == pytest.approx(expected)
+    hs = model.hidden_states(tokens())
+    assert torch.allclose(hs.norm(dim=-1), torch.ones(hs.shape[:-1]), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"d_model": 33}, "divisible"),
+        ({"d_model": 6, "n_head": 2}, "even"),
+        ({"n_layer": 0}, "n_layer"),
+        ({"vocab_size": 2.5}, "vocab_size"),
+        ({"norm_position": "middle"}, "norm_position"),
+        ({"residual_rule": "lerp"}, "residual_rule"),
+        ({"update_decay": "cosine"}, "update_decay"),
+        ({"dropout": 1.0}, "dropout"),
+    ],
+)
+def test_config_errors(kw: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        TransformerConfig(**{**CFG, **kw})
+
+
+def test_config_round_trip_and_defaults() -> None:
+    cfg = TransformerConfig(**CFG)
+    assert cfg.d_mlp == 4 * CFG["d_model"]
+    assert cfg.alpha_scale == pytest.approx(1 / math.sqrt(CFG["d_model"]))
+    assert TransformerConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown"):
+        TransformerConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+
+
+def test_bad_inputs() -> None:
+    model = make("gpt")
+    with pytest.raises(ValueError, match="exceeds"):
+        model(tokens(1, 17))
+    with pytest.raises(ValueError, match="int64"):
+        model(torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="unknown model"):
+        build_model("bert", TransformerConfig(**CFG))
+    with pytest.raises(TypeError):
+        NGPT({"vocab_size": 3})
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_state_dict_round_trip_keeps_sphere_params(name: str) -> None:
+    model = make(name)
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    buf.seek(0)
+    other = make(name)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.1)
+    other.load_state_dict(torch.load(buf, weights_only=True))
+    idx = tokens()
+    assert torch.equal(model(idx)[0], other(idx)[0])
+    dims = [getattr(p, "sphere_dim", None) for p in other.parameters()]
+    assert dims == [getattr(p, "sphere_dim", None) for p in model.parameters()]
+
+
+def test_param_groups_decay_only_euclidean_matrices() -> None:
+    for name in MODELS:
+        model = make(name)
+        groups = model.param_groups(0.1)
+        decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+        for p in model.parameters():
+            on_sphere = getattr(p, "sphere_dim", None) is not None
+            assert (id(p) in decayed) == (p.dim() >= 2 and not on_sphere)
+        assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_fused_unit_matches_normalize_and_gradcheck() -> None:
+    from spheretorch.models.layers import unit
+
+    x = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(unit, (x,))
+    y = torch.randn(4, 9)
+    assert torch.allclose(unit(y), sphere.normalize(y), atol=1e-7)
+    assert torch.equal(unit(torch.zeros(2, 3)), torch.zeros(2, 3))
+    b = torch.randn(4, 9, dtype=torch.bfloat16)
+    assert unit(b).dtype == torch.bfloat16
+    assert torch.equal(unit(b), sphere.normalize(b, on_zero="keep"))
