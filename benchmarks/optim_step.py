@@ -152,7 +152,7 @@ def bench_set(name: str, device: torch.device, reps: int, warmup: int, only=None
     sync(device)
     for r in range(reps):
         k = r % len(entries)
-        for cname, opt, times in entries[k:] + entries[:k]:
+        for _, opt, times in entries[k:] + entries[:k]:
             sync(device)
             t0 = time.perf_counter()
             opt.step()

@@ -9,15 +9,18 @@ r"""Optimizers for parameters on the sphere.
 A parameter is on the sphere when it has a ``sphere_dim`` (a :class:`~spheretorch.SphereParameter`
 or any tensor with that attribute, see :func:`spheretorch.parameter.sphere_dim_of`); the others
 get exactly torch's Adam/AdamW/SGD step in the same optimizer. Each optimizer is a thin
-:class:`torch.optim.Optimizer` over a functional core (:func:`riemannian_adam`,
-:func:`renorm_adam`, :func:`riemannian_sgd`) with a single-tensor and a multi-tensor
-(``_foreach``) implementation; the latter is the default on CPU and CUDA.
+:class:`torch.optim.Optimizer` over a functional core
+(:func:`spheretorch.optim.riemannian_adam.riemannian_adam`,
+:func:`spheretorch.optim.renorm_adam.renorm_adam`,
+:func:`spheretorch.optim.riemannian_sgd.riemannian_sgd`, as ``torch.optim.adam.adam``) with a
+single-tensor and a multi-tensor (``_foreach``) implementation; the latter is the default on
+CPU and CUDA.
 """
 
 from .optimizer import NONFINITE_POLICIES, NonfinitePolicy, SphereOptimizer
-from .renorm_adam import RenormAdam, renorm_adam, renormalize
-from .riemannian_adam import RiemannianAdam, riemannian_adam
-from .riemannian_sgd import RiemannianSGD, riemannian_sgd
+from .renorm_adam import RenormAdam
+from .riemannian_adam import RiemannianAdam
+from .riemannian_sgd import RiemannianSGD
 
 __all__ = [
     "NONFINITE_POLICIES",
@@ -26,8 +29,4 @@ __all__ = [
     "RiemannianAdam",
     "RiemannianSGD",
     "SphereOptimizer",
-    "renorm_adam",
-    "renormalize",
-    "riemannian_adam",
-    "riemannian_sgd",
 ]

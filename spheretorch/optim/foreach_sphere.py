@@ -87,7 +87,9 @@ def buckets(tensors: Sequence[Tensor], budget: int | None = None) -> list[list[i
 
 
 def work_units(
-    tensors: Sequence[Tensor], keys: Sequence[Hashable] | None = None
+    tensors: Sequence[Tensor],
+    keys: Sequence[Hashable] | None = None,
+    budget: int | None = None,
 ) -> list[tuple[bool, list[int]]]:
     """Split ``tensors`` into units of work ``(stacked, indices)``.
 
@@ -95,7 +97,8 @@ def work_units(
     (e.g. the same step count) form *stacked* units: the optimizer stacks them into one
     tensor, runs the whole update on it with ordinary ops and copies the results back, so 64
     small parameters cost the same few kernel calls as one. Elementwise results are the same
-    as updating them one by one. Everything else is cut into :func:`buckets`. While compiling
+    as updating them one by one. Everything else is cut into :func:`buckets` of ``budget``
+    bytes (default :data:`CPU_BUCKET_BYTES`). While compiling
     there is one unstacked unit (the compiler fuses the ops itself); ``keys=None`` disables
     stacking.
     """
@@ -103,8 +106,7 @@ def work_units(
     if n == 0:
         return []
     if keys is None or torch.compiler.is_compiling():
-        rest = list(range(n))
-        return [(False, [rest[j] for j in b]) for b in buckets(tensors)]
+        return [(False, b) for b in buckets(tensors, budget)]
     small: dict[tuple[Any, ...], list[int]] = {}
     rest = []
     for i, t in enumerate(tensors):
@@ -123,7 +125,11 @@ def work_units(
         units.extend((True, idx[k : k + per]) for k in range(0, len(idx), per))
     if rest:
         rest.sort()
-        units.extend((False, [rest[j] for j in b]) for b in buckets(pick(tensors, rest)))
+        units.extend((False, [rest[j] for j in b]) for b in buckets(pick(tensors, rest), budget))
+    if tensors[0].device.type == "cpu":
+        # Last to first: the non-finite check has just read the gradients first to last, so
+        # the last ones are still in cache.
+        units.sort(key=lambda unit: -unit[1][-1])
     return units
 
 
@@ -179,8 +185,13 @@ class RowReducer:
         if t.stride(d) == 1 or is_dtensor(t):
             n = torch.linalg.vector_norm(t, dim=d, keepdim=True, dtype=dtype)
             return n.square_() if what == "sqnorm" else n
-        # along a strided axis torch's CPU vector_norm is ~10-30x slower than this
+        # Along a strided axis torch's CPU vector_norm is ~10-30x slower than a product and
+        # a sum (and, for long float32 columns, several ulp off).
         tc = t if dtype is None or t.dtype == dtype else t.to(dtype)
+        if what == "exact_norm" and tc.dtype == torch.float32:
+            # float64 accumulation: the norm is correctly rounded (up to rare ties)
+            n = (tc * tc).sum(d, keepdim=True, dtype=torch.float64).sqrt_()
+            return n.to(torch.float32)
         sq = (tc * tc).sum(d, keepdim=True)
         return sq if what == "sqnorm" else sq.sqrt_()
 
@@ -207,10 +218,17 @@ class RowReducer:
         r""":math:`\langle x, y\rangle` along ``dim`` for each pair."""
         return self._reduce(torch._foreach_mul(xs, ys), "sum")
 
-    def norm(self, xs: Sequence[Tensor], dtype: torch.dtype | None = None) -> list[Tensor]:
-        r""":math:`\|x\|` along ``dim`` (one fused reduction, no temporary), accumulated and
-        returned in ``dtype`` if given."""
-        return self._reduce(xs, "norm", dtype=dtype)
+    def norm(
+        self, xs: Sequence[Tensor], dtype: torch.dtype | None = None, exact: bool = False
+    ) -> list[Tensor]:
+        r""":math:`\|x\|` along ``dim``, accumulated and returned in ``dtype`` if given.
+
+        Along a contiguous axis this is torch's ``vector_norm`` (one fused reduction); along a
+        strided one a product and a sum, with ``exact=True`` accumulated in float64 for
+        float32 input (a correctly rounded norm, for renormalisations that must agree with an
+        exact one to an ulp).
+        """
+        return self._reduce(xs, "exact_norm" if exact else "norm", dtype=dtype)
 
     def sqnorm(self, xs: Sequence[Tensor]) -> list[Tensor]:
         r""":math:`\|x\|^2` along ``dim``."""

@@ -11,9 +11,11 @@ gradient :math:`g`, one step is
     x_{t} &= R_{x_{t-1}}(u_t) = \frac{x_{t-1} + u_t}{\|x_{t-1} + u_t\|}, \qquad
     m_t \leftarrow m_t - \langle x_t, m_t\rangle x_t
 
-which is exactly :class:`geoopt.optim.RiemannianAdam` on :class:`geoopt.Sphere` (the per-slice
-second moment is geoopt's ``component_inner``; momentum is transported by projection onto the
-new tangent space). Options:
+which is :class:`geoopt.optim.RiemannianAdam` on :class:`geoopt.Sphere` step for step, to
+rounding (tested in float64; the per-slice second moment is geoopt's ``component_inner``,
+momentum is transported by projection onto the new tangent space). Unlike geoopt, the sphere
+axis can be any axis (``sphere_dim``), it survives :func:`torch.compile`, and weight decay is
+not applied to sphere parameters (see below), so compare with ``weight_decay=0``. Options:
 
 * ``second_moment="coordinate"``: :math:`v_t = \beta_2 v_{t-1} + (1-\beta_2) r_t^2` per
   coordinate, as Euclidean Adam does; the preconditioned direction
