@@ -6,7 +6,7 @@
 * :mod:`spheretorch.optim` -- RiemannianAdam, RenormAdam, RiemannianSGD.
 """
 
-from . import geodesic, sphere
+from . import geodesic, optim, sphere
 from .parameter import (
     SphereParameter,
     from_geoopt,
@@ -23,6 +23,7 @@ __all__ = [
     "__version__",
     "from_geoopt",
     "geodesic",
+    "optim",
     "renormalize_",
     "sphere",
     "sphere_",
