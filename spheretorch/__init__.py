@@ -6,7 +6,7 @@
 * :mod:`spheretorch.optim` -- RiemannianAdam, RenormAdam, RiemannianSGD.
 """
 
-from . import geodesic, optim, sphere
+from . import geodesic, models, optim, sphere
 from .parameter import (
     SphereParameter,
     from_geoopt,
@@ -23,6 +23,7 @@ __all__ = [
     "__version__",
     "from_geoopt",
     "geodesic",
+    "models",
     "optim",
     "renormalize_",
     "sphere",

@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--seed", type=int, default=0)
     common.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, mps")
     common.add_argument("--no-progress", action="store_true", help="no progress bar")
+    common.add_argument(
+        "--threads", type=_positive_int, help="CPU threads (default: the preset's, else torch's)"
+    )
 
     t = sub.add_parser("train", parents=[common], help="train one model")
     t.add_argument("--model", required=True, choices=list(MODELS))
@@ -116,6 +119,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _set_threads(args: argparse.Namespace) -> None:
+    import torch
+
+    from .train.presets import get_preset
+
+    threads = args.threads or get_preset(args.preset).threads
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def _train(args: argparse.Namespace) -> int:
     from .train.errors import UserError
     from .train.trainer import CHECKPOINT, METRICS, TrainConfig, Trainer
@@ -128,6 +141,7 @@ def _train(args: argparse.Namespace) -> int:
         raise UserError(f"nothing to resume: {out / CHECKPOINT} does not exist")
     if existing and not args.resume and not args.force:
         raise UserError(f"{out} already holds a run; pass --resume to continue it or --force")
+    _set_threads(args)
     config = TrainConfig(
         model=args.model,
         preset=args.preset,
@@ -169,6 +183,7 @@ def _train(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from .train.compare import compare
 
+    _set_threads(args)
     compare(
         models=args.models,
         preset=args.preset,

@@ -205,6 +205,8 @@ def test_resume_extends_steps_and_rejects_fewer(tmp_path: Path) -> None:
     Trainer(quick("gpt", steps=20), tmp_path).train()
     with pytest.raises(UserError, match="below the checkpoint"):
         Trainer(TrainConfig(steps=10), tmp_path, resume=True)
+    with pytest.raises(UserError, match="does not match the checkpoint's model gpt"):
+        Trainer(TrainConfig(model="ngpt"), tmp_path, resume=True)
     t = Trainer(TrainConfig(steps=30), tmp_path, resume=True)
     t.train()
     assert [r["step"] for r in t.history] == [10, 20, 30]

@@ -19,6 +19,8 @@ class Preset:
     ``compare`` instead sweeps ``sweep_lrs`` for every model, each candidate trained for
     ``sweep_fraction * steps`` steps (same budget per model), then runs the best for ``steps``.
     ``warmup_fraction`` applies to the AdamW recipe (GPT, GeoNorm); nGPT uses no warmup.
+    ``threads``: CPU threads the command line uses by default (``None``: torch's default); tiny
+    models run fastest on one thread and do not collapse when other processes share the cores.
     """
 
     name: str
@@ -40,6 +42,7 @@ class Preset:
     grad_clip: float = 1.0
     timing_rounds: int = 3
     timing_steps: int = 10
+    threads: int | None = None
     model_options: dict[str, Any] = field(default_factory=dict)
 
     def model_config_kwargs(self) -> dict[str, Any]:
@@ -74,6 +77,7 @@ PRESETS: dict[str, Preset] = {
             sweep_fraction=0.5,
             timing_rounds=2,
             timing_steps=3,
+            threads=1,
         ),
         Preset(
             name="cpu-small",

@@ -254,6 +254,10 @@ class Trainer:
                 raise UserError("--resume needs --out DIR")
             ckpt = load_checkpoint(self.out_dir / CHECKPOINT)
             saved = TrainConfig.from_dict(ckpt["train_config"])
+            if config.model != saved.model:
+                raise UserError(
+                    f"--model {config.model} does not match the checkpoint's model {saved.model}"
+                )
             if config.steps is not None and config.steps != saved.steps:
                 if config.steps < ckpt["step"]:
                     raise UserError(
