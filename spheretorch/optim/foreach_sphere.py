@@ -182,7 +182,13 @@ class RowReducer:
     def _one(t: Tensor, d: int, what: str, dtype: torch.dtype | None) -> Tensor:
         if what == "sum":
             return t.sum(d, keepdim=True, dtype=dtype)
-        if t.stride(d) == 1 or is_dtensor(t):
+        if is_dtensor(t):
+            # Along a sharded axis the result is a pending all-reduce (a Partial placement),
+            # which in-place ops cannot resolve: out-of-place ops only.
+            if what == "sqnorm":
+                return (t * t).sum(d, keepdim=True, dtype=dtype)
+            return torch.linalg.vector_norm(t, dim=d, keepdim=True, dtype=dtype)
+        if t.stride(d) == 1:
             n = torch.linalg.vector_norm(t, dim=d, keepdim=True, dtype=dtype)
             return n.square_() if what == "sqnorm" else n
         # Along a strided axis torch's CPU vector_norm is ~10-30x slower than a product and

@@ -48,7 +48,14 @@ from torch.optim import Optimizer
 from ..parameter import sphere_dim_of
 from ..sphere import compute_dtype
 
-__all__ = ["NONFINITE_POLICIES", "NonfinitePolicy", "SphereOptimizer", "default_foreach"]
+__all__ = [
+    "NONFINITE_POLICIES",
+    "NonfinitePolicy",
+    "SphereOptimizer",
+    "default_foreach",
+    "global_value",
+    "zeros_per_slice",
+]
 
 NonfinitePolicy = Literal["skip", "raise", "ignore"]
 NONFINITE_POLICIES: tuple[str, ...] = ("skip", "raise", "ignore")
@@ -60,6 +67,46 @@ _BIG = 1 << 16  # gradients with at least this many elements are checked one by 
 def is_dtensor(t: Tensor) -> bool:
     """True for a ``torch.distributed.tensor.DTensor`` (without importing distributed)."""
     return type(t).__name__ == "DTensor"
+
+
+def global_value(t: Tensor) -> Tensor:
+    """An ordinary tensor holding the value of ``t`` over all shards.
+
+    A reduction of a DTensor (``sum``, ``all``, ``norm``) may be *pending*: its placement is
+    ``Partial`` and each rank holds only its shard's contribution (``bool()`` or ``.item()``
+    would read that local part, so ranks could disagree). ``full_tensor()`` completes the
+    reduction (an all-reduce) and returns the same numbers on every rank. Plain tensors are
+    returned unchanged.
+    """
+    return t.full_tensor() if is_dtensor(t) else t  # type: ignore[attr-defined]
+
+
+def zeros_per_slice(p: Tensor, dim: int, dtype: torch.dtype) -> Tensor:
+    """Zeros of ``p``'s shape with size 1 along ``dim``: one number per slice of ``p``.
+
+    For a DTensor ``p`` the result is a DTensor on the same mesh: sharded like ``p`` along the
+    other axes (each rank keeps the statistics of its own slices) and **replicated** over
+    any mesh dimension that shards ``dim`` itself (a slice spread across ranks has one
+    statistic, which every one of those ranks keeps and updates from all-reduced values).
+    Made without communication (``p.narrow(dim, 0, 1)`` would all-gather ``p`` there).
+    """
+    if not is_dtensor(p):
+        return torch.zeros_like(p.narrow(dim, 0, 1), dtype=dtype)
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor import zeros as dtensor_zeros
+
+    placements = [
+        Replicate() if isinstance(pl, Shard) and pl.dim == dim else pl
+        for pl in p.placements  # type: ignore[attr-defined]
+    ]
+    shape = list(p.shape)
+    shape[dim] = 1
+    return dtensor_zeros(
+        shape,
+        dtype=dtype,
+        device_mesh=p.device_mesh,  # type: ignore[attr-defined]
+        placements=placements,
+    )
 
 
 def default_foreach(tensors: Iterable[Tensor]) -> bool:
@@ -172,17 +219,21 @@ class SphereOptimizer(Optimizer):
         dtype (float32: entries around 1e19 or 1e34) is flagged too; the host-side policies
         re-check such a step exactly before skipping it.
         """
-        by_key: dict[tuple[torch.device, torch.dtype, bool], list[Tensor]] = {}
+        by_key: dict[tuple[Any, ...], list[Tensor]] = {}
         for g in grads:
-            by_key.setdefault((g.device, g.dtype, g.numel() >= _BIG), []).append(g)
+            # DTensor gradients (FSDP2) are grouped by mesh: their flag is reduced over it
+            mesh = g.device_mesh if is_dtensor(g) else None  # type: ignore[attr-defined]
+            by_key.setdefault((g.device, g.dtype, g.numel() >= _BIG, mesh), []).append(g)
         flag: Tensor | None = None
-        for (_, dtype, big), gs in by_key.items():
+        for (_, dtype, big, _), gs in by_key.items():
             acc = torch.float32 if dtype in _LOW_PRECISION else None
             if big:  # a plain sum is the cheapest full reduction (NaN/inf propagate)
                 sums = torch.stack([g.sum(dtype=acc) for g in gs])
             else:  # one call for many small tensors
                 sums = torch.stack(torch._foreach_norm(gs, 2, dtype=acc))
-            bad = ~torch.isfinite(sums).all()
+            # one all-reduce per mesh for sharded gradients: every rank gets the same flag,
+            # so all skip (or raise on) the same step
+            bad = global_value(~torch.isfinite(sums).all())
             flag = bad if flag is None else flag | bad.to(flag.device)
         assert flag is not None
         return flag
@@ -190,12 +241,12 @@ class SphereOptimizer(Optimizer):
     @staticmethod
     def _really_nonfinite(grads: Sequence[Tensor]) -> bool:
         """Exact re-check (syncs) of a step flagged by :meth:`_nonfinite_flag`."""
-        return any(not bool(torch.isfinite(g).all()) for g in grads)
+        return any(not bool(global_value(torch.isfinite(g).all())) for g in grads)
 
     def _raise_nonfinite(self) -> None:
         for gi, group in enumerate(self.param_groups):
             for pi, p in enumerate(group["params"]):
-                if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                if p.grad is not None and not bool(global_value(torch.isfinite(p.grad).all())):
                     raise FloatingPointError(
                         f"{type(self).__name__}: non-finite gradient (NaN or inf) in "
                         f"param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)}); nothing "

@@ -43,6 +43,7 @@ from .optimizer import (
     compiling,
     default_foreach,
     group_by_axis,
+    is_dtensor,
     pick,
     scalar_dtype,
     scalar_value,
@@ -113,7 +114,11 @@ class RenormAdam(SphereOptimizer):
         return fused, bool(foreach)
 
     def _uses_device_side_skip(self) -> bool:
-        return all(self._implementation(g)[0] for g in self.param_groups)
+        # Not for DTensors (FSDP2): their flag needs an all-reduce, a host synchronisation
+        # anyway, and the host-side skip keeps the renormalisation free of it.
+        return all(self._implementation(g)[0] for g in self.param_groups) and not any(
+            is_dtensor(p) for g in self.param_groups for p in g["params"]
+        )
 
     _n_lists = 7
 

@@ -54,10 +54,12 @@ from .optimizer import (
     default_foreach,
     group_by_axis,
     increment_steps,
+    is_dtensor,
     pick,
     scalar_dtype,
     scalar_value,
     torch_adam,
+    zeros_per_slice,
 )
 
 __all__ = ["RiemannianAdam", "riemannian_adam"]
@@ -162,15 +164,16 @@ class RiemannianAdam(SphereOptimizer):
             state = state_of[p]
             if len(state) == 0:
                 state["step"] = torch.zeros((), dtype=scalar_dtype())
-                if d is None:
-                    sq_like, dtype = p, p.dtype
-                else:
-                    dtype = compute_dtype(p.dtype)
-                    sq_like = p.narrow(d, 0, 1) if row else p
+                dtype = p.dtype if d is None else compute_dtype(p.dtype)
                 state["exp_avg"] = torch.zeros_like(p, dtype=dtype)
-                state["exp_avg_sq"] = torch.zeros_like(sq_like, dtype=dtype)
-                if amsgrad:
-                    state["max_exp_avg_sq"] = torch.zeros_like(sq_like, dtype=dtype)
+                for key in ("exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg_sq",):
+                    # one second moment per slice ("row"): replicated across the ranks that
+                    # share a slice when FSDP2 shards the sphere axis (see zeros_per_slice)
+                    state[key] = (
+                        zeros_per_slice(p, d, dtype)
+                        if d is not None and row
+                        else torch.zeros_like(p, dtype=dtype)
+                    )
             params.append(p)
             grads.append(p.grad)
             exp_avgs.append(state["exp_avg"])
@@ -354,6 +357,12 @@ def _single_tensor_riemannian_adam(
         if retraction == "project":
             y = sphere.retract(xc, u, d)
             m.copy_(sphere.project(y, m, d))
+        elif is_dtensor(x):
+            # sphere.transport's antipodal fallback (argmin and scatter along the axis) has no
+            # DTensor rule along a sharded axis; the transport along the geodesic of u (the
+            # multi-tensor form, the same map) needs only reductions, i.e. all-reduces.
+            y = xc.clone()
+            fs.expmap_([y], [u], fs.RowReducer([y], d), transported=[m])
         else:
             y = sphere.expmap(xc, u, d)
             m.copy_(sphere.transport(xc, y, m, d))

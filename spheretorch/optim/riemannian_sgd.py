@@ -37,6 +37,7 @@ from .optimizer import (
     compiling,
     default_foreach,
     group_by_axis,
+    is_dtensor,
     pick,
     torch_sgd,
 )
@@ -249,6 +250,11 @@ def _single_tensor_riemannian_sgd(
             y = sphere.retract(xc, u, d)
             if buf is not None:
                 buf.copy_(sphere.project(y, buf, d))
+        elif is_dtensor(x):
+            # as in RiemannianAdam: sphere.transport's antipodal fallback has no DTensor rule
+            # along a sharded axis; the transport along the geodesic of u needs reductions only
+            y = xc.clone()
+            fs.expmap_([y], [u], fs.RowReducer([y], d), transported=None if buf is None else [buf])
         else:
             y = sphere.expmap(xc, u, d)
             if buf is not None:
