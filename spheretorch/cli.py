@@ -7,6 +7,7 @@ exit with status 2, without a traceback.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -59,7 +60,7 @@ def _option(text: str) -> tuple[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     from .models import MODELS
     from .train.presets import PRESETS
-    from .train.trainer import OPTIMIZERS
+    from .train.trainer import DISTRIBUTED, OPTIMIZERS
 
     parser = _Parser(
         prog="spheretorch",
@@ -93,6 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--tokenizer", choices=["char", "byte"], default="char")
     t.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
     t.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA only)")
+    t.add_argument(
+        "--max-bad-steps",
+        type=_positive_int,
+        help="stop after this many non-finite steps in a row (each is skipped; default 5)",
+    )
+    t.add_argument(
+        "--distributed",
+        choices=list(DISTRIBUTED),
+        default="none",
+        help="data-parallel mode under torchrun: ddp or fsdp (FSDP2)",
+    )
     t.add_argument(
         "--set",
         dest="options",
@@ -131,14 +143,17 @@ def _set_threads(args: argparse.Namespace) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from .train.errors import UserError
-    from .train.trainer import CHECKPOINT, METRICS, TrainConfig, Trainer
+    from .train.trainer import CHECKPOINT, METRICS, SHARDED_CHECKPOINT, TrainConfig, Trainer
 
     out = Path(args.out)
+    if args.resume and args.force:
+        raise UserError("--resume and --force contradict each other: pass one of them")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory")
-    existing = (out / CHECKPOINT).exists() or (out / METRICS).exists()
-    if args.resume and not (out / CHECKPOINT).exists():
-        raise UserError(f"nothing to resume: {out / CHECKPOINT} does not exist")
+    existing = any((out / f).exists() for f in (CHECKPOINT, SHARDED_CHECKPOINT, METRICS))
+    ckpt = out / (SHARDED_CHECKPOINT if args.distributed == "fsdp" else CHECKPOINT)
+    if args.resume and not ckpt.exists():
+        raise UserError(f"nothing to resume: {ckpt} does not exist")
     if existing and not args.resume and not args.force:
         raise UserError(f"{out} already holds a run; pass --resume to continue it or --force")
     _set_threads(args)
@@ -161,22 +176,63 @@ def _train(args: argparse.Namespace) -> int:
         compile=args.compile,
         model_options=dict(args.options),
     )
-    trainer = Trainer(config, out, resume=args.resume, progress=not args.no_progress)
+    if args.max_bad_steps is not None:
+        config.max_bad_steps = args.max_bad_steps
+    trainer = Trainer(
+        config,
+        out,
+        resume=args.resume,
+        progress=not args.no_progress,
+        distributed=args.distributed,
+        handle_signals=True,
+    )
+    try:
+        return _run_training(trainer, args.resume)
+    finally:
+        if args.distributed != "none":
+            from .distributed import cleanup
+
+            cleanup()
+
+
+def _run_training(trainer: Any, resumed: bool) -> int:
     c = trainer.config
-    print(
-        f"{c.model}: {trainer.model.num_parameters():,} parameters, preset {c.preset}, "
-        f"optim {c.optim}, lr {c.lr:g}, {c.steps} steps on {trainer.device} "
-        f"({trainer.data.name}, {trainer.tokenizer.kind} vocab {trainer.tokenizer.vocab_size})"
-        + (f", resuming at step {trainer.step}" if args.resume else ""),
-        file=sys.stderr,
-    )
+    out = trainer.out_dir
+    say = trainer.is_main  # only rank 0 talks
+    if say:
+        print(
+            f"{c.model}: {trainer.model.num_parameters():,} parameters, preset {c.preset}, "
+            f"optim {c.optim}, lr {c.lr:g}, {c.steps} steps on {trainer.device} "
+            f"({trainer.data.name}, {trainer.tokenizer.kind} vocab "
+            f"{trainer.tokenizer.vocab_size})"
+            + (
+                f", {trainer.world_size} ranks ({trainer.distributed})"
+                if trainer.world_size > 1
+                else ""
+            )
+            + (f", resuming at step {trainer.step}" if resumed else ""),
+            file=sys.stderr,
+        )
     summary = trainer.train()
-    val = summary["final_val_loss"]
-    print(
-        f"{c.model}: step {summary['steps']}, val loss "
-        + (f"{val:.4f}" if val is not None else "non-finite")
-        + f", {summary['ms_per_step']:.1f} ms/step; wrote {out / METRICS}, {out / CHECKPOINT}"
-    )
+    if summary["interrupted"]:
+        name = summary["interrupted"]
+        if say:
+            print(
+                f"{c.model}: interrupted by {name} at step {summary['steps']}; saved "
+                f"{trainer.checkpoint_path}; continue with --resume",
+                file=sys.stderr,
+            )
+        return 128 + int(getattr(signal, name))
+    if say:
+        val = summary["final_val_loss"]
+        skipped = summary["skipped_steps"]
+        print(
+            f"{c.model}: step {summary['steps']}, val loss "
+            + (f"{val:.4f}" if val is not None else "non-finite")
+            + f", {summary['ms_per_step']:.1f} ms/step"
+            + (f", {skipped} non-finite steps skipped" if skipped else "")
+            + f"; wrote {out / 'metrics.jsonl'}, {trainer.checkpoint_path}"
+        )
     return 1 if summary["diverged"] else 0
 
 
@@ -222,13 +278,16 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``spheretorch`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .train.errors import UserError
+    from .train.errors import TrainingDiverged, UserError
 
     try:
         return {"train": _train, "compare": _compare, "sample": _sample}[args.command](args)
     except UserError as e:
         print(f"spheretorch: error: {e}", file=sys.stderr)
         return 2
+    except TrainingDiverged as e:
+        print(f"spheretorch: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("spheretorch: interrupted", file=sys.stderr)
         return 130

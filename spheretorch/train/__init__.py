@@ -3,7 +3,7 @@
 from .checkpoints import load_checkpoint, save_atomic
 from .compare import compare
 from .data import TextData, eval_batches, get_batch, load_data
-from .errors import UserError
+from .errors import TrainingDiverged, UserError
 from .presets import PRESETS, Preset, get_preset
 from .tokenizer import Tokenizer
 from .trainer import CosineSchedule, TrainConfig, Trainer, build_optimizer, load_model
@@ -16,6 +16,7 @@ __all__ = [
     "Tokenizer",
     "TrainConfig",
     "Trainer",
+    "TrainingDiverged",
     "UserError",
     "build_optimizer",
     "compare",
