@@ -15,6 +15,7 @@ from spheretorch.train import (
     Tokenizer,
     TrainConfig,
     Trainer,
+    TrainingDiverged,
     UserError,
     eval_batches,
     get_batch,
@@ -240,3 +241,65 @@ def test_custom_text_and_byte_tokenizer(tmp_path: Path) -> None:
     b = Trainer(quick("gpt", data=str(text), tokenizer="byte", steps=10))
     assert b.model.config.vocab_size == 256
     b.train()
+
+
+# -- non-finite steps -------------------------------------------------------------------------
+
+
+def poison_loss(trainer: Trainer, bad_steps: set[int]) -> None:
+    """Make the loss NaN at the given steps (the step counter before the update)."""
+    forward = trainer.forward_model
+
+    def forward_with_nan(x: torch.Tensor, y: torch.Tensor):
+        logits, loss = forward(x, y)
+        return logits, loss * math.nan if trainer.step in bad_steps else loss
+
+    trainer.forward_model = forward_with_nan  # type: ignore[assignment]
+
+
+def test_non_finite_loss_skips_the_update_and_counts_it() -> None:
+    t = Trainer(quick("ngpt", steps=20))
+    poison_loss(t, {3, 4})
+    for _ in range(3):
+        t.train_step(*t.batch(t.step))
+    before = [p.detach().clone() for p in t.model.parameters()]
+    opt_steps = [s["step"].clone() for s in t.optimizer.state.values() if "step" in s]
+    loss = t.train_step(*t.batch(t.step))  # step 3: NaN loss
+    assert math.isnan(loss.item()) and t.step == 4 and t.skipped_steps == 1
+    assert all(torch.equal(p, q) for p, q in zip(before, t.model.parameters()))
+    assert all(p.grad is None for p in t.model.parameters())
+    after = [s["step"] for s in t.optimizer.state.values() if "step" in s]
+    assert all(torch.equal(a, b) for a, b in zip(opt_steps, after))  # Adam's t not advanced
+    summary = t.train()
+    assert summary["skipped_steps"] == 2 and summary["steps"] == 20
+    assert not summary["diverged"] and math.isfinite(summary["final_val_loss"])
+    assert all(math.isfinite(r["train_loss"]) for r in t.history)  # skipped losses left out
+
+
+def test_non_finite_gradient_is_skipped_too() -> None:
+    t = Trainer(quick("gpt", steps=5, grad_clip=0.0))
+    weight = t.model.lm_head.weight
+    handle = weight.register_hook(lambda g: g * math.inf)
+    before = weight.detach().clone()
+    loss = t.train_step(*t.batch(0))
+    handle.remove()
+    assert math.isnan(loss.item()) and t.skipped_steps == 1  # loss finite, gradient not
+    assert torch.equal(weight, before)
+    t.train_step(*t.batch(1))
+    assert t.skipped_steps == 1 and t.bad_in_a_row == 0 and not torch.equal(weight, before)
+
+
+def test_too_many_non_finite_steps_in_a_row_stop_with_a_clear_error(tmp_path: Path) -> None:
+    t = Trainer(quick("gpt", steps=30, max_bad_steps=3), tmp_path)
+    poison_loss(t, {12, 14, 15, 16, 17})  # 12 alone is tolerated; 14, 15, 16 are 3 in a row
+    with pytest.raises(TrainingDiverged) as exc:
+        t.train()
+    message = str(exc.value)
+    assert message == (
+        "gpt: non-finite loss or gradients at 3 steps in a row (steps 15-17); stopping. "
+        "Lower --lr or raise --max-bad-steps; the last checkpoint is untouched"
+    )
+    assert t.skipped_steps == 4 and t.step == 17
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 10  # the last good one
+    with pytest.raises(UserError, match="max-bad-steps must be a positive integer, got 0"):
+        quick("gpt", max_bad_steps=0).resolve()
