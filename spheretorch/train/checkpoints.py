@@ -10,8 +10,10 @@ previous checkpoint intact.
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -59,8 +61,18 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
+    # torch.save writes a zip archive whose directory sits at the end: a file cut short (or
+    # any other kind of file) has none, and is named as such rather than by torch's message.
+    if not zipfile.is_zipfile(path):
+        raise UserError(
+            f"cannot read checkpoint {path}: not a complete PyTorch file (truncated, or another "
+            f"kind of file)"
+        )
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        # weights_only refuses pickled classes, which trainer checkpoints never hold
+        raise UserError(f"{path} is not a spheretorch training checkpoint") from None
     except Exception as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot read checkpoint {path}: {reason[:200]}") from None
