@@ -74,10 +74,12 @@ Limitations
   :func:`full_state_dict` into an unsharded copy on one process.
 * The equality with one process on the whole batch needs equal shares per rank (the mean
   of per-rank means is then the full mean): :func:`local_batch` insists on it.
-* ``foreach=None`` picks the single-tensor implementation for DTensor parameters; with
-  ``foreach=True`` the multi-tensor one works too (the same numbers up to rounding), but
-  it stacks nothing and gains little there. ``RenormAdam(fused=True)`` is not supported on
-  DTensors (torch's fused Adam kernel is not a DTensor op).
+* ``foreach=None`` picks the single-tensor implementation for DTensor parameters;
+  ``foreach=True`` (and ``RenormAdam(fused=True)``) work too and give the same numbers up
+  to rounding, but stack nothing there. With ``fused=True`` a non-finite step is skipped on
+  the host (the flag needs an all-reduce anyway), not inside the kernel.
+* ``torch.nn.utils.clip_grad_norm_`` works on FSDP2 gradients and returns the total norm
+  as a replicated DTensor (``.full_tensor()`` gives an ordinary tensor for logging).
 * :func:`save_sharded` is atomic when every rank writes to one shared file system: DCP writes
   into ``<path>.tmp`` and rank 0 then renames it to ``<path>`` (the previous checkpoint is
   moved to ``<path>.old`` for the instant in between, and :func:`load_sharded` falls back to

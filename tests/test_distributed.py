@@ -35,7 +35,7 @@ pytestmark = pytest.mark.skipif(
 
 WORLD = 2
 TOL = 1e-5  # the issue's bound on max |distributed - single process|
-UNIT_TOL = 1e-12  # float64 unit norms
+UNIT_TOL = {"float64": 1e-12, "float32": 1e-6}  # | ||slice|| - 1 |
 CFG = dict(vocab_size=33, seq_len=8, n_layer=2, n_head=2, d_model=16, d_mlp=24)
 BATCH = 4  # 2 sequences per rank
 STEPS = 4
@@ -46,10 +46,10 @@ POISONED = "blocks.0.attn.proj.weight"  # a dim=0 sphere matrix, sharded along i
 # ---------------------------------------------------------------------------- shared set-up
 
 
-def make_model(kind: str = "ngpt", seed: int = 0) -> nn.Module:
+def make_model(kind: str = "ngpt", seed: int = 0, dtype: str = "float64") -> nn.Module:
     torch.manual_seed(seed)
     cls = {"ngpt": NGPT, "gpt": GPT}[kind]
-    return cls(TransformerConfig(**CFG)).to(torch.float64)
+    return cls(TransformerConfig(**CFG)).to(getattr(torch, dtype))
 
 
 def batches(n: int = STEPS) -> list[Tensor]:
@@ -105,10 +105,11 @@ OPTIMIZERS: dict[str, tuple[str, Callable[[nn.Module], torch.optim.Optimizer]]] 
         lambda m: RenormAdam(m.param_groups(0.1), lr=LR, decoupled_weight_decay=True),
     ),
 }
-DDP_CASES = ["renorm", "radam"]
-FSDP_CASES = list(OPTIMIZERS)
+#: (optimizer, dtype): float64 leaves only the order of sums; float32 is what users train in
+DDP_CASES = [(c, dt) for c in ("renorm", "radam") for dt in ("float64", "float32")]
+FSDP_CASES = [(c, "float64") for c in OPTIMIZERS] + [(c, "float32") for c in ("renorm", "radam")]
 #: FSDP2 cases with every matrix sharded on dim 1: dim=1 sphere rows split across ranks
-SHARD1_CASES = ["radam", "renorm-foreach"]
+SHARD1_CASES = [("radam", "float64"), ("renorm-foreach", "float64")]
 CHECKPOINT_CASES = ["radam", "renorm"]
 NONFINITE_CASES = ["radam", "renorm-fused"]
 
@@ -141,13 +142,13 @@ def sphere_dims(model: nn.Module) -> dict[str, int | None]:
 
 
 @functools.cache
-def reference(case: str, steps: int = STEPS) -> tuple[dict, dict, dict]:
+def reference(case: str, dtype: str = "float64") -> tuple[dict, dict, dict]:
     """One process, full batches: parameters, optimizer state, initial parameters."""
     kind, factory = OPTIMIZERS[case]
-    model = make_model(kind)
+    model = make_model(kind, dtype=dtype)
     init = full_params(model)
     opt = factory(model)
-    train(model, opt, batches()[:steps])
+    train(model, opt, batches())
     return full_params(model), full_state(model, opt), init
 
 
@@ -196,18 +197,21 @@ def spawn(scenario: str, tmp: Path) -> None:
 
 def _ddp(ctx: sd.DistributedContext, tmp: Path) -> dict[str, Any]:
     out = {}
-    for case in DDP_CASES:
+    for case, dtype in DDP_CASES:
         kind, factory = OPTIMIZERS[case]
-        model = sd.wrap(make_model(kind), "ddp", ctx)
+        # (the float32 runs leave ctx out: wrap then reads the initialised process group)
+        model = sd.wrap(make_model(kind, dtype=dtype), "ddp", ctx if dtype == "float64" else None)
         opt = factory(model)
         train(model, opt, batches(), ctx)
-        out[case] = {"params": full_params(model), "dims": sphere_dims(model)}
+        out[case, dtype] = {"params": full_params(model), "dims": sphere_dims(model)}
+    # the DCP helpers take a DDP model too (keys without "module.")
+    sd.save_sharded(tmp / "ckpt-ddp", model, opt, extra={"case": DDP_CASES[-1]})
     return out
 
 
-def _fsdp_case(ctx, case: str, **shard_kwargs: Any) -> dict[str, Any]:
+def _fsdp_case(ctx, case: str, dtype: str = "float64", **shard_kwargs: Any) -> dict[str, Any]:
     kind, factory = OPTIMIZERS[case]
-    model = sd.wrap(make_model(kind), "fsdp", ctx, **shard_kwargs)
+    model = sd.wrap(make_model(kind, dtype=dtype), "fsdp", ctx, **shard_kwargs)
     opt = factory(model)
     train(model, opt, batches(), ctx)
     per_slice = {}  # RiemannianAdam's per-slice second moments, as stored on this rank
@@ -261,10 +265,10 @@ def _fsdp(ctx: sd.DistributedContext, tmp: Path) -> dict[str, Any]:
     from torch.distributed.fsdp import fully_shard as torch_fully_shard
 
     out: dict[str, Any] = {"cases": {}, "shard1": {}}
-    for case in FSDP_CASES:
-        out["cases"][case] = _fsdp_case(ctx, case)
-    for case in SHARD1_CASES:
-        out["shard1"][case] = _fsdp_case(ctx, case, shard_placement_fn=shard_dim1)
+    for case, dtype in FSDP_CASES:
+        out["cases"][case, dtype] = _fsdp_case(ctx, case, dtype)
+    for case, dtype in SHARD1_CASES:
+        out["shard1"][case, dtype] = _fsdp_case(ctx, case, dtype, shard_placement_fn=shard_dim1)
     # Negative control: torch's own fully_shard drops sphere_dim, so nothing is renormalised.
     model = make_model()
     for block in model.blocks:
@@ -305,10 +309,13 @@ def _checkpoint(ctx: sd.DistributedContext, tmp: Path) -> dict[str, Any]:
         extra = sd.load_sharded(path, model2, opt2)
         loaded = full_params(model2)
         dims_after_load = sphere_dims(model2)
+        gathered = sd.full_state_dict(model2)  # rank 0: every tensor; others: nothing
         train(model2, opt2, data[2:], ctx)
         out[case] = {
             "extra": extra,
             "loaded_vs_saved": max_error(loaded, at_save),
+            "full_state_dict": gathered,
+            "at_save": at_save,
             "dims": dims_after_load,
             "uninterrupted": uninterrupted,
             "resumed": (full_params(model2), full_state(model2, opt2)),
@@ -384,51 +391,51 @@ def checkpoint_results(tmp_path_factory) -> tuple[Path, list[dict[str, Any]]]:
     return shared_results("checkpoint", tmp_path_factory)
 
 
-def assert_matches_reference(result: dict[str, Any], case: str) -> None:
-    params, _, init = reference(case)
+def assert_matches_reference(result: dict[str, Any], case: str, dtype: str = "float64") -> None:
+    params, _, init = reference(case, dtype)
     moved = max_error(params, init)
     assert moved > 100 * TOL, f"{case}: the reference hardly moved ({moved:.2e})"
     err = max_error(result["params"], params)
-    assert err <= TOL, f"{case}: max |distributed - single process| = {err:.3e}"
-    assert unit_error(result["params"], result["dims"]) <= UNIT_TOL
+    assert err <= TOL, f"{case} {dtype}: max |distributed - single process| = {err:.3e}"
+    assert unit_error(result["params"], result["dims"]) <= UNIT_TOL[dtype]
 
 
 # ---------------------------------------------------------------------------- DDP
 
 
-@pytest.mark.parametrize("case", DDP_CASES)
-def test_ddp_equals_one_process_on_the_full_batch(ddp_results, case):
+@pytest.mark.parametrize(("case", "dtype"), DDP_CASES)
+def test_ddp_equals_one_process_on_the_full_batch(ddp_results, case, dtype):
     ref_dims = sphere_dims(make_model(OPTIMIZERS[case][0]))
     for rank, res in enumerate(ddp_results):
         # the SphereParameter class (and so the sphere axis) survives DDP untouched
-        assert res[case]["dims"] == ref_dims, f"rank {rank}"
-        assert_matches_reference(res[case], case)
+        assert res[case, dtype]["dims"] == ref_dims, f"rank {rank}"
+        assert_matches_reference(res[case, dtype], case, dtype)
 
 
 # ---------------------------------------------------------------------------- FSDP2
 
 
-@pytest.mark.parametrize("case", FSDP_CASES)
-def test_fsdp_equals_one_process_on_the_full_batch(fsdp_results, case):
+@pytest.mark.parametrize(("case", "dtype"), FSDP_CASES)
+def test_fsdp_equals_one_process_on_the_full_batch(fsdp_results, case, dtype):
     ref_dims = sphere_dims(make_model(OPTIMIZERS[case][0]))
     for res in fsdp_results:
-        r = res["cases"][case]
+        r = res["cases"][case, dtype]
         assert r["dtensor"], "fully_shard should have made every parameter a DTensor"
         assert r["dims"] == ref_dims  # sphere_dim re-attached to the DTensor parameters
-        assert_matches_reference(r, case)
+        assert_matches_reference(r, case, dtype)
 
 
-@pytest.mark.parametrize("case", SHARD1_CASES)
-def test_fsdp_shard_dim1_splits_sphere_rows(fsdp_results, case):
+@pytest.mark.parametrize(("case", "dtype"), SHARD1_CASES)
+def test_fsdp_shard_dim1_splits_sphere_rows(fsdp_results, case, dtype):
     for res in fsdp_results:
-        assert_matches_reference(res["shard1"][case], case)
+        assert_matches_reference(res["shard1"][case, dtype], case, dtype)
 
 
 def test_fsdp_optimizer_state_matches_reference(fsdp_results):
     for case in ("radam", "radam-foreach", "renorm", "rsgd"):
         _, ref_state, _ = reference(case)
         for res in fsdp_results:
-            state = res["cases"][case]["state"]
+            state = res["cases"][case, "float64"]["state"]
             for name, ref in ref_state.items():
                 for key, value in ref.items():
                     err = (state[name][key] - value).abs().max().item()
@@ -440,7 +447,7 @@ def test_fsdp_per_slice_second_moment_is_replicated_and_consistent(fsdp_results,
     """RiemannianAdam's per-slice second moment of a slice split across ranks is one
     replicated number per slice, equal on both ranks; otherwise it is sharded like the
     parameter's other axis."""
-    r0, r1 = (res[where]["radam"]["per_slice"] for res in fsdp_results)
+    r0, r1 = (res[where]["radam", "float64"]["per_slice"] for res in fsdp_results)
     ngpt = make_model()
     assert set(r0) == {n for n, p in ngpt.named_parameters() if sphere_dim_of(p) is not None}
     sharded_dim = 0 if where == "cases" else 1
@@ -504,6 +511,23 @@ def test_fsdp_checkpoint_resume_equals_uninterrupted_run(checkpoint_results, cas
         assert r["files"] == [f"ckpt-{c}" for c in done]
 
 
+def test_ddp_checkpoint_loads_into_one_process(tmp_path_factory, ddp_results):
+    tmp, _ = shared_results("ddp", tmp_path_factory)
+    case, dtype = DDP_CASES[-1]
+    kind, factory = OPTIMIZERS[case]
+    model = make_model(kind, seed=1, dtype=dtype)
+    assert sd.load_sharded(tmp / "ckpt-ddp", model, factory(model)) == {"case": (case, dtype)}
+    assert max_error(full_params(model), ddp_results[0][case, dtype]["params"]) == 0.0
+
+
+def test_full_state_dict_gathers_on_rank0(checkpoint_results):
+    r0, r1 = (res["radam"] for res in checkpoint_results[1])
+    assert r1["full_state_dict"] == {}
+    # gathered right after loading: exactly the saved parameters, as plain CPU tensors
+    assert all(type(t) is torch.Tensor for t in r0["full_state_dict"].values())
+    assert max_error(r0["full_state_dict"], r0["at_save"]) == 0.0
+
+
 @pytest.mark.parametrize("case", CHECKPOINT_CASES)
 def test_fsdp_checkpoint_loads_into_one_process(checkpoint_results, case):
     """DCP reshards: the 2-rank checkpoint loads into an unsharded model and optimizer in
@@ -517,7 +541,7 @@ def test_fsdp_checkpoint_loads_into_one_process(checkpoint_results, case):
     train(model, opt, batches()[2:])
     err = max_error(full_params(model), results[0][case]["uninterrupted"][0])
     assert err <= TOL
-    assert unit_error(full_params(model), sphere_dims(model)) <= UNIT_TOL
+    assert unit_error(full_params(model), sphere_dims(model)) <= UNIT_TOL["float64"]
 
 
 # ---------------------------------------------------------------------------- single process
