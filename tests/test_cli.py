@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from spheretorch.cli import main
+from spheretorch.train import load_checkpoint
 
 torch.set_num_threads(1)  # tiny models; avoid oversubscription under pytest-xdist
 
@@ -110,3 +111,56 @@ def test_non_utf8_data_via_module(tmp_path: Path) -> None:
         f"spheretorch: error: {bad} is not UTF-8 text (invalid byte 0xff at offset 0); "
         "convert it to UTF-8 or train with --tokenizer byte"
     ]
+
+
+def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    return subprocess.run(
+        [*cmd, "-m", "spheretorch", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_torchrun_ddp_and_fsdp_match_one_process(tmp_path: Path) -> None:
+    """2 CPU ranks (gloo), each on half of every batch, give the one-process metrics; the
+    metrics are written once (rank 0); an FSDP2 (sharded) checkpoint resumes."""
+    from spheretorch.train import TrainConfig, Trainer
+
+    cfg = {"model": "ngpt", "preset": "smoke", "eval_interval": 5}
+    Trainer(TrainConfig(**cfg, steps=10), tmp_path / "one").train()
+    Trainer(TrainConfig(model="ngpt", steps=20), tmp_path / "one", resume=True).train()
+    expected = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").open()]
+
+    def check(run: Path, n_rows: int) -> None:
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").open()]
+        assert [r["step"] for r in rows] == [5, 10, 15, 20][:n_rows]  # once, not per rank
+        for r, e in zip(rows, expected):
+            for key in ("train_loss", "val_loss"):
+                assert abs(r[key] - e[key]) <= 1e-5, (run.name, r, e)
+        assert json.loads((run / "summary.json").read_text())["world_size"] == 2
+
+    args = ["train", "--model", "ngpt", "--preset", "smoke", "--eval-interval", "5"]
+    args += ["--no-progress", "--steps", "10"]
+    ddp = torchrun(*args, "--out", "ddp", "--distributed", "ddp", cwd=tmp_path)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    check(tmp_path / "ddp", 2)
+    assert ddp.stdout.count("val loss") == 1 and ddp.stderr.count("2 ranks (ddp)") == 1
+    assert load_checkpoint(tmp_path / "ddp" / "checkpoint.pt")["step"] == 10
+
+    fsdp = torchrun(*args, "--out", "fsdp", "--distributed", "fsdp", cwd=tmp_path)
+    assert fsdp.returncode == 0, fsdp.stderr[-3000:]
+    check(tmp_path / "fsdp", 2)
+    shards = tmp_path / "fsdp" / "checkpoint.dcp"
+    assert (shards / ".metadata").is_file() and len(list(shards.glob("*.distcp"))) == 2
+    assert not (tmp_path / "fsdp" / "checkpoint.pt").exists()
+    resumed = torchrun(
+        *args[:-1], "20", "--out", "fsdp", "--distributed", "fsdp", "--resume", cwd=tmp_path
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming at step 10" in resumed.stderr
+    check(tmp_path / "fsdp", 4)
