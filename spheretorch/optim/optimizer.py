@@ -30,6 +30,10 @@ Non-finite gradients
 ``"ignore"``
     No test (zero cost): torch's behaviour, NaNs propagate into the parameters.
 
+With sharded (DTensor, FSDP2) gradients the test is reduced over all shards (one
+all-reduce per device mesh), so every rank skips or raises on the same step, even when the
+NaN sits in one rank's shard only.
+
 Under :func:`torch.compile` the host synchronisation of ``"skip"``/``"raise"`` splits the
 compiled step in two graphs (a graph break); pass ``nonfinite="ignore"`` for a single graph
 (for example when a :class:`torch.amp.GradScaler` already skips steps with infinities).

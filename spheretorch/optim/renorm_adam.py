@@ -114,8 +114,8 @@ class RenormAdam(SphereOptimizer):
         return fused, bool(foreach)
 
     def _uses_device_side_skip(self) -> bool:
-        # Not for DTensors (FSDP2): their flag needs an all-reduce, a host synchronisation
-        # anyway, and the host-side skip keeps the renormalisation free of it.
+        # Not for DTensors (FSDP2): their flag is all-reduced (a host synchronisation
+        # anyway), so skipping inside the kernel would save nothing.
         return all(self._implementation(g)[0] for g in self.param_groups) and not any(
             is_dtensor(p) for g in self.param_groups for p in g["params"]
         )
