@@ -164,3 +164,12 @@ def test_torchrun_ddp_and_fsdp_match_one_process(tmp_path: Path) -> None:
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming at step 10" in resumed.stderr
     check(tmp_path / "fsdp", 4)
+    # the sharded checkpoint also serves sampling on one process, sphere rows still unit
+    from spheretorch.train import load_model
+
+    model, _, ckpt = load_model(tmp_path / "fsdp" / "checkpoint.dcp")
+    assert ckpt["step"] == 20
+    for p in model.parameters():
+        if getattr(p, "sphere_dim", None) is not None:
+            n = p.norm(dim=p.sphere_dim)
+            assert torch.allclose(n, torch.ones_like(n), atol=1e-5)

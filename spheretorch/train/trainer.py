@@ -737,9 +737,21 @@ class Trainer:
 def load_model(
     path: str | Path, device: str = "cpu"
 ) -> tuple[LanguageModel, Tokenizer, dict[str, Any]]:
-    """Rebuild the model and tokenizer saved in a trainer checkpoint (for sampling)."""
-    ckpt = load_checkpoint(path, map_location="cpu")
-    config = TransformerConfig.from_dict(ckpt["model_config"])
-    model = build_model(ckpt["model_name"], config)
-    model.load_state_dict(ckpt["model"])
+    """Rebuild the model and tokenizer saved in a trainer checkpoint (for sampling): a
+    ``checkpoint.pt`` file, or the ``checkpoint.dcp`` directory of an FSDP2 run (read here by
+    one process: ``torch.distributed.checkpoint`` reassembles the shards)."""
+    path = Path(path)
+    if path.is_dir():
+        from .. import distributed as sd
+
+        ckpt = load_checkpoint(path / sd.EXTRA_FILE, map_location="cpu")
+        model = build_model(ckpt["model_name"], TransformerConfig.from_dict(ckpt["model_config"]))
+        try:
+            sd.load_sharded(path, model)
+        except (FileNotFoundError, ValueError, RuntimeError) as e:
+            raise UserError(str(e).splitlines()[0]) from None
+    else:
+        ckpt = load_checkpoint(path, map_location="cpu")
+        model = build_model(ckpt["model_name"], TransformerConfig.from_dict(ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
     return model.to(resolve_device(device)), Tokenizer.from_state_dict(ckpt["tokenizer"]), ckpt
