@@ -1,7 +1,10 @@
 """Command line: ``spheretorch train | compare | sample`` (also ``python -m spheretorch``).
 
-User errors (unknown model or preset, missing file, bad values) print one line on stderr and
-exit with status 2, without a traceback.
+Exit status: 0 done; 1 the run diverged (non-finite validation loss, or ``--max-bad-steps``
+non-finite steps in a row); 2 a user error (unknown model or preset, missing or unreadable
+file, bad values, conflicting flags: one line on stderr, no traceback, nothing written);
+``128 + N`` stopped by signal ``N`` after saving a checkpoint (130 for SIGINT, 143 for
+SIGTERM; continue with ``--resume``). Every case and its message: ``docs/errors.md``.
 """
 
 from __future__ import annotations
@@ -121,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-sweep", action="store_true", help="use preset LRs, no LR sweep")
 
     s = sub.add_parser("sample", help="generate text from a checkpoint")
-    s.add_argument("--checkpoint", required=True)
+    s.add_argument(
+        "--checkpoint", required=True, help="checkpoint.pt, or an FSDP run's checkpoint.dcp"
+    )
     s.add_argument("--prompt", default=None, help="default: a newline")
     s.add_argument("--tokens", type=_positive_int, default=200)
     s.add_argument("--temperature", type=float, default=0.8)

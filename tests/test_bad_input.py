@@ -196,6 +196,20 @@ def test_library_trainer_errors(files: Path) -> None:
         TrainConfig(preset="smoke", dtype="float8").resolve()
 
 
+def test_batch_not_divisible_by_world_size(
+    files: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Checked from torchrun's WORLD_SIZE before any process group is created."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, err = run_cli([*TRAIN, "--distributed", "ddp", "--batch-size", "7"], capsys)
+    assert code == 2
+    assert err.splitlines() == [
+        "spheretorch: error: batch size 7 is not divisible by the world size 2: every rank "
+        "needs an equal share"
+    ]
+    assert not (files / "run").exists()
+
+
 # -- library: spheretorch.sphere, geodesic, SphereParameter -----------------------------------
 
 LIBRARY: list[tuple[object, type[Exception], str]] = [

@@ -335,13 +335,14 @@ class Trainer:
         if distributed != "none":
             from .. import distributed as sd
 
-            ctx = sd.init_from_env(self.device)
-            self.rank, self.world_size, self.device = ctx.rank, ctx.world_size, ctx.device
-            if config.batch_size % self.world_size:
+            world = int(os.environ["WORLD_SIZE"])
+            if config.batch_size % world:  # checked before any process group exists
                 raise UserError(
                     f"batch size {config.batch_size} is not divisible by the world size "
-                    f"{self.world_size}: every rank needs an equal share"
+                    f"{world}: every rank needs an equal share"
                 )
+            ctx = sd.init_from_env(self.device)
+            self.rank, self.world_size, self.device = ctx.rank, ctx.world_size, ctx.device
         torch.manual_seed(config.seed)
         self.model = build_model(config.model, self.model_config).to(self.device)
         self.forward_model: torch.nn.Module = self.model
