@@ -104,6 +104,8 @@ from torch import Tensor, nn
 from .parameter import sphere_dim_of
 
 __all__ = [
+    "EXTRA_FILE",
+    "MODES",
     "DistributedContext",
     "Mode",
     "all_reduce_mean",
