@@ -103,6 +103,11 @@ CASES: list[tuple[list[str], str]] = [
         ["compare", "--preset", "smoke", "--models", "gpt,bert", "--out", "run"],
         "unknown model 'bert'; choose from gpt, ngpt, geonorm",
     ),
+    (
+        ["compare", "--preset", "smoke", "--models", ",", "--out", "run"],
+        "--models needs at least one model",
+    ),
+    ([*TRAIN, "--device", "tpu"], "unknown device 'tpu'; use auto, cpu, cuda or mps"),
     (["sample", "--checkpoint", "nope.pt"], "checkpoint not found: nope.pt"),
     (
         ["sample", "--checkpoint", "good.pt"],
