@@ -169,3 +169,21 @@ def test_cli_sigterm_saves_and_exits_then_resumes(tmp_path: Path) -> None:
     stopped = ckpt["step"]
     assert main([*args, "--resume", "--steps", str(stopped + 5)]) == 0
     assert load_checkpoint(out / "checkpoint.pt")["step"] == stopped + 5
+
+
+def test_second_sigint_stops_at_once(tmp_path: Path) -> None:
+    t = Trainer(quick("gpt"), tmp_path, handle_signals=True)
+    step = t.train_step
+
+    def step_then_two_sigints(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = step(x, y)
+        if t.step == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # first: finish the step, checkpoint, stop
+            os.kill(os.getpid(), signal.SIGINT)  # second: KeyboardInterrupt right away
+        return loss
+
+    t.train_step = step_then_two_sigints  # type: ignore[method-assign]
+    with pytest.raises(KeyboardInterrupt):
+        t.train()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    assert not (tmp_path / "checkpoint.pt").exists()

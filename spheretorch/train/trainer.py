@@ -373,6 +373,8 @@ class Trainer:
                 self.forward_model = torch.compile(self.forward_model)
             else:
                 print("note: --compile is used on CUDA only; running eagerly", file=sys.stderr)
+        # evaluation needs no gradient synchronisation: DDP's wrapper is bypassed there
+        self.eval_model = self.model if distributed == "ddp" else self.forward_model
         self.eval_data = [
             (x.to(self.device), y.to(self.device))
             for x, y in eval_batches(
@@ -485,7 +487,7 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for x, y in self.eval_data:
             with self.autocast():
-                total += self.model(x, y)[1].float()
+                total += self.eval_model(x, y)[1].float()
         self.model.train()
         return float(total.item() / len(self.eval_data))
 
@@ -607,6 +609,8 @@ class Trainer:
             return
 
         def handler(signum: int, frame: Any) -> None:
+            if signum == signal.SIGINT and self._signal is not None:
+                raise KeyboardInterrupt  # a second Ctrl-C: stop now (checkpoints stay atomic)
             self._signal = signum
 
         previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -622,6 +626,7 @@ class Trainer:
         evaluation boundary, as an interruption would); returns the summary."""
         c = self.config
         end = c.steps if stop_after is None else min(c.steps, stop_after)
+        self._signal, self.interrupted = None, None
         self._prepare_out_dir()
         bar = None
         if self.progress and self.is_main:
