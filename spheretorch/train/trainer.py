@@ -5,7 +5,10 @@ run, :meth:`Trainer.train_step` does one optimizer step on one batch, :meth:`Tra
 scores the fixed validation batches, :meth:`Trainer.state_dict` / :meth:`Trainer.load_state_dict`
 hold everything a checkpoint needs. Batches are a function of ``(seed, step)``
 (:func:`spheretorch.train.data.get_batch`), so resuming at a checkpoint replays the
-uninterrupted run bit for bit on CPU.
+uninterrupted run bit for bit on CPU. Under ``torchrun`` (``distributed="ddp" | "fsdp"``)
+rank ``r`` of ``N`` trains on rows ``r::N`` of each global batch and rank 0 writes the files.
+Fault policies (non-finite steps, signals) are described on :class:`Trainer` and in
+``docs/errors.md``.
 
 Recipes (the nGPT paper's, Adam betas (0.9, 0.95), gradient clipping at 1.0, cosine to 0):
 
