@@ -15,48 +15,17 @@ from torch.autograd import gradcheck, gradgradcheck
 from spheretorch import sphere as S
 from spheretorch.geodesic import geodesic_update, nlerp, slerp
 
-F64 = torch.float64
-TOL = {torch.float32: 2e-5, torch.float64: 1e-12}
-MARGIN = 0.1
+from .strategies import F64, MARGIN, TOL, angles, close, gen, layouts
+from .strategies import pair_at as _pair_at
 
 # ----------------------------------------------------------------------------- helpers
 
-
-@st.composite
-def layouts(draw, dtypes=(torch.float32, torch.float64)):
-    """(shape, dim, dtype, seed): 1-4 axes, batch sizes incl. 1, sphere axis anywhere (+/-)."""
-    ndim = draw(st.integers(1, 4))
-    shape = [draw(st.sampled_from([1, 2, 3, 4])) for _ in range(ndim)]
-    axis = draw(st.integers(0, ndim - 1))
-    shape[axis] = draw(st.sampled_from([2, 3, 5, 16]))
-    dim = axis if draw(st.booleans()) else axis - ndim
-    dtype = draw(st.sampled_from(dtypes))
-    seed = draw(st.integers(0, 2**31 - 1))
-    return tuple(shape), dim, dtype, seed
-
-
-angles = st.one_of(
-    st.sampled_from([0.0, 1e-9, 1e-6, 1e-3, math.pi / 2, math.pi - MARGIN]),
-    st.floats(0.0, math.pi - MARGIN),
-)
 unit_t = st.one_of(st.sampled_from([0.0, 1.0, 0.5]), st.floats(0.0, 1.0))
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def pair_at(theta: float, shape=(5,), dim=-1, seed=0, dtype=F64):
     """``(a, b)`` at angle ``theta`` in every slice (``b`` is a copy of ``a`` for 0)."""
-    g = gen(seed)
-    a = S.normalize(torch.randn(shape, dtype=F64, generator=g), dim)
-    w = S.normalize(S.project(a, torch.randn(shape, dtype=F64, generator=g), dim), dim)
-    b = a.clone() if theta == 0 else math.cos(theta) * a + math.sin(theta) * w
-    return a.to(dtype), b.to(dtype)
-
-
-def close(a, b, atol, rtol=0.0):
-    torch.testing.assert_close(a.double(), b.double(), atol=atol, rtol=rtol)
+    return _pair_at(theta, shape, dim, seed, dtype)[:2]
 
 
 def unit_norms(x, dim, atol):
