@@ -40,18 +40,10 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..sphere import sinc
+from ..sphere import _atanc_sq, sinc
 from .config import TransformerConfig
 from .gpt import GPT
 from .layers import MLP, CausalSelfAttention, RMSNorm, ScaledVector, unit
-
-
-def _atanc(z: Tensor) -> Tensor:
-    """``atan(z) / z`` for ``z >= 0``, 1 at 0, smooth (series below 0.25)."""
-    small = z < 0.25
-    safe = torch.where(small, torch.ones_like(z), z)
-    z2 = z * z
-    return torch.where(small, 1 - z2 / 3 + z2 * z2 / 5 - z2 * z2 * z2 / 7, torch.atan(safe) / safe)
 
 
 def geonorm_step(h: Tensor, g: Tensor, k: Tensor | float, radius: float, angle: str) -> Tensor:
@@ -66,7 +58,7 @@ def geonorm_step(h: Tensor, g: Tensor, k: Tensor | float, radius: float, angle: 
     z = torch.linalg.vector_norm(v, dim=-1, keepdim=True) / radius
     if angle == "atan":
         theta = k * torch.atan(z)
-        per_z = k * _atanc(z)  # theta / z, smooth at 0
+        per_z = k * _atanc_sq(z * z)  # theta / z, smooth at 0 (the geometry's series)
     else:
         theta = k * z
         per_z = k * torch.ones_like(z)
