@@ -157,7 +157,10 @@ def _train(args: argparse.Namespace) -> int:
         raise UserError(f"--out {out} exists and is not a directory")
     existing = any((out / f).exists() for f in (CHECKPOINT, SHARDED_CHECKPOINT, METRICS))
     ckpt = out / (SHARDED_CHECKPOINT if args.distributed == "fsdp" else CHECKPOINT)
-    if args.resume and not ckpt.exists():
+    # A sharded save killed between its two renames leaves only checkpoint.dcp.old, which the
+    # loader falls back to (spheretorch.distributed.load_sharded): that run is resumable too.
+    found = [ckpt] + ([out / (SHARDED_CHECKPOINT + ".old")] if args.distributed == "fsdp" else [])
+    if args.resume and not any(c.exists() for c in found):
         raise UserError(f"nothing to resume: {ckpt} does not exist")
     if existing and not args.resume and not args.force:
         raise UserError(f"{out} already holds a run; pass --resume to continue it or --force")

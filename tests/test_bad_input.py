@@ -306,3 +306,15 @@ def test_library_bad_input(call, kind: type[Exception], message: str) -> None:
     with pytest.raises(kind) as exc:
         call()
     assert str(exc.value) == message
+
+
+def test_sharded_resume_precheck_accepts_the_old_directory(files: Path, capsys) -> None:
+    fsdp = [*TRAIN, "--resume", "--distributed", "fsdp"]
+    code, err = run_cli(fsdp, capsys)
+    assert code == 2 and "nothing to resume: run/checkpoint.dcp does not exist" in err
+    # only the .old directory of a save killed between its renames: resumable, so the next
+    # complaint is the missing torchrun, not a missing checkpoint
+    (files / "run" / "checkpoint.dcp.old").mkdir(parents=True)
+    code, err = run_cli(fsdp, capsys)
+    assert code == 2 and "nothing to resume" not in err
+    assert "--distributed fsdp needs a process started by torchrun" in err
