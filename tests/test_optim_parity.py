@@ -218,6 +218,20 @@ def _euclidean(params):
     return [p for p in params if st.sphere_dim_of(p) is None]
 
 
+def _assert_euclidean_steps_match(ours, opt, ref, ref_opt, seed: int, steps: int = 6) -> None:
+    """Step ``opt`` (over ``ours``) and torch's ``ref_opt`` (over copies ``ref`` of the
+    Euclidean params) on the same gradients; the Euclidean params must stay bitwise equal."""
+    for t in range(steps):
+        gs = grads_for(ours, seed, t)
+        for p, g in zip(ours, gs):
+            p.grad = g
+        for p, g in zip(ref, [g for p, g in zip(ours, gs) if st.sphere_dim_of(p) is None]):
+            p.grad = g.clone()
+        opt.step()
+        ref_opt.step()
+    assert_bitwise([p.detach() for p in _euclidean(ours)], [p.detach() for p in ref])
+
+
 @pytest.mark.parametrize("foreach", [False, True])
 @pytest.mark.parametrize("layout", [EUCLID, MIXED], ids=["euclidean", "mixed"])
 @pytest.mark.parametrize(
@@ -244,15 +258,7 @@ def test_adam_on_euclidean_params_is_torch_adam(
     kw.pop("fused", None)
     torch_cls = torch.optim.AdamW if decoupled else torch.optim.Adam
     ref_opt = torch_cls(ref, **kw)
-    for t in range(6):
-        gs = grads_for(ours, 5, t)
-        for p, g in zip(ours, gs):
-            p.grad = g
-        for p, g in zip(ref, [g for p, g in zip(ours, gs) if st.sphere_dim_of(p) is None]):
-            p.grad = g.clone()
-        opt.step()
-        ref_opt.step()
-    assert_bitwise([p.detach() for p in _euclidean(ours)], [p.detach() for p in ref])
+    _assert_euclidean_steps_match(ours, opt, ref, ref_opt, seed=5)
 
 
 @pytest.mark.parametrize("foreach", [False, True])
@@ -282,15 +288,7 @@ def test_sgd_on_euclidean_params_is_torch_sgd(
     )
     opt = RiemannianSGD(ours, **kw)
     ref_opt = torch.optim.SGD(ref, **kw)
-    for t in range(6):
-        gs = grads_for(ours, 6, t)
-        for p, g in zip(ours, gs):
-            p.grad = g
-        for p, g in zip(ref, [g for p, g in zip(ours, gs) if st.sphere_dim_of(p) is None]):
-            p.grad = g.clone()
-        opt.step()
-        ref_opt.step()
-    assert_bitwise([p.detach() for p in _euclidean(ours)], [p.detach() for p in ref])
+    _assert_euclidean_steps_match(ours, opt, ref, ref_opt, seed=6)
 
 
 RENORM_LAYOUT = [
