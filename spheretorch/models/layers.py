@@ -8,7 +8,6 @@ the ``s_u``/``s_v`` scalings of the SwiGLU inputs.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,37 +17,7 @@ from .config import TransformerConfig
 
 __all__ = ["MLP", "CausalSelfAttention", "RMSNorm", "Rotary", "ScaledVector", "unit"]
 
-
-class _Unit(torch.autograd.Function):
-    r"""``y = x / ||x||`` (last axis) with a hand-written backward.
-
-    Autograd through ``x / x.norm()`` runs about six full-size kernels backwards; the closed
-    form :math:`\partial L/\partial x = (g - y \langle g, y\rangle) / \|x\|` needs three.
-    Computed in fp32 for half inputs (chained normalizations compound bf16 error); an opaque
-    Function also keeps ``torch.compile`` from re-fusing it in low precision.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:
-        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-        tiny = torch.finfo(xf.dtype).tiny
-        r = torch.rsqrt((xf * xf).sum(-1, keepdim=True).clamp_min(tiny))
-        y = xf * r
-        ctx.save_for_backward(y, r)
-        return y.to(x.dtype)
-
-    @staticmethod
-    def backward(ctx: Any, g: Tensor) -> Tensor:
-        y, r = ctx.saved_tensors
-        gf = g.to(y.dtype)
-        return ((gf - y * (gf * y).sum(-1, keepdim=True)) * r).to(g.dtype)
-
-
-def unit(x: Tensor) -> Tensor:
-    """``x / ||x||`` along the last axis: the same values as
-    ``spheretorch.sphere.normalize(x, -1, on_zero="keep")`` (fp32 norms for half inputs, zero
-    rows stay zero), with a cheaper fused backward."""
-    return _Unit.apply(x)
+from ..sphere import unit
 
 
 class RMSNorm(nn.Module):
