@@ -334,3 +334,50 @@ def test_fused_unit_matches_normalize_and_gradcheck() -> None:
     b = torch.randn(4, 9, dtype=torch.bfloat16)
     assert unit(b).dtype == torch.bfloat16
     assert torch.equal(unit(b), sphere.normalize(b, on_zero="keep"))
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_meta_build_then_to_empty_and_reset_parameters(name: str) -> None:
+    """Build on the meta device (no memory), materialise, initialise: same model as eager."""
+    cfg = make_config(name, **CFG)
+    with torch.device("meta"):
+        meta = MODELS[name](cfg)
+    assert all(p.is_meta for p in meta.parameters())
+    meta.to_empty(device="cpu")
+    eager = MODELS[name](cfg)
+    torch.manual_seed(5)
+    meta.reset_parameters()
+    torch.manual_seed(5)
+    eager.reset_parameters()
+    assert meta.state_dict().keys() == eager.state_dict().keys()
+    for key, value in eager.state_dict().items():
+        assert torch.equal(meta.state_dict()[key], value), key
+    for (n, p), q in zip(meta.named_parameters(), eager.parameters(), strict=True):
+        assert type(p) is type(q) and getattr(p, "sphere_dim", None) == getattr(
+            q, "sphere_dim", None
+        ), n
+    for m, e in zip(meta.modules(), eager.modules(), strict=True):
+        for key, buf in e.named_buffers(recurse=False):  # RoPE tables (not in the state dict)
+            assert torch.equal(getattr(m, key), buf), key
+    idx = tokens()
+    assert torch.equal(meta(idx, idx)[1], eager(idx, idx)[1])
+
+
+def test_rope_tables_exact_in_the_model_dtype() -> None:
+    model = make("gpt")
+    rot = model.blocks[0].attn.rotary
+    ref = (torch.arange(CFG["seq_len"], dtype=torch.float64)[:, None]) * (
+        10000.0 ** -(torch.arange(0, rot.head_dim, 2, dtype=torch.float64) / rot.head_dim)
+    )
+    model.double()
+    assert rot.cos.dtype == torch.float64
+    torch.testing.assert_close(rot.cos, ref.cos(), rtol=0, atol=1e-15)
+    torch.testing.assert_close(rot.sin, ref.sin(), rtol=0, atol=1e-15)
+    model.to(torch.bfloat16)  # half types: tables and rotation stay in float32
+    assert rot.cos.dtype == torch.float32
+    x = torch.randn(2, 5, 2, rot.head_dim, dtype=torch.bfloat16)
+    expected = rot(x.float()).to(torch.bfloat16)
+    assert torch.equal(rot(x), expected)
+    # the loss of a half model is computed in float32
+    logits, loss = model(tokens(), tokens())
+    assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32

@@ -26,7 +26,8 @@ with the clamp ``c = pi/4`` [3rd party] (``geo_clamp=none``: no clamp [ours]) an
 ``linear`` (L-l)/L, ``none`` [paper lists schedules; names ours]. The state keeps the norm of
 its embedding row; the head is GPT's ``W_out RMSNorm(x_L)`` [ours: the final norm is unknown].
 Unknown: the final norm, whether attention and MLP have separate schedules, the paper's clamp.
-At ``v = 0`` the direction is undefined and the state does not move (finite gradients).
+At ``v = 0`` (to round-off) the direction is undefined and the bias does not move the state
+(finite gradients) [ours; the reading adds eps = 1e-8 to ``|v|`` instead].
 """
 
 from __future__ import annotations
@@ -125,8 +126,10 @@ def geonorm_step(
     xhat = sphere.unit(xf)
     v = sphere.project(xhat, gf)
     rho = r.clamp_min(torch.finfo(dt).tiny) if radius is None else radius
-    z = sphere.norm(v) / rho
-    pos = z > 0
+    vn = sphere.norm(v)
+    z = vn / rho
+    # v at round-off level (a radial g) has no direction: the bias's move is dropped there.
+    pos = vn > 16 * torch.finfo(dt).eps * sphere.norm(gf)
     zs = torch.where(pos, z, torch.ones_like(z))
     per_z = sphere._atanc_sq(z * z) if angle == "atan" else torch.ones_like(z)  # phi(z) / z
     theta0 = per_z * z
@@ -134,7 +137,7 @@ def geonorm_step(
         per_z = torch.where(theta0 > clamp, clamp / zs, per_z)
         theta0 = theta0.clamp(max=clamp)
     theta = decay * (a * theta0 + b)
-    # theta / z; at z = 0 the bias's move has no direction and is dropped.
+    # theta / z, smooth at z = 0 but for the bias's part
     theta_per_z = decay * (a * per_z + torch.where(pos, b / zs, 0.0))
     if clamp is not None:
         theta_per_z = torch.where(theta > clamp, clamp / zs, theta_per_z)

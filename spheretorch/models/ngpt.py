@@ -152,9 +152,10 @@ class NGPT(LanguageModel):
     def init_weights(self) -> None:
         for module, dim in self.sphere_weights():
             module.weight.normal_(0.0, 1.0 / math.sqrt(self.config.d_model))
-            if sphere_dim_of(module.weight) != dim:  # also after to_empty, which drops the class
+            if sphere_dim_of(module.weight) == dim:
+                renormalize_(module.weight)
+            else:  # first call, or after to_empty (which drops the class): projects too
                 sphere_(module, "weight", dim=dim)
-        renormalize_(self)
 
     def embed(self, idx: Tensor) -> Tensor:
         return self.tok_emb(idx)
