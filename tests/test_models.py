@@ -381,3 +381,49 @@ def test_rope_tables_exact_in_the_model_dtype() -> None:
     # the loss of a half model is computed in float32
     logits, loss = model(tokens(), tokens())
     assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("bad", [CFG["vocab_size"], 1000, -1])
+@pytest.mark.parametrize("training", [True, False])
+def test_out_of_vocab_token_ids_are_a_one_line_error(name: str, bad: int, training: bool) -> None:
+    model = make(name).train(training)
+    idx = tokens()
+    idx[1, 3] = bad
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 17\)") as info:
+        model(idx)
+    assert "\n" not in str(info.value) and str(bad) in str(info.value)
+    with pytest.raises(ValueError, match="token ids"):
+        model.hidden_states(idx)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"top_k": 0}, "top_k must be a positive int or None, got 0"),
+        ({"top_k": -3}, "top_k must be a positive int"),
+        ({"top_k": 2.5}, "top_k must be a positive int"),
+        ({"temperature": float("nan")}, "temperature must be a finite number >= 0"),
+        ({"temperature": -1.0}, "temperature must be a finite number >= 0"),
+        ({"max_new_tokens": -1}, "max_new_tokens must be >= 0"),
+    ],
+)
+def test_generate_bad_arguments(kwargs: dict, match: str) -> None:
+    model = make("ngpt")
+    args = {"max_new_tokens": 3, **kwargs}
+    with pytest.raises(ValueError, match=match) as info:
+        model.generate(tokens(1, 2), **args)
+    assert "\n" not in str(info.value)
+
+
+def test_generate_on_an_empty_prompt_and_empty_forward() -> None:
+    model = make("gpt")
+    empty = torch.zeros(1, 0, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"a prompt of at least one token .* shape \(1, 0\)"):
+        model.generate(empty, 3)
+    with pytest.raises(ValueError, match="idx holds no tokens"):
+        model(empty)
+    # greedy decoding and top_k = 1 agree; top_k larger than the vocabulary is all tokens
+    greedy = model.generate(tokens(1, 2), 4, temperature=0)
+    assert torch.equal(model.generate(tokens(1, 2), 4, top_k=1), greedy)
+    assert model.generate(tokens(1, 2), 4, top_k=1000).shape == (1, 6)
