@@ -61,9 +61,10 @@ def _option(text: str) -> tuple[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .distributed import MODES
     from .models import MODELS
+    from .train.config import OPTIMIZERS
     from .train.presets import PRESETS
-    from .train.trainer import DISTRIBUTED, OPTIMIZERS
 
     parser = _Parser(
         prog="spheretorch",
@@ -104,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument(
         "--distributed",
-        choices=list(DISTRIBUTED),
+        choices=list(MODES),
         default="none",
         help="data-parallel mode under torchrun: ddp or fsdp (FSDP2)",
     )
@@ -147,8 +148,11 @@ def _set_threads(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from .distributed import CHECKPOINT_FILE as CHECKPOINT
+    from .distributed import SHARDED_CHECKPOINT
     from .train.errors import UserError
-    from .train.trainer import CHECKPOINT, METRICS, SHARDED_CHECKPOINT, TrainConfig, Trainer
+    from .train.rundir import METRICS
+    from .train.trainer import TrainConfig, Trainer
 
     out = Path(args.out)
     if args.resume and args.force:
@@ -156,12 +160,6 @@ def _train(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory")
     existing = any((out / f).exists() for f in (CHECKPOINT, SHARDED_CHECKPOINT, METRICS))
-    ckpt = out / (SHARDED_CHECKPOINT if args.distributed == "fsdp" else CHECKPOINT)
-    # A sharded save killed between its two renames leaves only checkpoint.dcp.old, which the
-    # loader falls back to (spheretorch.distributed.load_sharded): that run is resumable too.
-    found = [ckpt] + ([out / (SHARDED_CHECKPOINT + ".old")] if args.distributed == "fsdp" else [])
-    if args.resume and not any(c.exists() for c in found):
-        raise UserError(f"nothing to resume: {ckpt} does not exist")
     if existing and not args.resume and not args.force:
         raise UserError(f"{out} already holds a run; pass --resume to continue it or --force")
     _set_threads(args)
@@ -197,10 +195,7 @@ def _train(args: argparse.Namespace) -> int:
     try:
         return _run_training(trainer, args.resume)
     finally:
-        if args.distributed != "none":
-            from .distributed import cleanup
-
-            cleanup()
+        trainer.close()
 
 
 def _run_training(trainer: Any, resumed: bool) -> int:
@@ -213,11 +208,7 @@ def _run_training(trainer: Any, resumed: bool) -> int:
             f"optim {c.optim}, lr {c.lr:g}, {c.steps} steps on {trainer.device} "
             f"({trainer.data.name}, {trainer.tokenizer.kind} vocab "
             f"{trainer.tokenizer.vocab_size})"
-            + (
-                f", {trainer.world_size} ranks ({trainer.distributed})"
-                if trainer.world_size > 1
-                else ""
-            )
+            + (f", {trainer.parallel}" if trainer.parallel.world_size > 1 else "")
             + (f", resuming at step {trainer.step}" if resumed else ""),
             file=sys.stderr,
         )
@@ -257,6 +248,7 @@ def _compare(args: argparse.Namespace) -> int:
         device=args.device,
         progress=not args.no_progress,
         sweep=not args.no_sweep,
+        log=print,
     )
     return 0
 
@@ -264,7 +256,7 @@ def _compare(args: argparse.Namespace) -> int:
 def _sample(args: argparse.Namespace) -> int:
     import torch
 
-    from .train.trainer import load_model
+    from .train.checkpoints import load_model
 
     model, tokenizer, _ = load_model(args.checkpoint, args.device)
     prompt = args.prompt
@@ -282,10 +274,24 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _setup_logging() -> None:
+    """Library messages (``logging``) reach the user as plain lines on stderr."""
+    import logging
+
+    log = logging.getLogger("spheretorch")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``spheretorch`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    _setup_logging()
     from .train.errors import TrainingDiverged, UserError
 
     try:
