@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,39 +34,65 @@ __all__ = [
 OPTIMIZERS = ("renorm", "riemannian", "adamw")
 
 
+#: what ``resume`` may change; every other field given must equal the checkpoint's
+RESUME_OVERRIDES = ("steps", "device", "compile", "max_bad_steps", "check_memory")
+_SEEDS = (-(2**63), 2**64 - 1)  # what torch.manual_seed accepts
+
+
+def flag_of(name: str) -> str:
+    """The command-line flag that sets the field ``name``."""
+    special = {"model_options": "--set", "check_memory": "--no-memory-check"}
+    return special.get(name, "--" + name.replace("_", "-"))
+
+
+def _absolute(data: str | None) -> str | None:
+    """A data path made absolute (so that a checkpoint resumes from any directory); the
+    built-in text's name stays as it is."""
+    if data is None or not Path(data).exists():
+        return data
+    return str(Path(data).resolve())
+
+
 @dataclass
 class TrainConfig:
-    """What to train. ``None`` fields are filled from the preset and the model's recipe by
-    :meth:`resolve`."""
+    """What to train. ``None`` fields are filled from the preset, the model's recipe and the
+    defaults below by :meth:`resolve` (``None`` means "not given": on resume, every field
+    given must agree with the checkpoint, see :meth:`resumed`)."""
 
     model: str = "gpt"
-    preset: str = "smoke"
-    data: str | None = None
-    tokenizer: str = "char"
+    preset: str | None = None  # smoke
+    data: str | None = None  # the built-in tinyshakespeare
+    tokenizer: str | None = None  # char
     steps: int | None = None
     batch_size: int | None = None
     lr: float | None = None
     optim: str | None = None
     weight_decay: float | None = None
     warmup_steps: int | None = None
-    min_lr_ratio: float = 0.0
+    min_lr_ratio: float | None = None  # 0
     betas: tuple[float, float] | None = None
     grad_clip: float | None = None
     eval_interval: int | None = None
     eval_batches: int | None = None
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "auto"
-    compile: bool = False
-    max_bad_steps: int = 5
+    seed: int | None = None  # 0
+    device: str | None = None  # auto
+    dtype: str | None = None  # auto
+    compile: bool | None = None  # False
+    max_bad_steps: int | None = None  # 5
+    check_memory: bool | None = None  # True: refuse a run that cannot fit in memory
     model_options: dict[str, Any] = field(default_factory=dict)
 
     def resolve(self) -> TrainConfig:
         """A copy with every field concrete and validated (``UserError`` on bad values)."""
         if self.model not in MODELS:
             raise UserError(f"unknown model {self.model!r}; choose from {', '.join(MODELS)}")
-        p = get_preset(self.preset)
         c = dataclasses.replace(self, model_options=dict(self.model_options))
+        defaults = dict(preset="smoke", tokenizer="char", min_lr_ratio=0.0, seed=0)
+        defaults.update(device="auto", dtype="auto", compile=False, max_bad_steps=5)
+        for name, value in {**defaults, "check_memory": True}.items():
+            if getattr(c, name) is None:
+                setattr(c, name, value)
+        p = get_preset(c.preset)
         ngpt = c.model == "ngpt"
         c.steps = p.steps if c.steps is None else c.steps
         c.batch_size = p.batch_size if c.batch_size is None else c.batch_size
@@ -80,6 +107,13 @@ class TrainConfig:
         c.grad_clip = p.grad_clip if c.grad_clip is None else c.grad_clip
         c.eval_interval = p.eval_interval if c.eval_interval is None else c.eval_interval
         c.eval_batches = p.eval_batches if c.eval_batches is None else c.eval_batches
+        c._validate()
+        if c.warmup_steps >= c.steps:
+            c.warmup_steps = max(c.steps - 1, 0)
+        return c
+
+    def _validate(self) -> None:
+        c = self
         for name in ("steps", "batch_size", "eval_interval", "eval_batches", "max_bad_steps"):
             value = getattr(c, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -88,17 +122,36 @@ class TrainConfig:
             raise UserError(f"lr must be a positive number, got {c.lr}")
         if c.optim not in OPTIMIZERS:
             raise UserError(f"unknown optimizer {c.optim!r}; choose from {', '.join(OPTIMIZERS)}")
-        if c.weight_decay < 0 or c.warmup_steps < 0 or c.grad_clip < 0:
-            raise UserError("weight decay, warmup steps and grad clip must be >= 0")
-        if c.warmup_steps >= c.steps:
-            c.warmup_steps = max(c.steps - 1, 0)
+        # non-finite values would only show up later as a "diverged" run with a wrong hint
+        for name in ("weight_decay", "grad_clip", "min_lr_ratio", "warmup_steps"):
+            value = getattr(c, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise UserError(
+                    f"{name.replace('_', '-')} must be a finite number >= 0, got {value}"
+                )
+        if c.min_lr_ratio > 1:
+            raise UserError(f"min-lr-ratio must be in [0, 1], got {c.min_lr_ratio}")
+        if len(c.betas) != 2 or not all(
+            isinstance(b, (int, float)) and 0 <= b < 1 for b in c.betas
+        ):
+            raise UserError(f"betas must be two numbers in [0, 1), got {c.betas}")
+        for key, value in c.model_options.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"--set {key}={value}: model options must be finite")
+        if (
+            isinstance(c.seed, bool)
+            or not isinstance(c.seed, int)
+            or not (_SEEDS[0] <= c.seed <= _SEEDS[1])
+        ):
+            raise UserError(f"seed must be an integer in [-2**63, 2**64 - 1], got {c.seed}")
         if c.dtype not in ("auto", "float32", "bfloat16"):
             raise UserError(f"unknown dtype {c.dtype!r}; choose auto, float32 or bfloat16")
-        return c
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain values for a checkpoint; ``data`` as an absolute path."""
         d = dataclasses.asdict(self)
         d["betas"] = list(d["betas"]) if d["betas"] is not None else None
+        d["data"] = _absolute(d["data"])
         return d
 
     @classmethod
@@ -109,15 +162,34 @@ class TrainConfig:
         return cls(**d)
 
     def resumed(self, saved: dict[str, Any], step: int) -> TrainConfig:
-        """The configuration ``saved`` in a checkpoint at ``step``, for this one's resume:
-        the model must match; ``steps``, when given, extends the run."""
+        """The configuration ``saved`` in a checkpoint at ``step``, for this one's resume.
+
+        The model must match; of the other fields given (not ``None``), only
+        ``RESUME_OVERRIDES`` may differ (``steps`` may only grow: it extends the run); any
+        other difference is a ``UserError`` naming the flag.
+        """
         c = TrainConfig.from_dict(saved)
         if self.model != c.model:
             raise UserError(f"--model {self.model} does not match the checkpoint's model {c.model}")
-        if self.steps is not None and self.steps != c.steps:
-            if self.steps < step:
-                raise UserError(f"--steps {self.steps} is below the checkpoint's step {step}")
-            c.steps = self.steps
+        if self.steps is not None and self.steps != c.steps and self.steps < step:
+            raise UserError(f"--steps {self.steps} is below the checkpoint's step {step}")
+        for f in dataclasses.fields(self):
+            mine, theirs = getattr(self, f.name), getattr(c, f.name)
+            if f.name in RESUME_OVERRIDES:
+                setattr(c, f.name, theirs if mine is None else mine)
+                continue
+            if f.name == "data":
+                mine, theirs = _absolute(mine), _absolute(theirs)
+            if f.name == "model_options":
+                mine = {k: v for k, v in mine.items() if theirs.get(k) != v}
+                theirs = {k: theirs.get(k) for k in mine}
+            if mine is not None and mine != {} and _plain(mine) != _plain(theirs):
+                allowed = ", ".join(flag_of(n) for n in RESUME_OVERRIDES)
+                raise UserError(
+                    f"{flag_of(f.name)} {_show(mine)} conflicts with the checkpoint's "
+                    f"{_show(theirs)}: a resumed run keeps its configuration (it may change "
+                    f"only {allowed}); start a new run with --force or another --out"
+                )
         return c
 
     def model_config(self, vocab_size: int) -> TransformerConfig:
@@ -169,6 +241,16 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
+def _plain(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, dict):
+        return " ".join(f"{k}={'(unset)' if v is None else v}" for k, v in value.items())
+    return "(unset)" if value is None else str(_plain(value))
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` picks cuda, then mps, then cpu; anything else must be available."""
     if name == "auto":
@@ -181,9 +263,13 @@ def resolve_device(name: str = "auto") -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or mps") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):  # e.g. meta: no storage
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("device cuda requested but CUDA is not available")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"device {name} requested but only {torch.cuda.device_count()} GPUs exist")
     if device.type == "mps" and not (
         getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
     ):

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from ..distributed import CHECKPOINT_FILE, Parallel
 from ..models import LanguageModel, TransformerConfig, build_model
+from . import memory
 from .checkpoints import FORMAT, get_rng_state, load_checkpoint, set_rng_state
 from .config import (
     OPTIMIZERS,
@@ -160,6 +161,28 @@ class Trainer:
             raise UserError(
                 f"batch size {c.batch_size} is larger than the data: {self.data.name} has "
                 f"{windows} training windows of length {seq_len}"
+            )
+        if c.preset.startswith("gpu") and self.device.type != "cuda":
+            logger.warning(
+                "warning: preset %s is sized for a GPU; on %s it will be very slow (try "
+                "--preset cpu-small)",
+                c.preset,
+                self.device.type,
+            )
+        if c.check_memory:
+            self._check_memory()
+
+    def _check_memory(self) -> None:
+        """Refuse (before allocating) a run whose estimated memory exceeds what is free."""
+        c = self.config
+        half = self.device.type == "cuda" and c.dtype in ("auto", "bfloat16")
+        need = memory.estimate(self.model_config, c.batch_size, c.eval_batches, half)
+        free = memory.available_bytes(self.device)
+        if free is not None and need.total > free:
+            raise UserError(
+                f"this run needs about {need.describe()} of {self.device.type} memory, but "
+                f"{free / memory.GiB:.1f} GiB is available; lower --batch-size or "
+                f"--eval-batches, or pass --no-memory-check to try anyway"
             )
 
     def _setup_model(self) -> None:
@@ -346,6 +369,8 @@ class Trainer:
         """Write the checkpoint atomically (collective under ``distributed``)."""
         if self.out_dir is not None:
             self.parallel.save(self.out_dir, self.model, self.optimizer, self._resume_state())
+        if self._files is not None:
+            self._files.checkpoint_written()
 
     @property
     def _files(self) -> RunDir | None:
