@@ -20,8 +20,10 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 tests
 	$(BIN)/sphinx-build -W -q -b html docs docs/_build/html
 
+# glibc allocator thresholds keep CPU step times steady (docs/quickstart.md, "Environment")
 demo: $(STAMP)
-	$(BIN)/python -m spheretorch compare --preset cpu-small --out runs/demo
+	MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824 \
+		$(BIN)/python -m spheretorch compare --preset cpu-small --out runs/demo
 
 docs: $(STAMP)
 	$(BIN)/sphinx-build -W -q -b html docs docs/_build/html
