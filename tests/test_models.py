@@ -427,3 +427,22 @@ def test_generate_on_an_empty_prompt_and_empty_forward() -> None:
     greedy = model.generate(tokens(1, 2), 4, temperature=0)
     assert torch.equal(model.generate(tokens(1, 2), 4, top_k=1), greedy)
     assert model.generate(tokens(1, 2), 4, top_k=1000).shape == (1, 6)
+
+
+def test_ngpt_loads_off_sphere_rows_renormalized_with_a_warning() -> None:
+    """The documented choice (SphereParameter): renormalize with a warning naming the key."""
+    model = make("ngpt")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["tok_emb.weight"] *= 5.0
+    state["blocks.0.attn.proj.weight"] *= 0.5  # a dim=0 sphere parameter
+    other = make("ngpt")
+    with pytest.warns(UserWarning, match="off the unit sphere") as record:
+        other.load_state_dict(state)
+    warned = " ".join(str(w.message) for w in record)
+    assert "'tok_emb.weight'" in warned and "'blocks.0.attn.proj.weight'" in warned
+    for name, p in other.named_parameters():
+        if getattr(p, "sphere_dim", None) is not None:
+            n = p.norm(dim=p.sphere_dim)
+            assert torch.allclose(n, torch.ones_like(n), atol=1e-6), name
+    idx = tokens()
+    torch.testing.assert_close(other(idx)[0], model(idx)[0])

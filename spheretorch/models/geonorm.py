@@ -133,7 +133,7 @@ def geonorm_step(
     # v at round-off level (a radial g) has no direction: the bias's move is dropped there.
     pos = vn > 16 * torch.finfo(dt).eps * sphere.norm(gf)
     zs = torch.where(pos, z, torch.ones_like(z))
-    per_z = sphere._atanc_sq(z * z) if angle == "atan" else torch.ones_like(z)  # phi(z) / z
+    per_z = sphere.atanc_sq(z * z) if angle == "atan" else torch.ones_like(z)  # phi(z) / z
     theta0 = per_z * z
     if clamp is not None:
         per_z = torch.where(theta0 > clamp, clamp / zs, per_z)
