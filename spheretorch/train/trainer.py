@@ -41,7 +41,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..models import MODELS, LanguageModel, TransformerConfig, build_model, make_config
+from ..models import (
+    MODELS,
+    LanguageModel,
+    TransformerConfig,
+    build_model,
+    config_from_dict,
+    make_config,
+)
 from .checkpoints import FORMAT, get_rng_state, load_checkpoint, save_atomic, set_rng_state
 from .data import TextData, eval_batches, get_batch, load_data
 from .errors import TrainingDiverged, UserError
@@ -323,7 +330,7 @@ class Trainer:
         self.data: TextData = load_data(config.data, tokenizer)
         self.tokenizer = self.data.tokenizer
         self.model_config = (
-            make_config(config.model, **ckpt["model_config"])
+            config_from_dict(config.model, ckpt["model_config"])
             if ckpt
             else config.model_config(self.tokenizer.vocab_size)
         )
@@ -755,7 +762,7 @@ def load_model(
 
         ckpt = load_checkpoint(path / sd.EXTRA_FILE, map_location="cpu")
         model = build_model(
-            ckpt["model_name"], make_config(ckpt["model_name"], **ckpt["model_config"])
+            ckpt["model_name"], config_from_dict(ckpt["model_name"], ckpt["model_config"])
         )
         try:
             sd.load_sharded(path, model)
@@ -764,7 +771,7 @@ def load_model(
     else:
         ckpt = load_checkpoint(path, map_location="cpu")
         model = build_model(
-            ckpt["model_name"], make_config(ckpt["model_name"], **ckpt["model_config"])
+            ckpt["model_name"], config_from_dict(ckpt["model_name"], ckpt["model_config"])
         )
         model.load_state_dict(ckpt["model"])
     return model.to(resolve_device(device)), Tokenizer.from_state_dict(ckpt["tokenizer"]), ckpt
