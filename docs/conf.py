@@ -1,4 +1,9 @@
-"""Sphinx configuration for spheretorch's documentation (built with -W: warnings are errors)."""
+"""Sphinx configuration for spheretorch's documentation.
+
+Built with ``-n -W`` (nitpicky, warnings are errors): every cross-reference must resolve.
+The site must read well offline, so MathJax is served from the build itself
+(``sphinx-mathjax-offline``), never from a CDN; ``docs/check_site.py`` verifies that in a browser.
+"""
 
 import os
 import sys
@@ -14,7 +19,10 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.napoleon",
     "sphinx.ext.mathjax",
+    # Ships MathJax 3 and points mathjax_path at the copy in _static/mathjax/ (no network).
+    "sphinx-mathjax-offline",
     "sphinx.ext.viewcode",
+    "sphinxarg.ext",
 ]
 
 # Notebooks are rendered from their committed outputs; the test suite executes them.
@@ -24,10 +32,33 @@ source_suffix = {".md": "myst-nb", ".ipynb": "myst-nb", ".rst": "restructuredtex
 
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
-autodoc_default_options = {"members": True, "show-inheritance": True}
+# "members" is given per directive in api.rst: a default of True would override an explicit
+# ``:members: a, b`` list (Sphinx 9 takes a non-string default over the directive's value).
+autodoc_default_options = {"show-inheritance": True}
+# Annotations are strings (``from __future__ import annotations``); our option types appear in
+# them by their short names. Mapping them to full paths makes those type hints link.
+autodoc_type_aliases = {
+    "NonfinitePolicy": "spheretorch.optim.NonfinitePolicy",
+    "SecondMoment": "spheretorch.optim.riemannian_adam.SecondMoment",
+    "Retraction": "spheretorch.optim.riemannian_adam.Retraction",
+}
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
+
+# Nitpicky mode checks every reference. Without network intersphinx cannot fetch the
+# inventories of the libraries we build on, so references into them (and only into them)
+# render as plain text instead of links. spheretorch's own names are never ignored.
+nitpicky = True
+nitpick_ignore_regex = [
+    (r"py:.*", r"(torch|numpy|matplotlib|geoopt)(\..+)?"),
+    (r"py:.*", r"(collections\.abc|typing|os|pathlib)\..+"),
+]
+# The same third-party classes where an annotation names them as imported (``Tensor`` from
+# ``from torch import Tensor``, matplotlib's ``Figure`` imported only for type checking).
+nitpick_ignore = [("py:class", name) for name in ("Tensor", "nn.Module", "Figure", "Path")]
 
 exclude_patterns = ["_build", "**.ipynb_checkpoints"]
 html_theme = "furo"
 html_title = "spheretorch"
+html_static_path = ["_static"]
+html_css_files = ["spheretorch.css"]
