@@ -109,6 +109,11 @@ const done = arguments[arguments.length - 1];
                        .map(i => i.getAttribute("src")),
     images: imgs.length,
     links: Array.from(document.querySelectorAll("a[href]")).map(a => a.href),
+    wide_code: Array.from(main.querySelectorAll("pre"))
+                    .filter(p => p.scrollWidth > p.clientWidth + 1)
+                    .map(p => p.textContent.split("\n")
+                               .reduce((a, b) => (b.length > a.length ? b : a), "").trim()
+                               .slice(0, 60)),
     scroll_width: document.documentElement.scrollWidth,
     view_width: document.documentElement.clientWidth,
   });
@@ -120,6 +125,7 @@ const done = arguments[arguments.length - 1];
 class PageResult:
     page: str
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # reads badly, but not a failure
     summary: str = ""
 
     def add(self, what: str, items: list[str], shown: int = 5) -> None:
@@ -318,6 +324,7 @@ def check_page(driver, page: Path, root: Path, links: LinkChecker, out: Path, ma
             f"page scrolls sideways: {report['scroll_width']}px wide in a "
             f"{report['view_width']}px window (a table, image or code cell too wide)"
         )
+    result.notes.extend(f"code wider than the column: {line}..." for line in report["wide_code"])
     shot = out / (rel.replace("/", "__").removesuffix(".html") + ".png")
     screenshot(driver, shot, max_height)
     result.summary = (
@@ -379,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'FAIL' if r.problems else 'ok  '} {r.page}: {r.summary}")
         for p in r.problems:
             print(f"     {p}")
+        for n in r.notes:
+            print(f"     note: {n}")
         bad += bool(r.problems)
     print(
         f"browser check: {len(results) - bad} of {len(results)} pages passed in "

@@ -27,6 +27,8 @@ extensions = [
 
 # Notebooks are rendered from their committed outputs; the test suite executes them.
 nb_execution_mode = "off"
+# A loop that prints one line at a time leaves one stream output per line: show them as one.
+nb_merge_streams = True
 myst_enable_extensions = ["dollarmath", "amsmath"]
 source_suffix = {".md": "myst-nb", ".ipynb": "myst-nb", ".rst": "restructuredtext"}
 
