@@ -59,6 +59,9 @@ nitpick_ignore_regex = [
 # ``from torch import Tensor``, matplotlib's ``Figure`` imported only for type checking).
 nitpick_ignore = [("py:class", name) for name in ("Tensor", "nn.Module", "Figure", "Path")]
 
+# The command line on the API page: sections titled "spheretorch train", not "train".
+sphinxarg_full_subcommand_name = True
+
 exclude_patterns = ["_build", "**.ipynb_checkpoints"]
 html_theme = "furo"
 html_title = "spheretorch"
