@@ -13,6 +13,7 @@ network) - every top-level page and every rendered notebook - and checks:
 * every math element was typeset, with no MathJax errors, and the pages that teach the
   geometry and the optimizers do show math;
 * every image loaded (``naturalWidth > 0``);
+* nothing fetched from a network (scripts, fonts, images all ship with the site);
 * no console errors (a missing script, font or image is one);
 * every link into the site points to an existing page and, with a ``#fragment``, an existing
   anchor on it;
@@ -109,6 +110,8 @@ const done = arguments[arguments.length - 1];
                        .map(i => i.getAttribute("src")),
     images: imgs.length,
     links: Array.from(document.querySelectorAll("a[href]")).map(a => a.href),
+    remote: performance.getEntriesByType("resource").map(r => r.name)
+                       .filter(u => !u.startsWith("file:") && !u.startsWith("data:")),
     wide_code: Array.from(main.querySelectorAll("pre"))
                     .filter(p => p.scrollWidth > p.clientWidth + 1)
                     .map(p => p.textContent.split("\n")
@@ -316,6 +319,8 @@ def check_page(driver, page: Path, root: Path, links: LinkChecker, out: Path, ma
     if page.parent == root and page.name in MATH_PAGES and not report["math_rendered"]:
         result.problems.append("no rendered math on a page that teaches with equations")
     result.add("image did not load", report["broken_images"])
+    # Offline means offline: even where a network exists, nothing may come from it.
+    result.add("fetched from the network", report["remote"])
     console = driver.get_log("browser")
     result.add("console error", [e["message"][:200] for e in console if e["level"] == "SEVERE"])
     result.add("broken link", sorted({p for p in map(links.problem, report["links"]) if p}))
