@@ -8,6 +8,8 @@ The site must read well offline, so MathJax is served from the build itself
 import os
 import sys
 
+from sphinx.util.inspect import signature
+
 sys.path.insert(0, os.path.abspath(".."))
 
 project = "spheretorch"
@@ -55,9 +57,10 @@ nitpick_ignore_regex = [
     (r"py:.*", r"(torch|numpy|matplotlib|geoopt)(\..+)?"),
     (r"py:.*", r"(collections\.abc|typing|os|pathlib)\..+"),
 ]
-# The same third-party classes where an annotation names them as imported (``Tensor`` from
-# ``from torch import Tensor``, matplotlib's ``Figure`` imported only for type checking).
-nitpick_ignore = [("py:class", name) for name in ("Tensor", "nn.Module", "Figure", "Path")]
+# The same third-party classes where an annotation that cannot be evaluated stays a string
+# naming them as imported (``Tensor`` from ``from torch import Tensor``; matplotlib's
+# ``Figure`` is imported only for type checking, so those annotations never evaluate).
+nitpick_ignore = [("py:class", name) for name in ("Tensor", "nn.Module", "Figure")]
 
 # The command line on the API page: sections titled "spheretorch train", not "train".
 sphinxarg_full_subcommand_name = True
@@ -67,3 +70,25 @@ html_theme = "furo"
 html_title = "spheretorch"
 html_static_path = ["_static"]
 html_css_files = ["spheretorch.css"]
+
+
+def _evaluate_init_annotations(app, obj, bound_method):
+    """Give ``__init__`` the evaluated signature autodoc computes for functions.
+
+    With ``from __future__ import annotations`` every annotation is a string. autodoc evaluates
+    them for functions and methods, but the parameter types it lists under a class come from
+    the class itself, where ``__init__``'s strings stay raw: ``kind (Kind)`` instead of
+    ``Literal['char', 'byte']``, a reference that cannot resolve.
+    """
+    if getattr(obj, "__name__", "") != "__init__":
+        return
+    if not getattr(obj, "__module__", "").startswith("spheretorch"):
+        return
+    if "__signature__" in getattr(obj, "__dict__", {}):
+        return
+    if any(isinstance(a, str) for a in getattr(obj, "__annotations__", {}).values()):
+        obj.__signature__ = signature(obj, type_aliases=app.config.autodoc_type_aliases)
+
+
+def setup(app):
+    app.connect("autodoc-before-process-signature", _evaluate_init_annotations)
