@@ -55,14 +55,20 @@ class GeoNormConfig(TransformerConfig):
 
     update_decay: ``"inverse"`` (1/(l+1)), ``"inverse_sqrt"`` (1/sqrt(l+1), v0.1's default),
         ``"linear"`` ((L-l)/L) or ``"none"``; l = 0..L-1.
+
     geo_angle: ``"linear"`` (``theta0 = ||v||/rho``) or ``"atan"`` (``atan(||v||/rho)``, v0.1).
+
     geo_clamp: upper bound on ``theta0`` and ``theta`` (pi/4); ``None`` (v0.1): no clamp.
+
     geo_bias: a learnable scalar bias ``b`` per update (init 0); v0.1 had none.
+
     geo_radius: ``"own"`` (the state keeps its embedding row's norm) or ``"fixed"`` (v0.1: the
         embedding row normalized, unit states, ``g`` compared at radius ``sqrt(d)``).
-    geo_step_init, geo_step_scale: the scalar ``a`` per update (init 1); ``geo_step_scale ==
-        geo_step_init`` is a plain scalar, ``None`` (v0.1) nGPT's scale trick with
-        ``1/sqrt(d_model)`` (effective learning rate x sqrt(d)).
+
+    geo_step_init, geo_step_scale: the scalar ``a`` per update (init 1);
+        ``geo_step_scale == geo_step_init`` is a plain scalar, ``None`` (v0.1) nGPT's scale
+        trick with ``1/sqrt(d_model)`` (effective learning rate x sqrt(d)).
+
     init_std, norm_eps, tie_embeddings: as in GPT's config (GPT's parametrisation).
     """
 

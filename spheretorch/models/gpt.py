@@ -22,8 +22,11 @@ class GPTConfig(TransformerConfig):
 
     norm_position: ``"pre"`` (pre-RMSNorm, the paper's baseline) or ``"post"`` (classic
         Post-LN: ``x <- Norm(x + f(x))``).
+
     init_std: std of every matrix (0.02); output projections get ``init_std / sqrt(2L)``.
+
     norm_eps: RMSNorm epsilon.
+
     tie_embeddings: share input and output embeddings (off: the paper ties neither model).
     """
 
@@ -66,8 +69,8 @@ class GPT(LanguageModel):
 
     Init: every matrix ``N(0, 0.02)``, output projections (attention ``proj``, MLP ``down``)
     ``N(0, 0.02 / sqrt(2L))``; no biases; embeddings untied unless ``tie_embeddings``.
-    Subclasses change the blocks and final norm through :meth:`make_block` and
-    :meth:`make_final_norm` (see ``GeoNormGPT``).
+    Subclasses change the blocks and final norm through ``make_block(layer)`` and
+    ``make_final_norm()`` (see ``GeoNormGPT``).
     """
 
     config_class = GPTConfig

@@ -36,13 +36,17 @@ __all__ = ["NGPT", "NGPTConfig"]
 
 @dataclass
 class NGPTConfig(TransformerConfig):
-    """:class:`TransformerConfig` plus nGPT's options (scale trick: :class:`ScaledVector`).
+    """:class:`TransformerConfig` plus nGPT's options (scale trick: ``ScaledVector``).
 
     residual_rule: ``"nlerp"`` (the paper: LERP then normalize) or ``"slerp"`` (exact geodesic).
+
     alpha_init, alpha_scale: eigen learning rates ``alpha_A``, ``alpha_M`` (init 0.05, scale
         ``None`` -> ``1/sqrt(d_model)``).
+
     sqk_init, sqk_scale: ``s_qk`` (1, ``None`` -> ``1/sqrt(d_model)``).
+
     suv_init, suv_scale: ``s_u`` and ``s_v`` (1, 1).
+
     sz_init, sz_scale: logit scale ``s_z`` (1, ``None`` -> ``1/sqrt(d_model)``).
     """
 
@@ -124,7 +128,7 @@ class NGPT(LanguageModel):
     :class:`spheretorch.optim.RenormAdam` after every step): ``tok_emb`` and ``lm_head``
     ``(V, d)``, ``qkv`` ``(3d, d)`` and MLP ``up`` ``(2 d_mlp, d)`` along ``dim=1``; attention
     ``proj`` ``(d, d)`` and MLP ``down`` ``(d, d_mlp)`` along ``dim=0``. Init ``N(0, 1/sqrt(d))``
-    then projected. Scaling vectors (scale trick, :class:`ScaledVector`): ``alpha_A``,
+    then projected. Scaling vectors (scale trick, ``ScaledVector``): ``alpha_A``,
     ``alpha_M`` (d), ``s_qk`` (d, per-head view), ``s_u``, ``s_v`` (d_mlp), ``s_z`` (V).
     The forward pass never renormalizes weights (the optimizer keeps them unit); the input
     state is the raw embedding row, and hidden states are unit after every update.
