@@ -246,17 +246,12 @@ def install_browser() -> str | None:
         return "no chromium/chromedriver, and installing them needs root (apt-get)"
     print("installing Debian's chromium and chromium-driver ...", flush=True)
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    # fonts-liberation is only a Recommends of chromium: without it a bare machine's
+    # screenshots have no readable text.
+    packages = ["chromium", "chromium-driver", "fonts-liberation"]
     for cmd in (
         ["apt-get", "update", "-qq"],
-        [
-            "apt-get",
-            "install",
-            "-y",
-            "-qq",
-            "--no-install-recommends",
-            "chromium",
-            "chromium-driver",
-        ],
+        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages],
     ):
         run = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if run.returncode != 0:
