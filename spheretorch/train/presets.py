@@ -71,6 +71,24 @@ class Preset:
         return dataclasses.asdict(self)
 
 
+_CPU_SMALL = Preset(
+    name="cpu-small",
+    description="char-level tinyshakespeare, 4 layers, d=128, context 128 (CPU)",
+    n_layer=4,
+    n_head=4,
+    d_model=128,
+    seq_len=128,
+    batch_size=16,
+    steps=800,
+    eval_interval=40,
+    eval_batches=8,
+    lr={"gpt": 4e-3, "ngpt": 8e-3, "geonorm": 4e-3},
+    sweep_lrs=(2e-3, 4e-3, 8e-3, 1.6e-2),
+    sweep_fraction=0.25,
+    timing_rounds=5,
+    timing_steps=10,
+)
+
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
@@ -92,39 +110,11 @@ PRESETS: dict[str, Preset] = {
             timing_steps=3,
             threads=1,
         ),
-        Preset(
-            name="cpu-small",
-            description="char-level tinyshakespeare, 4 layers, d=128, context 128 (CPU)",
-            n_layer=4,
-            n_head=4,
-            d_model=128,
-            seq_len=128,
-            batch_size=16,
-            steps=800,
-            eval_interval=40,
-            eval_batches=8,
-            lr={"gpt": 4e-3, "ngpt": 8e-3, "geonorm": 4e-3},
-            sweep_lrs=(2e-3, 4e-3, 8e-3, 1.6e-2),
-            sweep_fraction=0.25,
-            timing_rounds=5,
-            timing_steps=10,
-        ),
-        Preset(
+        _CPU_SMALL,
+        dataclasses.replace(
+            _CPU_SMALL,
             name="cpu-bpe",
-            description="tinyshakespeare as a 1024-token BPE (prepared), 4 layers, d=128 (CPU)",
-            n_layer=4,
-            n_head=4,
-            d_model=128,
-            seq_len=128,
-            batch_size=16,
-            steps=800,
-            eval_interval=40,
-            eval_batches=8,
-            lr={"gpt": 4e-3, "ngpt": 8e-3, "geonorm": 4e-3},
-            sweep_lrs=(2e-3, 4e-3, 8e-3, 1.6e-2),
-            sweep_fraction=0.25,
-            timing_rounds=5,
-            timing_steps=10,
+            description="cpu-small on tinyshakespeare as a prepared 1024-token BPE",
             corpus="spheretorch prepare tinyshakespeare --tokenizer bpe --vocab-size 1024 "
             "--out data/shakespeare-bpe",
         ),
