@@ -36,13 +36,14 @@ from torch import Tensor
 from .. import sphere
 from ..parameter import sphere_dim_of
 from ._functional import (
+    check_fused_param,
     check_hyperparameters,
     compiling,
     default_foreach,
     group_by_axis,
+    new_step,
     pick,
     run_stacked,
-    scalar_dtype,
     scalar_value,
     work_units,
 )
@@ -63,9 +64,12 @@ class RenormAdam(SphereOptimizer):
             along it after the Adam step.
         lr, betas, eps, amsgrad, maximize: as :class:`torch.optim.Adam`.
         weight_decay: L2 penalty (or decoupled decay) for **Euclidean** parameters only.
-        foreach, fused: as :class:`torch.optim.Adam`; by default the foreach kernel on
-            CPU/CUDA tensors. ``fused=True`` selects torch's fused kernel (also skips
-            non-finite steps without a host synchronisation).
+        foreach, fused, capturable, differentiable: as :class:`torch.optim.Adam`; by
+            default the foreach kernel on CPU/CUDA tensors. ``fused=True`` selects torch's
+            fused kernel (bitwise ``Adam(fused=True)`` + renormalisation; skips non-finite
+            steps on the device). ``capturable=True`` keeps the step counters on the
+            parameters' device and never synchronises with the host (CUDA graphs); a
+            non-finite step is then skipped on the device too.
         decoupled_weight_decay: AdamW (equal to :class:`torch.optim.AdamW`).
         nonfinite: ``"skip"`` (default), ``"raise"`` or ``"ignore"``; see
             :mod:`spheretorch.optim.optimizer`.
@@ -85,13 +89,13 @@ class RenormAdam(SphereOptimizer):
         *,
         foreach: bool | None = None,
         maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
         nonfinite: NonfinitePolicy = "skip",
     ) -> None:
         check_hyperparameters(lr, betas, eps, weight_decay)
-        if fused and foreach:
-            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         defaults = dict(
             lr=lr,
             betas=tuple(float(b) for b in betas),
@@ -100,6 +104,8 @@ class RenormAdam(SphereOptimizer):
             amsgrad=amsgrad,
             foreach=foreach,
             maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
             fused=fused,
             decoupled_weight_decay=decoupled_weight_decay,
         )
@@ -108,18 +114,17 @@ class RenormAdam(SphereOptimizer):
     def _implementation(self, group: dict[str, Any]) -> tuple[bool, bool]:
         """``(fused, foreach)`` for ``group``, resolving ``None`` from its parameters."""
         fused, foreach = bool(group["fused"]), group["foreach"]
+        if group["differentiable"]:
+            return False, False  # torch: autograd through the single-tensor loop only
         if foreach is None:
             foreach = not fused and default_foreach(group["params"])
         return fused, bool(foreach)
 
-    def _uses_device_side_skip(self) -> bool:
-        # Not for DTensors (FSDP2): their flag is all-reduced (a host synchronisation
-        # anyway), so skipping inside the kernel would save nothing.
-        return all(self._implementation(g)[0] for g in self.param_groups) and not any(
-            sphere.is_dtensor(p) for g in self.param_groups for p in g["params"]
-        )
-
     _n_lists = 7
+
+    def _state_layout(self, p: Tensor, group: dict[str, Any]) -> dict[str, tuple[Any, bool]]:
+        keys = ("step", "exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
+        return {k: ((), True) if k == "step" else (p.shape, True) for k in keys}
 
     def _init_group(
         self,
@@ -142,12 +147,9 @@ class RenormAdam(SphereOptimizer):
                 raise self._sparse_error(group, p)
             state = state_of[p]
             if len(state) == 0:
-                # torch Adam's layout: the step lives on the device for the fused kernel
-                state["step"] = (
-                    torch.zeros((), dtype=torch.float32, device=p.device)
-                    if fused
-                    else torch.zeros((), dtype=scalar_dtype())
-                )
+                if fused:
+                    check_fused_param(p)
+                state["step"] = new_step(p, fused, group["capturable"])
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 if amsgrad:
@@ -179,6 +181,8 @@ class RenormAdam(SphereOptimizer):
             eps=group["eps"],
             maximize=group["maximize"],
             decoupled_weight_decay=group["decoupled_weight_decay"],
+            capturable=group["capturable"],
+            differentiable=group["differentiable"],
         )
 
 
@@ -203,6 +207,8 @@ def renorm_adam(
     eps: float = 1e-8,
     maximize: bool = False,
     decoupled_weight_decay: bool = False,
+    capturable: bool = False,
+    differentiable: bool = False,
 ) -> None:
     r"""Functional RenormAdam: torch's functional Adam, then
     :func:`spheretorch.sphere.foreach.normalize_each_`.
@@ -223,13 +229,17 @@ def renorm_adam(
         eps=eps,
         maximize=maximize,
         decoupled_weight_decay=decoupled_weight_decay,
+        capturable=capturable,
+        differentiable=differentiable,
     )
     # Work units: on CPU buckets of parameters go through Adam then their renormalisation
     # while still in cache; small same-shaped parameters with the same step are stacked into
     # one tensor (see _functional.work_units). Elementwise results are unchanged.
+    # Not with fused: stacking changes the last bits of torch's fused kernel (no longer
+    # bitwise Adam(fused=True)); it runs once per tensor anyway.
     multi = foreach or fused
     keys = None
-    if multi and not compiling() and all(s.device.type == "cpu" for s in state_steps):
+    if foreach and not fused and not compiling() and all(s.is_cpu for s in state_steps):
         keys = [(d, scalar_value(s)) for d, s in zip(sphere_dims, state_steps)]
     for stacked, unit in (
         work_units(params, keys, RENORM_BUCKET_BYTES)
