@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .. import sphere
 from ._functional import group_by_axis, pick, run_stacked, scalar_value, work_units
-from ._torch_shims import torch_adam, torch_sgd
+from ._torch_shims import torch_adam_on, torch_sgd_on
 
 __all__ = ["fused_riemannian_adam", "fused_riemannian_sgd"]
 
@@ -211,26 +211,26 @@ def fused_riemannian_adam(
     """Fused RiemannianAdam (lists as :func:`~spheretorch.optim.riemannian_adam.riemannian_adam`;
     step counters on the parameters' device, float32, as torch's fused Adam keeps them)."""
     euclidean, groups = group_by_axis(params, sphere_dims)
-    if euclidean:
-        torch_adam(
-            pick(params, euclidean),
-            pick(grads, euclidean),
-            pick(exp_avgs, euclidean),
-            pick(exp_avg_sqs, euclidean),
-            pick(max_exp_avg_sqs, euclidean) if amsgrad else [],
-            pick(state_steps, euclidean),
-            foreach=False,
-            fused=True,
-            found_inf=found_inf,
-            amsgrad=amsgrad,
-            beta1=beta1,
-            beta2=beta2,
-            lr=lr,
-            weight_decay=weight_decay,
-            eps=eps,
-            maximize=maximize,
-            decoupled_weight_decay=decoupled_weight_decay,
-        )
+    torch_adam_on(
+        euclidean,
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        max_exp_avg_sqs,
+        state_steps,
+        foreach=False,
+        fused=True,
+        found_inf=found_inf,
+        amsgrad=amsgrad,
+        beta1=beta1,
+        beta2=beta2,
+        lr=lr,
+        weight_decay=weight_decay,
+        eps=eps,
+        maximize=maximize,
+        decoupled_weight_decay=decoupled_weight_decay,
+    )
     kernel = functools.partial(_run, _adam_kernel)
     opts = dict(
         beta1=beta1,
@@ -295,24 +295,21 @@ def fused_riemannian_sgd(
     buffer, so with ``dampening != 0`` the next step dampens it where torch would not.)
     """
     euclidean, groups = group_by_axis(params, sphere_dims)
-    if euclidean:
-        bufs = pick(momentum_buffers, euclidean)
-        torch_sgd(
-            pick(params, euclidean),
-            pick(grads, euclidean),
-            bufs,
-            foreach=False,
-            fused=True,
-            found_inf=found_inf,
-            lr=lr,
-            momentum=momentum,
-            dampening=dampening,
-            weight_decay=weight_decay,
-            nesterov=nesterov,
-            maximize=maximize,
-        )
-        for i, b in zip(euclidean, bufs):
-            momentum_buffers[i] = b
+    torch_sgd_on(
+        euclidean,
+        params,
+        grads,
+        momentum_buffers,
+        foreach=False,
+        fused=True,
+        found_inf=found_inf,
+        lr=lr,
+        momentum=momentum,
+        dampening=dampening,
+        weight_decay=weight_decay,
+        nesterov=nesterov,
+        maximize=maximize,
+    )
     kernel = functools.partial(_run, _sgd_kernel)
     opts = dict(
         momentum=momentum,

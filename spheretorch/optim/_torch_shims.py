@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._functional import compiling
+from ._functional import compiling, pick
 
 
 def _accepts(fn: Any, name: str) -> bool:
@@ -124,3 +124,39 @@ def torch_sgd(
         nesterov=nesterov,
         maximize=maximize,
     )
+
+
+def torch_adam_on(
+    idx: list[int],
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    amsgrad: bool,
+    **hyper: Any,
+) -> None:
+    """:func:`torch_adam` on the parameters at ``idx`` (the Euclidean ones of a group)."""
+    lists = (params, grads, exp_avgs, exp_avg_sqs)
+    vmax = pick(max_exp_avg_sqs, idx) if amsgrad else []
+    torch_adam(
+        *(pick(t, idx) for t in lists), vmax, pick(state_steps, idx), amsgrad=amsgrad, **hyper
+    )
+
+
+def torch_sgd_on(
+    idx: list[int],
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    **hyper: Any,
+) -> None:
+    """:func:`torch_sgd` on the parameters at ``idx``; new buffers written back in place."""
+    if not idx:
+        return
+    bufs = pick(momentum_buffers, idx)
+    torch_sgd(pick(params, idx), pick(grads, idx), bufs, **hyper)
+    for i, b in zip(idx, bufs):
+        momentum_buffers[i] = b

@@ -49,7 +49,7 @@ from ._functional import (
     work_units,
 )
 from ._fused import fused_riemannian_adam
-from ._torch_shims import torch_adam
+from ._torch_shims import torch_adam_on
 from .optimizer import NonfinitePolicy, SphereOptimizer
 
 __all__ = ["RiemannianAdam", "riemannian_adam"]
@@ -299,32 +299,6 @@ def riemannian_adam(
     )
 
 
-def _euclidean_part(
-    idx: list[int],
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    max_exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    foreach: bool,
-    amsgrad: bool,
-    **hyper: Any,
-) -> None:
-    torch_adam(
-        pick(params, idx),
-        pick(grads, idx),
-        pick(exp_avgs, idx),
-        pick(exp_avg_sqs, idx),
-        pick(max_exp_avg_sqs, idx) if amsgrad else [],
-        pick(state_steps, idx),
-        foreach=foreach,
-        amsgrad=amsgrad,
-        **hyper,
-    )
-
-
 def _single_tensor_riemannian_adam(
     params: list[Tensor],
     grads: list[Tensor],
@@ -352,7 +326,7 @@ def _single_tensor_riemannian_adam(
     ``differentiable``: every tensor that autograd saves is a copy, never one written later.
     """
     euclidean = [i for i, d in enumerate(sphere_dims) if d is None]
-    _euclidean_part(
+    torch_adam_on(
         euclidean,
         params,
         grads,
@@ -431,7 +405,7 @@ def _multi_tensor_riemannian_adam(
     """``_foreach`` implementation: sphere parameters grouped by (device, dtype, axis), each
     group cut into cache-sized buckets (CPU); Euclidean ones go to torch's foreach Adam."""
     euclidean, groups = group_by_axis(params, sphere_dims)
-    _euclidean_part(
+    torch_adam_on(
         euclidean,
         params,
         grads,

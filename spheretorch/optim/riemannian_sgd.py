@@ -45,7 +45,7 @@ from ._functional import (
     work_units,
 )
 from ._fused import fused_riemannian_sgd
-from ._torch_shims import torch_sgd
+from ._torch_shims import torch_sgd_on
 from .optimizer import NonfinitePolicy, SphereOptimizer
 
 __all__ = ["RiemannianSGD", "riemannian_sgd"]
@@ -207,23 +207,6 @@ def riemannian_sgd(
     )
 
 
-def _euclidean_part(
-    idx: list[int],
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Tensor | None],
-    *,
-    foreach: bool,
-    **hyper: Any,
-) -> None:
-    if not idx:
-        return
-    bufs = pick(momentum_buffers, idx)
-    torch_sgd(pick(params, idx), pick(grads, idx), bufs, foreach=foreach, **hyper)
-    for i, b in zip(idx, bufs):
-        momentum_buffers[i] = b
-
-
 def _single_tensor_riemannian_sgd(
     params: list[Tensor],
     grads: list[Tensor],
@@ -241,7 +224,7 @@ def _single_tensor_riemannian_sgd(
 ) -> None:
     """Reference loop, one parameter at a time, written with :mod:`spheretorch.sphere`."""
     euclidean = [i for i, d in enumerate(sphere_dims) if d is None]
-    _euclidean_part(
+    torch_sgd_on(
         euclidean,
         params,
         grads,
@@ -294,7 +277,7 @@ def _multi_tensor_riemannian_sgd(
 ) -> None:
     """``_foreach`` implementation, grouped by (device, dtype, axis) and bucketed on CPU."""
     euclidean, groups = group_by_axis(params, sphere_dims)
-    _euclidean_part(
+    torch_sgd_on(
         euclidean,
         params,
         grads,
