@@ -1,29 +1,13 @@
 r"""Adam, then renormalisation: the nGPT recipe (Loshchilov et al., 2024).
 
-Every parameter gets torch's own Adam/AdamW step (the code calls ``torch.optim.adam.adam``,
-with its fused, foreach or single-tensor kernel); afterwards every sphere parameter is put
-back on the sphere, :math:`x \leftarrow x / \|x\|` along its ``sphere_dim``. The result is
-bitwise equal to :class:`torch.optim.Adam` with the same ``foreach``/``fused`` flags followed
-by ``p.div_(p.norm(dim=sphere_dim, keepdim=True))`` (norms of float16/bfloat16 parameters are
-accumulated in float32).
-
-Compared with :class:`~spheretorch.optim.RiemannianAdam` the moments see the full Euclidean
-gradient (its radial part included) and nothing is transported; it is cheaper and what nGPT
-trains with.
-
-Weight decay is **not applied to sphere parameters** (it would be undone by the
-renormalisation, or with coupled decay feed a radial term into the moments); Euclidean
-parameters get it exactly as torch's Adam/AdamW.
-
-By default (``foreach=None``) torch's foreach kernel runs on CPU and CUDA tensors, so the
-result is bitwise ``torch.optim.Adam(foreach=True)`` + renormalisation. On CPU the parameters
-are processed in cache-sized buckets (Adam, then the renormalisation of the same bucket while
-it is still in cache), which makes the whole step about as fast as torch's foreach Adam alone.
-``fused=True`` uses torch's fused kernel, a single pass over memory (about 3x faster than
-foreach on CPU for large parameters); with ``nonfinite="skip"`` it also skips a step with a
-NaN/inf gradient on the device, through the kernel's ``found_inf`` input, with no host
-synchronisation at all. (On CPU torch's fused kernel opens a thread-parallel region for every
-tensor, however small: with many small parameters on a busy machine foreach is faster.)
+Every parameter gets torch's own Adam/AdamW step (``torch.optim.adam.adam``: fused, foreach or
+single-tensor kernel); then every sphere parameter is put back on the sphere,
+:math:`x \leftarrow x / \|x\|` along its ``sphere_dim``: bitwise :class:`torch.optim.Adam` with
+the same flags followed by ``p.div_(p.norm(dim=sphere_dim, keepdim=True))``. The moments see
+the full Euclidean gradient and nothing is transported (cheaper than
+:class:`~spheretorch.optim.RiemannianAdam`). Weight decay applies to Euclidean parameters only.
+On CPU the foreach path runs in cache-sized buckets (Adam, then the renormalisation of the same
+bucket). Details and measurements: docs/optimizers.md, docs/benchmarks.md.
 """
 
 from __future__ import annotations
