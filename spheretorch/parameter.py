@@ -40,7 +40,7 @@ class SphereParameter(nn.Parameter):
     projected at construction (:math:`x \leftarrow x / \|x\|`); after that, keeping them on the
     sphere is the optimizer's job (:class:`spheretorch.optim.RiemannianAdam`,
     :class:`spheretorch.optim.RenormAdam`, :class:`spheretorch.optim.RiemannianSGD`) or
-    :func:`renormalize_`'s.
+    :func:`~spheretorch.parameter.renormalize_`'s.
 
     Args:
         data: floating-point tensor of any shape with at least one axis.
@@ -78,7 +78,7 @@ class SphereParameter(nn.Parameter):
             raise TypeError("SphereParameter needs data: a floating-point tensor")
         sphere.check_floating(data, "data")
         sphere_dim = sphere.check_sphere_dim(data, dim, "dim", min_size=2)
-        if _project:
+        if _project and not data.is_meta:  # a meta tensor has no values to project
             with torch.no_grad():
                 data = sphere.normalize(data.detach(), sphere_dim, on_zero="raise")
         self = torch.Tensor._make_subclass(cls, data, requires_grad)

@@ -262,10 +262,9 @@ def riemannian_adam(
     ``sphere_dims[i]`` is the sphere axis of ``params[i]`` or ``None`` for a Euclidean one.
     The state of a sphere parameter is in its compute dtype and ``exp_avg_sqs[i]`` has size 1
     along the axis for ``second_moment="row"``. ``fused``/``foreach`` select
-    :func:`~spheretorch.optim._fused.fused_riemannian_adam`,
-    :func:`_multi_tensor_riemannian_adam` or :func:`_single_tensor_riemannian_adam`, which
-    give the same result up to rounding. ``found_inf`` (fused only): a 0-d tensor, nonzero
-    to skip the step on the device.
+    ``_fused.fused_riemannian_adam``, ``_multi_tensor_riemannian_adam`` or
+    ``_single_tensor_riemannian_adam``, which give the same result up to rounding.
+    ``found_inf`` (fused only): a 0-d tensor, nonzero to skip the step on the device.
     """
     _check_choices(second_moment, retraction)
     if foreach is None:
