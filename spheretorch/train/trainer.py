@@ -73,20 +73,13 @@ class Trainer:
     """One training run, optionally writing ``metrics.jsonl``, ``checkpoint.pt`` and
     ``summary.json`` under ``out_dir``.
 
-    Faults (policy, documented in ``docs/errors.md``):
-
-    * **Non-finite loss or gradients**, owned here alone (the optimizers are built with
-      ``nonfinite="ignore"``): a step whose loss or total gradient norm is NaN/inf is skipped
-      (no update, its loss left out of the logged train loss, the data position and the LR
-      schedule still advance) and counted in ``skipped_steps``. After ``max_bad_steps`` such
-      steps *in a row* training stops with :class:`~spheretorch.train.errors.TrainingDiverged`.
-      A non-finite validation loss stops the run (``diverged`` in the summary). Deciding costs
-      one host sync per step, which also carries the loss for the progress bar and (under
-      ``torchrun``) the ranks' agreement on skipping and on stopping.
-    * **SIGINT / SIGTERM** (``handle_signals=True``, as the command line does): the step in
-      flight finishes, a checkpoint is written, and :meth:`train` returns with
-      ``summary["interrupted"]`` set to the signal's name; ``resume=True`` then continues
-      exactly where the uninterrupted run would have been.
+    Faults (``docs/errors.md``): a step with a non-finite loss or gradient norm is skipped
+    and counted (``skipped_steps``); ``max_bad_steps`` in a row raise
+    :class:`~spheretorch.train.errors.TrainingDiverged`; a non-finite validation loss stops the
+    run (``diverged``). The trainer alone decides (optimizers get ``nonfinite="ignore"``), in
+    one host sync per step that also carries the bar's loss and the ranks' agreement.
+    SIGINT/SIGTERM (``handle_signals``): the step in flight finishes, a checkpoint is written,
+    :meth:`train` returns with ``summary["interrupted"]``; ``resume=True`` continues exactly.
 
     Args:
         config: what to train (resolved against its preset here).
@@ -162,28 +155,7 @@ class Trainer:
                 f"batch size {c.batch_size} is larger than the data: {self.data.name} has "
                 f"{windows} training windows of length {seq_len}"
             )
-        if c.preset.startswith("gpu") and self.device.type != "cuda":
-            logger.warning(
-                "warning: preset %s is sized for a GPU; on %s it will be very slow (try "
-                "--preset cpu-small)",
-                c.preset,
-                self.device.type,
-            )
-        if c.check_memory:
-            self._check_memory()
-
-    def _check_memory(self) -> None:
-        """Refuse (before allocating) a run whose estimated memory exceeds what is free."""
-        c = self.config
-        half = self.device.type == "cuda" and c.dtype in ("auto", "bfloat16")
-        need = memory.estimate(self.model_config, c.batch_size, c.eval_batches, half)
-        free = memory.available_bytes(self.device)
-        if free is not None and need.total > free:
-            raise UserError(
-                f"this run needs about {need.describe()} of {self.device.type} memory, but "
-                f"{free / memory.GiB:.1f} GiB is available; lower --batch-size or "
-                f"--eval-batches, or pass --no-memory-check to try anyway"
-            )
+        memory.check(self.model_config, c, self.device, enforce=c.check_memory)
 
     def _setup_model(self) -> None:
         c = self.config
