@@ -48,7 +48,7 @@ CASES: list[tuple[list[str], str]] = [
     ),
     (
         [*TRAIN[:4], "huge", *TRAIN[5:]],
-        "unknown preset 'huge'; choose from smoke, cpu-small, gpu-medium",
+        "unknown preset 'huge'; choose from smoke, cpu-small, cpu-bpe, gpu-medium",
     ),
     ([*TRAIN, "--data", "missing.txt"], "data file not found: missing.txt"),
     ([*TRAIN, "--data", "adir"], "data path is not a file: adir"),

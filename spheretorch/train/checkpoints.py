@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..distributed import CHECKPOINT_FILE, EXTRA_FILE, SHARDED_CHECKPOINT, find_sharded, save_atomic
-from ..models import LanguageModel, TransformerConfig, build_model
+from ..models import LanguageModel, build_model, config_from_dict
 from .errors import UserError
 from .tokenizer import Tokenizer
 
@@ -101,13 +101,17 @@ def load_model(
         path = found
     if not path.is_dir():
         ckpt = load_checkpoint(path, map_location="cpu")
-        model = build_model(ckpt["model_name"], TransformerConfig.from_dict(ckpt["model_config"]))
+        model = build_model(
+            ckpt["model_name"], config_from_dict(ckpt["model_name"], ckpt["model_config"])
+        )
         model.load_state_dict(ckpt["model"])
     else:
         from ..distributed import load_sharded
 
         ckpt = load_checkpoint(path / EXTRA_FILE, map_location="cpu")
-        model = build_model(ckpt["model_name"], TransformerConfig.from_dict(ckpt["model_config"]))
+        model = build_model(
+            ckpt["model_name"], config_from_dict(ckpt["model_name"], ckpt["model_config"])
+        )
         try:
             load_sharded(path, model)
         except (FileNotFoundError, ValueError, RuntimeError) as e:

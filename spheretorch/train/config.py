@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..models import MODELS, LanguageModel, TransformerConfig
+from ..models import MODELS, LanguageModel, TransformerConfig, make_config
 from .errors import UserError
 from .presets import get_preset
 
@@ -196,7 +196,7 @@ class TrainConfig:
         kwargs = get_preset(self.preset).model_config_kwargs()
         kwargs.update(self.model_options)
         try:
-            return TransformerConfig(vocab_size=vocab_size, **kwargs)
+            return make_config(self.model, vocab_size=vocab_size, **kwargs)
         except (TypeError, ValueError) as e:
             raise UserError(f"bad model options: {e}") from None
 

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ..distributed import CHECKPOINT_FILE, Parallel
-from ..models import LanguageModel, TransformerConfig, build_model
+from ..models import LanguageModel, build_model, config_from_dict
 from . import memory
 from .checkpoints import FORMAT, get_rng_state, load_checkpoint, set_rng_state
 from .config import (
@@ -143,7 +143,7 @@ class Trainer:
         self.data = load_data(c.data, tokenizer)
         self.tokenizer = self.data.tokenizer
         self.model_config = (
-            TransformerConfig.from_dict(ckpt["model_config"])
+            config_from_dict(c.model, ckpt["model_config"])
             if ckpt
             else c.model_config(self.tokenizer.vocab_size)
         )
