@@ -59,7 +59,7 @@ class Rotary(nn.Module):
     The cos/sin tables are computed in float64 and stored in the model's dtype (float32 for
     half types, in which the rotation is also computed). They are a function of the shape, not
     state: recomputed after every cast or move (``model.double()``, ``to_empty``) and by
-    :meth:`reset_parameters`.
+    ``reset_parameters()``.
     """
 
     def __init__(self, head_dim: int, seq_len: int, base: float = 10000.0) -> None:
