@@ -204,7 +204,7 @@ class Trainer:
     # -- pieces ------------------------------------------------------------------------------
     @property
     def is_main(self) -> bool:
-        """Rank 0 (always true in one process): the process that writes files."""
+        """Whether this is rank 0 (always so in one process), the process that writes files."""
         return self.parallel.is_main
 
     @property
