@@ -122,14 +122,6 @@ class Corpus:
                 f"{source} uses {tokenizer.describe()}"
             )
 
-    def check_vocab(self, model_vocab: int) -> None:
-        """Every token id must have an embedding row in a model of ``model_vocab`` tokens."""
-        if self.tokenizer.vocab_size > model_vocab:
-            raise UserError(
-                f"{self.path} has a vocabulary of {self.tokenizer.vocab_size} tokens, larger "
-                f"than the model's {model_vocab}"
-            )
-
     def __repr__(self) -> str:
         n = {s: len(f) for s, f in self.splits.items()}
         return f"Corpus({self.name!r}, {self.tokenizer.describe()}, tokens {n})"

@@ -37,8 +37,10 @@ from .config import (
 )
 from .data import eval_batches, get_batch, load_data
 from .errors import TrainingDiverged, UserError
+from .presets import get_preset
 from .rundir import RunDir
 from .signals import StopSignals
+from .throughput import flops_per_token, peak_flops, throughput
 from .tokenizer import Tokenizer
 
 __all__ = [
@@ -138,6 +140,7 @@ class Trainer:
     def _setup_data(self, ckpt: dict[str, Any] | None) -> None:
         c = self.config
         self.device = resolve_device(c.device)
+        get_preset(c.preset).check_data(c.data)
         tokenizer = Tokenizer.from_state_dict(ckpt["tokenizer"]) if ckpt else c.tokenizer
         self.data = load_data(c.data, tokenizer)
         self.tokenizer = self.data.tokenizer
@@ -147,6 +150,7 @@ class Trainer:
             else c.model_config(self.tokenizer.vocab_size)
         )
         seq_len = self.model_config.seq_len
+        self.data.check_vocab(self.model_config.vocab_size)
         self.data.check_fits(seq_len)
         windows = len(self.data.train) - seq_len
         if c.batch_size > windows:
@@ -167,17 +171,19 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, c.optim, c.lr, c.weight_decay, c.betas)
         self.scheduler = build_scheduler(self.optimizer, c)
         self.schedule: CosineSchedule = self.scheduler.lr_lambdas[0]
+        # bf16 autocast by default on CUDA, on request elsewhere (CPU autocast); the weights
+        # and the optimizer state stay float32.
         cuda = self.device.type == "cuda"
-        self.amp_dtype = torch.bfloat16 if cuda and c.dtype in ("auto", "bfloat16") else None
-        if c.dtype == "bfloat16" and not cuda:
-            logger.warning("bf16 autocast is used on CUDA only; training in float32")
-        if c.compile and cuda:
+        bf16 = c.dtype == "bfloat16" or (cuda and c.dtype == "auto")
+        self.amp_dtype = torch.bfloat16 if bf16 else None
+        if c.compile:  # inductor: Triton kernels on CUDA, C++ on CPU
             compiled = torch.compile(self.forward_model)
             if self.eval_model is self.forward_model:
                 self.eval_model = compiled
             self.forward_model = compiled
-        elif c.compile:
-            logger.warning("note: --compile is used on CUDA only; running eagerly")
+        m = self.model_config
+        self.flops_per_token = flops_per_token(self.model, m.n_layer, m.seq_len, m.d_model)
+        self.peak_flops, self.peak_source = peak_flops(self.device, self.amp_dtype or torch.float32)
         self.eval_data = [
             (x.to(self.device), y.to(self.device))
             for x, y in eval_batches(
@@ -190,6 +196,7 @@ class Trainer:
         self.elapsed_s = 0.0  # wall clock of the training loop, evaluations included
         self.train_time_s = 0.0  # time spent in training steps only
         self.timed_steps = 0
+        self._timed_at_eval = (0.0, 0)  # (train_time_s, timed_steps) at the last evaluation
         self.history: list[dict[str, Any]] = []
         self.diverged = False
         self.skipped_steps = 0  # non-finite steps skipped so far
@@ -328,6 +335,7 @@ class Trainer:
         self.elapsed_s = float(state["elapsed_s"])
         self.train_time_s = float(state["train_time_s"])
         self.timed_steps = int(state["timed_steps"])
+        self._timed_at_eval = (self.train_time_s, self.timed_steps)
         self.history = list(state["history"])
         if "loss_sum" in state:  # absent from the first checkpoints of v0.1
             self._loss_sum = state["loss_sum"].to(self.device)
@@ -420,12 +428,20 @@ class Trainer:
             "train_loss": _json_float(train_loss),
             "val_loss": _json_float(val_loss),
             "elapsed_s": round(self.elapsed_s, 3),
+            **self._throughput(since=self._timed_at_eval),
         }
+        self._timed_at_eval = (self.train_time_s, self.timed_steps)
         self.history.append(row)
         if self._files is not None:
             self._files.append_metrics(row)
         if bar is not None:
-            bar.set_postfix(loss=f"{train_loss:.4f}", val=f"{val_loss:.4f}", refresh=True)
+            info = {"loss": f"{train_loss:.4f}", "val": f"{val_loss:.4f}"}
+            info["tok/s"] = f"{row['tokens_per_s']:.0f}"
+            if row["mfu"] is not None:
+                info["MFU"] = f"{100 * row['mfu']:.1f}%"
+            else:
+                info["TFLOP/s"] = f"{row['tflops_per_s']:.3g}"
+            bar.set_postfix(info, refresh=True)
         if not math.isfinite(val_loss):
             self.diverged = True
             if self.is_main:
@@ -442,7 +458,6 @@ class Trainer:
         c = self.config
         last = self.history[-1] if self.history else {}
         ms = 1000 * self.train_time_s / self.timed_steps if self.timed_steps else None
-        tokens = c.batch_size * self.model_config.seq_len
         return {
             "model": c.model,
             "preset": c.preset,
@@ -453,7 +468,10 @@ class Trainer:
             "final_val_loss": last.get("val_loss"),
             "final_train_loss": last.get("train_loss"),
             "ms_per_step": ms,
-            "tokens_per_s": tokens / (ms / 1000) if ms else None,
+            **self._throughput(),
+            "flops_per_token": self.flops_per_token,
+            "peak_flops": self.peak_flops,
+            "peak_source": self.peak_source,
             "elapsed_s": self.elapsed_s,
             "n_params": self.model.num_parameters(),
             "device": str(self.device),
@@ -462,6 +480,13 @@ class Trainer:
             "skipped_steps": self.skipped_steps,
             "interrupted": self.interrupted,
         }
+
+    def _throughput(self, since: tuple[float, int] = (0.0, 0)) -> dict[str, Any]:
+        """Tokens/s, achieved TFLOP/s and MFU over the training steps timed after ``since``
+        (``(train_time_s, timed_steps)`` then); evaluations are not counted."""
+        seconds, steps = self.train_time_s - since[0], self.timed_steps - since[1]
+        tokens = steps * self.config.batch_size * self.model_config.seq_len
+        return throughput(tokens, seconds, self.flops_per_token, self.peak_flops)
 
     def close(self) -> None:
         """Leave the process group (under ``torchrun``); nothing to do in one process."""
