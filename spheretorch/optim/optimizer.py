@@ -279,9 +279,9 @@ class SphereOptimizer(Optimizer):
         """torch's ``load_state_dict``, checked first and keeping float32 state of
         half-precision sphere parameters.
 
-        State of a compatible class loads (torch ``Adam``/``AdamW`` <-> :class:`RenormAdam` <->
-        :class:`RiemannianAdam` where the state has the layout this optimizer keeps; torch
-        ``SGD`` <-> :class:`RiemannianSGD`), group keys it lacks filled from this optimizer's
+        State of a compatible class loads (torch ``Adam``/``AdamW`` <-> :class:`.RenormAdam` <->
+        :class:`.RiemannianAdam` where the state has the layout this optimizer keeps; torch
+        ``SGD`` <-> :class:`.RiemannianSGD`), group keys it lacks filled from this optimizer's
         defaults. Anything else fails here, with a one-line ``ValueError`` naming both
         classes, instead of at the next ``step()``. torch casts every floating state tensor to
         its parameter's dtype; a half-precision sphere parameter's state is restored in

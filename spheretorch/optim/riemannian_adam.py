@@ -84,7 +84,7 @@ class RiemannianAdam(SphereOptimizer):
         capturable: keep step counters on the parameters' device and never synchronise
             with the host (CUDA graphs); a non-finite step is skipped on the device.
         differentiable: let autograd record the step (single-tensor path), as torch's flag.
-        fused: one compiled kernel per parameter (see :mod:`spheretorch.optim._fused`):
+        fused: one compiled kernel per parameter (see ``spheretorch.optim._fused``):
             equal to the foreach path within rounding, non-finite steps skipped on the
             device; the first step of each new layout compiles (seconds).
         nonfinite: ``"skip"`` (default), ``"raise"`` or ``"ignore"``: what a NaN/inf gradient

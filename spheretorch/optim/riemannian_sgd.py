@@ -63,7 +63,7 @@ class RiemannianSGD(SphereOptimizer):
         retraction: ``"project"`` (default) or ``"exp"``.
         foreach: ``None`` (default) picks the multi-tensor implementation on CPU/CUDA.
         differentiable: let autograd record the step (single-tensor path), as torch's flag.
-        fused: one compiled kernel per parameter (see :mod:`spheretorch.optim._fused`):
+        fused: one compiled kernel per parameter (see ``spheretorch.optim._fused``):
             equal to the foreach path within rounding, non-finite steps skipped on the
             device; the first step of each new layout compiles (seconds).
         nonfinite: ``"skip"`` (default), ``"raise"`` or ``"ignore"``; see
