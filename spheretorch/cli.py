@@ -287,27 +287,17 @@ def _train(args: argparse.Namespace) -> int:
 
     with RunDir(args.out).claim("train", resume=args.resume, force=args.force):
         _set_threads(args)
+        given = ("data", "tokenizer", "steps", "batch_size", "lr", "optim", "weight_decay")
+        given += ("warmup_steps", "eval_interval", "eval_batches", "seed", "device", "dtype")
         config = TrainConfig(
             model=args.model,
-            # a fresh run's defaults; on resume only what was given is compared
+            # a fresh run's default; on resume only what was given is compared
             preset=args.preset or (None if args.resume else "cpu-small"),
-            data=args.data,
-            tokenizer=args.tokenizer,
-            steps=args.steps,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            optim=args.optim,
-            weight_decay=args.weight_decay,
-            warmup_steps=args.warmup_steps,
-            eval_interval=args.eval_interval,
-            eval_batches=args.eval_batches,
-            seed=args.seed,
-            device=args.device,
-            dtype=args.dtype,
             compile=args.compile or None,
             max_bad_steps=args.max_bad_steps,
             check_memory=False if args.no_memory_check else None,
             model_options=dict(args.options),
+            **{name: getattr(args, name) for name in given},
         )
         trainer = Trainer(
             config,

@@ -14,9 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import signal
 import sys
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -41,6 +39,7 @@ from .data import eval_batches, get_batch, load_data
 from .errors import TrainingDiverged, UserError
 from .presets import get_preset
 from .rundir import RunDir
+from .signals import StopSignals
 from .throughput import flops_per_token, peak_flops, throughput
 from .tokenizer import Tokenizer
 
@@ -75,20 +74,13 @@ class Trainer:
     """One training run, optionally writing ``metrics.jsonl``, ``checkpoint.pt`` and
     ``summary.json`` under ``out_dir``.
 
-    Faults (policy, documented in ``docs/errors.md``):
-
-    * **Non-finite loss or gradients**, owned here alone (the optimizers are built with
-      ``nonfinite="ignore"``): a step whose loss or total gradient norm is NaN/inf is skipped
-      (no update, its loss left out of the logged train loss, the data position and the LR
-      schedule still advance) and counted in ``skipped_steps``. After ``max_bad_steps`` such
-      steps *in a row* training stops with :class:`~spheretorch.train.errors.TrainingDiverged`.
-      A non-finite validation loss stops the run (``diverged`` in the summary). Deciding costs
-      one host sync per step, which also carries the loss for the progress bar and (under
-      ``torchrun``) the ranks' agreement on skipping and on stopping.
-    * **SIGINT / SIGTERM** (``handle_signals=True``, as the command line does): the step in
-      flight finishes, a checkpoint is written, and :meth:`train` returns with
-      ``summary["interrupted"]`` set to the signal's name; ``resume=True`` then continues
-      exactly where the uninterrupted run would have been.
+    Faults (``docs/errors.md``): a step with a non-finite loss or gradient norm is skipped
+    and counted (``skipped_steps``); ``max_bad_steps`` in a row raise
+    :class:`~spheretorch.train.errors.TrainingDiverged`; a non-finite validation loss stops the
+    run (``diverged``). The trainer alone decides (optimizers get ``nonfinite="ignore"``), in
+    one host sync per step that also carries the bar's loss and the ranks' agreement.
+    SIGINT/SIGTERM (``handle_signals``): the step in flight finishes, a checkpoint is written,
+    :meth:`train` returns with ``summary["interrupted"]``; ``resume=True`` continues exactly.
 
     Args:
         config: what to train (resolved against its preset here).
@@ -166,28 +158,7 @@ class Trainer:
                 f"batch size {c.batch_size} is larger than the data: {self.data.name} has "
                 f"{windows} training windows of length {seq_len}"
             )
-        if c.preset.startswith("gpu") and self.device.type != "cuda":
-            logger.warning(
-                "warning: preset %s is sized for a GPU; on %s it will be very slow (try "
-                "--preset cpu-small)",
-                c.preset,
-                self.device.type,
-            )
-        if c.check_memory:
-            self._check_memory()
-
-    def _check_memory(self) -> None:
-        """Refuse (before allocating) a run whose estimated memory exceeds what is free."""
-        c = self.config
-        half = self.device.type == "cuda" and c.dtype in ("auto", "bfloat16")
-        need = memory.estimate(self.model_config, c.batch_size, c.eval_batches, half)
-        free = memory.available_bytes(self.device)
-        if free is not None and need.total > free:
-            raise UserError(
-                f"this run needs about {need.describe()} of {self.device.type} memory, but "
-                f"{free / memory.GiB:.1f} GiB is available; lower --batch-size or "
-                f"--eval-batches, or pass --no-memory-check to try anyway"
-            )
+        memory.check(self.model_config, c, self.device, enforce=c.check_memory)
 
     def _setup_model(self) -> None:
         c = self.config
@@ -232,7 +203,7 @@ class Trainer:
         self.bad_in_a_row = 0
         self.last_loss = math.nan  # this rank's loss at the last step, on the host
         self.interrupted: str | None = None
-        self._signal: int | None = None
+        self._signals = StopSignals()
         self._stop = False  # some rank got a signal (agreed at the last step)
         self._loss_sum: Tensor = torch.zeros((), device=self.device)
         self._loss_count = 0
@@ -240,7 +211,7 @@ class Trainer:
     # -- pieces ------------------------------------------------------------------------------
     @property
     def is_main(self) -> bool:
-        """Rank 0 (always true in one process): the process that writes files."""
+        """Whether this is rank 0 (always so in one process), the process that writes files."""
         return self.parallel.is_main
 
     @property
@@ -281,7 +252,7 @@ class Trainer:
         loss.backward()
         loss = loss.detach()
         finite = torch.isfinite(loss) & torch.isfinite(self._grad_norm())
-        flags = torch.stack((finite, finite.new_tensor(self._signal is None))).int()
+        flags = torch.stack((finite, finite.new_tensor(self._signals.received is None))).int()
         flags = self.parallel.all_true(flags)  # every rank takes the same branches
         # the step's one host sync: skip or not, stop or not, and the loss for the bar
         ok, no_signal, self.last_loss = torch.cat((flags.float(), loss.float().view(1))).tolist()
@@ -385,25 +356,6 @@ class Trainer:
         """The run directory's files, on the process that writes them."""
         return RunDir(self.out_dir) if self.out_dir is not None and self.is_main else None
 
-    @contextlib.contextmanager
-    def _signals(self) -> Any:
-        """While training: SIGINT/SIGTERM only set a flag, checked after every step."""
-        if not self.handle_signals or threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def handler(signum: int, frame: Any) -> None:
-            if signum == signal.SIGINT and self._signal is not None:
-                raise KeyboardInterrupt  # a second Ctrl-C: stop now (checkpoints stay atomic)
-            self._signal = signum
-
-        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
-
     def _progress_bar(self) -> Any:
         if not (self.progress and self.is_main):
             return None
@@ -424,14 +376,14 @@ class Trainer:
         evaluation boundary, as an interruption would); returns the summary."""
         c = self.config
         end = c.steps if stop_after is None else min(c.steps, stop_after)
-        self._signal, self._stop, self.interrupted = None, False, None
+        self._stop, self.interrupted = False, None
         if self._files is not None:
             self._files.start(self.history)
             self.parallel.remove_partial_writes(self._files.path)
         bar = self._progress_bar()
         start = time.perf_counter() - self.elapsed_s
         try:
-            with self._signals():
+            with self._signals.catching(self.handle_signals):
                 while self.step < end and not self.diverged:
                     t0 = time.perf_counter()
                     # no device sync for timing: each step already waits for its own loss,
@@ -446,16 +398,14 @@ class Trainer:
                         bar.update(1)
                         if self.step % 10 == 0 or self.step == end:
                             bar.set_postfix(loss=f"{self.last_loss:.4f}", refresh=False)
-                    stop = self.parallel.stop_now(self._signal is not None, self._stop)
+                    stop = self.parallel.stop_now(self._signals.received is not None, self._stop)
                     if self.step % c.eval_interval == 0 or self.step == c.steps:
                         self._eval_and_save(start, bar)
                     elif stop:
                         self.elapsed_s = time.perf_counter() - start
                         self.save_checkpoint()
                     if stop:
-                        # no local signal: another rank got it (torchrun forwards signals)
-                        sig = self._signal or signal.SIGTERM
-                        self.interrupted = signal.Signals(sig).name
+                        self.interrupted = self._signals.name
                         break
         finally:
             if bar is not None:
