@@ -150,7 +150,7 @@ class TrainConfig:
         ):
             raise UserError(f"seed must be an integer in [-2**63, 2**64 - 1], got {c.seed}")
         if c.dtype not in ("auto", "float32", "bfloat16"):
-            raise UserError(f"unknown dtype {c.dtype!r}; choose auto, float32 (fp32) or bf16")
+            raise UserError(f"unknown dtype {c.dtype!r}; choose auto, float32 or bfloat16")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values for a checkpoint; ``data`` as an absolute path."""

@@ -1,7 +1,8 @@
 """A prepared corpus (``spheretorch prepare``): memmapped token files and their tokenizer.
 
 Batches index the memmap directly, so only the windows drawn are read from disk; the files are
-never loaded whole. Every check fails early with a one-line :class:`.UserError`.
+never loaded whole. Every check fails early with a one-line
+:class:`~spheretorch.train.UserError`.
 """
 
 from __future__ import annotations
