@@ -229,7 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="text or .jsonl files (.gz too), directories, globs; tinyshakespeare: the built-in",
     )
     pr.add_argument("--out", required=True, help="output directory")
-    pr.add_argument("--tokenizer", required=True, choices=KINDS, help="docs/data.md")
+    pr.add_argument(
+        "--tokenizer",
+        required=True,
+        choices=KINDS,
+        help="char, byte, bpe (trained on the inputs) or gpt2 (tiktoken, from a local file)",
+    )
     pr.add_argument("--vocab-size", type=_positive_int, help="bpe vocabulary (default: 8192)")
     pr.add_argument(
         "--val-fraction",
