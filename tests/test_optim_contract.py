@@ -578,6 +578,40 @@ def test_fused_renorm_adam_is_bitwise_torch_fused_adam_plus_renormalization():
             assert torch.equal(opt_ref.state[p]["exp_avg_sq"], opt.state[q]["exp_avg_sq"])
 
 
+@pytest.mark.parametrize("kwargs", [{}, {"amsgrad": True, "maximize": True}])
+def test_fused_renorm_adam_in_row_blocks_stays_bitwise(monkeypatch, kwargs):
+    """CPU buckets: large parameters cut into blocks of rows (tiny bucket size forced here)
+    give bitwise torch Adam(fused=True) + renormalisation; a Euclidean one keeps its decay."""
+    import spheretorch.optim.renorm_adam as renorm_module
+
+    monkeypatch.setattr(renorm_module, "RENORM_BUCKET_BYTES", 3 * 8 * 4)
+    g = torch.Generator().manual_seed(1)
+    ours = [st.SphereParameter(torch.randn(*s, generator=g), dim=-1) for s in [(10, 8), (2, 5, 8)]]
+    ours.append(torch.nn.Parameter(torch.randn(7, generator=g)))
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt = RenormAdam(ours, lr=0.05, weight_decay=0.1, fused=True, **kwargs)
+    opt_ref = torch.optim.Adam(
+        [{"params": ref[:2], "weight_decay": 0.0}, {"params": ref[2:]}],
+        lr=0.05,
+        weight_decay=0.1,
+        fused=True,
+        **kwargs,
+    )
+    for t in range(3):
+        set_grads(ours, t)
+        for p, q in zip(ref, ours):
+            p.grad = q.grad.clone()
+        opt.step()
+        opt_ref.step()
+        with torch.no_grad():
+            for p in ref[:2]:
+                p.div_(p.norm(dim=-1, keepdim=True))
+        for p, q in zip(ref, ours):
+            assert torch.equal(p, q)
+            assert torch.equal(opt_ref.state[p]["exp_avg_sq"], opt.state[q]["exp_avg_sq"])
+            assert torch.equal(opt_ref.state[p]["step"], opt.state[q]["step"])
+
+
 F32, F64 = (torch.float32, 1e-6), (torch.float64, 1e-12)
 ADAM_EXP = {"lr": 0.05, "second_moment": "coordinate", "retraction": "exp", "amsgrad": True}
 
