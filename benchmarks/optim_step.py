@@ -138,7 +138,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_set(name: str, device: torch.device, reps: int, warmup: int, only=None):
+def bench_set(
+    name: str, device: torch.device, reps: int, warmup: int, only=None, clock=time.perf_counter
+):
     layout = SETS[name]()
     try:
         import geoopt  # noqa: F401
@@ -160,10 +162,10 @@ def bench_set(name: str, device: torch.device, reps: int, warmup: int, only=None
         k = r % len(entries)
         for _, opt, times in entries[k:] + entries[:k]:
             sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             opt.step()
             sync(device)
-            times.append(time.perf_counter() - t0)
+            times.append(clock() - t0)
     return {cname: statistics.median(times) for cname, _, times in entries}
 
 
@@ -235,7 +237,8 @@ def report(results: dict[str, dict[str, float]], args) -> None:
         dev += f" ({torch.cuda.get_device_name()})"
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {dev}, CPU {cpu}, "
-        f"{args.reps} rounds (median)\n"
+        f"{args.reps} rounds (median), {args.clock} clock, load average "
+        f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}\n"
     )
     for set_name, res in results.items():
         base = res.get("torch Adam(foreach)")
@@ -275,8 +278,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reps", type=int, default=None, help="timed rounds (default 40; 15 gpt)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed rounds first (default 3)")
     ap.add_argument("--only", nargs="*", default=None, help="candidate names to keep")
+    ap.add_argument(
+        "--clock",
+        choices=("wall", "thread"),
+        default="wall",
+        help="wall: elapsed time (default); thread: CPU time of the calling thread, which "
+        "leaves out time the step spent preempted on a loaded machine (CPU, --threads 1 only)",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.clock == "thread" and (args.threads != 1 or args.device != "cpu"):
+        raise SystemExit("--clock thread: needs --device cpu --threads 1")
+    clock = time.thread_time if args.clock == "thread" else time.perf_counter
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available here")
@@ -285,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
     for set_name in args.set:
         n = reps if reps is not None else (15 if set_name == "gpt124m" else 40)
         args.reps = n
-        results[set_name] = bench_set(set_name, device, n, args.warmup, args.only)
+        results[set_name] = bench_set(set_name, device, n, args.warmup, args.only, clock)
     report(results, args)
 
 

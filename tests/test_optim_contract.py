@@ -558,24 +558,48 @@ def test_fused_checks_devices_and_dtypes_like_torch(cls):
         cls(make_params(), lr=0.1, fused=True, differentiable=True)
 
 
-def test_fused_renorm_adam_is_bitwise_torch_fused_adam_plus_renormalization():
-    """D: small same-shaped float32 parameters are not stacked under fused=True."""
-    g = torch.Generator().manual_seed(0)
-    ours = [st.SphereParameter(torch.randn(4, 8, generator=g), dim=1) for _ in range(6)]
-    ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
-    opt, opt_ref = RenormAdam(ours, lr=0.05, fused=True), torch.optim.Adam(ref, lr=0.05, fused=True)
-    for t in range(3):
+def assert_renorm_adam_is_torch_adam(ours, ref, opt, opt_ref, n_sphere, steps=3):
+    """``opt`` on ``ours`` is bitwise ``opt_ref`` on ``ref`` followed by renormalising the
+    first ``n_sphere`` parameters along their last axis (state included)."""
+    for t in range(steps):
         set_grads(ours, t)
         for p, q in zip(ref, ours):
             p.grad = q.grad.clone()
         opt.step()
         opt_ref.step()
         with torch.no_grad():
-            for p in ref:
-                p.div_(p.norm(dim=1, keepdim=True))
+            for p in ref[:n_sphere]:
+                p.div_(p.norm(dim=-1, keepdim=True))
         for p, q in zip(ref, ours):
             assert torch.equal(p, q)
-            assert torch.equal(opt_ref.state[p]["exp_avg_sq"], opt.state[q]["exp_avg_sq"])
+            for key in ("exp_avg_sq", "step"):
+                assert torch.equal(opt_ref.state[p][key], opt.state[q][key])
+
+
+def test_fused_renorm_adam_is_bitwise_torch_fused_adam_plus_renormalization():
+    """D: small same-shaped float32 parameters are not stacked under fused=True."""
+    g = torch.Generator().manual_seed(0)
+    ours = [st.SphereParameter(torch.randn(4, 8, generator=g), dim=1) for _ in range(6)]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt, opt_ref = RenormAdam(ours, lr=0.05, fused=True), torch.optim.Adam(ref, lr=0.05, fused=True)
+    assert_renorm_adam_is_torch_adam(ours, ref, opt, opt_ref, n_sphere=6)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"amsgrad": True, "maximize": True}])
+def test_fused_renorm_adam_in_row_blocks_stays_bitwise(monkeypatch, kwargs):
+    """CPU buckets: large parameters cut into blocks of rows (tiny bucket size forced here)
+    give bitwise torch Adam(fused=True) + renormalisation; a Euclidean one keeps its decay."""
+    import spheretorch.optim.renorm_adam as renorm_module
+
+    monkeypatch.setattr(renorm_module, "RENORM_BUCKET_BYTES", 3 * 8 * 4)
+    g = torch.Generator().manual_seed(1)
+    ours = [st.SphereParameter(torch.randn(*s, generator=g), dim=-1) for s in [(10, 8), (2, 5, 8)]]
+    ours.append(torch.nn.Parameter(torch.randn(7, generator=g)))
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt = RenormAdam(ours, lr=0.05, weight_decay=0.1, fused=True, **kwargs)
+    groups = [{"params": ref[:2], "weight_decay": 0.0}, {"params": ref[2:]}]
+    opt_ref = torch.optim.Adam(groups, lr=0.05, weight_decay=0.1, fused=True, **kwargs)
+    assert_renorm_adam_is_torch_adam(ours, ref, opt, opt_ref, n_sphere=2)
 
 
 F32, F64 = (torch.float32, 1e-6), (torch.float64, 1e-12)

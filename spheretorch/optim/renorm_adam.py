@@ -6,8 +6,8 @@ single-tensor kernel); then every sphere parameter is put back on the sphere,
 the same flags followed by ``p.div_(p.norm(dim=sphere_dim, keepdim=True))``. The moments see
 the full Euclidean gradient and nothing is transported (cheaper than
 :class:`~spheretorch.optim.RiemannianAdam`). Weight decay applies to Euclidean parameters only.
-On CPU the foreach path runs in cache-sized buckets (Adam, then the renormalisation of the same
-bucket). Details and measurements: docs/optimizers.md, docs/benchmarks.md.
+On CPU the foreach and fused paths run in cache-sized buckets (Adam, then the renormalisation
+of the same bucket). Details and measurements: docs/optimizers.md, docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -51,9 +51,10 @@ class RenormAdam(SphereOptimizer):
         foreach, fused, capturable, differentiable: as :class:`torch.optim.Adam`; by
             default the foreach kernel on CPU/CUDA tensors. ``fused=True`` selects torch's
             fused kernel (bitwise ``Adam(fused=True)`` + renormalisation; skips non-finite
-            steps on the device). ``capturable=True`` keeps the step counters on the
-            parameters' device and never synchronises with the host (CUDA graphs); a
-            non-finite step is then skipped on the device too.
+            steps on the device; nothing is compiled, so no first-call cost).
+            ``capturable=True`` keeps the step counters on the parameters' device and never
+            synchronises with the host (CUDA graphs); a non-finite step is then skipped on
+            the device too.
         decoupled_weight_decay: AdamW (equal to :class:`torch.optim.AdamW`).
         nonfinite: ``"skip"`` (default), ``"raise"`` or ``"ignore"``; see
             :mod:`spheretorch.optim.optimizer`.
@@ -216,6 +217,14 @@ def renorm_adam(
         capturable=capturable,
         differentiable=differentiable,
     )
+    if fused and not compiling() and params and all(t.is_cpu for t in params):
+        _fused_cpu(
+            [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps],
+            sphere_dims,
+            weight_decay,
+            hyper,
+        )
+        return
     # Work units: on CPU buckets of parameters go through Adam then their renormalisation
     # while still in cache; small same-shaped parameters with the same step are stacked into
     # one tensor (see _functional.work_units). Elementwise results are unchanged.
@@ -282,3 +291,75 @@ def _stacked_update(
     torch_adam([x], [g], [m], [v], vmaxs, [step], weight_decay=weight_decay, **hyper)  # type: ignore[list-item]
     if dim is not None:
         sphere.foreach.normalize_each_([x], [dim + 1], keep=found_inf)  # type: ignore[list-item]
+
+
+def _fused_cpu(
+    lists: list[list[Tensor]],
+    sphere_dims: list[int | None],
+    weight_decay: float,
+    hyper: dict[str, Any],
+) -> None:
+    """torch's fused Adam step then the renormalisation, bucket by bucket (CPU).
+
+    What ``torch.optim.adam._fused_adam`` does (steps incremented, ``torch._fused_adam_``, steps
+    decremented where ``found_inf``), but called on buckets of about :data:`RENORM_BUCKET_BYTES`,
+    large parameters (sphere axis last) cut into blocks of whole rows, each bucket renormalised
+    right after its Adam step while its parameters are still in L2/L3, last bucket first (the
+    non-finite check has just read the gradients first to last). The kernel is elementwise and
+    a row's norm does not depend on the other rows, so results are bitwise those of torch's
+    ``Adam(fused=True)`` on whole parameters followed by the same renormalisation.
+    """
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = lists
+    amsgrad, found_inf = hyper["amsgrad"], hyper["found_inf"]
+    kernel = torch._fused_adamw_ if hyper["decoupled_weight_decay"] else torch._fused_adam_
+    kw = dict(
+        amsgrad=amsgrad,
+        lr=hyper["lr"],
+        beta1=float(hyper["beta1"]),
+        beta2=float(hyper["beta2"]),
+        eps=hyper["eps"],
+        maximize=hyper["maximize"],
+        grad_scale=None,
+        found_inf=found_inf,
+    )
+    torch._foreach_add_(steps, 1)
+    bucket: list[list[Tensor]] = [[] for _ in range(6)]
+    dims: list[int | None] = []
+    key: tuple[Any, ...] | None = None
+    size = 0
+
+    def flush() -> None:
+        if dims:
+            kernel(*bucket, weight_decay=key[1], **kw)  # type: ignore[index]
+            sphere.foreach.normalize_each_(bucket[0], dims, keep=found_inf)
+            for lst in bucket:
+                lst.clear()
+            dims.clear()
+
+    # last to first: the non-finite check has just read the gradients first to last
+    for i in reversed(range(len(params))):
+        p, d = params[i], sphere_dims[i]
+        ts = [p, grads[i], exp_avgs[i], exp_avg_sqs[i]] + ([max_exp_avg_sqs[i]] if amsgrad else [])
+        blocks: Any = [ts]
+        if (
+            d is not None
+            and d == p.dim() - 1
+            and p.nbytes > RENORM_BUCKET_BYTES
+            and all(t.is_contiguous() for t in ts)
+        ):
+            rows = max(1, RENORM_BUCKET_BYTES // (p.shape[-1] * p.element_size()))
+            blocks = zip(*(t.view(-1, p.shape[-1]).split(rows) for t in ts))
+            d = 1
+        for block in blocks:
+            k = (p.dtype, weight_decay if d is None else 0.0)
+            if k != key or size + p.element_size() * block[0].numel() > RENORM_BUCKET_BYTES:
+                flush()
+                key, size = k, 0
+            for lst, t in zip(bucket, block):
+                lst.append(t)
+            bucket[5].append(steps[i])
+            dims.append(d)
+            size += p.element_size() * block[0].numel()
+    flush()
+    if found_inf is not None:
+        torch._foreach_sub_(steps, [found_inf] * len(steps))
