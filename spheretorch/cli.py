@@ -122,6 +122,36 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--models", default="gpt,ngpt,geonorm", help="comma-separated model names")
     c.add_argument("--out", required=True, help="output directory")
     c.add_argument("--no-sweep", action="store_true", help="use preset LRs, no LR sweep")
+    c.add_argument(
+        "--seeds", type=_positive_int, default=1, help="full runs per model (seeds --seed ...)"
+    )
+    c.add_argument(
+        "--budgets",
+        help="fractions of the steps, each run with its own schedule, e.g. 0.25,0.5,1 "
+        "(iso-loss speedups)",
+    )
+    c.add_argument(
+        "--grid",
+        metavar="FIELD=V,V,...",
+        help="a study over a model field, e.g. seq_len=64,128,256 (tokens per step held "
+        "fixed) or n_layer=2,4,8; every point gets its own LR sweep",
+    )
+    c.add_argument("--resume", action="store_true", help="continue an interrupted compare")
+    c.add_argument("--steps", type=_positive_int, help="full-run steps (default: the preset's)")
+    c.add_argument("--batch-size", type=_positive_int)
+    c.add_argument("--eval-interval", type=_positive_int)
+    c.add_argument("--eval-batches", type=_positive_int)
+    c.add_argument("--sweep-lrs", help="comma-separated LR candidates (default: the preset's)")
+    c.add_argument("--sweep-fraction", type=_positive_float, help="sweep run length / steps")
+    c.add_argument(
+        "--set",
+        dest="options",
+        type=_option,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="model option for every model, e.g. --set d_model=64",
+    )
 
     s = sub.add_parser("sample", help="generate text from a checkpoint")
     s.add_argument(
@@ -245,19 +275,36 @@ def _run_training(trainer: Any, resumed: bool) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from .train.compare import compare
+    from .train.compare import CompareInterrupted, compare
 
     _set_threads(args)
-    compare(
-        models=args.models,
-        preset=args.preset,
-        out=args.out,
-        data=args.data,
-        seed=args.seed,
-        device=args.device,
-        progress=not args.no_progress,
-        sweep=not args.no_sweep,
-    )
+    try:
+        compare(
+            models=args.models,
+            preset=args.preset,
+            out=args.out,
+            data=args.data,
+            seed=args.seed,
+            device=args.device,
+            progress=not args.no_progress,
+            sweep=not args.no_sweep,
+            log=print,
+            seeds=args.seeds,
+            budgets=args.budgets,
+            grid=args.grid,
+            options=dict(args.options),
+            steps=args.steps,
+            batch_size=args.batch_size,
+            eval_interval=args.eval_interval,
+            eval_batches=args.eval_batches,
+            sweep_lrs=args.sweep_lrs,
+            sweep_fraction=args.sweep_fraction,
+            resume=args.resume,
+            handle_signals=True,
+        )
+    except CompareInterrupted as e:
+        print(f"spheretorch: {e}; saved; continue with --resume", file=sys.stderr)
+        return 128 + int(getattr(signal, e.signal_name))
     return 0
 
 
