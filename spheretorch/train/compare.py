@@ -80,7 +80,6 @@ def parse_models(spec: str | list[str]) -> list[ModelSpec]:
     items = [s for s in items if s]
     if not items:
         raise UserError("--models needs at least one model")
-    kinds = study.grid_fields()
     specs: dict[str, ModelSpec] = {}
     for item in items:
         head, *opts = item.split(":")
@@ -89,19 +88,28 @@ def parse_models(spec: str | list[str]) -> list[ModelSpec]:
             label, model = item, head
         if model not in MODELS:
             raise UserError(f"unknown model {model!r}; choose from {', '.join(MODELS)}")
+        kinds = study.model_fields(model)
         options = {}
         for opt in opts:
             key, eq, raw = opt.partition("=")
-            if not eq or key not in kinds or key in ("batch_size", "steps"):
+            if not eq or key not in kinds:
                 raise UserError(
-                    f"--models {item!r}: model options are KEY=VALUE with KEY a model "
-                    f"config field, e.g. gpt:norm_position=post; got {opt!r}"
+                    f"--models {item!r}: model options are KEY=VALUE with KEY a field of "
+                    f"{model}'s config, e.g. gpt:norm_position=post; got {opt!r}"
                 )
-            options[key] = study._coerce(key, raw, kinds[key])
+            options[key] = study._coerce(key, raw, kinds[key], "--models")
         if not label or "/" in label or label.startswith("."):
             raise UserError(f"--models {item!r}: the label must be a plain name")
         specs.setdefault(label, ModelSpec(label, model, options))
     return list(specs.values())
+
+
+def _model_options(spec: ModelSpec, common: dict[str, Any], point: dict[str, Any]) -> dict:
+    """The options one run passes: the common ones (``--set``) and the grid point's, each
+    only where the model's config has the field, then the model's own."""
+    own = study.model_fields(spec.model)
+    merged = {**common, **{k: v for k, v in point.items() if k != "batch_size"}}
+    return {**{k: v for k, v in merged.items() if k in own}, **spec.options}
 
 
 def machine_info() -> dict[str, Any]:
@@ -194,8 +202,7 @@ class _Study:
             if bar is not None:
                 bar.update(done["steps"])
             return done
-        options = {**self.base["options"], **spec.options}
-        options.update({k: v for k, v in point.items() if k not in ("batch_size", "steps")})
+        options = _model_options(spec, self.base["options"], point)
         cfg = TrainConfig(
             model=spec.model,
             preset=self.base["preset"],
@@ -316,12 +323,16 @@ def compare(
     budget_list = study.parse_budgets(budgets)
     grid_spec = study.parse_grid(grid)
     options = dict(options or {})
+    known = study.model_fields()
+    for key in options:
+        if key not in known:
+            raise UserError(
+                f"--set {key}: not a model config field; choose from {', '.join(known)}"
+            )
     base_seq = int(options.get("seq_len", p.seq_len))
     base_batch = batch_size or p.batch_size
     points = study.grid_points(grid_spec, base_seq, base_batch)
     total_steps = steps or p.steps
-    if grid_spec and grid_spec[0] == "steps":
-        raise UserError("--grid steps: use --budgets for runs of different lengths")
     lrs = _parse_lrs(sweep_lrs) or list(p.sweep_lrs) if sweep else []
     frac = p.sweep_fraction if sweep_fraction is None else sweep_fraction
     if not 0 < frac <= 1:
@@ -531,8 +542,7 @@ def _timing_phase(
     base = runner.base
     trainers = {}
     for spec in specs:
-        options = {**base["options"], **spec.options}
-        options.update({k: v for k, v in point.items() if k not in ("batch_size", "steps")})
+        options = _model_options(spec, base["options"], point)
         cfg = TrainConfig(
             model=spec.model, preset=base["preset"], data=base["data"], seed=seed,
             device=base["device"], lr=chosen[spec.label],

@@ -258,37 +258,48 @@ def parse_budgets(spec: str | Sequence[float] | None) -> list[float]:
     return sorted(out)
 
 
-def _coerce(field: str, raw: str, kind: type) -> Any:
+def _coerce(field: str, raw: str, kind: tuple[type, bool], flag: str = "--grid") -> Any:
+    """``raw`` as the field's type ``kind = (type, accepts None)``; ``none`` for ``None``."""
+    typ, nullable = kind
+    text = raw.strip()
     try:
-        if kind is bool:
-            if raw.lower() in ("1", "true", "yes"):
+        if nullable and text.lower() in ("none", "null"):
+            return None
+        if typ is bool:
+            if text.lower() in ("1", "true", "yes"):
                 return True
-            if raw.lower() in ("0", "false", "no"):
+            if text.lower() in ("0", "false", "no"):
                 return False
             raise ValueError
-        return kind(raw)
+        return typ(text)
     except ValueError:
-        raise UserError(f"--grid {field}: {raw!r} is not a valid {kind.__name__} value") from None
+        raise UserError(f"{flag} {field}: {raw!r} is not a valid {typ.__name__} value") from None
 
 
-def grid_fields() -> dict[str, type]:
-    """Fields a grid may vary: the model configuration's and ``batch_size``/``steps``."""
-    from ..models import TransformerConfig
+def model_fields(model: str | None = None) -> dict[str, tuple[type, bool]]:
+    """``{field: (type, accepts None)}`` of a model's config (every model's with ``None``),
+    without ``vocab_size`` (the data sets it)."""
+    from .. import models as m
 
-    kinds: dict[str, type] = {"batch_size": int, "steps": int}
-    for f in dataclasses.fields(TransformerConfig):
-        if f.name == "vocab_size":
-            continue
-        t = str(f.type)
-        if t.startswith("int"):
-            kinds[f.name] = int
-        elif t.startswith("float"):
-            kinds[f.name] = float
-        elif t.startswith("bool"):
-            kinds[f.name] = bool
-        else:
-            kinds[f.name] = str
-    return kinds
+    names = [model] if model is not None else list(m.MODELS)
+    out: dict[str, tuple[type, bool]] = {}
+    for name in names:
+        cls = getattr(m.MODELS[name], "config_class", m.TransformerConfig)
+        for f in dataclasses.fields(cls):
+            if f.name == "vocab_size" or f.name in out:
+                continue
+            t = str(f.type)
+            typ: type = str
+            for prefix, kind in (("int", int), ("float", float), ("bool", bool)):
+                if t.startswith(prefix):
+                    typ = kind
+            out[f.name] = (typ, "None" in t)
+    return out
+
+
+def grid_fields() -> dict[str, tuple[type, bool]]:
+    """Fields a grid may vary: any model's config fields and ``batch_size``."""
+    return {"batch_size": (int, False), **model_fields()}
 
 
 def parse_grid(spec: str | None) -> tuple[str, list[Any]] | None:
@@ -306,7 +317,7 @@ def parse_grid(spec: str | None) -> tuple[str, list[Any]] | None:
     parsed = list(dict.fromkeys(_coerce(field, v, kinds[field]) for v in raw))
     if not parsed:
         raise UserError(f"--grid {field} needs at least one value")
-    if kinds[field] is int and any(v <= 0 for v in parsed):
+    if kinds[field][0] is int and any(v is None or v <= 0 for v in parsed):
         raise UserError(f"--grid {field}: values must be positive integers")
     return field, parsed
 
