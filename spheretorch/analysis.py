@@ -59,7 +59,8 @@ def trajectory(model: nn.Module, idx: Tensor) -> Tensor:
     """Hidden states ``(S, B, T, d)``: before the first layer and after each residual update.
 
     ``S = 2 * n_layer + 1`` for GPT, NGPT and GeoNormGPT. Runs in eval mode (no dropout) and
-    restores the model's mode. For NGPT and GeoNormGPT every state is a unit vector.
+    restores the model's mode. NGPT's states are unit vectors; GeoNormGPT's keep the norm of
+    their embedding row (unit vectors with ``geo_radius="fixed"``).
     """
     hidden_states = getattr(model, "hidden_states", None)
     if hidden_states is None:
@@ -123,7 +124,8 @@ def eigen_learning_rates(model: nn.Module) -> list[dict[str, Any]]:
 
     NGPT: for each layer, the vectors :math:`|\alpha_A|, |\alpha_M| \in \mathbb{R}^d` as used in
     the forward pass (``alpha_A``, ``alpha_M`` tensors) and their mean and standard deviation.
-    GeoNormGPT: the step scales :math:`s_A \delta(l)`, :math:`s_M \delta(l)` (scalars, std 0).
+    GeoNormGPT: the step scales :math:`a_A \delta(l)`, :math:`a_M \delta(l)` (scalars, std 0;
+    the angle is :math:`\delta(l)(a\,\theta_0 + b)`, so these are the gains on :math:`\theta_0`).
     GPT has no step sizes: raises ``TypeError`` (use :func:`relative_update_sizes`).
     """
     rows: list[dict[str, Any]] = []

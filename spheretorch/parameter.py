@@ -72,7 +72,7 @@ class SphereParameter(nn.Parameter):
             raise TypeError("SphereParameter needs data: a floating-point tensor")
         check_floating(data, "data")
         sphere_dim = check_sphere_dim(data, dim, "dim")
-        if _project:
+        if _project and not data.is_meta:  # a meta tensor has no values to project
             with torch.no_grad():
                 data = normalize(data.detach(), sphere_dim, on_zero="raise")
         self = torch.Tensor._make_subclass(cls, data, requires_grad)

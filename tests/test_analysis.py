@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from spheretorch import analysis as A
-from spheretorch.models import GPT, NGPT, GeoNormGPT, TransformerConfig
+from spheretorch.models import GPT, NGPT, GeoNormConfig, GeoNormGPT, NGPTConfig, TransformerConfig
 
 CFG = TransformerConfig(vocab_size=40, seq_len=12, n_layer=3, n_head=2, d_model=16)
 MODELS = [GPT, NGPT, GeoNormGPT]
@@ -37,9 +37,11 @@ def test_trajectory_shape_and_endpoint(model) -> None:
     torch.testing.assert_close(states[0], model.embed(idx))
 
 
-@pytest.mark.parametrize("cls", [NGPT, GeoNormGPT])
-def test_sphere_models_states_are_unit(cls) -> None:
-    states = A.trajectory(cls(CFG), _idx())
+@pytest.mark.parametrize(
+    "model", [NGPT(CFG), GeoNormGPT(GeoNormConfig(**CFG.to_dict(), geo_radius="fixed"))]
+)
+def test_sphere_models_states_are_unit(model) -> None:
+    states = A.trajectory(model, _idx())
     torch.testing.assert_close(states.norm(dim=-1), torch.ones(states.shape[:-1]))
 
 
@@ -73,7 +75,7 @@ def test_eigen_learning_rates() -> None:
     assert len(rows) == CFG.n_layer
     for r in rows:
         assert r["alpha_A"].shape == (CFG.d_model,)
-        assert r["alpha_A_mean"] == pytest.approx(CFG.alpha_init, rel=1e-5)
+        assert r["alpha_A_mean"] == pytest.approx(NGPTConfig.alpha_init, rel=1e-5)
         assert r["alpha_M_std"] == pytest.approx(0.0, abs=1e-7)
     geo = A.eigen_learning_rates(GeoNormGPT(CFG))
     assert [r["layer"] for r in geo] == list(range(CFG.n_layer))

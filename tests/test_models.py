@@ -9,7 +9,16 @@ import pytest
 import torch
 
 from spheretorch import sphere
-from spheretorch.models import GPT, MODELS, NGPT, GeoNormGPT, TransformerConfig, build_model
+from spheretorch.models import (
+    GPT,
+    MODELS,
+    NGPT,
+    GeoNormConfig,
+    GeoNormGPT,
+    TransformerConfig,
+    build_model,
+    make_config,
+)
 from spheretorch.models.geonorm import geonorm_step
 
 torch.set_num_threads(1)  # tiny models; avoid oversubscription under pytest-xdist
@@ -19,7 +28,7 @@ CFG = dict(vocab_size=17, seq_len=16, n_layer=3, n_head=2, d_model=32)
 
 def make(name: str, **kw) -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_model(name, TransformerConfig(**{**CFG, **kw}))
+    return build_model(name, make_config(name, **{**CFG, **kw}))
 
 
 def tokens(b: int = 3, t: int = 16, seed: int = 1) -> torch.Tensor:
@@ -67,13 +76,27 @@ def test_hidden_states_count_and_shorter_inputs(name: str) -> None:
     assert out.max() < CFG["vocab_size"]
 
 
-@pytest.mark.parametrize("name", ["ngpt", "geonorm"])
-@pytest.mark.parametrize("rule", ["nlerp", "slerp"])
-def test_hidden_states_unit_norm(name: str, rule: str) -> None:
-    model = make(name, residual_rule=rule)
+@pytest.mark.parametrize(
+    ("name", "kw"),
+    [
+        ("ngpt", {"residual_rule": "nlerp"}),
+        ("ngpt", {"residual_rule": "slerp"}),
+        ("geonorm", {"geo_radius": "fixed"}),
+    ],
+)
+def test_hidden_states_unit_norm(name: str, kw: dict) -> None:
+    model = make(name, **kw)
     hs = model.hidden_states(tokens())
     norms = hs.norm(dim=-1)
     assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
+
+
+def test_geonorm_states_keep_their_embedding_norm() -> None:
+    model = make("geonorm")
+    idx = tokens()
+    norms = model.hidden_states(idx).norm(dim=-1)
+    rows = model.tok_emb.weight[idx].norm(dim=-1).detach()
+    assert torch.allclose(norms, rows.expand_as(norms), rtol=1e-5)
 
 
 def test_ngpt_sphere_parameters_along_d_model() -> None:
@@ -146,7 +169,7 @@ def test_gpt_init_stds() -> None:
         else:
             assert p.std().item() == pytest.approx(0.02, rel=0.05), name
     assert not any("bias" in n for n, _ in model.named_parameters())
-    tied = GPT(TransformerConfig(**{**CFG, "tie_embeddings": True}))
+    tied = GPT(make_config("gpt", **{**CFG, "tie_embeddings": True}))
     assert tied.lm_head.weight is tied.tok_emb.weight
 
 
@@ -163,7 +186,7 @@ def test_geonorm_step_on_sphere_and_smooth() -> None:
     h = sphere.random(5, d)
     g = torch.randn(5, d) * 3
     for angle in ("linear", "atan"):
-        out = geonorm_step(h, g, 0.7, math.sqrt(d), angle)
+        out = geonorm_step(h, g, 0.7, radius=math.sqrt(d), angle=angle)
         assert torch.allclose(out.norm(dim=-1), torch.ones(5), atol=1e-6)
         # the step moves within span{h, g}: out is orthogonal to anything orthogonal to both
         w = torch.randn(5, d)
@@ -173,7 +196,7 @@ def test_geonorm_step_on_sphere_and_smooth() -> None:
     # a purely radial update does not move the state, with finite gradients
     gr = (2.0 * h).requires_grad_()
     hr = h.clone().requires_grad_()
-    out = geonorm_step(hr, gr, 1.0, math.sqrt(d), "atan")
+    out = geonorm_step(hr, gr, 1.0, radius=math.sqrt(d), angle="atan")
     assert torch.allclose(out, h, atol=1e-6)
     out.sum().backward()
     assert torch.isfinite(gr.grad).all() and torch.isfinite(hr.grad).all()
@@ -187,14 +210,15 @@ def test_geonorm_atan_unit_step_is_post_norm_of_tangent_update() -> None:
     h, g = sphere.random(4, d), torch.randn(4, d)
     v = g - (h * g).sum(-1, keepdim=True) * h
     expected = sphere.normalize(r * h + v)
-    assert torch.allclose(geonorm_step(h, g, 1.0, r, "atan"), expected, atol=1e-6)
+    assert torch.allclose(geonorm_step(h, g, 1.0, radius=r, angle="atan"), expected, atol=1e-6)
     # linear angle = exp map of the tangent vector v on the radius-r sphere
-    assert torch.allclose(geonorm_step(h, g, 1.0, r, "linear"), sphere.expmap(h, v / r), atol=1e-6)
+    step = geonorm_step(h, g, 1.0, radius=r, angle="linear")
+    assert torch.allclose(step, sphere.expmap(h, v / r), atol=1e-6)
 
 
 @pytest.mark.parametrize("decay", ["none", "inverse", "inverse_sqrt", "linear"])
 def test_geonorm_decays(decay: str) -> None:
-    cfg = TransformerConfig(**{**CFG, "n_layer": 4, "update_decay": decay})
+    cfg = GeoNormConfig(**{**CFG, "n_layer": 4, "update_decay": decay, "geo_radius": "fixed"})
     factors = [cfg.decay(layer) for layer in range(4)]
     expected = {
         "none": [1, 1, 1, 1],
@@ -210,30 +234,53 @@ def test_geonorm_decays(decay: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("kw", "match"),
+    ("name", "kw", "match"),
     [
-        ({"d_model": 33}, "divisible"),
-        ({"d_model": 6, "n_head": 2}, "even"),
-        ({"n_layer": 0}, "n_layer"),
-        ({"vocab_size": 2.5}, "vocab_size"),
-        ({"norm_position": "middle"}, "norm_position"),
-        ({"residual_rule": "lerp"}, "residual_rule"),
-        ({"update_decay": "cosine"}, "update_decay"),
-        ({"dropout": 1.0}, "dropout"),
+        ("gpt", {"d_model": 33}, "divisible"),
+        ("gpt", {"d_model": 6, "n_head": 2}, "even"),
+        ("gpt", {"n_layer": 0}, "n_layer"),
+        ("gpt", {"vocab_size": 2.5}, "vocab_size"),
+        ("gpt", {"norm_position": "middle"}, "norm_position"),
+        ("ngpt", {"residual_rule": "lerp"}, "residual_rule"),
+        ("geonorm", {"update_decay": "cosine"}, "update_decay"),
+        ("gpt", {"dropout": 1.0}, "dropout"),
+        ("ngpt", {"alpha_init": float("nan")}, "alpha_init must be finite"),
+        ("ngpt", {"alpha_scale": float("inf")}, "alpha_scale must be finite"),
+        ("geonorm", {"geo_clamp": -1.0}, "geo_clamp"),
+        ("geonorm", {"geo_bias": 1}, "geo_bias"),
+        ("gpt", {"residual_rule": "nlerp"}, "model 'gpt' has no option 'residual_rule'"),
+        ("ngpt", {"update_decay": "linear"}, "model 'ngpt' has no option 'update_decay'"),
+        ("geonorm", {"norm_position": "post"}, "model 'geonorm' has no option 'norm_position'"),
     ],
 )
-def test_config_errors(kw: dict, match: str) -> None:
-    with pytest.raises(ValueError, match=match):
-        TransformerConfig(**{**CFG, **kw})
+def test_config_errors(name: str, kw: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match) as info:
+        make_config(name, **{**CFG, **kw})
+    assert "\n" not in str(info.value)
 
 
-def test_config_round_trip_and_defaults() -> None:
-    cfg = TransformerConfig(**CFG)
+@pytest.mark.parametrize("name", list(MODELS))
+def test_config_round_trip_and_defaults(name: str) -> None:
+    cfg = make_config(name, **CFG)
+    assert type(cfg) is MODELS[name].config_class
     assert cfg.d_mlp == 4 * CFG["d_model"]
-    assert cfg.alpha_scale == pytest.approx(1 / math.sqrt(CFG["d_model"]))
-    assert TransformerConfig.from_dict(cfg.to_dict()) == cfg
+    assert type(cfg).from_dict(cfg.to_dict()) == cfg
+    assert make_config(name, **cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="unknown"):
-        TransformerConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+        type(cfg).from_dict({**cfg.to_dict(), "bogus": 1})
+    # a plain TransformerConfig gives the model its own defaults
+    assert MODELS[name](TransformerConfig(**CFG)).config == cfg
+    with pytest.raises(ValueError, match="unknown model"):
+        make_config("bert", **CFG)
+
+
+def test_config_defaults_and_none_text() -> None:
+    assert make_config("ngpt", **CFG).alpha_scale == pytest.approx(1 / math.sqrt(CFG["d_model"]))
+    geo = make_config("geonorm", **CFG, geo_clamp="none", geo_step_scale="none")
+    assert geo.geo_clamp is None
+    assert geo.geo_step_scale == pytest.approx(1 / math.sqrt(CFG["d_model"]))
+    with pytest.raises(TypeError, match="needs a NGPTConfig"):
+        NGPT(make_config("gpt", **CFG))
 
 
 def test_bad_inputs() -> None:
@@ -277,7 +324,7 @@ def test_param_groups_decay_only_euclidean_matrices() -> None:
 
 
 def test_fused_unit_matches_normalize_and_gradcheck() -> None:
-    from spheretorch.models.layers import unit
+    from spheretorch.sphere import unit
 
     x = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(unit, (x,))
@@ -287,3 +334,96 @@ def test_fused_unit_matches_normalize_and_gradcheck() -> None:
     b = torch.randn(4, 9, dtype=torch.bfloat16)
     assert unit(b).dtype == torch.bfloat16
     assert torch.equal(unit(b), sphere.normalize(b, on_zero="keep"))
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_meta_build_then_to_empty_and_reset_parameters(name: str) -> None:
+    """Build on the meta device (no memory), materialise, initialise: same model as eager."""
+    cfg = make_config(name, **CFG)
+    with torch.device("meta"):
+        meta = MODELS[name](cfg)
+    assert all(p.is_meta for p in meta.parameters())
+    meta.to_empty(device="cpu")
+    eager = MODELS[name](cfg)
+    torch.manual_seed(5)
+    meta.reset_parameters()
+    torch.manual_seed(5)
+    eager.reset_parameters()
+    assert meta.state_dict().keys() == eager.state_dict().keys()
+    for key, value in eager.state_dict().items():
+        assert torch.equal(meta.state_dict()[key], value), key
+    for (n, p), q in zip(meta.named_parameters(), eager.parameters(), strict=True):
+        assert type(p) is type(q) and getattr(p, "sphere_dim", None) == getattr(
+            q, "sphere_dim", None
+        ), n
+    for m, e in zip(meta.modules(), eager.modules(), strict=True):
+        for key, buf in e.named_buffers(recurse=False):  # RoPE tables (not in the state dict)
+            assert torch.equal(getattr(m, key), buf), key
+    idx = tokens()
+    assert torch.equal(meta(idx, idx)[1], eager(idx, idx)[1])
+
+
+def test_rope_tables_exact_in_the_model_dtype() -> None:
+    model = make("gpt")
+    rot = model.blocks[0].attn.rotary
+    ref = (torch.arange(CFG["seq_len"], dtype=torch.float64)[:, None]) * (
+        10000.0 ** -(torch.arange(0, rot.head_dim, 2, dtype=torch.float64) / rot.head_dim)
+    )
+    model.double()
+    assert rot.cos.dtype == torch.float64
+    torch.testing.assert_close(rot.cos, ref.cos(), rtol=0, atol=1e-15)
+    torch.testing.assert_close(rot.sin, ref.sin(), rtol=0, atol=1e-15)
+    model.to(torch.bfloat16)  # half types: tables and rotation stay in float32
+    assert rot.cos.dtype == torch.float32
+    x = torch.randn(2, 5, 2, rot.head_dim, dtype=torch.bfloat16)
+    expected = rot(x.float()).to(torch.bfloat16)
+    assert torch.equal(rot(x), expected)
+    # the loss of a half model is computed in float32
+    logits, loss = model(tokens(), tokens())
+    assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("bad", [CFG["vocab_size"], 1000, -1])
+@pytest.mark.parametrize("training", [True, False])
+def test_out_of_vocab_token_ids_are_a_one_line_error(name: str, bad: int, training: bool) -> None:
+    model = make(name).train(training)
+    idx = tokens()
+    idx[1, 3] = bad
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 17\)") as info:
+        model(idx)
+    assert "\n" not in str(info.value) and str(bad) in str(info.value)
+    with pytest.raises(ValueError, match="token ids"):
+        model.hidden_states(idx)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"top_k": 0}, "top_k must be a positive int or None, got 0"),
+        ({"top_k": -3}, "top_k must be a positive int"),
+        ({"top_k": 2.5}, "top_k must be a positive int"),
+        ({"temperature": float("nan")}, "temperature must be a finite number >= 0"),
+        ({"temperature": -1.0}, "temperature must be a finite number >= 0"),
+        ({"max_new_tokens": -1}, "max_new_tokens must be >= 0"),
+    ],
+)
+def test_generate_bad_arguments(kwargs: dict, match: str) -> None:
+    model = make("ngpt")
+    args = {"max_new_tokens": 3, **kwargs}
+    with pytest.raises(ValueError, match=match) as info:
+        model.generate(tokens(1, 2), **args)
+    assert "\n" not in str(info.value)
+
+
+def test_generate_on_an_empty_prompt_and_empty_forward() -> None:
+    model = make("gpt")
+    empty = torch.zeros(1, 0, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"a prompt of at least one token .* shape \(1, 0\)"):
+        model.generate(empty, 3)
+    with pytest.raises(ValueError, match="idx holds no tokens"):
+        model(empty)
+    # greedy decoding and top_k = 1 agree; top_k larger than the vocabulary is all tokens
+    greedy = model.generate(tokens(1, 2), 4, temperature=0)
+    assert torch.equal(model.generate(tokens(1, 2), 4, top_k=1), greedy)
+    assert model.generate(tokens(1, 2), 4, top_k=1000).shape == (1, 6)

@@ -1,13 +1,17 @@
-"""What the three models share around their blocks: embedding, loss, hidden states, sampling."""
+"""What the three models share around their blocks: token checks, loss, hidden states, sampling."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..parameter import sphere_dim_of
+from ..sphere import compute_dtype
 from .config import TransformerConfig
 
 __all__ = ["LanguageModel"]
@@ -16,18 +20,26 @@ __all__ = ["LanguageModel"]
 class LanguageModel(nn.Module):
     """Base class: ``embed -> blocks -> head``; subclasses define the three parts.
 
-    Every block is called as ``block(h, record)`` and appends its hidden state after each
-    residual update to ``record`` when that is a list, so :meth:`hidden_states` (and
+    ``config_class`` is the model's own config (a :class:`TransformerConfig` subclass); a plain
+    ``TransformerConfig`` is accepted and given that model's default options. Every block is
+    called as ``block(h, record)`` and appends its hidden state after each residual update to
+    ``record`` when that is a list, so :meth:`hidden_states` (and
     ``spheretorch.analysis.trajectory``) see ``2 * n_layer + 1`` states.
     """
 
-    config: TransformerConfig
+    config_class: type[TransformerConfig] = TransformerConfig
+    config: Any
     blocks: nn.ModuleList
 
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
-        if not isinstance(config, TransformerConfig):
-            raise TypeError(f"config must be a TransformerConfig, got {type(config).__name__}")
+        if type(config) is TransformerConfig:
+            config = self.config_class(**dataclasses.asdict(config))
+        elif not isinstance(config, self.config_class):
+            raise TypeError(
+                f"{type(self).__name__} needs a {self.config_class.__name__} (or a plain "
+                f"TransformerConfig), got {type(config).__name__}"
+            )
         self.config = config
 
     # -- parts -------------------------------------------------------------------------------
@@ -36,6 +48,21 @@ class LanguageModel(nn.Module):
 
     def head(self, h: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def init_weights(self) -> None:
+        """Initialise the model's matrices (the small parts reset themselves)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Re-initialise every parameter and the RoPE tables in place, e.g. after building on the
+        meta device and ``to_empty``."""
+        for m in self.modules():
+            if m is not self and not isinstance(m, (nn.Linear, nn.Embedding)):
+                reset = getattr(m, "reset_parameters", None)
+                if reset is not None:
+                    reset()
+        self.init_weights()
 
     # -- API ---------------------------------------------------------------------------------
     def _check_idx(self, idx: Tensor) -> None:
@@ -50,6 +77,19 @@ class LanguageModel(nn.Module):
             raise ValueError(
                 f"sequence length {idx.shape[1]} exceeds the model's seq_len={self.config.seq_len}"
             )
+        if idx.numel() == 0:
+            raise ValueError(f"idx holds no tokens (shape {tuple(idx.shape)})")
+        # One reduction and one host sync; skipped where it would cost a device sync per
+        # training step or a graph break (the embedding lookup then fails on its own).
+        if torch.compiler.is_compiling() or idx.is_meta:
+            return
+        if idx.device.type == "cpu" or not self.training:
+            lo, hi = torch.aminmax(idx)
+            if bool((lo < 0) | (hi >= self.config.vocab_size)):
+                raise ValueError(
+                    f"token ids must be in [0, {self.config.vocab_size}) (vocab_size), got ids "
+                    f"from {int(lo)} to {int(hi)}"
+                )
 
     def trunk(self, idx: Tensor, record: list[Tensor] | None = None) -> Tensor:
         """Hidden states after the last block, ``(B, T, d)``; fills ``record`` if given."""
@@ -62,13 +102,13 @@ class LanguageModel(nn.Module):
         return h
 
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """``(logits (B, T, vocab_size), loss)``; ``loss`` is the mean cross-entropy in fp32
-        against ``targets`` (B, T), or ``None`` without targets."""
+        """``(logits (B, T, vocab_size), loss)``; ``loss`` is the mean cross-entropy against
+        ``targets`` (B, T) in the model's dtype (float32 for half types), or ``None``."""
         logits = self.head(self.trunk(idx))
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-        return logits, loss
+        flat = logits.flatten(0, 1).to(compute_dtype(logits.dtype))
+        return logits, F.cross_entropy(flat, targets.flatten())
 
     def hidden_states(self, idx: Tensor) -> Tensor:
         """``(S, B, T, d)``: the state entering the first block and after every residual update
@@ -89,17 +129,33 @@ class LanguageModel(nn.Module):
         top_k: int | None = None,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """Append ``max_new_tokens`` sampled tokens to ``idx`` (B, T); context cropped to
-        ``seq_len``. ``temperature == 0`` means greedy decoding."""
+        """Append ``max_new_tokens`` sampled tokens to ``idx`` (B, T), T >= 1; context cropped to
+        ``seq_len``. ``temperature == 0`` means greedy decoding; ``top_k`` keeps the k most
+        likely tokens (``None``: all)."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+            raise TypeError(f"max_new_tokens must be an int, got {type(max_new_tokens).__name__}")
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)) or (
+            temperature < 0
+        ):
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+        if top_k is not None and (
+            isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1
+        ):
+            raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+        if isinstance(idx, Tensor) and idx.dim() == 2 and idx.shape[1] == 0:
+            raise ValueError(
+                f"generate needs a prompt of at least one token per row, got shape "
+                f"{tuple(idx.shape)}"
+            )
         was_training = self.training
         self.eval()
         try:
             for _ in range(max_new_tokens):
                 ctx = idx[:, -self.config.seq_len :]
                 logits = self(ctx)[0][:, -1, :].float()
-                if temperature <= 0:
+                if temperature == 0:
                     nxt = logits.argmax(-1, keepdim=True)
                 else:
                     logits = logits / temperature
@@ -124,7 +180,7 @@ class LanguageModel(nn.Module):
         for p in self.parameters():
             if not p.requires_grad:
                 continue
-            on_sphere = getattr(p, "sphere_dim", None) is not None
+            on_sphere = sphere_dim_of(p) is not None
             (decay if p.dim() >= 2 and not on_sphere else no_decay).append(p)
         groups = [{"params": decay, "weight_decay": weight_decay}]
         groups.append({"params": no_decay, "weight_decay": 0.0})

@@ -1,117 +1,209 @@
-r"""``GeoNormGPT``: residual updates as exponential-map steps on the sphere (GeoNorm).
+r"""``GeoNormGPT``: residual updates as exponential-map steps on a sphere (GeoNorm).
 
 GeoNorm (arXiv 2601.22095) reads each attention and MLP output as an *update direction* for the
 hidden state, replaces Pre-/Post-Norm by a geodesic step on the sphere, and decays the step
-with depth like a learning-rate schedule. The paper's full text was not available to us; what
-follows is **our reading** of its abstract and of secondary descriptions ("orthogonalize the
-layer output against the hidden state, apply it through the Riemannian exponential map; every
-hidden state keeps a constant norm"). It is GPT with one change per residual connection.
-
-Equations (hidden state ``h`` a unit vector; the blocks see it at GPT's scale, radius
-``r = sqrt(d)``, i.e. RMS 1, through the usual RMSNorm with its gain):
+with depth like a learning-rate schedule [paper, abstract]. The paper's method section was not
+available; the default follows the most detailed public reading, a third-party implementation
+citing the paper's Eq. 3-5 and Appendix D (``SeonghwanSeo/kfold``, class ``GeoNorm``)
+[3rd party]; v0.1's choices remain options [ours]. It is GPT with one change per residual
+connection. For a state ``x`` and a block output ``g = f(RMSNorm(x))``:
 
 .. math::
 
-    g &= f(\mathrm{RMSNorm}(h))                          && \text{block output (attention or MLP)}\\
-    v &= g - \langle h, g\rangle h                     && \text{tangent part of the update}\\
-    \theta &= s\,\delta(l)\,\phi(\|v\| / r)              && \text{step angle}\\
-    h' &= \exp_h(\theta\, v / \|v\|) = \cos\theta\, h + \sin\theta\, v/\|v\|
+    \rho &= \|x\| \text{ (own radius, [3rd party]) or } \sqrt{d}
+        \text{ with unit } x \text{ ([ours], geo\_radius="fixed")}\\
+    v &= g - \frac{\langle x, g\rangle}{\|x\|^2} x
+        && \text{tangent part of the update [3rd party, paper]}\\
+    \theta_0 &= \min(\phi(\|v\|/\rho), c)
+        && \phi(z) = z \text{ [3rd party] or } \arctan z \text{ [ours]}\\
+    \theta &= \min(\delta(l)\,(a\,\theta_0 + b), c)
+        && \text{scalars } a = 1, b = 0 \text{ at init [3rd party]}\\
+    x' &= \cos\theta\, x + \sin\theta\, \|x\|\, v/\|v\|
+        && \text{the exponential map [paper, 3rd party]}
 
-* ``phi`` (``geo_angle``): ``"atan"`` (default): ``phi(z) = atan(z) < pi/2``, the angle by
-  which ``Norm(x + v)`` would rotate ``x``, so that with ``s = 1`` and no decay the step lands
-  exactly where Post-Norm of the tangent update lands (GeoNorm "unifies" Pre- and Post-Norm);
-  ``"linear"``: ``phi(z) = z``, the exponential map of the tangent update ``v`` itself on the
-  radius-``r`` sphere (unbounded angle).
-* ``delta(l)`` (``update_decay``), l = 0..L-1 the layer: ``none`` (1), ``inverse`` (1/(l+1)),
-  ``inverse_sqrt`` (1/sqrt(l+1), the rate at which Pre-Norm's growing residual stream shrinks
-  its relative updates), ``linear`` ((L-l)/L).
-* ``s``: a learnable scalar per update (2L of them, scale trick, init ``geo_step_init``).
-* The input state is ``h_0 = Norm(E[idx])``; the output is GPT's head, ``W_out RMSNorm(h_L)``.
-
-Everything else (embeddings, attention, SwiGLU MLP, init 0.02 with output projections scaled
-by ``1/sqrt(2L)``, AdamW with weight decay) is GPT's. Angles are computed in fp32 and the
-removable singularity at ``v = 0`` is handled by smooth series (no NaN gradient).
+with the clamp ``c = pi/4`` [3rd party] (``geo_clamp=none``: no clamp [ours]) and the decay
+``delta(l)`` (l = 0..L-1): ``inverse`` 1/(l+1) [3rd party default], ``inverse_sqrt``,
+``linear`` (L-l)/L, ``none`` [paper lists schedules; names ours]. The state keeps the norm of
+its embedding row; the head is GPT's ``W_out RMSNorm(x_L)`` [ours: the final norm is unknown].
+Unknown: the final norm, whether attention and MLP have separate schedules, the paper's clamp.
+At ``v = 0`` (to round-off) the direction is undefined and the bias does not move the state
+(finite gradients) [ours; the reading adds eps = 1e-8 to ``|v|`` instead].
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from ..sphere import _atanc_sq, sinc
+from .. import sphere
 from .config import TransformerConfig
 from .gpt import GPT
-from .layers import MLP, CausalSelfAttention, RMSNorm, ScaledVector, unit
+from .layers import MLP, CausalSelfAttention, RMSNorm, ScaledVector
+
+__all__ = ["GeoNormConfig", "GeoNormGPT", "geonorm_step"]
+
+DECAYS = ("inverse", "inverse_sqrt", "linear", "none")
 
 
-def geonorm_step(h: Tensor, g: Tensor, k: Tensor | float, radius: float, angle: str) -> Tensor:
-    """Move the unit state ``h`` along the tangent part of ``g`` by the GeoNorm angle.
+@dataclass
+class GeoNormConfig(TransformerConfig):
+    """:class:`TransformerConfig` plus GeoNorm's options (defaults: the third-party reading).
 
-    ``k = s * decay(l)``; ``radius`` is the scale at which ``g`` is compared with ``h``.
-    Equal to ``sphere.expmap(h, theta * v / ||v||)``, written out so that the coefficient
-    ``sin(theta) / ||v||`` stays smooth at ``v = 0``. Returns a unit tensor like ``h``.
+    update_decay: ``"inverse"`` (1/(l+1)), ``"inverse_sqrt"`` (1/sqrt(l+1), v0.1's default),
+        ``"linear"`` ((L-l)/L) or ``"none"``; l = 0..L-1.
+    geo_angle: ``"linear"`` (``theta0 = ||v||/rho``) or ``"atan"`` (``atan(||v||/rho)``, v0.1).
+    geo_clamp: upper bound on ``theta0`` and ``theta`` (pi/4); ``None`` (v0.1): no clamp.
+    geo_bias: a learnable scalar bias ``b`` per update (init 0); v0.1 had none.
+    geo_radius: ``"own"`` (the state keeps its embedding row's norm) or ``"fixed"`` (v0.1: the
+        embedding row normalized, unit states, ``g`` compared at radius ``sqrt(d)``).
+    geo_step_init, geo_step_scale: the scalar ``a`` per update (init 1); ``geo_step_scale ==
+        geo_step_init`` is a plain scalar, ``None`` (v0.1) nGPT's scale trick with
+        ``1/sqrt(d_model)`` (effective learning rate x sqrt(d)).
+    init_std, norm_eps, tie_embeddings: as in GPT's config (GPT's parametrisation).
     """
-    hf, gf = h.float(), g.float()
-    v = gf - (hf * gf).sum(-1, keepdim=True) * hf
-    z = torch.linalg.vector_norm(v, dim=-1, keepdim=True) / radius
-    if angle == "atan":
-        theta = k * torch.atan(z)
-        per_z = k * _atanc_sq(z * z)  # theta / z, smooth at 0 (the geometry's series)
-    else:
-        theta = k * z
-        per_z = k * torch.ones_like(z)
-    # sin(theta) / ||v|| = sinc(theta) * (theta / z) / r
-    out = torch.cos(theta) * hf + (sinc(theta) * per_z / radius) * v
-    return unit(out).to(h.dtype)  # re-project: no drift over many layers
+
+    update_decay: Literal["inverse", "inverse_sqrt", "linear", "none"] = "inverse"
+    geo_angle: Literal["linear", "atan"] = "linear"
+    geo_clamp: float | None = math.pi / 4
+    geo_bias: bool = True
+    geo_radius: Literal["own", "fixed"] = "own"
+    geo_step_init: float = 1.0
+    geo_step_scale: float | None = 1.0
+    init_std: float = 0.02
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._check_choice("update_decay", DECAYS)
+        self._check_choice("geo_angle", ("linear", "atan"))
+        self._check_choice("geo_radius", ("own", "fixed"))
+        self._check_choice("geo_bias", (False, True))
+        self._check_choice("tie_embeddings", (False, True))
+        if self.geo_clamp is not None:
+            self._check_positive("geo_clamp")
+        self._default_scale("geo_step_scale")
+        self._check_positive("init_std", "norm_eps")
+
+    def decay(self, layer: int) -> float:
+        """The layer-wise update decay ``delta(layer)`` (0-based layer)."""
+        kind, n = self.update_decay, self.n_layer
+        if kind == "inverse":
+            return 1.0 / (layer + 1)
+        if kind == "inverse_sqrt":
+            return 1.0 / math.sqrt(layer + 1)
+        if kind == "linear":
+            return (n - layer) / n
+        return 1.0
+
+
+def geonorm_step(
+    x: Tensor,
+    g: Tensor,
+    a: Tensor | float,
+    b: Tensor | float = 0.0,
+    *,
+    decay: float = 1.0,
+    clamp: float | None = None,
+    angle: str = "linear",
+    radius: float | None = None,
+) -> Tensor:
+    r"""One GeoNorm update of the states ``x`` ``(..., d)`` by the block outputs ``g``.
+
+    ``x' = |x| exp_xhat(theta v / |v|)`` with ``theta`` as in the module docstring;
+    ``radius=None`` compares ``g`` at the state's own norm, a float at that fixed radius.
+    Written as ``expmap(xhat, (theta / z) (v / rho))``, ``z = |v| / rho``, with ``theta / z``
+    smooth at ``z = 0``: finite values and gradients there, even with a bias. Computed in
+    float32 for half types; returns ``x``'s dtype, norm ``|x|``.
+    """
+    dt = sphere.compute_dtype(x.dtype)
+    xf, gf = x.to(dt), g.to(dt)
+    r = sphere.norm(xf)
+    xhat = sphere.unit(xf)
+    v = sphere.project(xhat, gf)
+    rho = r.clamp_min(torch.finfo(dt).tiny) if radius is None else radius
+    vn = sphere.norm(v)
+    z = vn / rho
+    # v at round-off level (a radial g) has no direction: the bias's move is dropped there.
+    pos = vn > 16 * torch.finfo(dt).eps * sphere.norm(gf)
+    zs = torch.where(pos, z, torch.ones_like(z))
+    per_z = sphere._atanc_sq(z * z) if angle == "atan" else torch.ones_like(z)  # phi(z) / z
+    theta0 = per_z * z
+    if clamp is not None:
+        per_z = torch.where(theta0 > clamp, clamp / zs, per_z)
+        theta0 = theta0.clamp(max=clamp)
+    theta = decay * (a * theta0 + b)
+    # theta / z, smooth at z = 0 but for the bias's part
+    theta_per_z = decay * (a * per_z + torch.where(pos, b / zs, 0.0))
+    if clamp is not None:
+        theta_per_z = torch.where(theta > clamp, clamp / zs, theta_per_z)
+    out = sphere.expmap(xhat, (theta_per_z / rho) * v)
+    return (out * r).to(x.dtype)
 
 
 class GeoBlock(nn.Module):
-    """A GPT block whose two residual additions are GeoNorm geodesic steps."""
+    """A pre-RMSNorm block whose two residual additions are GeoNorm steps."""
 
-    def __init__(self, cfg: TransformerConfig, layer: int) -> None:
+    def __init__(self, cfg: GeoNormConfig, layer: int) -> None:
         super().__init__()
-        self.norm_a, self.norm_m = (
-            RMSNorm(cfg.d_model, cfg.norm_eps),
-            RMSNorm(cfg.d_model, cfg.norm_eps),
-        )
+        self.norm_a = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.norm_m = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn, self.mlp = CausalSelfAttention(cfg), MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
-        self.decay = cfg.decay(layer)
-        self.radius = math.sqrt(cfg.d_model)
-        self.angle = cfg.geo_angle
+        self.decay, self.clamp, self.angle = cfg.decay(layer), cfg.geo_clamp, cfg.geo_angle
+        self.radius = math.sqrt(cfg.d_model) if cfg.geo_radius == "fixed" else None
+        assert cfg.geo_step_scale is not None  # resolved by GeoNormConfig
         self.s_a = ScaledVector(1, cfg.geo_step_init, cfg.geo_step_scale)
         self.s_m = ScaledVector(1, cfg.geo_step_init, cfg.geo_step_scale)
+        self.b_a = nn.Parameter(torch.zeros(1)) if cfg.geo_bias else None
+        self.b_m = nn.Parameter(torch.zeros(1)) if cfg.geo_bias else None
 
-    def forward(self, h: Tensor, record: list[Tensor] | None = None) -> Tensor:
-        for norm, f, s in ((self.norm_a, self.attn, self.s_a), (self.norm_m, self.mlp, self.s_m)):
-            g = self.drop(f(norm(h)))
-            h = geonorm_step(h, g, s() * self.decay, self.radius, self.angle)
+    def reset_parameters(self) -> None:
+        for b in (self.b_a, self.b_m):
+            if b is not None:
+                nn.init.zeros_(b)
+
+    def forward(self, x: Tensor, record: list[Tensor] | None = None) -> Tensor:
+        for norm, f, a, b in (
+            (self.norm_a, self.attn, self.s_a, self.b_a),
+            (self.norm_m, self.mlp, self.s_m, self.b_m),
+        ):
+            g = self.drop(f(norm(x)))
+            x = geonorm_step(
+                x,
+                g,
+                a(),
+                0.0 if b is None else b,
+                decay=self.decay,
+                clamp=self.clamp,
+                angle=self.angle,
+                radius=self.radius,
+            )
             if record is not None:
-                record.append(h)
-        return h
+                record.append(x)
+        return x
 
 
 class GeoNormGPT(GPT):
-    """GPT with GeoNorm residual updates (see the module docstring for the equations).
+    """GPT with GeoNorm residual updates (equations in the module docstring).
 
-    Parameters are GPT's plus ``2 * n_layer`` step scalars ``s``; the hidden state is a unit
-    vector before the first block and after every update.
+    Parameters are GPT's plus ``2 * n_layer`` step scalars ``a`` (and biases ``b``); the head
+    always has GPT's final RMSNorm. With ``geo_radius="own"`` every state keeps the norm of
+    its embedding row; with ``"fixed"`` every state is a unit vector.
     """
 
-    def __init__(self, config: TransformerConfig) -> None:
-        super().__init__(config)
-        self.blocks = nn.ModuleList(GeoBlock(config, layer) for layer in range(config.n_layer))
-        self.norm_f = RMSNorm(config.d_model, config.norm_eps)
-        self.reset_parameters()
+    config_class = GeoNormConfig
 
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        super().reset_parameters()
-        for module in self.modules():
-            if isinstance(module, ScaledVector):
-                module.param.fill_(module.scale)
+    def make_block(self, layer: int) -> nn.Module:
+        return GeoBlock(self.config, layer)
+
+    def make_final_norm(self) -> nn.Module:
+        return RMSNorm(self.config.d_model, self.config.norm_eps)
 
     def embed(self, idx: Tensor) -> Tensor:
-        return unit(self.drop(self.tok_emb(idx)))
+        h = super().embed(idx)
+        return sphere.unit(h) if self.config.geo_radius == "fixed" else h

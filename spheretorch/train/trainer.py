@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..models import MODELS, LanguageModel, TransformerConfig, build_model
+from ..models import MODELS, LanguageModel, TransformerConfig, build_model, make_config
 from .checkpoints import FORMAT, get_rng_state, load_checkpoint, save_atomic, set_rng_state
 from .data import TextData, eval_batches, get_batch, load_data
 from .errors import TrainingDiverged, UserError
@@ -146,7 +146,7 @@ class TrainConfig:
         kwargs = get_preset(self.preset).model_config_kwargs()
         kwargs.update(self.model_options)
         try:
-            return TransformerConfig(vocab_size=vocab_size, **kwargs)
+            return make_config(self.model, vocab_size=vocab_size, **kwargs)
         except (TypeError, ValueError) as e:
             raise UserError(f"bad model options: {e}") from None
 
@@ -323,7 +323,7 @@ class Trainer:
         self.data: TextData = load_data(config.data, tokenizer)
         self.tokenizer = self.data.tokenizer
         self.model_config = (
-            TransformerConfig.from_dict(ckpt["model_config"])
+            make_config(config.model, **ckpt["model_config"])
             if ckpt
             else config.model_config(self.tokenizer.vocab_size)
         )
@@ -754,13 +754,17 @@ def load_model(
         from .. import distributed as sd
 
         ckpt = load_checkpoint(path / sd.EXTRA_FILE, map_location="cpu")
-        model = build_model(ckpt["model_name"], TransformerConfig.from_dict(ckpt["model_config"]))
+        model = build_model(
+            ckpt["model_name"], make_config(ckpt["model_name"], **ckpt["model_config"])
+        )
         try:
             sd.load_sharded(path, model)
         except (FileNotFoundError, ValueError, RuntimeError) as e:
             raise UserError(str(e).splitlines()[0]) from None
     else:
         ckpt = load_checkpoint(path, map_location="cpu")
-        model = build_model(ckpt["model_name"], TransformerConfig.from_dict(ckpt["model_config"]))
+        model = build_model(
+            ckpt["model_name"], make_config(ckpt["model_name"], **ckpt["model_config"])
+        )
         model.load_state_dict(ckpt["model"])
     return model.to(resolve_device(device)), Tokenizer.from_state_dict(ckpt["tokenizer"]), ckpt
