@@ -59,6 +59,15 @@ def test_budget_to_reach_is_exact_on_a_power_law() -> None:
     assert study.budget_to_reach(budgets, losses, losses[1]) == (0.5, "exact")
 
 
+def test_budget_to_reach_takes_the_last_crossing_of_a_noisy_curve() -> None:
+    # dips below the target at 0.25, back above at 0.5, below for good at 1
+    b, how = study.budget_to_reach([0.25, 0.5, 1.0], [1.9, 2.1, 1.8], 2.0)
+    lb = math.log(0.5) + (math.log(2.0) - math.log(2.1)) * math.log(2) / math.log(1.8 / 2.1)
+    assert how == "interpolated" and b == pytest.approx(math.exp(lb), rel=1e-12)
+    # below everywhere on a rising curve: the smallest budget is an upper bound
+    assert study.budget_to_reach([0.5, 1.0], [1.7, 1.8], 1.8) == (0.5, "at most")
+
+
 def test_budget_to_reach_never_when_curve_rises_or_stops() -> None:
     assert study.budget_to_reach([0.5, 1], [2.0, 2.1], 1.5) == (None, "never")
     assert study.budget_to_reach([0.5, 1], [2.0, None], 1.5) == (None, "never")

@@ -119,13 +119,16 @@ def budget_to_reach(
     target: float,
     extrapolate: bool = True,
 ) -> tuple[float | None, str]:
-    """The budget at which a loss-vs-budget curve reaches ``target`` (log-log interpolation).
+    """The budget from which a loss-vs-budget curve stays at or below ``target``.
 
-    ``budgets`` increasing, ``losses`` the (mean) loss at each. Returns ``(budget, how)`` with
-    ``how`` one of ``"interpolated"`` (between the first measured budget at or below target
-    and the one before it), ``"exact"`` (a measured point equals the target),
-    ``"extrapolated"`` (the target lies beyond the measured range; the nearest end segment's
-    log-log line is extended, only when the loss falls along it) or ``"never"`` (``None``).
+    ``budgets`` increasing, ``losses`` the (mean) loss at each; log-log interpolation between
+    the last measured budget above the target and the next one (on a noisy, non-monotone
+    curve this is the conservative crossing). Returns ``(budget, how)``, ``how`` one of
+    ``"interpolated"``, ``"exact"`` (a measured point equals the target and all later ones
+    are at or below it), ``"extrapolated"`` (the target lies beyond the measured range: the
+    nearest end segment's log-log line is extended, only where the loss falls along it),
+    ``"at most"`` (below target from the smallest budget on, no falling segment to extend:
+    the budget returned is an upper bound) or ``"never"`` (``None``).
     """
     pts = [
         (float(b), float(v))
@@ -134,18 +137,21 @@ def budget_to_reach(
     ]
     if not pts or not (math.isfinite(target) and target > 0):
         return None, "never"
-    for i, (b, v) in enumerate(pts):
+    above = [i for i, (_, v) in enumerate(pts) if v > target]
+    if not above:  # at or below the target everywhere
+        b, v = pts[0]
         if v == target:
             return b, "exact"
-        if v < target:
-            if i > 0:
-                b0, v0 = pts[i - 1]
-                return _loglog_cross(b0, v0, b, v, target), "interpolated"
-            # already below target at the smallest budget: extend the first segment downwards
-            if extrapolate and len(pts) > 1 and pts[1][1] < v:
-                return _loglog_cross(b, v, *pts[1], target), "extrapolated"
-            return None, "never"
-    # never reached: extend the last segment upwards if the loss is still falling
+        if extrapolate and len(pts) > 1 and pts[1][1] < v:
+            return _loglog_cross(b, v, *pts[1], target), "extrapolated"
+        return b, "at most"
+    i = above[-1]
+    if i + 1 < len(pts):
+        b1, v1 = pts[i + 1]
+        if v1 == target:
+            return b1, "exact"
+        return _loglog_cross(*pts[i], b1, v1, target), "interpolated"
+    # above the target at the largest budget: extend the last segment if the loss still falls
     if extrapolate and len(pts) > 1 and pts[-1][1] < pts[-2][1]:
         return _loglog_cross(*pts[-2], *pts[-1], target), "extrapolated"
     return None, "never"

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The studies of docs/results.md, exactly as run (each resumable: run the same line again
+# after an interruption and it continues where it stopped).
+#
+#   benchmarks/study.sh context    # nGPT/GeoNorm iso-loss speedup over GPT vs context length
+#   benchmarks/study.sh depth      # GPT pre-/post-norm, nGPT, GeoNorm at 2..16 layers
+#   benchmarks/study.sh geonorm    # cpu-small compare with GeoNorm's new and v0.1 defaults
+#
+# Environment: PY (python, default python3), RUNS (output root, default runs), NICE (default 5).
+# Sizes were chosen for a shared 2-core CPU machine (about 30-40 minutes each, one thread).
+set -euo pipefail
+PY=${PY:-python3}
+RUNS=${RUNS:-runs}
+NICE=${NICE:-5}
+
+run() {  # run OUT ARGS...: start, or resume when OUT holds an interrupted compare
+    local out=$1
+    shift
+    local resume=()
+    [[ -f "$out/compare.json" ]] && resume=(--resume)
+    echo "+ $PY -m spheretorch compare $* --out $out ${resume[*]}"
+    /usr/bin/time -v nice -n "$NICE" "$PY" -m spheretorch compare "$@" --out "$out" \
+        "${resume[@]}"
+}
+
+# A tiny model (2 layers, d 64, 2 heads), 2048 tokens per step at every context length
+# (batch 32/16/8/4 for context 64/128/256/512), 300 steps at full budget and runs of 75 and
+# 150 steps with their own schedules; LR swept per context length and model over 3 values
+# (100-step runs, seed 0); 3 seeds.
+context() {
+    run "$RUNS/study_context" --preset cpu-small --threads 1 --no-progress \
+        --models gpt,ngpt,geonorm \
+        --set n_layer=2 --set d_model=64 --set n_head=2 \
+        --batch-size 16 --steps 300 --eval-interval 30 --eval-batches 8 \
+        --sweep-lrs 4e-3,1e-2,2.5e-2 --sweep-fraction 0.334 \
+        --grid seq_len=64,128,256,512 --budgets 0.25,0.5,1 --seeds 3
+}
+
+# d 64, 2 heads, context 64, 1024 tokens per step, 250 steps; LR swept per depth and model
+# over 3 values (84-step runs, seed 0); 3 seeds.
+depth() {
+    run "$RUNS/study_depth" --preset cpu-small --threads 1 --no-progress \
+        --models gpt,post=gpt:norm_position=post,ngpt,geonorm \
+        --set d_model=64 --set n_head=2 --set seq_len=64 \
+        --batch-size 16 --steps 250 --eval-interval 25 --eval-batches 8 \
+        --sweep-lrs 4e-3,1e-2,2.5e-2 --sweep-fraction 0.334 \
+        --grid n_layer=2,4,8,16 --seeds 3
+}
+
+# The default compare (make demo's) plus GeoNorm with v0.1's defaults, one seed.
+geonorm() {
+    run "$RUNS/geonorm_variants" --preset cpu-small --threads 1 --no-progress \
+        --models "gpt,ngpt,geonorm,geonorm-v0.1=geonorm:update_decay=inverse_sqrt:geo_angle=atan:geo_clamp=none:geo_bias=false:geo_radius=fixed:geo_step_scale=none"
+}
+
+case "${1:-}" in
+    context | depth | geonorm) "$1" ;;
+    *)
+        echo "usage: $0 context|depth|geonorm" >&2
+        exit 2
+        ;;
+esac
