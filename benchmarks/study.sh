@@ -7,7 +7,8 @@
 #   benchmarks/study.sh geonorm    # cpu-small compare with GeoNorm's new and v0.1 defaults
 #
 # Environment: PY (python, default python3), RUNS (output root, default runs), NICE (default 5).
-# Sizes were chosen for a shared 2-core CPU machine (about 30-40 minutes each, one thread).
+# Sizes were chosen for a shared, heavily loaded 2-core CPU machine (about 40 minutes each,
+# one thread each, both at once).
 set -euo pipefail
 PY=${PY:-python3}
 RUNS=${RUNS:-runs}
@@ -23,28 +24,29 @@ run() {  # run OUT ARGS...: start, or resume when OUT holds an interrupted compa
         "${resume[@]}"
 }
 
-# A tiny model (2 layers, d 64, 2 heads), 2048 tokens per step at every context length
-# (batch 32/16/8/4 for context 64/128/256/512), 300 steps at full budget and runs of 75 and
-# 150 steps with their own schedules; LR swept per context length and model over 3 values
-# (100-step runs, seed 0); 3 seeds.
+# A tiny model (2 layers, d 64, 2 heads), 1024 tokens per step at every context length
+# (batch 16/8/4/2 for context 64/128/256/512), 200 steps at full budget and runs of 50 and
+# 100 steps with their own schedules; LR swept per context length and model over 3 values
+# (67-step runs, seed 0); 3 seeds.
 context() {
     run "$RUNS/study_context" --preset cpu-small --threads 1 --no-progress \
         --models gpt,ngpt,geonorm \
         --set n_layer=2 --set d_model=64 --set n_head=2 \
-        --batch-size 16 --steps 300 --eval-interval 30 --eval-batches 8 \
+        --batch-size 8 --steps 200 --eval-interval 25 --eval-batches 8 \
         --sweep-lrs 4e-3,1e-2,2.5e-2 --sweep-fraction 0.334 \
         --grid seq_len=64,128,256,512 --budgets 0.25,0.5,1 --seeds 3
 }
 
-# d 64, 2 heads, context 64, 1024 tokens per step, 250 steps; LR swept per depth and model
-# over 3 values (84-step runs, seed 0); 3 seeds.
+# d 64, 2 heads, context 64, 512 tokens per step (batch 8), 120 steps; LR swept per depth and
+# model over 3 values (30-step runs, seed 0); 3 seeds. The deepest point runs first (it costs
+# the most and says the most); tables and plots sort the points.
 depth() {
     run "$RUNS/study_depth" --preset cpu-small --threads 1 --no-progress \
         --models gpt,post=gpt:norm_position=post,ngpt,geonorm \
         --set d_model=64 --set n_head=2 --set seq_len=64 \
-        --batch-size 16 --steps 250 --eval-interval 25 --eval-batches 8 \
-        --sweep-lrs 4e-3,1e-2,2.5e-2 --sweep-fraction 0.334 \
-        --grid n_layer=2,4,8,16 --seeds 3
+        --batch-size 8 --steps 120 --eval-interval 20 --eval-batches 8 \
+        --sweep-lrs 4e-3,1e-2,2.5e-2 --sweep-fraction 0.25 \
+        --grid n_layer=16,8,4,2 --seeds 3
 }
 
 # The default compare (make demo's) plus GeoNorm with v0.1's defaults, one seed.

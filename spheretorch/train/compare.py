@@ -390,10 +390,30 @@ def compare(
             spec_state, seed, seeds, p, progress, say,
         )  # fmt: skip
         results[name] = pres
+        # written after every grid point: an unfinished study still has its finished points
+        text = _write_outputs(out, results, field_name, preset, ledger, info, t_start)
+    say(text)
+    say(f"compare wall time: {info['wall_s']:.1f} s; outputs in {out}")
+    return results[""] if field_name is None else results
+
+
+def _write_outputs(
+    out: Path,
+    results: dict[str, Any],
+    field_name: str | None,
+    preset: str,
+    ledger: study.Ledger,
+    info: dict[str, Any],
+    t_start: float,
+) -> str:
+    """results.json, run_info.json, runs.csv, results.md and the plots; returns the tables.
+    Grid points are shown in increasing order of the field's value (they run in the order
+    given, e.g. the most expensive first)."""
     info["wall_s"] = time.perf_counter() - t_start
     with contextlib.suppress(OSError):
         info["loadavg_end"] = os.getloadavg()
-
+    if field_name is not None:
+        results = dict(sorted(results.items(), key=lambda kv: _sort_key(kv[0])))
     final = results[""] if field_name is None else results
     (out / "results.json").write_text(json.dumps(final, indent=2) + "\n", encoding="utf-8")
     (out / "run_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
@@ -409,9 +429,15 @@ def compare(
         plot_grid(results, field_name, out / "grid.png")
     text = "\n\n".join(tables)
     (out / "results.md").write_text(text + "\n", encoding="utf-8")
-    say(text)
-    say(f"compare wall time: {info['wall_s']:.1f} s; outputs in {out}")
-    return final
+    return text
+
+
+def _sort_key(point: str) -> tuple[int, Any]:
+    value = point.split("=", 1)[1]
+    try:
+        return (0, float(value))
+    except ValueError:
+        return (1, value)
 
 
 def _parse_lrs(spec: str | list[float] | None) -> list[float]:
@@ -917,7 +943,8 @@ def plot_grid(results: dict[str, dict[str, Any]], field_name: str, path: str | P
     95% error bars over seeds."""
     plt = _pyplot()
     points = list(results)
-    xs = [float(pt.split("=", 1)[1]) for pt in points]
+    numeric = all(_sort_key(pt)[0] == 0 for pt in points)
+    xs = [float(pt.split("=", 1)[1]) if numeric else i for i, pt in enumerate(points)]
     labels = list(results[points[0]])
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
     for i, m in enumerate(labels):
@@ -943,7 +970,8 @@ def plot_grid(results: dict[str, dict[str, Any]], field_name: str, path: str | P
         a2.errorbar(xs, sp, yerr=[sl, sh], fmt="o-", color=f"C{i}", capsize=3, label=m)
     a2.axhline(1.0, color="gray", lw=0.8, ls=":")
     for a in (a1, a2):
-        a.set_xscale("log", base=2)
+        if numeric and min(xs) > 0:
+            a.set_xscale("log", base=2)
         a.set_xticks(xs)
         a.set_xticklabels([pt.split("=", 1)[1] for pt in points])
         a.minorticks_off()
