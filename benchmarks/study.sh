@@ -4,7 +4,7 @@
 #
 #   benchmarks/study.sh context    # nGPT/GeoNorm iso-loss speedup over GPT vs context length
 #   benchmarks/study.sh depth      # GPT pre-/post-norm, nGPT, GeoNorm at 2..16 layers
-#   benchmarks/study.sh geonorm    # cpu-small compare with GeoNorm's new and v0.1 defaults
+#   benchmarks/study.sh geonorm    # GeoNorm's new vs v0.1 defaults on the cpu-small model
 #
 # Environment: PY (python, default python3), RUNS (output root, default runs), NICE (default 5).
 # Sizes were chosen for a shared, heavily loaded 2-core CPU machine (about 40 minutes each,
@@ -49,10 +49,13 @@ depth() {
         --grid n_layer=16,8,4,2 --seeds 3
 }
 
-# The default compare (make demo's) plus GeoNorm with v0.1's defaults, one seed.
+# GeoNorm's new defaults (issue 12: the third-party reading) against v0.1's, with GPT and nGPT:
+# the cpu-small model (4 layers, d 128, context 128, 2048 tokens per step) at half its steps
+# (400), LR swept per model over 3 values (100-step runs), 2 seeds (time on the shared machine).
 geonorm() {
     run "$RUNS/geonorm_variants" --preset cpu-small --threads 1 --no-progress \
-        --models "gpt,ngpt,geonorm,geonorm-v0.1=geonorm:update_decay=inverse_sqrt:geo_angle=atan:geo_clamp=none:geo_bias=false:geo_radius=fixed:geo_step_scale=none"
+        --models "gpt,ngpt,geonorm,geonorm-v0.1=geonorm:update_decay=inverse_sqrt:geo_angle=atan:geo_clamp=none:geo_bias=false:geo_radius=fixed:geo_step_scale=none" \
+        --steps 400 --sweep-lrs 2e-3,4e-3,8e-3 --sweep-fraction 0.25 --seeds 2
 }
 
 case "${1:-}" in

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import signal
@@ -12,6 +11,7 @@ from typing import Any
 import pytest
 
 from spheretorch.cli import main
+from spheretorch.train import report
 from spheretorch.train.compare import CompareInterrupted, compare, parse_models
 from spheretorch.train.errors import UserError
 from spheretorch.train.trainer import Trainer
@@ -26,7 +26,6 @@ TINY = {
     "progress": False,
     "log": lambda *a: None,
 }
-compare_mod = importlib.import_module("spheretorch.train.compare")
 VOLATILE = {"wall_s", "ms_per_step", "ms_per_step_full_run", "dir"}
 
 
@@ -135,11 +134,11 @@ def test_resume_checks_settings(tmp_path: Path, capsys: pytest.CaptureFixture[st
 
 
 def test_log_ticks_are_plain_numbers() -> None:
-    plt = compare_mod._pyplot()
+    plt = report._pyplot()
     fig, ax = plt.subplots()
     ax.plot([40, 800], [1, 2])
     ax.set_xscale("log")
-    compare_mod.log_ticks(ax, [40, 80, 400, 800])
+    report.log_ticks(ax, [40, 80, 400, 800])
     fig.canvas.draw()
     labels = [t.get_text() for t in ax.get_xticklabels()]
     assert labels == ["40", "50", "100", "200", "500", "800"]
