@@ -5,6 +5,7 @@
 #   benchmarks/study.sh context    # nGPT/GeoNorm iso-loss speedup over GPT vs context length
 #   benchmarks/study.sh depth      # GPT pre-/post-norm, nGPT, GeoNorm at 2..16 layers
 #   benchmarks/study.sh geonorm    # GeoNorm's new vs v0.1 defaults on the cpu-small model
+#   benchmarks/study.sh collect study_context   # copy the small outputs to benchmarks/results/
 #
 # Environment: PY (python, default python3), RUNS (output root, default runs), NICE (default 5).
 # Sizes were chosen for a shared, heavily loaded 2-core CPU machine (about 40 minutes each,
@@ -58,10 +59,21 @@ geonorm() {
         --steps 400 --sweep-lrs 2e-3,4e-3,8e-3 --sweep-fraction 0.25 --seeds 2
 }
 
+# Copy a finished (or partial) study's small outputs into benchmarks/results/NAME/.
+collect() {
+    local name=$1 dst=benchmarks/results/$1
+    mkdir -p "$dst"
+    cp "$RUNS/$name"/{results.json,results.md,runs.csv,compare.json,run_info.json} "$dst"/
+    cp "$RUNS/$name"/*.png "$dst"/
+    [[ -f "$RUNS/$name.log" ]] && cp "$RUNS/$name.log" "$dst/log.txt"
+    echo "collected $RUNS/$name -> $dst"
+}
+
 case "${1:-}" in
     context | depth | geonorm) "$1" ;;
+    collect) collect "$2" ;;
     *)
-        echo "usage: $0 context|depth|geonorm" >&2
+        echo "usage: $0 context|depth|geonorm | collect study_context|study_depth|geonorm_variants" >&2
         exit 2
         ;;
 esac
