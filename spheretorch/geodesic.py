@@ -22,33 +22,28 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .sphere import (
-    _cos_sinc_sq,
-    _up,
-    antipodal_direction,
-    check_floating,
-    check_same_shape,
-    check_sphere_dim,
-    geodesic_frame,
-    normalize,
-)
+from . import sphere
 
 __all__ = ["geodesic_update", "nlerp", "slerp"]
 
 Rule = Literal["nlerp", "slerp"]
 
 
-def _check_pair(a: Tensor, b: Tensor, dim: int) -> int:
-    check_floating(a, "a")
-    check_floating(b, "b")
-    check_same_shape(a, b, "a and b")
-    return check_sphere_dim(a, dim)
+def _check_pair(a: Tensor, b: Tensor, dim: int, check: bool) -> int:
+    sphere.check_floating(a, "a")
+    sphere.check_floating(b, "b")
+    sphere.check_same_shape(a, b, "a and b")
+    dim = sphere.check_sphere_dim(a, dim, min_size=2)
+    if check:
+        sphere.check_unit(a, dim, "a")
+        sphere.check_unit(b, dim, "b")
+    return dim
 
 
 def _as_weight(t: float | Tensor, a: Tensor, dim: int, name: str = "t") -> Tensor | float:
     """Validate an interpolation weight: a float, or a tensor that broadcasts against ``a``."""
     if isinstance(t, Tensor):
-        check_floating(t, name)
+        sphere.check_floating(t, name)
         try:
             shape = torch.broadcast_shapes(t.shape, a.shape)
         except RuntimeError as err:
@@ -67,7 +62,7 @@ def _as_weight(t: float | Tensor, a: Tensor, dim: int, name: str = "t") -> Tenso
     return float(t)
 
 
-def slerp(a: Tensor, b: Tensor, t: float | Tensor, dim: int = -1) -> Tensor:
+def slerp(a: Tensor, b: Tensor, t: float | Tensor, dim: int = -1, *, check: bool = False) -> Tensor:
     r"""Spherical linear interpolation along the shortest geodesic from ``a`` to ``b``.
 
     .. math:: \mathrm{slerp}(a, b; t) = \cos(t\theta)\, a + t\,\mathrm{sinc}(t\theta)\,\log_a b,
@@ -83,11 +78,14 @@ def slerp(a: Tensor, b: Tensor, t: float | Tensor, dim: int = -1) -> Tensor:
             full ``d`` for per-coordinate weights, which leaves the great circle and is then
             re-normalised). ``t`` outside ``[0, 1]`` extrapolates along the same great circle.
         dim: the sphere axis.
+        check: raise ``ValueError`` unless ``a`` and ``b`` are unit along ``dim``
+            (:func:`spheretorch.sphere.check_unit`; one host sync). Without it, non-unit
+            inputs give a unit result that is not the geodesic between their directions.
 
     Returns:
         Tensor shaped like ``a``, unit norm along ``dim``.
     """
-    dim = _check_pair(a, b, dim)
+    dim = _check_pair(a, b, dim, check)
     return _geodesic_step(a, b, _as_weight(t, a, dim), dim)
 
 
@@ -97,24 +95,24 @@ def _geodesic_step(a: Tensor, b: Tensor, t: float | Tensor, dim: int) -> Tensor:
     For ``t`` constant along ``dim`` the projection is the identity and
     :math:`\exp_a(t\log_a b) = \cos(t\theta) a + t\,\mathrm{sinc}(t\theta) \log_a b`.
     """
-    _, log = geodesic_frame(a, b, dim)
-    au = _up(a)
-    step = (_up(t) if isinstance(t, Tensor) else t) * log
+    _, log = sphere.geodesic_frame(a, b, dim)
+    au = sphere.upcast(a)
+    step = (sphere.upcast(t) if isinstance(t, Tensor) else t) * log
     if isinstance(t, Tensor) and t.dim() >= a.dim() - dim and t.shape[dim - a.dim()] != 1:
         # A per-coordinate t tilts the step out of the tangent space; project it back.
         step = step - (step * au).sum(dim, keepdim=True) * au
-    cos_n, sinc_n = _cos_sinc_sq((step * step).sum(dim, keepdim=True))
+    cos_n, sinc_n = sphere.cos_sinc_sq((step * step).sum(dim, keepdim=True))
     out = cos_n * au + sinc_n * step
-    return normalize(out, dim, on_zero="keep").to(a.dtype)
+    return sphere.normalize(out, dim, on_zero="keep").to(a.dtype)
 
 
 def _lerp_normalize(a: Tensor, b: Tensor, t: float | Tensor, dim: int) -> tuple[Tensor, Tensor]:
     """``(Norm(a + t (b - a)), degenerate)`` in the compute dtype, no checks (hot path)."""
-    au, bu = _up(a), _up(b)
+    au, bu = sphere.upcast(a), sphere.upcast(b)
     if isinstance(t, Tensor):
         # torch.lerp needs one dtype: promote (a float64 t with float32 points computes in
         # float64, as slerp does), the result is cast back to a's dtype by the callers.
-        ct = torch.promote_types(au.dtype, _up(t).dtype)
+        ct = torch.promote_types(au.dtype, sphere.upcast(t).dtype)
         y = torch.lerp(au.to(ct), bu.to(ct), t.to(ct))
     else:
         y = au + t * (bu - au)
@@ -123,7 +121,7 @@ def _lerp_normalize(a: Tensor, b: Tensor, t: float | Tensor, dim: int) -> tuple[
     return y / torch.where(degenerate, torch.ones_like(n), n), degenerate
 
 
-def nlerp(a: Tensor, b: Tensor, t: float | Tensor, dim: int = -1) -> Tensor:
+def nlerp(a: Tensor, b: Tensor, t: float | Tensor, dim: int = -1, *, check: bool = False) -> Tensor:
     r"""Normalised linear interpolation :math:`\mathrm{Norm}(a + t (b - a))` (nGPT's update).
 
     ``t`` as in :func:`slerp`, and may also have the full size ``d`` along ``dim``
@@ -132,12 +130,12 @@ def nlerp(a: Tensor, b: Tensor, t: float | Tensor, dim: int = -1) -> Tensor:
     :math:`\operatorname{atan2}(t \sin\theta, 1 - t + t\cos\theta)` instead of
     :math:`t\theta`. When the chord passes through the origin (``b == -a`` and ``t == 1/2``)
     the result is :func:`spheretorch.sphere.antipodal_direction` at ``a``, which is also
-    :func:`slerp`'s answer there, instead of NaN.
+    :func:`slerp`'s answer there, instead of NaN. ``check`` as in :func:`slerp`.
     """
-    dim = _check_pair(a, b, dim)
+    dim = _check_pair(a, b, dim, check)
     t = _as_weight(t, a, dim)
     out, degenerate = _lerp_normalize(a, b, t, dim)
-    out = torch.where(degenerate, antipodal_direction(_up(a), dim), out)
+    out = torch.where(degenerate, sphere.antipodal_direction(sphere.upcast(a), dim), out)
     return out.to(a.dtype)
 
 
@@ -156,10 +154,10 @@ def geodesic_update(
       \log_h h_{target})))`; for a scalar ``alpha`` (or one of size 1 along ``dim``) this is
       exactly :func:`slerp` with ``t = alpha``.
 
-    This is the models' hot path: it checks only ``dim`` (in Python, no tensor work; an
-    out-of-range ``dim`` used to wrap around silently for ``"slerp"``) and, for ``"nlerp"``,
-    skips :func:`nlerp`'s antipodal guard (a chord through the origin needs ``alpha == 1/2``
-    exactly on every coordinate and an exactly antipodal target).
+    This is the models' hot path: it checks only ``dim`` (in Python, no tensor work). For
+    ``"nlerp"``, a chord through the origin (``alpha == 1/2`` on every coordinate and an
+    exactly antipodal target) leaves ``h`` where it is: cheaper than :func:`nlerp`'s
+    antipodal direction, and still a unit vector.
 
     Args:
         h: hidden states ``(..., d)`` (unit along ``dim``).
@@ -172,9 +170,10 @@ def geodesic_update(
     Returns:
         Tensor shaped and typed like ``h``, unit along ``dim``.
     """
-    dim = check_sphere_dim(h, dim)
+    dim = sphere.check_sphere_dim(h, dim)
     if rule == "nlerp":
-        return _lerp_normalize(h, target, alpha, dim)[0].to(h.dtype)
+        out, degenerate = _lerp_normalize(h, target, alpha, dim)
+        return torch.where(degenerate, sphere.upcast(h), out).to(h.dtype)
     if rule == "slerp":
         return _geodesic_step(h, target, alpha, dim)
     raise ValueError(f"rule must be 'nlerp' or 'slerp', got {rule!r}")

@@ -1,20 +1,21 @@
 r"""``SphereParameter``: an ``nn.Parameter`` whose slices along one axis are unit vectors.
 
-The optimizers in :mod:`spheretorch.optim` read the axis from :func:`sphere_dim_of`, so any
-tensor that carries a ``sphere_dim`` attribute (for example a DTensor made by
-:func:`spheretorch.distributed.fully_shard`) is treated as living on the sphere.
+"Is this on the sphere?" has one answer everywhere: :func:`sphere_dim_of` (any tensor with a
+``sphere_dim`` attribute, e.g. a DTensor made by :func:`spheretorch.distributed.fully_shard`).
+``Module.load_state_dict`` puts off-sphere rows back on the sphere, with a warning.
 """
 
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .sphere import check_floating, check_sphere_dim, normalize
+from . import sphere
 
 __all__ = [
     "SphereParameter",
@@ -52,7 +53,12 @@ class SphereParameter(nn.Parameter):
         ValueError: ``dim`` out of range, a slice of zero norm, or NaN/inf entries.
 
     The class and ``sphere_dim`` survive ``copy.deepcopy``, ``pickle``, ``torch.save`` /
-    ``torch.load``, ``Module.to()`` and ``Module.load_state_dict``. A module's ``state_dict``
+    ``torch.load``, ``Module.to()`` and ``Module.load_state_dict``. When
+    ``Module.load_state_dict`` brings slices whose norm is off 1 by more than the dtype's
+    tolerance (:func:`spheretorch.sphere.check_unit`), they are renormalized and a
+    ``UserWarning`` names the key; slices with zero or non-finite norm fail the load
+    (torch's ``RuntimeError``, naming the key). Values within the tolerance are copied
+    bitwise (a resumed run stays exact). A module's ``state_dict``
     holds plain tensors, so ``torch.load(..., weights_only=True)`` reads it. (Only
     ``load_state_dict(..., assign=True)`` loses the class: torch then replaces every parameter
     object with a plain ``nn.Parameter``; load without ``assign`` to copy into the existing one.)
@@ -70,11 +76,11 @@ class SphereParameter(nn.Parameter):
     ) -> SphereParameter:
         if data is None:
             raise TypeError("SphereParameter needs data: a floating-point tensor")
-        check_floating(data, "data")
-        sphere_dim = check_sphere_dim(data, dim, "dim")
+        sphere.check_floating(data, "data")
+        sphere_dim = sphere.check_sphere_dim(data, dim, "dim", min_size=2)
         if _project and not data.is_meta:  # a meta tensor has no values to project
             with torch.no_grad():
-                data = normalize(data.detach(), sphere_dim, on_zero="raise")
+                data = sphere.normalize(data.detach(), sphere_dim, on_zero="raise")
         self = torch.Tensor._make_subclass(cls, data, requires_grad)
         self.sphere_dim = sphere_dim
         return self
@@ -147,7 +153,7 @@ def renormalize_(params_or_module: nn.Module | Iterable[Tensor] | Tensor) -> int
     """
     params = _sphere_params(params_or_module)
     for p in params:
-        p.copy_(normalize(p, sphere_dim_of(p), on_zero="keep"))
+        p.copy_(sphere.normalize(p, sphere_dim_of(p), on_zero="keep"))
     return len(params)
 
 
@@ -180,6 +186,60 @@ def from_geoopt(p: Any) -> SphereParameter:
         )
     return SphereParameter(p.data.clone(), dim=-1, requires_grad=p.requires_grad)
 
+
+def _renormalize_on_load(
+    module: nn.Module,
+    state_dict: dict[str, Any],
+    prefix: str,
+    local_metadata: Any,
+    strict: bool,
+    missing_keys: list[str],
+    unexpected_keys: list[str],
+    error_msgs: list[str],
+) -> None:
+    """``load_state_dict`` pre-hook: put incoming off-sphere slices of sphere parameters back
+    on the sphere (warning), or report slices that cannot be (zero or non-finite norm)."""
+    for name, p in module._parameters.items():
+        key = prefix + name
+        value = state_dict.get(key)
+        if (
+            not isinstance(p, SphereParameter)
+            or not isinstance(value, Tensor)
+            or value.shape != p.shape
+            or not value.is_floating_point()
+            or value.device.type == "meta"
+            or sphere.is_dtensor(value)
+        ):
+            continue
+        dim = p.sphere_dim
+        off = float((sphere.norm(value.detach(), dim) - 1).abs().amax())
+        if off <= sphere.unit_atol(value.dtype):
+            continue  # on the sphere to rounding: copied bitwise
+        try:
+            fixed = sphere.normalize(value.detach(), dim, on_zero="raise")
+        except ValueError as bad:
+            error_msgs.append(f'While copying the parameter named "{key}": {bad}')
+            state_dict[key] = p.detach()  # the load fails: keep the parameter as it was
+            continue
+        warnings.warn(
+            f"load_state_dict: {key!r} has slices off the unit sphere along dim={dim} "
+            f"(max |norm - 1| = {off:.3g}); loaded them renormalized",
+            UserWarning,
+            stacklevel=4,
+        )
+        state_dict[key] = fixed.to(value.dtype)
+
+
+def _on_parameter_registration(module: nn.Module, name: str, param: Any) -> None:
+    """Global hook: a module that gets a :class:`SphereParameter` checks it on load."""
+    if not isinstance(param, SphereParameter):
+        return
+    hooks = module._load_state_dict_pre_hooks.values()
+    if not any(getattr(h, "hook", None) is _renormalize_on_load for h in hooks):
+        module.register_load_state_dict_pre_hook(_renormalize_on_load)
+
+
+nn.modules.module.register_module_parameter_registration_hook(_on_parameter_registration)
 
 # Let torch.load(weights_only=True) rebuild a pickled SphereParameter (the rebuild function only
 # constructs the parameter from a tensor, a bool and an int).

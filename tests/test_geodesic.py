@@ -383,3 +383,28 @@ def test_bad_inputs_raise_clear_errors():
             geodesic_update(a, b, 0.5, rule, dim=3)
     # An integer t is a valid float weight.
     torch.testing.assert_close(slerp(a, b, 1), b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_antipodal_geodesic_update_stays_on_the_sphere(dtype):
+    x = S.random(6, 5, generator=torch.Generator().manual_seed(0)).to(dtype)
+    for rule in ("nlerp", "slerp"):
+        for alpha in (0.5, torch.full((5,), 0.5, dtype=dtype)):
+            y = geodesic_update(x, -x, alpha, rule)
+            assert y.dtype == dtype
+            torch.testing.assert_close(
+                y.double().norm(dim=-1), torch.ones(6, dtype=torch.float64), atol=1e-2, rtol=0
+            )
+    # nlerp's chord through the origin leaves h where it was (documented choice)
+    assert torch.equal(geodesic_update(x, -x, 0.5), x)
+
+
+def test_slerp_and_nlerp_check_option():
+    a, b = S.random(3, 4), S.random(3, 4)
+    torch.testing.assert_close(slerp(a, b, 0.3, check=True), slerp(a, b, 0.3))
+    with pytest.raises(ValueError, match=r"^b must be unit vectors along dim=1: b\[0, :\]"):
+        slerp(a, 3 * b, 0.3, check=True)
+    with pytest.raises(ValueError, match=r"^a must be unit vectors"):
+        nlerp(2 * a, b, 0.3, check=True)
+    with pytest.raises(ValueError, match="a sphere needs at least 2 coordinates"):
+        slerp(torch.ones(3, 1), torch.ones(3, 1), 0.5)

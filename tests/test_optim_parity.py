@@ -10,7 +10,7 @@ import torch
 
 import spheretorch as st
 from spheretorch.optim import RenormAdam, RiemannianAdam, RiemannianSGD
-from spheretorch.optim import foreach_sphere as fs
+from spheretorch.optim import _functional as optim_functional
 from spheretorch.optim import renorm_adam as renorm_adam_module
 
 F64 = torch.float64
@@ -75,7 +75,7 @@ def assert_on_sphere(params, tol=1e-12):
 @pytest.fixture
 def small_buckets(monkeypatch):
     """Force several CPU buckets so bucketing is exercised by small test tensors."""
-    monkeypatch.setattr(fs, "CPU_BUCKET_BYTES", 300)
+    monkeypatch.setattr(optim_functional, "CPU_BUCKET_BYTES", 300)
     monkeypatch.setattr(renorm_adam_module, "RENORM_BUCKET_BYTES", 300)
 
 

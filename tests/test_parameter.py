@@ -343,3 +343,67 @@ def test_geoopt_interop_errors():
         st.from_geoopt(euclid)
     with pytest.raises(TypeError, match="got manifold NoneType"):
         st.from_geoopt(torch.randn(3))
+
+
+def test_sphere_parameter_needs_two_coordinates():
+    for data in (torch.empty(4, 0), torch.randn(3, 1)):
+        with pytest.raises(
+            ValueError,
+            match=r"^the sphere axis dim=1 of a tensor of shape .* a sphere needs at least 2",
+        ):
+            SphereParameter(data, dim=1)
+
+
+class _Holder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = sphere_(nn.Linear(5, 4), dim=1)  # rows on the sphere
+        self.cols = SphereParameter(torch.randn(6, 3, dtype=torch.float64), dim=0)
+        self.bias = nn.Parameter(torch.randn(3))
+
+
+def test_load_state_dict_renormalizes_off_sphere_rows_with_a_warning():
+    m = _Holder()
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    sd["inner.weight"] *= 5  # nGPT's x5 rows: must not stay at norm 5
+    sd["cols"][:, 1] *= 0.5
+    sd["bias"] *= 5  # Euclidean: loaded as is
+    with (
+        pytest.warns(
+            UserWarning,
+            match=r"'inner.weight' has slices off the unit sphere along dim=1 \(max .* = 4\)",
+        ),
+        pytest.warns(UserWarning, match=r"'cols' has slices off .* dim=0"),
+    ):
+        m.load_state_dict(sd)
+    assert isinstance(m.inner.weight, SphereParameter) and m.inner.weight.sphere_dim == 1
+    torch.testing.assert_close(m.inner.weight.detach().norm(dim=1), torch.ones(4))
+    torch.testing.assert_close(m.cols.detach().norm(dim=0), torch.ones(3, dtype=torch.float64))
+    torch.testing.assert_close(m.inner.weight.detach(), sd["inner.weight"] / 5)
+    assert torch.equal(m.bias.detach(), sd["bias"])
+
+
+def test_load_state_dict_on_sphere_is_bitwise_and_silent():
+    import warnings
+
+    src, dst = _Holder(), _Holder()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dst.load_state_dict(src.state_dict())
+        copy.deepcopy(dst).load_state_dict(src.state_dict())  # the hook survives deepcopy
+    for a, b in zip(src.state_dict().values(), dst.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_load_state_dict_with_zero_or_nan_rows_fails_naming_the_key():
+    m = _Holder()
+    for bad in (0.0, float("nan")):
+        sd = m.state_dict()
+        sd = {k: v.clone() for k, v in sd.items()}
+        sd["inner.weight"][2] = bad
+        before = m.inner.weight.detach().clone()
+        with pytest.raises(
+            RuntimeError, match=r'copying the parameter named "inner.weight": .*x\[2, :\] has'
+        ):
+            m.load_state_dict(sd)
+        assert torch.equal(m.inner.weight.detach(), before)

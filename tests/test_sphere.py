@@ -232,18 +232,18 @@ def test_series_helpers_are_accurate_to_the_last_ulp(dtype, hi, ulps):
     # reference's own rounding (1 ulp) is part of the bound.
     z2 = torch.linspace(1e-6, hi, 20001, dtype=F64).to(dtype) ** 2
     z = z2.double().sqrt().numpy()
-    cos_n, sinc_n = S._cos_sinc_sq(z2)
+    cos_n, sinc_n = S.cos_sinc_sq(z2)
     eps = torch.finfo(dtype).eps
     for name, got, ref in [
         ("cos", cos_n, np.cos(z)),
         ("sinc", sinc_n, np.sin(z) / z),
-        ("atanc", S._atanc_sq(z2), np.arctan(z) / z),
+        ("atanc", S.atanc_sq(z2), np.arctan(z) / z),
     ]:
         assert got.dtype == dtype
         err = np.abs(got.double().numpy() - ref) / np.abs(ref) / eps
         assert err.max() <= ulps, (name, err.max(), z[err.argmax()])
     one = torch.zeros(1, dtype=dtype)
-    assert S._cos_sinc_sq(one) == (1, 1) and S._atanc_sq(one) == 1
+    assert S.cos_sinc_sq(one) == (1, 1) and S.atanc_sq(one) == 1
 
 
 def test_angles_are_accurate_near_zero_and_near_pi():
@@ -616,3 +616,58 @@ def test_mismatched_shapes_and_unknown_options_are_rejected():
         S.logmap(torch.randn(2, 3), torch.randn(3, 3))
     with pytest.raises(ValueError, match=r"on_zero must be 'raise', 'fixed' or 'keep', got 'nan'"):
         S.normalize(torch.randn(2, 3), on_zero="nan")
+
+
+def test_a_sphere_needs_two_coordinates_and_a_shape():
+    # S^0 (one coordinate) has no tangent directions: logmap could not keep |log| = dist
+    one = torch.tensor([[1.0], [-1.0]])
+    for make in (lambda: S.random(1), lambda: S.random(4, 1), lambda: S.random(4, 0)):
+        with pytest.raises(ValueError, match=r"has size [01]; a sphere needs at least 2"):
+            make()
+    with pytest.raises(ValueError, match="a sphere needs at least 2 coordinates"):
+        S.logmap(one, one.flip(0))
+    with pytest.raises(ValueError, match="a sphere needs at least 2 coordinates"):
+        S.antipodal_direction(one)
+    for shape in ((), []):
+        with pytest.raises(ValueError, match=r"random\(\) needs a shape with at least one axis"):
+            S.random(*shape) if shape == () else S.random(shape)
+    with pytest.raises(ValueError, match=r"random\(\) needs non-negative int sizes, got \(3, -1\)"):
+        S.random(3, -1)
+    with pytest.raises(ValueError, match=r"random\(\) needs non-negative int sizes"):
+        S.random(3, 2.5)
+    assert S.random(0, 3).shape == (0, 3)  # no points is fine; no coordinates is not
+    # normalize and project keep working on any axis size >= 1 (they do not make a sphere)
+    assert S.normalize(torch.tensor([[-2.0]])).item() == -1.0
+
+
+def test_check_unit_option_rejects_non_unit_points():
+    x, y = S.random(4, 5, generator=gen(0)), S.random(4, 5, generator=gen(1))
+    # without check, non-unit inputs are outside the contract: dist(3x, 3y) != dist(x, y)
+    assert not torch.allclose(S.dist(3 * x, 3 * y), S.dist(x, y))
+    torch.testing.assert_close(S.dist(x, y, check=True), S.dist(x, y))
+    with pytest.raises(
+        ValueError, match=r"^y must be unit vectors along dim=1: y\[0, :\] has norm 3 "
+    ):
+        S.dist(x, 3 * y, check=True)
+    with pytest.raises(ValueError, match=r"x must be unit vectors along dim=0: x\[:, 2\]"):
+        S.logmap(x.T.clone().index_fill_(1, torch.tensor([2]), 0.5), y.T, dim=0, check=True)
+    for fn in (S.angle, S.logmap):
+        with pytest.raises(ValueError, match="must be unit vectors"):
+            fn(2 * x, y, check=True)
+    with pytest.raises(ValueError, match="must be unit vectors"):
+        S.expmap(2 * x, S.project(x, y), check=True)
+    with pytest.raises(ValueError, match="must be unit vectors"):
+        S.transport(x, 2 * y, S.project(x, y), check=True)
+    S.check_unit(x.half())  # the tolerance follows the dtype
+    with pytest.raises(ValueError, match="has norm nan"):
+        S.check_unit(torch.full((2, 3), float("nan")))
+
+
+def test_public_series_and_policy_names():
+    # the one half-precision policy: the set the models, optimizers and unit() share
+    assert (torch.float16, torch.bfloat16) == S.UPCAST_DTYPES
+    assert S.compute_dtype(torch.bfloat16) == torch.float32
+    assert S.compute_dtype(torch.float64) == torch.float64
+    z2 = torch.tensor([0.0, 1e-6, 4.0], dtype=torch.float64)
+    torch.testing.assert_close(S.sqrt0(z2), z2.sqrt())
+    torch.testing.assert_close(S.cos_sinc_sq(z2)[0], z2.sqrt().cos())

@@ -35,22 +35,21 @@ from torch import Tensor
 
 from .. import sphere
 from ..parameter import sphere_dim_of
-from . import foreach_sphere as fs
-from .optimizer import (
-    NonfinitePolicy,
-    SphereOptimizer,
+from ._functional import (
     check_hyperparameters,
     compiling,
     default_foreach,
     group_by_axis,
-    is_dtensor,
     pick,
+    run_stacked,
     scalar_dtype,
     scalar_value,
-    torch_adam,
+    work_units,
 )
+from ._torch_shims import torch_adam
+from .optimizer import NonfinitePolicy, SphereOptimizer
 
-__all__ = ["RenormAdam", "renorm_adam", "renormalize"]
+__all__ = ["RenormAdam", "renorm_adam"]
 
 #: CPU bucket size: larger than RiemannianAdam's, each bucket costs a call of torch's Adam
 RENORM_BUCKET_BYTES = 1 << 22
@@ -117,7 +116,7 @@ class RenormAdam(SphereOptimizer):
         # Not for DTensors (FSDP2): their flag is all-reduced (a host synchronisation
         # anyway), so skipping inside the kernel would save nothing.
         return all(self._implementation(g)[0] for g in self.param_groups) and not any(
-            is_dtensor(p) for g in self.param_groups for p in g["params"]
+            sphere.is_dtensor(p) for g in self.param_groups for p in g["params"]
         )
 
     _n_lists = 7
@@ -183,6 +182,7 @@ class RenormAdam(SphereOptimizer):
         )
 
 
+# torch's functional signature (lists, then keywords), shared on purpose by every core.
 def renorm_adam(
     params: list[Tensor],
     grads: list[Tensor],
@@ -204,7 +204,8 @@ def renorm_adam(
     maximize: bool = False,
     decoupled_weight_decay: bool = False,
 ) -> None:
-    r"""Functional RenormAdam: torch's functional Adam, then :func:`renormalize`.
+    r"""Functional RenormAdam: torch's functional Adam, then
+    :func:`spheretorch.sphere.foreach.normalize_each_`.
 
     Lists as for :func:`torch.optim.adam.adam` plus ``sphere_dims``. ``found_inf`` (fused
     only) is a 0-d float tensor: when nonzero nothing changes (the device-side skip).
@@ -225,13 +226,13 @@ def renorm_adam(
     )
     # Work units: on CPU buckets of parameters go through Adam then their renormalisation
     # while still in cache; small same-shaped parameters with the same step are stacked into
-    # one tensor (see foreach_sphere.work_units). Elementwise results are unchanged.
+    # one tensor (see _functional.work_units). Elementwise results are unchanged.
     multi = foreach or fused
     keys = None
     if multi and not compiling() and all(s.device.type == "cpu" for s in state_steps):
         keys = [(d, scalar_value(s)) for d, s in zip(sphere_dims, state_steps)]
     for stacked, unit in (
-        fs.work_units(params, keys, RENORM_BUCKET_BYTES)
+        work_units(params, keys, RENORM_BUCKET_BYTES)
         if multi
         else [(False, list(range(len(params))))]
     ):
@@ -256,7 +257,7 @@ def renorm_adam(
                 torch_adam(*sub, weight_decay=wd, **hyper)
         else:
             torch_adam(*lists, weight_decay=weight_decay, **hyper)
-        renormalize(u_params, u_dims, foreach=multi, keep=found_inf)
+        sphere.foreach.normalize_each_(u_params, u_dims, foreach=multi, keep=found_inf)
 
 
 def _stacked_unit(
@@ -267,59 +268,23 @@ def _stacked_unit(
     found_inf: Tensor | None,
 ) -> None:
     """Adam + renormalisation of small same-shaped parameters sharing one step, stacked."""
-    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = lists
-    stacked = [fs.stack_into(t) for t in (params, grads, exp_avgs, exp_avg_sqs)]
-    vmax = [fs.stack_into(max_exp_avg_sqs)] if max_exp_avg_sqs else []
+    steps = lists[5]
     step = steps[0].clone()
-    torch_adam(
-        *[[t] for t in stacked],
-        vmax,
-        [step],
-        weight_decay=weight_decay if dim is None else 0.0,
-        **hyper,
-    )
-    if dim is not None:
-        renormalize(stacked[:1], [dim + 1], keep=found_inf)
-    for dst, src in zip((params, exp_avgs, exp_avg_sqs), (stacked[0], stacked[2], stacked[3])):
-        torch._foreach_copy_(dst, src.unbind(0))
-    if vmax:
-        torch._foreach_copy_(max_exp_avg_sqs, vmax[0].unbind(0))
+    wd = weight_decay if dim is None else 0.0
+    run_stacked(lists[:5], _stacked_update, step, dim, wd, hyper, found_inf, cast=())
     torch._foreach_copy_(steps, [step] * len(steps))
 
 
-@torch.no_grad()
-def renormalize(
-    params: list[Tensor],
-    sphere_dims: list[int | None],
-    *,
-    foreach: bool = True,
-    keep: Tensor | None = None,
+def _stacked_update(
+    st: list[Tensor | None],
+    step: Tensor,
+    dim: int | None,
+    weight_decay: float,
+    hyper: dict[str, Any],
+    found_inf: Tensor | None,
 ) -> None:
-    r"""In place :math:`x \leftarrow x / \|x\|` along ``sphere_dims[i]`` (``None``: skipped).
-
-    Norms of float16/bfloat16 tensors are accumulated in float32. With ``foreach=False`` the
-    norms are torch's ``vector_norm`` (bitwise ``p.div_(p.norm(dim, keepdim=True))``); the
-    multi-tensor path uses ``vector_norm`` along contiguous axes and a float64-accumulated sum
-    of squares along strided ones (where torch's CPU ``vector_norm`` is ~10x slower and, for
-    long float32 columns, several ulp off), so its result is within 1 ulp of the exactly
-    rounded renormalisation. ``keep`` (a 0-d tensor) leaves everything bitwise unchanged when
-    nonzero, without a host synchronisation.
-    """
-    _, groups = group_by_axis(params, sphere_dims)
-    for (_, dtype, dim), idx in groups.items():
-        xs = pick(params, idx)
-        if not foreach:
-            norms = [sphere.norm(x, dim) for x in xs]
-        else:
-            cd = sphere.compute_dtype(dtype)
-            norms = fs.RowReducer(xs, dim).norm(xs, dtype=cd, exact=True)
-        if keep is not None:
-            # lerp(n, 1, keep) is exactly n for keep == 0 and exactly 1 for keep == 1
-            n0 = norms[0]
-            ones = [torch.ones((), dtype=n0.dtype, device=n0.device)] * len(norms)
-            torch._foreach_lerp_(norms, ones, [keep.to(n0.dtype)] * len(norms))
-        if foreach:
-            torch._foreach_div_(xs, norms)
-        else:
-            for x, n in zip(xs, norms):
-                x.div_(n)
+    x, g, m, v, vmax = st
+    vmaxs = [] if vmax is None else [vmax]
+    torch_adam([x], [g], [m], [v], vmaxs, [step], weight_decay=weight_decay, **hyper)  # type: ignore[list-item]
+    if dim is not None:
+        sphere.foreach.normalize_each_([x], [dim + 1], keep=found_inf)  # type: ignore[list-item]

@@ -11,33 +11,17 @@ gradient :math:`g`, one step is
     x_{t} &= R_{x_{t-1}}(u_t) = \frac{x_{t-1} + u_t}{\|x_{t-1} + u_t\|}, \qquad
     m_t \leftarrow m_t - \langle x_t, m_t\rangle x_t
 
-which is :class:`geoopt.optim.RiemannianAdam` on :class:`geoopt.Sphere` step for step, to
-rounding (tested in float64; the per-slice second moment is geoopt's ``component_inner``,
-momentum is transported by projection onto the new tangent space). Unlike geoopt, the sphere
-axis can be any axis (``sphere_dim``), it survives :func:`torch.compile`, and weight decay is
-not applied to sphere parameters (see below), so compare with ``weight_decay=0``. Options:
-
-* ``second_moment="coordinate"``: :math:`v_t = \beta_2 v_{t-1} + (1-\beta_2) r_t^2` per
-  coordinate, as Euclidean Adam does; the preconditioned direction
-  :math:`\hat m_t / (\sqrt{\hat v_t} + \epsilon)` is then no longer tangent and is projected
-  onto the tangent space before the retraction;
-* ``retraction="exp"``: the exponential map :math:`\exp_x(u)` instead of the projective
-  retraction, with the momentum moved by parallel transport along the geodesic;
-* ``amsgrad`` (the max of the second moments is used) and ``maximize``.
-
-Euclidean parameters in the same optimizer get exactly :class:`torch.optim.Adam` (or
-:class:`torch.optim.AdamW` with ``decoupled_weight_decay=True``): the code calls torch's own
-functional ``adam``.
-
-Weight decay is **not applied to sphere parameters**: shrinking a unit vector towards 0 is
-undone by the retraction (decoupled decay) or adds a radial component that the projection
-removes (coupled decay), so on the sphere it is meaningless. ``p.grad`` is never modified
-(geoopt adds the decay to ``p.grad`` in place).
+which is :class:`geoopt.optim.RiemannianAdam` on :class:`geoopt.Sphere` step for step (tested
+in float64), on any sphere axis. Options: ``second_moment="coordinate"`` (per-coordinate
+:math:`v_t`, the direction then projected), ``retraction="exp"`` (exponential map, parallel
+transport), ``amsgrad``, ``maximize``. Euclidean parameters get torch's own Adam/AdamW; weight
+decay is not applied to sphere parameters (meaningless at fixed radius); ``p.grad`` is never
+modified. Derivation and choices: docs/optimizers.md.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -45,34 +29,32 @@ from torch import Tensor
 from .. import sphere
 from ..parameter import sphere_dim_of
 from ..sphere import compute_dtype
-from . import foreach_sphere as fs
-from .optimizer import (
-    NonfinitePolicy,
-    SphereOptimizer,
+from ._functional import (
+    Retraction,
+    SecondMoment,
+    check_choice,
     check_hyperparameters,
     compiling,
     default_foreach,
     group_by_axis,
     increment_steps,
-    is_dtensor,
     pick,
+    retract_,
+    run_stacked,
     scalar_dtype,
     scalar_value,
-    torch_adam,
-    zeros_per_slice,
+    to_dtype,
+    work_units,
 )
+from ._torch_shims import torch_adam
+from .optimizer import NonfinitePolicy, SphereOptimizer
 
 __all__ = ["RiemannianAdam", "riemannian_adam"]
 
-SecondMoment = Literal["row", "coordinate"]
-Retraction = Literal["project", "exp"]
-
 
 def _check_choices(second_moment: str, retraction: str) -> None:
-    if second_moment not in ("row", "coordinate"):
-        raise ValueError(f"second_moment must be 'row' or 'coordinate', got {second_moment!r}")
-    if retraction not in ("project", "exp"):
-        raise ValueError(f"retraction must be 'project' or 'exp', got {retraction!r}")
+    check_choice("second_moment", second_moment, ("row", "coordinate"))
+    check_choice("retraction", retraction, ("project", "exp"))
 
 
 class RiemannianAdam(SphereOptimizer):
@@ -170,7 +152,7 @@ class RiemannianAdam(SphereOptimizer):
                     # one second moment per slice ("row"): replicated across the ranks that
                     # share a slice when FSDP2 shards the sphere axis (see zeros_per_slice)
                     state[key] = (
-                        zeros_per_slice(p, d, dtype)
+                        sphere.zeros_per_slice(p, d, dtype)
                         if d is not None and row
                         else torch.zeros_like(p, dtype=dtype)
                     )
@@ -204,6 +186,7 @@ class RiemannianAdam(SphereOptimizer):
         )
 
 
+# torch's functional signature (lists, then keywords), shared on purpose by every core.
 def riemannian_adam(
     params: list[Tensor],
     grads: list[Tensor],
@@ -354,18 +337,7 @@ def _single_tensor_riemannian_adam(
         u = m / denom * (-lr / bias_correction1)
         if second_moment == "coordinate":
             u = sphere.project(xc, u, d)  # m / denom is not tangent
-        if retraction == "project":
-            y = sphere.retract(xc, u, d)
-            m.copy_(sphere.project(y, m, d))
-        elif is_dtensor(x):
-            # sphere.transport's antipodal fallback (argmin and scatter along the axis) has no
-            # DTensor rule along a sharded axis; the transport along the geodesic of u (the
-            # multi-tensor form, the same map) needs only reductions, i.e. all-reduces.
-            y = xc.clone()
-            fs.expmap_([y], [u], fs.RowReducer([y], d), transported=[m])
-        else:
-            y = sphere.expmap(xc, u, d)
-            m.copy_(sphere.transport(xc, y, m, d))
+        y = retract_(xc, u, d, retraction, [m])
         x.copy_(y)
 
 
@@ -432,7 +404,7 @@ def _multi_tensor_riemannian_adam(
         xs_all = pick(params, idx)
         cd = compute_dtype(dtype)
         keys = None if compiling() else step_values
-        for stacked, unit in fs.work_units(xs_all, keys):
+        for stacked, unit in work_units(xs_all, keys):
             u_idx = [idx[j] for j in unit]
             xs = pick(xs_all, unit)
             ms, vs = pick(exp_avgs, u_idx), pick(exp_avg_sqs, u_idx)
@@ -440,28 +412,10 @@ def _multi_tensor_riemannian_adam(
             gs = pick(grads, u_idx)
             if stacked:  # one tensor for many small same-shaped parameters, same step
                 j = unit[0]
-                x = fs.stack_into(xs, cd)
-                m, v = fs.stack_into(ms), fs.stack_into(vs)
-                vmax = [fs.stack_into(vmaxs)] if amsgrad else []
-                _sphere_adam_bucket(
-                    [x],
-                    [fs.stack_into(gs, cd)],
-                    [m],
-                    [v],
-                    vmax,
-                    [neg_step[j]],
-                    [bc2_sqrt[j]],
-                    dim + 1,
-                    **hyper,
-                )
-                torch._foreach_copy_(xs, x.unbind(0))
-                torch._foreach_copy_(ms, m.unbind(0))
-                torch._foreach_copy_(vs, v.unbind(0))
-                if amsgrad:
-                    torch._foreach_copy_(vmaxs, vmax[0].unbind(0))
+                b = [neg_step[j]], [bc2_sqrt[j]], dim + 1
+                run_stacked([xs, gs, ms, vs, vmaxs], _stacked_bucket, *b, hyper, dtype=cd)
                 continue
-            xc = xs if cd == dtype else [x.to(cd) for x in xs]
-            gs = [g if g.dtype == cd else g.to(cd) for g in gs]
+            xc, gs = to_dtype(xs, cd), to_dtype(gs, cd)
             _sphere_adam_bucket(
                 xc,
                 gs,
@@ -475,6 +429,12 @@ def _multi_tensor_riemannian_adam(
             )
             if xc is not xs:
                 torch._foreach_copy_(xs, xc)
+
+
+def _stacked_bucket(st: list[Tensor | None], *args: Any) -> None:
+    """:func:`_sphere_adam_bucket` on stacked tensors (see ``_functional.run_stacked``)."""
+    x, g, m, v, vmax = st
+    _sphere_adam_bucket([x], [g], [m], [v], [] if vmax is None else [vmax], *args[:-1], **args[-1])
 
 
 def _sphere_adam_bucket(
@@ -497,10 +457,10 @@ def _sphere_adam_bucket(
     exp: bool,
 ) -> None:
     """One bucket of sphere parameters sharing ``dim``, all in the compute dtype."""
-    red = fs.RowReducer(xs, dim)
+    red = sphere.foreach.RowReducer(xs, dim)
     if maximize:
         gs = torch._foreach_neg(gs)
-    rg = fs.project(xs, gs, red)
+    rg = sphere.foreach.project(xs, gs, red)
     torch._foreach_lerp_(ms, rg, 1 - beta1)
     torch._foreach_mul_(vs, beta2)
     if row:
@@ -521,7 +481,7 @@ def _sphere_adam_bucket(
         if lr is not None:
             torch._foreach_mul_(coef, lr)
         if exp:
-            fs.expmap_(xs, torch._foreach_mul(ms, coef), red, transported=ms)
+            sphere.foreach.expmap_(xs, torch._foreach_mul(ms, coef), red, transported=ms)
             return
         torch._foreach_addcmul_(xs, ms, coef)  # x + u
     else:
@@ -531,10 +491,10 @@ def _sphere_adam_bucket(
         torch._foreach_mul_(u, neg_step)
         if lr is not None:
             torch._foreach_mul_(u, lr)
-        fs.project_(xs, u, red)
+        sphere.foreach.project_(xs, u, red)
         if exp:
-            fs.expmap_(xs, u, red, transported=ms)
+            sphere.foreach.expmap_(xs, u, red, transported=ms)
             return
         torch._foreach_add_(xs, u)  # x + u
-    fs.normalize_(xs, red)  # projective retraction
-    fs.project_(xs, ms, red)  # momentum transported by projection
+    sphere.foreach.normalize_(xs, red)  # projective retraction
+    sphere.foreach.project_(xs, ms, red)  # momentum transported by projection

@@ -21,7 +21,7 @@ modified.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -29,22 +29,23 @@ from torch import Tensor
 from .. import sphere
 from ..parameter import sphere_dim_of
 from ..sphere import compute_dtype
-from . import foreach_sphere as fs
-from .optimizer import (
-    NonfinitePolicy,
-    SphereOptimizer,
+from ._functional import (
+    Retraction,
+    check_choice,
     check_hyperparameters,
     compiling,
     default_foreach,
     group_by_axis,
-    is_dtensor,
     pick,
-    torch_sgd,
+    retract_,
+    run_stacked,
+    to_dtype,
+    work_units,
 )
+from ._torch_shims import torch_sgd
+from .optimizer import NonfinitePolicy, SphereOptimizer
 
 __all__ = ["RiemannianSGD", "riemannian_sgd"]
-
-Retraction = Literal["project", "exp"]
 
 
 class RiemannianSGD(SphereOptimizer):
@@ -81,13 +82,10 @@ class RiemannianSGD(SphereOptimizer):
         retraction: Retraction = "project",
         nonfinite: NonfinitePolicy = "skip",
     ) -> None:
-        check_hyperparameters(lr, weight_decay=weight_decay)
-        if momentum < 0.0:
-            raise ValueError(f"invalid momentum value: {momentum} (must be >= 0)")
+        check_hyperparameters(lr, weight_decay=weight_decay, momentum=momentum)
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-        if retraction not in ("project", "exp"):
-            raise ValueError(f"retraction must be 'project' or 'exp', got {retraction!r}")
+        check_choice("retraction", retraction, ("project", "exp"))
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -142,6 +140,7 @@ class RiemannianSGD(SphereOptimizer):
                 self.state[p]["momentum_buffer"] = buf
 
 
+# torch's functional signature (lists, then keywords), shared on purpose by every core.
 def riemannian_sgd(
     params: list[Tensor],
     grads: list[Tensor],
@@ -246,19 +245,7 @@ def _single_tensor_riemannian_sgd(
                 buf.mul_(momentum).add_(rg, alpha=1 - dampening)
             direction = rg.add(buf, alpha=momentum) if nesterov else buf
         u = direction * -lr
-        if retraction == "project":
-            y = sphere.retract(xc, u, d)
-            if buf is not None:
-                buf.copy_(sphere.project(y, buf, d))
-        elif is_dtensor(x):
-            # as in RiemannianAdam: sphere.transport's antipodal fallback has no DTensor rule
-            # along a sharded axis; the transport along the geodesic of u needs reductions only
-            y = xc.clone()
-            fs.expmap_([y], [u], fs.RowReducer([y], d), transported=None if buf is None else [buf])
-        else:
-            y = sphere.expmap(xc, u, d)
-            if buf is not None:
-                buf.copy_(sphere.transport(xc, y, buf, d))
+        y = retract_(xc, u, d, retraction, [] if buf is None else [buf])
         x.copy_(y)
 
 
@@ -303,31 +290,33 @@ def _multi_tensor_riemannian_sgd(
         cd = compute_dtype(dtype)
         xs_all = pick(params, idx)
         keys = None if compiling() else [momentum_buffers[i] is None for i in idx]
-        for stacked, unit in fs.work_units(xs_all, keys):
+        for stacked, unit in work_units(xs_all, keys):
             u_idx = [idx[j] for j in unit]
             xs = pick(xs_all, unit)
             gs = pick(grads, u_idx)
             bufs = pick(momentum_buffers, u_idx)
             if stacked:  # one tensor for many small same-shaped parameters
-                x = fs.stack_into(xs, cd)
                 fresh = bufs[0] is None
-                b = [None] if fresh else [fs.stack_into(bufs)]  # type: list[Tensor | None]
-                _sphere_sgd_bucket([x], [fs.stack_into(gs, cd)], b, dim + 1, **hyper)
-                torch._foreach_copy_(xs, x.unbind(0))
-                if momentum != 0:
-                    if fresh:
-                        for i, new in zip(u_idx, b[0].unbind(0)):  # type: ignore[union-attr]
-                            momentum_buffers[i] = new.clone()
-                    else:
-                        torch._foreach_copy_(bufs, b[0].unbind(0))  # type: ignore[union-attr]
+                st = run_stacked(
+                    [xs, gs, [] if fresh else bufs], _stacked_bucket, dim + 1, hyper, dtype=cd
+                )
+                if fresh and momentum != 0:  # torch: the first buffer is the gradient
+                    for i, new in zip(u_idx, st[2].unbind(0)):  # type: ignore[union-attr]
+                        momentum_buffers[i] = new.clone()
                 continue
-            xc = xs if cd == dtype else [x.to(cd) for x in xs]
-            gs = [g if g.dtype == cd else g.to(cd) for g in gs]
+            xc, gs = to_dtype(xs, cd), to_dtype(gs, cd)
             _sphere_sgd_bucket(xc, gs, bufs, dim, **hyper)
             for i, b_new in zip(u_idx, bufs):
                 momentum_buffers[i] = b_new
             if xc is not xs:
                 torch._foreach_copy_(xs, xc)
+
+
+def _stacked_bucket(st: list[Tensor | None], dim: int, hyper: dict[str, Any]) -> None:
+    """:func:`_sphere_sgd_bucket` on stacked tensors (see ``_functional.run_stacked``)."""
+    bufs = [st[2]]
+    _sphere_sgd_bucket([st[0]], [st[1]], bufs, dim, **hyper)  # type: ignore[list-item]
+    st[2] = bufs[0]
 
 
 def _sphere_sgd_bucket(
@@ -345,10 +334,10 @@ def _sphere_sgd_bucket(
 ) -> None:
     """One bucket of sphere parameters sharing ``dim``, in the compute dtype. ``bufs`` is
     updated in place (``None`` entries are replaced by new buffers when ``momentum != 0``)."""
-    red = fs.RowReducer(xc, dim)
+    red = sphere.foreach.RowReducer(xc, dim)
     if maximize:
         gs = torch._foreach_neg(gs)
-    rg = fs.project(xc, gs, red)
+    rg = sphere.foreach.project(xc, gs, red)
     transported: list[Tensor] | None = None
     direction = rg
     if momentum != 0:
@@ -372,9 +361,9 @@ def _sphere_sgd_bucket(
             torch._foreach_sub_(xc, torch._foreach_mul(direction, lr))
         else:
             torch._foreach_add_(xc, direction, alpha=-lr)
-        fs.normalize_(xc, red)
+        sphere.foreach.normalize_(xc, red)
         if transported is not None:
-            fs.project_(xc, transported, red)
+            sphere.foreach.project_(xc, transported, red)
     else:
         u = torch._foreach_mul(direction, -lr)
-        fs.expmap_(xc, u, red, transported=transported)
+        sphere.foreach.expmap_(xc, u, red, transported=transported)

@@ -1,18 +1,81 @@
 """Geometry of the unit hypersphere: the one home of sphere math in spheretorch.
 
-Public names are re-exported here; models, optimizers, :mod:`spheretorch.geodesic`,
-:mod:`spheretorch.parameter` and :mod:`spheretorch.distributed` use only these.
+* :mod:`.functional` -- points and tangent vectors (normalize, project, retract, expmap,
+  logmap, dist, transport, random, ...);
+* :mod:`.unit` -- the hot-path normalizer :func:`unit`;
+* :mod:`.series` -- functions with removable singularities (sinc, cos_sinc_sq, atanc_sq);
+* :mod:`.checks` -- argument checks and the one half-precision policy (:func:`compute_dtype`);
+* :mod:`.foreach` -- the same operations on lists of tensors (``_foreach`` ops);
+* :mod:`.dtensor` -- DTensor-aware reductions (FSDP2).
+
+Models, optimizers, :mod:`spheretorch.geodesic` and :mod:`spheretorch.parameter` use only the
+names exported here (and :mod:`.foreach`).
 """
 
-from .functional import *  # noqa: F403
-from .functional import __all__ as _functional_all
-from .functional import (  # noqa: F401  (semi-public helpers used inside the package)
-    _atanc_sq,
-    _cos_sinc_sq,
-    _up,
+from . import foreach
+from .checks import (
+    UPCAST_DTYPES,
     check_floating,
     check_same_shape,
-    geodesic_frame,
+    check_sphere_dim,
+    compute_dtype,
+    upcast,
 )
+from .dtensor import global_value, is_dtensor, zeros_per_slice
+from .functional import (
+    angle,
+    antipodal_direction,
+    check_unit,
+    dist,
+    expmap,
+    geodesic_frame,
+    inner,
+    logmap,
+    norm,
+    normalize,
+    project,
+    random,
+    retract,
+    transport,
+    unit_atol,
+)
+from .series import atanc_sq, cos_sinc_sq, sinc, sqrt0
+from .unit import unit
 
-__all__ = list(_functional_all)
+# Old private spellings, kept for code written against v0.1.
+_atanc_sq = atanc_sq
+_cos_sinc_sq = cos_sinc_sq
+_up = upcast
+
+__all__ = [
+    "UPCAST_DTYPES",
+    "angle",
+    "antipodal_direction",
+    "atanc_sq",
+    "check_floating",
+    "check_same_shape",
+    "check_sphere_dim",
+    "check_unit",
+    "compute_dtype",
+    "cos_sinc_sq",
+    "dist",
+    "expmap",
+    "foreach",
+    "geodesic_frame",
+    "global_value",
+    "inner",
+    "is_dtensor",
+    "logmap",
+    "norm",
+    "normalize",
+    "project",
+    "random",
+    "retract",
+    "sinc",
+    "sqrt0",
+    "transport",
+    "unit",
+    "unit_atol",
+    "upcast",
+    "zeros_per_slice",
+]

@@ -1,42 +1,32 @@
 r"""Geometry of the unit hypersphere :math:`S^{d-1} = \{x \in \mathbb{R}^d : \|x\| = 1\}`.
 
-Every function works on tensors of any shape; ``dim`` selects the axis that holds the
-:math:`d` coordinates of each point, all other axes are batch axes. Points are assumed to be
-unit vectors along ``dim`` (use :func:`normalize` to put them there); tangent vectors at ``x``
-satisfy :math:`\langle x, u \rangle = 0`.
-
-Numerical policy
-----------------
-* Angles come from ``atan2(||sin part||, cos part)``, never ``acos`` of a clamped dot product,
-  so they are accurate near 0 and near :math:`\pi` and have finite gradients everywhere.
-* Functions with a removable singularity (:math:`\sin\theta/\theta`, :math:`\theta/\sin\theta`)
-  switch to their Taylor series below a dtype-dependent threshold, inside ``torch.where`` with
-  sanitised inputs so that neither branch produces a NaN gradient.
-* Reductions (norms, inner products) and angle functions are computed in float32 for
-  float16/bfloat16 inputs; results are cast back to the input dtype.
-* Antipodal pairs (:math:`y = -x`) have no unique geodesic. The deterministic choice used by
-  :func:`logmap`, :func:`transport` and :mod:`spheretorch.geodesic` is the tangent direction
-  :func:`antipodal_direction`: the basis vector :math:`e_j` with the smallest :math:`|x_j|`
-  (first such index), projected onto the tangent space and normalised.
-
-This module is the small manifold interface the optimizers use: :func:`project`,
-:func:`retract`, :func:`expmap` and :func:`transport`.
+Every function takes tensors of any shape; ``dim`` selects the axis holding the :math:`d`
+coordinates of each point, the other axes are batch axes. Points are unit vectors along
+``dim`` (:func:`normalize` puts them there; pass ``check=True`` to the functions of two
+points to have that verified); tangent vectors at ``x`` satisfy :math:`\langle x, u\rangle = 0`.
+Angles come from ``atan2``, removable singularities from series, half types are computed in
+float32, and antipodal pairs use :func:`antipodal_direction` (details: docs/geometry.md).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import operator
+from typing import Literal
 
 import torch
 from torch import Tensor
 
+from .checks import check_floating, check_same_shape, check_sphere_dim, compute_dtype
+from .checks import upcast as _up
+from .series import atanc_sq, cos_sinc_sq, sqrt0
+
 __all__ = [
     "angle",
     "antipodal_direction",
-    "check_sphere_dim",
-    "compute_dtype",
+    "check_unit",
     "dist",
     "expmap",
+    "geodesic_frame",
     "inner",
     "logmap",
     "norm",
@@ -44,60 +34,11 @@ __all__ = [
     "project",
     "random",
     "retract",
-    "sinc",
     "transport",
-    "unit",
+    "unit_atol",
 ]
 
 ZeroPolicy = Literal["raise", "fixed", "keep"]
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-# ----------------------------------------------------------------------------- validation
-
-
-def check_floating(x: Tensor, name: str) -> None:
-    """Raise ``TypeError`` unless ``x`` is a floating-point tensor."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(
-            f"{name} must have a floating-point dtype (float16, bfloat16, float32, float64), "
-            f"got {x.dtype}"
-        )
-
-
-def check_sphere_dim(x: Tensor, dim: int, name: str = "dim") -> int:
-    """Return ``dim`` as a non-negative axis of ``x`` or raise a ``ValueError`` naming it."""
-    if isinstance(dim, bool) or not isinstance(dim, int):
-        raise TypeError(f"{name} must be an int, got {type(dim).__name__}")
-    if x.dim() == 0:
-        raise ValueError(
-            f"a point on the sphere needs at least one axis; got a 0-d tensor ({name})"
-        )
-    if not -x.dim() <= dim < x.dim():
-        raise ValueError(
-            f"{name}={dim} is out of range for a tensor of shape {tuple(x.shape)} "
-            f"(expected -{x.dim()} <= {name} < {x.dim()})"
-        )
-    return dim % x.dim()
-
-
-def check_same_shape(a: Tensor, b: Tensor, names: str) -> None:
-    """Raise ``ValueError`` unless ``a`` and ``b`` have the same shape."""
-    if a.shape != b.shape:
-        raise ValueError(
-            f"{names} must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}"
-        )
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype reductions are accumulated in: float32 for half/bfloat16, else ``dtype``."""
-    return torch.float32 if dtype in _LOW_PRECISION else dtype
-
-
-def _up(x: Tensor) -> Tensor:
-    return x.to(compute_dtype(x.dtype))
 
 
 def _is_tracing() -> bool:
@@ -159,63 +100,36 @@ def _checked_norm(x: Tensor, n: Tensor, dim: int) -> Tensor:
     )
 
 
-def _series_threshold(dtype: torch.dtype) -> float:
-    # Below this the Taylor series used are exact to the last ulp (sinc: truncation z^8 / 9!)
-    # while the closed forms' derivatives would lose digits to cancellation.
-    return 1e-2 if dtype == torch.float64 else 0.25
+#: largest accepted | ||x|| - 1 | for ``check=True``: a few hundred ulp of the storage dtype
+_UNIT_ATOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
-def sinc(theta: Tensor) -> Tensor:
-    r"""Unnormalised sinc :math:`\sin\theta / \theta` with :math:`\mathrm{sinc}(0) = 1`.
-
-    Smooth (all derivatives exact) at 0: the series
-    :math:`1 - \theta^2/6 + \theta^4/120 - \theta^6/5040` is used for small :math:`|\theta|`.
-    """
-    small = theta.abs() < _series_threshold(theta.dtype)
-    safe = torch.where(small, torch.ones_like(theta), theta)
-    t2 = theta * theta
-    series = 1 - t2 / 6 * (1 - t2 / 20 * (1 - t2 / 42))
-    return torch.where(small, series, torch.sin(safe) / safe)
+def unit_atol(dtype: torch.dtype) -> float:
+    """The default tolerance of :func:`check_unit` for points stored in ``dtype``."""
+    return _UNIT_ATOL.get(dtype, 1e-5)
 
 
-def _sqrt0(z2: Tensor) -> Tensor:
-    r""":math:`\sqrt{z_2}` for :math:`z_2 \ge 0` with a finite (zero) gradient at 0."""
-    pos = z2 > 0
-    return torch.where(pos, torch.sqrt(torch.where(pos, z2, torch.ones_like(z2))), 0.0)
-
-
-def _cos_sinc_sq(n2: Tensor) -> tuple[Tensor, Tensor]:
-    r"""``(cos(n), sinc(n))`` for :math:`n = \sqrt{n_2}`, from the squared norm :math:`n_2`.
-
-    Below the series threshold both are polynomials in :math:`n_2 = \|u\|^2`, so they are
-    smooth to every order in the vector :math:`u` at :math:`u = 0` (going through
-    :math:`\|u\|` gives exact first but wrong second derivatives there). Truncation errors:
-    :math:`n^{10}/10!` and :math:`n^8/9!`, below the last ulp.
-    """
-    thr = _series_threshold(n2.dtype)
-    small = n2 < thr * thr
-    n = torch.sqrt(torch.where(small, torch.ones_like(n2), n2))
-    cos_series = 1 - n2 / 2 * (1 - n2 / 12 * (1 - n2 / 30 * (1 - n2 / 56)))
-    sinc_series = 1 - n2 / 6 * (1 - n2 / 20 * (1 - n2 / 42))
-    return (
-        torch.where(small, cos_series, torch.cos(n)),
-        torch.where(small, sinc_series, torch.sin(n) / n),
+def check_unit(x: Tensor, dim: int = -1, name: str = "x", atol: float | None = None) -> None:
+    """Raise a one-line ``ValueError`` naming the first slice of ``x`` along ``dim`` whose norm
+    is not 1 within ``atol`` (default :func:`unit_atol`). One host sync."""
+    dim = check_sphere_dim(x, dim)
+    tol = unit_atol(x.dtype) if atol is None else atol
+    off = (norm(x, dim) - 1).abs()
+    bad = ~(off <= tol)  # NaN counts as bad
+    if not bool(bad.any()):
+        return
+    first = tuple(int(i) for i in bad.nonzero()[0])
+    shown = ", ".join(":" if k == dim else str(i) for k, i in enumerate(first))
+    raise ValueError(
+        f"{name} must be unit vectors along dim={dim}: {name}[{shown}] has norm "
+        f"{float(norm(x, dim)[first]):.6g} (tolerance {tol:g}; normalize it first)"
     )
 
 
-def _atanc_sq(z2: Tensor) -> Tensor:
-    r""":math:`\arctan(z)/z` for :math:`z = \sqrt{z_2}`, 1 at 0, a polynomial in :math:`z_2`
-    below the threshold (smooth to every order at 0).
-
-    The coefficients of this series decay only like :math:`1/(2k+1)`, so it needs six terms
-    (truncation :math:`z^{12}/13`) to be exact to the last ulp below the threshold; four terms
-    left a relative error of 1.5e-6 at :math:`z = 0.25` in float32.
-    """
-    thr = _series_threshold(z2.dtype)
-    small = z2 < thr * thr
-    z = torch.sqrt(torch.where(small, torch.ones_like(z2), z2))
-    series = 1 - z2 * (1 / 3 - z2 * (1 / 5 - z2 * (1 / 7 - z2 * (1 / 9 - z2 / 11))))
-    return torch.where(small, series, torch.atan(z) / z)
+def _check_points(check: bool, dim: int, **points: Tensor) -> None:
+    if check:
+        for name, x in points.items():
+            check_unit(x, dim, name)
 
 
 def _unit_basis(x: Tensor, dim: int) -> Tensor:
@@ -301,17 +215,19 @@ def retract(x: Tensor, u: Tensor, dim: int = -1) -> Tensor:
     return normalize(_up(x) + _up(u), dim, on_zero="keep").to(x.dtype)
 
 
-def expmap(x: Tensor, u: Tensor, dim: int = -1) -> Tensor:
+def expmap(x: Tensor, u: Tensor, dim: int = -1, *, check: bool = False) -> Tensor:
     r"""Exponential map :math:`\exp_x(u) = \cos(\|u\|)\,x + \mathrm{sinc}(\|u\|)\,u`.
 
     ``u`` must be tangent at ``x``. Exact for any step length (wraps around the sphere for
     :math:`\|u\| > \pi`); the result is re-normalised to stop drift under repeated use.
+    ``check=True`` verifies that ``x`` is unit (:func:`check_unit`).
     """
     check_floating(x, "x")
     check_floating(u, "u")
-    dim = check_sphere_dim(x, dim)
+    dim = check_sphere_dim(x, dim, min_size=2)
+    _check_points(check, dim, x=x)
     xu, uu = _up(x), _up(u)
-    cos_n, sinc_n = _cos_sinc_sq(inner(uu, uu, dim))
+    cos_n, sinc_n = cos_sinc_sq(inner(uu, uu, dim))
     y = cos_n * xu + sinc_n * uu
     return normalize(y, dim, on_zero="keep").to(x.dtype)
 
@@ -322,18 +238,22 @@ def _angle_parts(x: Tensor, y: Tensor, dim: int) -> tuple[Tensor, Tensor, Tensor
     c = inner(x, y, dim)
     v = y - c * x
     s2 = inner(v, v, dim)
-    s = _sqrt0(s2)
+    s = sqrt0(s2)
     return c, v, s2, s, torch.atan2(s, c)
 
 
-def angle(x: Tensor, y: Tensor, dim: int = -1) -> Tensor:
+def angle(x: Tensor, y: Tensor, dim: int = -1, *, check: bool = False) -> Tensor:
     r"""Angle between unit vectors, in :math:`[0, \pi]`, with ``dim`` kept as size 1:
 
     .. math:: \theta = \operatorname{atan2}(\|y - \langle x,y\rangle x\|, \langle x,y\rangle)
+
+    Defined for unit ``x`` and ``y`` only (for others it is not the angle between their
+    directions); ``check=True`` raises ``ValueError`` on non-unit input (:func:`check_unit`).
     """
     check_floating(x, "x")
     check_floating(y, "y")
     dim = check_sphere_dim(x, dim)
+    _check_points(check, dim, x=x, y=y)
     return _angle_parts(_up(x), _up(y), dim)[4].to(x.dtype)
 
 
@@ -343,7 +263,7 @@ def antipodal_direction(x: Tensor, dim: int = -1) -> Tensor:
     :math:`w = e_j - x_j x` with :math:`j = \arg\min_i |x_i|` (first index on ties), normalised.
     For :math:`d \ge 2`, :math:`\|w\|^2 = 1 - x_j^2 \ge 1 - 1/d > 0`.
     """
-    dim = check_sphere_dim(x, dim)
+    dim = check_sphere_dim(x, dim, min_size=2)
     xu = _up(x)
     j = xu.abs().argmin(dim=dim, keepdim=True)
     xj = xu.gather(dim, j)
@@ -372,35 +292,41 @@ def geodesic_frame(x: Tensor, y: Tensor, dim: int) -> tuple[Tensor, Tensor]:
     near = c > s
     one = torch.ones_like(c)
     c_safe = torch.where(near, c, one)
-    near_log = (_atanc_sq(s2 / (c_safe * c_safe)) / c_safe) * v
+    near_log = (atanc_sq(s2 / (c_safe * c_safe)) / c_safe) * v
     tiny = s <= 16 * torch.finfo(s.dtype).eps
     s_safe = torch.where(near | tiny, one, s)
     u_far = torch.where(tiny, antipodal_direction(xu, dim), v / s_safe)
     return theta, torch.where(near, near_log, theta * u_far)
 
 
-def logmap(x: Tensor, y: Tensor, dim: int = -1) -> Tensor:
+def logmap(x: Tensor, y: Tensor, dim: int = -1, *, check: bool = False) -> Tensor:
     r"""Logarithmic map :math:`\log_x(y) = \theta v / \|v\|`, :math:`v = y - \langle x,y\rangle x`.
 
     The inverse of :func:`expmap` for :math:`\theta < \pi`; :math:`\|\log_x y\| = d(x, y)`.
     Near :math:`\theta = 0` the factor :math:`\theta/\|v\|` comes from a series, so the map and
     its gradient are smooth at ``x == y``. At ``y == -x`` it returns
-    :math:`\pi \cdot` :func:`antipodal_direction`.
+    :math:`\pi \cdot` :func:`antipodal_direction`. ``check=True``: verify unit inputs.
     """
     check_floating(x, "x")
     check_floating(y, "y")
-    dim = check_sphere_dim(x, dim)
+    dim = check_sphere_dim(x, dim, min_size=2)
     check_same_shape(x, y, "x and y")
+    _check_points(check, dim, x=x, y=y)
     return geodesic_frame(x, y, dim)[1].to(y.dtype)
 
 
-def dist(x: Tensor, y: Tensor, dim: int = -1, keepdim: bool = False) -> Tensor:
-    r"""Geodesic distance :math:`d(x, y) = \theta \in [0, \pi]` (the angle), ``dim`` reduced."""
-    theta = angle(x, y, dim)
+def dist(
+    x: Tensor, y: Tensor, dim: int = -1, keepdim: bool = False, *, check: bool = False
+) -> Tensor:
+    r"""Geodesic distance :math:`d(x, y) = \theta \in [0, \pi]` (:func:`angle`), ``dim`` reduced.
+
+    For unit inputs only; ``check=True`` raises ``ValueError`` on non-unit ones.
+    """
+    theta = angle(x, y, dim, check=check)
     return theta if keepdim else theta.squeeze(check_sphere_dim(x, dim))
 
 
-def transport(x: Tensor, y: Tensor, v: Tensor, dim: int = -1) -> Tensor:
+def transport(x: Tensor, y: Tensor, v: Tensor, dim: int = -1, *, check: bool = False) -> Tensor:
     r"""Parallel transport of the tangent vector ``v`` from ``x`` to ``y`` along the geodesic.
 
     .. math:: \Gamma_{x\to y}(v) = v - \frac{\langle y, v\rangle}{1 + \langle x, y\rangle}(x + y)
@@ -413,12 +339,13 @@ def transport(x: Tensor, y: Tensor, v: Tensor, dim: int = -1) -> Tensor:
     is also well conditioned off the sphere. For antipodal pairs (:math:`\|x + y\|` at
     rounding level, the same test :func:`logmap` uses) it transports along the geodesic in the
     :func:`antipodal_direction` :math:`w`: :math:`v - 2\langle w, v\rangle w`. Preserves
-    inner products between tangent vectors.
+    inner products between tangent vectors. ``check=True``: verify unit ``x`` and ``y``.
     """
     check_floating(x, "x")
     check_floating(y, "y")
     check_floating(v, "v")
-    dim = check_sphere_dim(x, dim)
+    dim = check_sphere_dim(x, dim, min_size=2)
+    _check_points(check, dim, x=x, y=y)
     xu, yu, vu = _up(x), _up(y), _up(v)
     xy = xu + yu
     m2 = inner(xy, xy, dim)
@@ -437,49 +364,31 @@ def random(
     device: torch.device | str | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    r"""Points drawn uniformly from the sphere along ``dim``: normalised standard Gaussians."""
+    r"""Points drawn uniformly from the sphere along ``dim``: normalised standard Gaussians.
+
+    ``shape`` as for :func:`torch.randn` (sizes, or one tuple); at least one axis, and the
+    sphere axis of size >= 2.
+    """
     if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)):
         shape = tuple(shape[0])
+    sizes = tuple(shape)
+    if not shape:
+        raise ValueError(
+            "random() needs a shape with at least one axis (the sphere axis), e.g. "
+            "random(8) or random(4, 8); got none"
+        )
+    try:
+        shape = tuple(operator.index(n) for n in shape if not isinstance(n, bool))
+    except TypeError:
+        shape = ()
+    if len(shape) != len(sizes) or min(shape) < 0:
+        raise ValueError(f"random() needs non-negative int sizes, got {sizes}")
     if dtype is not None and not dtype.is_floating_point:
         # Checked before sampling: torch.randn's own error for an integer dtype is obscure.
         raise TypeError(
             f"random() needs a floating-point dtype (float16, bfloat16, float32, float64), "
             f"got {dtype}"
         )
+    check_sphere_dim(torch.empty(shape, device="meta"), dim, min_size=2)
     x = torch.randn(*shape, dtype=dtype, device=device, generator=generator)
     return normalize(x, dim, on_zero="fixed")
-
-
-# ----------------------------------------------------------------------------- hot-path unit
-
-
-class _Unit(torch.autograd.Function):
-    r"""``y = x / ||x||`` (last axis) with a hand-written backward.
-
-    Autograd through ``x / x.norm()`` runs about six full-size kernels backwards; the closed
-    form :math:`\partial L/\partial x = (g - y \langle g, y\rangle) / \|x\|` needs three.
-    Computed in fp32 for half inputs (chained normalizations compound bf16 error); an opaque
-    Function also keeps ``torch.compile`` from re-fusing it in low precision.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:
-        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-        tiny = torch.finfo(xf.dtype).tiny
-        r = torch.rsqrt((xf * xf).sum(-1, keepdim=True).clamp_min(tiny))
-        y = xf * r
-        ctx.save_for_backward(y, r)
-        return y.to(x.dtype)
-
-    @staticmethod
-    def backward(ctx: Any, g: Tensor) -> Tensor:
-        y, r = ctx.saved_tensors
-        gf = g.to(y.dtype)
-        return ((gf - y * (gf * y).sum(-1, keepdim=True)) * r).to(g.dtype)
-
-
-def unit(x: Tensor) -> Tensor:
-    """``x / ||x||`` along the last axis: the same values as
-    ``spheretorch.sphere.normalize(x, -1, on_zero="keep")`` (fp32 norms for half inputs, zero
-    rows stay zero), with a cheaper fused backward."""
-    return _Unit.apply(x)

@@ -1,146 +1,37 @@
-r"""The optimizers' manifold interface in multi-tensor (``_foreach``) form.
+r"""The sphere operations on *lists* of tensors sharing one sphere axis, with ``_foreach`` ops.
 
-The single-tensor implementations call :func:`spheretorch.sphere.project`,
-:func:`~spheretorch.sphere.retract`, :func:`~spheretorch.sphere.expmap` and
-:func:`~spheretorch.sphere.transport` directly. The multi-tensor implementations need the
-same four operations on a *list* of tensors sharing one sphere axis, written with in-place
-``torch._foreach_*`` ops:
-
-* :func:`project` / :func:`project_`: :math:`u - \langle x, u\rangle x` (Riemannian gradient,
-  and vector transport by projection onto the new tangent space);
-* :func:`normalize_`: :math:`x / \|x\|`; after ``x += u`` it completes the projective
-  retraction :math:`R_x(u) = (x + u)/\|x + u\|`;
-* :func:`expmap_`: :math:`x \leftarrow \exp_x(u)`, optionally transporting tangent vectors
-  along the geodesic (parallel transport).
-
-Everything the pointwise ops need per slice (inner products, norms) comes from a
-:class:`RowReducer`. Reductions are the one thing ``_foreach`` has no op for: a reducer does
-one call per large tensor and a single stacked call for each set of small tensors of one
-shape, so 64 small parameters cost a handful of kernel calls, not 64.
-
-:func:`buckets` orders the work for the CPU caches: on CPU the lists are cut into buckets of
-about :data:`CPU_BUCKET_BYTES` and every op of a step runs bucket by bucket, so a bucket's
-parameter, gradient and moments are read from memory once per step and then stay in cache
-(running each op over the whole list streams everything from DRAM once per op, about 1.4x
-slower for the benchmark set). On CUDA a bucket is the whole list. :func:`work_units` also
-pulls out sets of small same-shaped tensors, which the optimizers update as one stacked
-tensor.
+The optimizers' multi-tensor paths use these: :func:`project` / :func:`project_` (tangent
+projection, vector transport by projection), :func:`normalize_` (completes the projective
+retraction after ``x += u``), :func:`expmap_` (exponential map with parallel transport) and
+:func:`normalize_each_` (renormalisation along per-tensor axes). Per-slice reductions, which
+``_foreach`` has no op for, come from a :class:`RowReducer`: one call per large tensor and one
+stacked call per set of small same-shaped tensors.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from ..sphere import sinc
-from .optimizer import is_dtensor
+from .checks import compute_dtype
+from .dtensor import is_dtensor
+from .functional import norm
+from .series import sinc
 
 __all__ = [
-    "CPU_BUCKET_BYTES",
+    "STACK_MAX_NUMEL",
     "RowReducer",
-    "buckets",
     "expmap_",
     "normalize_",
+    "normalize_each_",
     "project",
     "project_",
-    "stack_into",
-    "work_units",
 ]
 
 #: tensors with at most this many elements are reduced together with same-shaped ones
 STACK_MAX_NUMEL = 1 << 15
-#: parameter bytes per bucket on CPU (a bucket's working set, ~4x this, stays in L2/L3)
-CPU_BUCKET_BYTES = 1 << 20
-#: same-shaped parameters with at most this many elements are updated as one stacked tensor
-STACK_STEP_MAX_NUMEL = 4096
-
-
-def buckets(tensors: Sequence[Tensor], budget: int | None = None) -> list[list[int]]:
-    """Indices of ``tensors`` cut into consecutive buckets of about ``budget`` bytes on CPU
-    (default :data:`CPU_BUCKET_BYTES`).
-
-    A tensor larger than the budget is a bucket on its own; on any other device (or when
-    compiling, where the compiler fuses the ops anyway) there is one bucket.
-    """
-    n = len(tensors)
-    if n == 0:
-        return []
-    if tensors[0].device.type != "cpu" or torch.compiler.is_compiling():
-        return [list(range(n))]
-    if budget is None:
-        budget = CPU_BUCKET_BYTES
-    out: list[list[int]] = []
-    cur: list[int] = []
-    size = 0
-    for i, t in enumerate(tensors):
-        b = t.numel() * t.element_size()
-        if cur and size + b > budget:
-            out.append(cur)
-            cur, size = [], 0
-        cur.append(i)
-        size += b
-    out.append(cur)
-    return out
-
-
-def work_units(
-    tensors: Sequence[Tensor],
-    keys: Sequence[Hashable] | None = None,
-    budget: int | None = None,
-) -> list[tuple[bool, list[int]]]:
-    """Split ``tensors`` into units of work ``(stacked, indices)``.
-
-    Small tensors (at most :data:`STACK_STEP_MAX_NUMEL` elements) of one shape and one key
-    (e.g. the same step count) form *stacked* units: the optimizer stacks them into one
-    tensor, runs the whole update on it with ordinary ops and copies the results back, so 64
-    small parameters cost the same few kernel calls as one. Elementwise results are the same
-    as updating them one by one. Everything else is cut into :func:`buckets` of ``budget``
-    bytes (default :data:`CPU_BUCKET_BYTES`). While compiling
-    there is one unstacked unit (the compiler fuses the ops itself); ``keys=None`` disables
-    stacking.
-    """
-    n = len(tensors)
-    if n == 0:
-        return []
-    if keys is None or torch.compiler.is_compiling():
-        return [(False, b) for b in buckets(tensors, budget)]
-    small: dict[tuple[Any, ...], list[int]] = {}
-    rest = []
-    for i, t in enumerate(tensors):
-        if t.numel() <= STACK_STEP_MAX_NUMEL and not is_dtensor(t):
-            small.setdefault((t.shape, t.device, t.dtype, keys[i]), []).append(i)
-        else:
-            rest.append(i)
-    units: list[tuple[bool, list[int]]] = []
-    for idx in small.values():
-        if len(idx) == 1:
-            rest.extend(idx)
-            continue
-        per = max(1, (CPU_BUCKET_BYTES // max(1, tensors[idx[0]].nbytes)))
-        if tensors[idx[0]].device.type != "cpu":
-            per = len(idx)
-        units.extend((True, idx[k : k + per]) for k in range(0, len(idx), per))
-    if rest:
-        rest.sort()
-        units.extend((False, [rest[j] for j in b]) for b in buckets(pick(tensors, rest), budget))
-    if tensors[0].device.type == "cpu":
-        # Last to first: the non-finite check has just read the gradients first to last, so
-        # the last ones are still in cache.
-        units.sort(key=lambda unit: -unit[1][-1])
-    return units
-
-
-def pick(seq: Sequence[Any], idx: Sequence[int]) -> list[Any]:
-    return [seq[i] for i in idx]
-
-
-def stack_into(tensors: Sequence[Tensor], dtype: torch.dtype | None = None) -> Tensor:
-    """``torch.stack(tensors)``, converted to ``dtype`` if given."""
-    st = torch.stack(list(tensors))
-    return st if dtype is None or st.dtype == dtype else st.to(dtype)
 
 
 class RowReducer:
@@ -287,3 +178,39 @@ def expmap_(
     torch._foreach_mul_(xs, cos_n)
     torch._foreach_addcmul_(xs, us, sinc_n)
     normalize_(xs, red)
+
+
+@torch.no_grad()
+def normalize_each_(
+    xs: Sequence[Tensor],
+    dims: Sequence[int | None],
+    *,
+    foreach: bool = True,
+    keep: Tensor | None = None,
+) -> None:
+    r"""In place :math:`x \leftarrow x / \|x\|` along ``dims[i]`` (``None``: left alone).
+
+    Norms of half types are accumulated in float32. ``foreach=False``: torch's
+    ``vector_norm`` (bitwise ``x.div_(x.norm(dim, keepdim=True))``); the multi-tensor path
+    uses a float64-accumulated sum of squares along strided axes (within 1 ulp of the exactly
+    rounded result, and ~10x faster than torch's CPU ``vector_norm`` there). ``keep`` (0-d):
+    when nonzero everything stays bitwise unchanged, without a host synchronisation.
+    """
+    groups: dict[tuple[torch.device, torch.dtype, int], list[Tensor]] = {}
+    for x, d in zip(xs, dims):
+        if d is not None:
+            groups.setdefault((x.device, x.dtype, d), []).append(x)
+    for (_, dtype, dim), group in groups.items():
+        if foreach:
+            norms = RowReducer(group, dim).norm(group, dtype=compute_dtype(dtype), exact=True)
+        else:
+            norms = [norm(x, dim) for x in group]
+        if keep is not None:
+            # lerp(n, 1, keep) is exactly n for keep == 0 and exactly 1 for keep == 1
+            one = torch.ones((), dtype=norms[0].dtype, device=norms[0].device)
+            torch._foreach_lerp_(norms, [one] * len(norms), [keep.to(one.dtype)] * len(norms))
+        if foreach:
+            torch._foreach_div_(group, norms)
+        else:  # DTensors (FSDP2) take this path: plain ops only
+            for x, n in zip(group, norms):
+                x.div_(n)

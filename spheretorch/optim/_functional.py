@@ -1,0 +1,301 @@
+r"""Helpers the three optimizers share (torch keeps these in ``optim/_functional.py`` and
+``_foreach_utils.py``): argument checks, list handling, the CPU bucketing and small-tensor
+stacking of the multi-tensor paths, the non-finite test, and the single-tensor retraction.
+
+:func:`work_units` orders the work for the CPU caches: on CPU the lists are cut into buckets
+of about :data:`CPU_BUCKET_BYTES` and every op of a step runs bucket by bucket, so a bucket's
+parameter, gradient and moments come from memory once per step (about 1.4x faster than
+streaming the whole list once per op). Small same-shaped tensors form stacked units, updated
+as one tensor by :func:`run_stacked`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from .. import sphere
+from ..sphere.dtensor import global_value, is_dtensor
+
+Retraction = Literal["project", "exp"]
+SecondMoment = Literal["row", "coordinate"]
+
+#: parameter bytes per bucket on CPU (a bucket's working set, ~4x this, stays in L2/L3)
+CPU_BUCKET_BYTES = 1 << 20
+#: same-shaped parameters with at most this many elements are updated as one stacked tensor
+STACK_STEP_MAX_NUMEL = 4096
+_FOREACH_DEVICES = ("cpu", "cuda")
+_BIG = 1 << 16  # gradients with at least this many elements are checked one by one
+
+
+# ---------------------------------------------------------------------- arguments
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def check_hyperparameters(
+    lr: Any, betas: Any = None, eps: Any = None, weight_decay: Any = 0.0, momentum: Any = None
+) -> None:
+    """torch's checks and wording, plus: non-finite values are rejected as well."""
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not 0.0 <= float(lr) < math.inf:
+            raise ValueError(f"Invalid learning rate: {float(lr)}")
+    elif not 0.0 <= lr < math.inf:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if eps is not None and not 0.0 <= eps < math.inf:
+        raise ValueError(f"Invalid epsilon value: {eps}")
+    if betas is not None:
+        if len(betas) != 2:
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        for i, b in enumerate(betas):
+            if not 0.0 <= float(b) < 1.0:
+                raise ValueError(f"Invalid beta parameter at index {i}: {b}")
+    if momentum is not None and not 0.0 <= momentum < math.inf:
+        raise ValueError(f"Invalid momentum value: {momentum}")
+    if not 0.0 <= weight_decay < math.inf:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+
+
+def default_foreach(tensors: Iterable[Tensor]) -> bool:
+    """``foreach=None`` resolves to ``True`` when every tensor is a plain CPU or CUDA tensor.
+
+    DTensors (FSDP2) take the single-tensor path, whose reductions along a sharded axis are
+    ordinary DTensor ops.
+    """
+    return all(t.device.type in _FOREACH_DEVICES and not is_dtensor(t) for t in tensors)
+
+
+def compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def scalar_value(x: Tensor | float) -> Tensor | float:
+    """A step counter or hyper-parameter as a Python number (a tensor while compiling)."""
+    if isinstance(x, Tensor) and not compiling():
+        return x.item()
+    return x
+
+
+def scalar_dtype() -> torch.dtype:
+    """dtype of a host-side step counter (torch's convention: float64 under a float64 default)."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def increment_steps(steps: list[Tensor]) -> None:
+    """``step += 1`` for a list of step counters, as torch's foreach Adam does it."""
+    if not steps:
+        return
+    if not compiling() and steps[0].is_cpu:
+        # one wrapped scalar instead of one per tensor on the CPU slow path
+        torch._foreach_add_(steps, torch.tensor(1.0, device="cpu"), alpha=1.0)
+    else:
+        torch._foreach_add_(steps, 1)
+
+
+def group_by_axis(
+    params: Sequence[Tensor], sphere_dims: Sequence[int | None]
+) -> tuple[list[int], dict[tuple[torch.device, torch.dtype, int], list[int]]]:
+    """Split indices into Euclidean ones and sphere ones keyed by (device, dtype, sphere axis)."""
+    euclidean: list[int] = []
+    spheres: dict[tuple[torch.device, torch.dtype, int], list[int]] = {}
+    for i, (p, d) in enumerate(zip(params, sphere_dims)):
+        if d is None:
+            euclidean.append(i)
+        else:
+            spheres.setdefault((p.device, p.dtype, d), []).append(i)
+    return euclidean, spheres
+
+
+def pick(seq: Sequence[Any], idx: Sequence[int]) -> list[Any]:
+    return [seq[i] for i in idx]
+
+
+# ---------------------------------------------------------------------- CPU buckets and stacking
+
+
+def buckets(tensors: Sequence[Tensor], budget: int | None = None) -> list[list[int]]:
+    """Indices of ``tensors`` cut into consecutive buckets of about ``budget`` bytes on CPU
+    (default :data:`CPU_BUCKET_BYTES`).
+
+    A tensor larger than the budget is a bucket on its own; on any other device (or when
+    compiling, where the compiler fuses the ops anyway) there is one bucket.
+    """
+    n = len(tensors)
+    if n == 0:
+        return []
+    if tensors[0].device.type != "cpu" or torch.compiler.is_compiling():
+        return [list(range(n))]
+    if budget is None:
+        budget = CPU_BUCKET_BYTES
+    out: list[list[int]] = []
+    cur: list[int] = []
+    size = 0
+    for i, t in enumerate(tensors):
+        b = t.numel() * t.element_size()
+        if cur and size + b > budget:
+            out.append(cur)
+            cur, size = [], 0
+        cur.append(i)
+        size += b
+    out.append(cur)
+    return out
+
+
+def work_units(
+    tensors: Sequence[Tensor],
+    keys: Sequence[Hashable] | None = None,
+    budget: int | None = None,
+) -> list[tuple[bool, list[int]]]:
+    """Split ``tensors`` into units of work ``(stacked, indices)``.
+
+    Small tensors (at most :data:`STACK_STEP_MAX_NUMEL` elements) of one shape and one key
+    (e.g. the same step count) form *stacked* units: the optimizer stacks them into one
+    tensor, runs the whole update on it with ordinary ops and copies the results back, so 64
+    small parameters cost the same few kernel calls as one. Elementwise results are the same
+    as updating them one by one. Everything else is cut into :func:`buckets` of ``budget``
+    bytes (default :data:`CPU_BUCKET_BYTES`). While compiling
+    there is one unstacked unit (the compiler fuses the ops itself); ``keys=None`` disables
+    stacking.
+    """
+    n = len(tensors)
+    if n == 0:
+        return []
+    if keys is None or torch.compiler.is_compiling():
+        return [(False, b) for b in buckets(tensors, budget)]
+    small: dict[tuple[Any, ...], list[int]] = {}
+    rest = []
+    for i, t in enumerate(tensors):
+        if t.numel() <= STACK_STEP_MAX_NUMEL and not is_dtensor(t):
+            small.setdefault((t.shape, t.device, t.dtype, keys[i]), []).append(i)
+        else:
+            rest.append(i)
+    units: list[tuple[bool, list[int]]] = []
+    for idx in small.values():
+        if len(idx) == 1:
+            rest.extend(idx)
+            continue
+        per = max(1, (CPU_BUCKET_BYTES // max(1, tensors[idx[0]].nbytes)))
+        if tensors[idx[0]].device.type != "cpu":
+            per = len(idx)
+        units.extend((True, idx[k : k + per]) for k in range(0, len(idx), per))
+    if rest:
+        rest.sort()
+        units.extend((False, [rest[j] for j in b]) for b in buckets(pick(tensors, rest), budget))
+    if tensors[0].device.type == "cpu":
+        # Last to first: the non-finite check has just read the gradients first to last, so
+        # the last ones are still in cache.
+        units.sort(key=lambda unit: -unit[1][-1])
+    return units
+
+
+def stack_into(tensors: Sequence[Tensor], dtype: torch.dtype | None = None) -> Tensor:
+    """``torch.stack(tensors)``, converted to ``dtype`` if given."""
+    st = torch.stack(list(tensors))
+    return st if dtype is None or st.dtype == dtype else st.to(dtype)
+
+
+def run_stacked(
+    lists: Sequence[Sequence[Tensor]],
+    fn: Callable[..., None],
+    *args: Any,
+    dtype: torch.dtype | None = None,
+    cast: tuple[int, ...] = (0, 1),
+    read_only: tuple[int, ...] = (1,),
+) -> list[Tensor | None]:
+    """Update many small same-shaped tensors as one: stack each list (those in ``cast``
+    converted to ``dtype``), let ``fn(stacks, *args)`` update the stacks in place (it may
+    also put a new tensor where a list was empty), then copy every stack not in
+    ``read_only`` back.
+
+    Elementwise results are those of updating the tensors one by one. Returns the stacks.
+    """
+    stacks: list[Tensor | None] = [
+        stack_into(ts, dtype if i in cast else None) if ts else None for i, ts in enumerate(lists)
+    ]
+    fn(stacks, *args)
+    for i, (ts, st) in enumerate(zip(lists, stacks)):
+        if ts and i not in read_only:
+            torch._foreach_copy_(ts, st.unbind(0))  # type: ignore[union-attr]
+    return stacks
+
+
+def to_dtype(ts: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
+    """``ts`` converted to ``dtype`` (the same list object when nothing needs converting)."""
+    return ts if all(t.dtype == dtype for t in ts) else [t.to(dtype) for t in ts]
+
+
+# ---------------------------------------------------------------------- non-finite test
+
+
+def nonfinite_flag(grads: Sequence[Tensor]) -> Tensor:
+    """0-d bool tensor, True when some gradient may hold a NaN or an infinity. No sync.
+
+    One full reduction per gradient (in float32 for half types): a sum for large gradients
+    (the cheapest; ~1.7x faster than a norm on CPU), one ``_foreach_norm`` for all small ones.
+    A finite gradient whose sum (of squares) overflows is flagged too; :func:`really_nonfinite`
+    re-checks. Sharded (DTensor) flags are all-reduced, one per mesh, so all ranks agree.
+    """
+    by_key: dict[tuple[Any, ...], list[Tensor]] = {}
+    for g in grads:
+        mesh = g.device_mesh if is_dtensor(g) else None  # type: ignore[attr-defined]
+        by_key.setdefault((g.device, g.dtype, g.numel() >= _BIG, mesh), []).append(g)
+    flag: Tensor | None = None
+    for (_, dtype, big, _), gs in by_key.items():
+        acc = torch.float32 if dtype in sphere.UPCAST_DTYPES else None
+        if big:
+            sums = torch.stack([g.sum(dtype=acc) for g in gs])
+        else:
+            sums = torch.stack(torch._foreach_norm(gs, 2, dtype=acc))
+        bad = global_value(~torch.isfinite(sums).all())
+        flag = bad if flag is None else flag | bad.to(flag.device)
+    assert flag is not None
+    return flag
+
+
+def really_nonfinite(grads: Sequence[Tensor]) -> bool:
+    """Exact re-check (syncs) of a step flagged by :func:`nonfinite_flag`."""
+    return any(not bool(global_value(torch.isfinite(g).all())) for g in grads)
+
+
+# ---------------------------------------------------------------------- single-tensor retraction
+
+
+def retract_(
+    x: Tensor,
+    u: Tensor,
+    dim: int,
+    retraction: Retraction,
+    transported: list[Tensor],
+    differentiable: bool = False,
+) -> Tensor:
+    r"""The new point :math:`R_x(u)` (``"project"``: :math:`(x+u)/\|x+u\|`, tangent vectors
+    in ``transported`` moved by projection; ``"exp"``: :math:`\exp_x(u)`, parallel transport).
+
+    ``transported`` is updated in place; ``x`` is not written. With ``differentiable`` the
+    vectors are read through a copy, so autograd never sees a saved tensor modified.
+    """
+    old = [b.clone() for b in transported] if differentiable else transported
+    if retraction == "project":
+        y = sphere.retract(x, u, dim)
+        for b, b0 in zip(transported, old):
+            b.copy_(sphere.project(y, b0, dim))
+    elif is_dtensor(x):
+        # sphere.transport's antipodal fallback (argmin, scatter) has no DTensor rule along a
+        # sharded axis; the transport along the geodesic of u needs only reductions.
+        y = x.clone()
+        red = sphere.foreach.RowReducer([y], dim)
+        sphere.foreach.expmap_([y], [u], red, transported=transported or None)
+    else:
+        y = sphere.expmap(x, u, dim)
+        for b, b0 in zip(transported, old):
+            b.copy_(sphere.transport(x, y, b0, dim))
+    return y

@@ -1,0 +1,114 @@
+"""Calls into torch's own functional Adam/AdamW and SGD for the Euclidean parameters (so they
+get exactly torch's update), smoothing over what those functions accept."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._functional import compiling
+
+
+def _accepts(fn: Any, name: str) -> bool:
+    import inspect
+
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        return False
+
+
+# torch's functional signature (lists, then keywords), shared on purpose by every core.
+def torch_adam(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    foreach: bool,
+    fused: bool = False,
+    found_inf: Tensor | None = None,
+    amsgrad: bool,
+    beta1: float,
+    beta2: float,
+    lr: float | Tensor,
+    weight_decay: float,
+    eps: float,
+    maximize: bool,
+    decoupled_weight_decay: bool,
+) -> None:
+    """torch's own functional Adam/AdamW (``torch.optim.adam.adam``) on Euclidean parameters."""
+    if not params:
+        return
+    from torch.optim.adam import adam
+
+    if compiling():
+        # torch's foreach Adam fails to trace on CPU when called outside torch.optim.Adam
+        # ("Expected scalars to be on CPU"); the compiler fuses the single-tensor loop anyway
+        foreach = False
+    elif isinstance(lr, Tensor) and foreach and not fused:
+        lr = lr.item()  # torch's foreach Adam takes a tensor lr only with capturable=True
+    kwargs: dict[str, Any] = dict(
+        foreach=foreach,
+        fused=fused,
+        found_inf=found_inf,
+        has_complex=any(torch.is_complex(p) for p in params),
+        amsgrad=amsgrad,
+        beta1=beta1,
+        beta2=beta2,
+        lr=lr,
+        weight_decay=weight_decay,
+        eps=eps,
+        maximize=maximize,
+    )
+    if decoupled_weight_decay and weight_decay != 0:
+        if _accepts(adam, "decoupled_weight_decay"):
+            kwargs["decoupled_weight_decay"] = True
+        else:  # pragma: no cover - torch < 2.6
+            from torch.optim.adamw import adamw as adam
+    adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **kwargs)
+
+
+# torch's functional signature (lists, then keywords), shared on purpose by every core.
+def torch_sgd(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    *,
+    foreach: bool,
+    lr: float | Tensor,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+) -> None:
+    """torch's own functional SGD (``torch.optim.sgd.sgd``) on Euclidean parameters.
+
+    ``momentum_buffers`` is updated in place (new buffers are written into the list).
+    """
+    if not params:
+        return
+    from torch.optim.sgd import sgd
+
+    if compiling():
+        foreach = False  # as in torch_adam: the compiler fuses the loop
+    elif isinstance(lr, Tensor):
+        lr = lr.item()
+    sgd(
+        params,
+        grads,
+        momentum_buffers,
+        foreach=foreach,
+        fused=False,
+        weight_decay=weight_decay,
+        momentum=momentum,
+        lr=lr,
+        dampening=dampening,
+        nesterov=nesterov,
+        maximize=maximize,
+    )
