@@ -4,7 +4,7 @@
 #
 #   benchmarks/study.sh context    # nGPT/GeoNorm iso-loss speedup over GPT vs context length
 #   benchmarks/study.sh depth      # GPT pre-/post-norm, nGPT, GeoNorm at 2..16 layers
-#   benchmarks/study.sh geonorm    # GeoNorm's new vs v0.1 defaults on the cpu-small model
+#   benchmarks/study.sh geonorm    # GeoNorm's new vs v0.1 defaults (4 layers, context 128)
 #   benchmarks/study.sh collect study_context   # copy the small outputs to benchmarks/results/
 #
 # Environment: PY (python, default python3), RUNS (output root, default runs), NICE (default 5).
@@ -51,12 +51,15 @@ depth() {
 }
 
 # GeoNorm's new defaults (issue 12: the third-party reading) against v0.1's, with GPT and nGPT:
-# the cpu-small model (4 layers, d 128, context 128, 2048 tokens per step) at half its steps
-# (400), LR swept per model over 3 values (100-step runs), 2 seeds (time on the shared machine).
+# cpu-small's depth and context (4 layers, context 128) at the studies' width (d 64, 2 heads)
+# and tokens per step (1024), 200 steps; LR swept per model over 3 values (67-step runs);
+# 3 seeds. (cpu-small itself, 800 steps, did not fit the loaded machine's time.)
 geonorm() {
     run "$RUNS/geonorm_variants" --preset cpu-small --threads 1 --no-progress \
         --models "gpt,ngpt,geonorm,geonorm-v0.1=geonorm:update_decay=inverse_sqrt:geo_angle=atan:geo_clamp=none:geo_bias=false:geo_radius=fixed:geo_step_scale=none" \
-        --steps 400 --sweep-lrs 2e-3,4e-3,8e-3 --sweep-fraction 0.25 --seeds 2
+        --set d_model=64 --set n_head=2 \
+        --batch-size 8 --steps 200 --eval-interval 25 --eval-batches 8 \
+        --sweep-lrs 4e-3,1e-2,2.5e-2 --sweep-fraction 0.334 --seeds 3
 }
 
 # Copy a finished (or partial) study's small outputs into benchmarks/results/NAME/.
