@@ -80,6 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--threads", type=_positive_int, help="CPU threads (default: the preset's, else torch's)"
     )
+    common.add_argument(
+        "--set",
+        dest="options",
+        type=_option,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="model option (a model config field), e.g. --set update_decay=linear; compare "
+        "applies it to every model whose config has the field",
+    )
 
     t = sub.add_parser("train", parents=[common], help="train one model")
     t.add_argument("--model", required=True, choices=list(MODELS))
@@ -108,15 +118,6 @@ def build_parser() -> argparse.ArgumentParser:
         default="none",
         help="data-parallel mode under torchrun: ddp or fsdp (FSDP2)",
     )
-    t.add_argument(
-        "--set",
-        dest="options",
-        type=_option,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="model option (TransformerConfig field), e.g. --set update_decay=linear",
-    )
 
     c = sub.add_parser("compare", parents=[common], help="compare models at equal budget")
     c.add_argument("--models", default="gpt,ngpt,geonorm", help="comma-separated model names")
@@ -143,15 +144,6 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--eval-batches", type=_positive_int)
     c.add_argument("--sweep-lrs", help="comma-separated LR candidates (default: the preset's)")
     c.add_argument("--sweep-fraction", type=_positive_float, help="sweep run length / steps")
-    c.add_argument(
-        "--set",
-        dest="options",
-        type=_option,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="model option for every model, e.g. --set d_model=64",
-    )
 
     s = sub.add_parser("sample", help="generate text from a checkpoint")
     s.add_argument(

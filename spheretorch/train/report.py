@@ -213,20 +213,9 @@ def plot_curves(results: dict[str, Any], path: str | Path, title: str = "") -> N
         tr = [(row["step"], row["train_loss"]) for row in h if row.get("train_loss") is not None]
         if tr:
             ax.plot(*zip(*tr), color=color, ls="--", alpha=0.5, lw=1)
-    target = next(iter(results.values()))["target_val_loss"]
-    if target is not None:
-        ax.axhline(target, color="gray", lw=0.8, ls=":", label="target")
-    ax.set_xscale("log")
-    if all_steps:
-        log_ticks(ax, all_steps)
-    ax.set_xlabel("step")
-    ax.set_ylabel("validation loss (nats/token)")
+    _finish(ax, results, all_steps, "step", "validation loss (nats/token)")
     ax.set_title(f"loss curves {title}".strip())
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_budgets(results: dict[str, Any], path: str | Path, title: str = "") -> None:
@@ -250,20 +239,30 @@ def plot_budgets(results: dict[str, Any], path: str | Path, title: str = "") -> 
             [0.0 if c["hi"] is None else c["hi"] - c["mean"] for _, c in pts],
         ]
         ax.errorbar(st, m, yerr=err, fmt="o-", color=f"C{i}", capsize=3, label=name)
+    xlabel = "training steps (each run its own schedule)"
+    _finish(ax, results, steps_all, xlabel, "final validation loss")
+    ax.set_title(f"loss vs budget {title}".strip())
+    _save(fig, path)
+
+
+def _finish(ax: Any, results: dict[str, Any], steps: list[int], xlabel: str, ylabel: str) -> None:
+    """Target line, log-step axis with readable ticks, labels, grid and legend."""
     target = next(iter(results.values()))["target_val_loss"]
     if target is not None:
         ax.axhline(target, color="gray", lw=0.8, ls=":", label="target")
     ax.set_xscale("log")
-    if steps_all:
-        log_ticks(ax, steps_all)
-    ax.set_xlabel("training steps (each run its own schedule)")
-    ax.set_ylabel("final validation loss")
-    ax.set_title(f"loss vs budget {title}".strip())
+    if steps:
+        log_ticks(ax, steps)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
+
+
+def _save(fig: Any, path: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _pyplot().close(fig)
 
 
 def plot_grid(results: dict[str, dict[str, Any]], field_name: str, path: str | Path) -> None:
@@ -308,9 +307,7 @@ def plot_grid(results: dict[str, dict[str, Any]], field_name: str, path: str | P
         a.legend(fontsize=8)
     a1.set_ylabel("final validation loss")
     a2.set_ylabel("speedup over baseline")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def write_plots(out: Path, results: dict[str, Any], preset: str, point: str) -> None:
