@@ -1,21 +1,27 @@
 """Command line: ``spheretorch train | compare | sample`` (also ``python -m spheretorch``).
 
 Exit status: 0 done; 1 the run diverged (non-finite validation loss, or ``--max-bad-steps``
-non-finite steps in a row); 2 a user error (unknown model or preset, missing or unreadable
-file, bad values, conflicting flags: one line on stderr, no traceback, nothing written);
-``128 + N`` stopped by signal ``N`` after saving a checkpoint (130 for SIGINT, 143 for
-SIGTERM; continue with ``--resume``). Every case and its message: ``docs/errors.md``.
+non-finite steps in a row); 2 a user error (bad flag or value, missing or unreadable file, a
+directory that holds another run or is in use, a run that cannot fit in memory: one line on
+stderr, no traceback); ``128 + N`` stopped by signal ``N`` after saving a checkpoint (130 for
+SIGINT, 143 for SIGTERM; continue with ``--resume``); 70 an unexpected failure (a bug, or the
+system: one line naming the exception; ``--debug`` shows the traceback). Every case and its
+message: ``docs/errors.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import math
 import signal
 import sys
-from pathlib import Path
 from typing import Any, NoReturn
 
-__all__ = ["main"]
+__all__ = ["EXIT_INTERNAL", "main"]
+
+#: exit status of an unexpected exception (BSD sysexits' EX_SOFTWARE)
+EXIT_INTERNAL = 70
 
 
 class _Parser(argparse.ArgumentParser):
@@ -24,24 +30,38 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+class _Help(argparse.HelpFormatter):
+    """Shows every option's default (none for flags and for defaults the preset decides)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = action.default not in (None, False, [], argparse.SUPPRESS)
+        if shown and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return value
+def _number(kind: type, test: Any, expected: str) -> Any:
+    """An argparse type: ``kind(text)`` that passes ``test``, else "expected ...". NaN and
+    inf never pass (non-finite hyperparameters are refused up front)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not (math.isfinite(value) and test(value)):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+        return value
+
+    return parse
+
+
+_positive_int = _number(int, lambda v: v > 0, "a positive integer")
+_nonnegative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+_positive_float = _number(float, lambda v: v > 0, "a positive number")
+_nonnegative_float = _number(float, lambda v: v >= 0, "a finite number >= 0")
+_seed = _number(int, lambda v: -(2**63) <= v <= 2**64 - 1, "an integer in [-2**63, 2**64 - 1]")
 
 
 def _option(text: str) -> tuple[str, Any]:
@@ -55,27 +75,42 @@ def _option(text: str) -> tuple[str, Any]:
             break
         except ValueError:
             continue
+    if isinstance(value, float) and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{key}={raw}: expected a finite number")
     if raw in ("true", "false", "True", "False"):
         value = raw.lower() == "true"
     return key.replace("-", "_"), value
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    from .distributed import MODES
     from .models import MODELS
+    from .train.config import OPTIMIZERS, RESUME_OVERRIDES, flag_of
     from .train.presets import PRESETS
-    from .train.trainer import DISTRIBUTED, OPTIMIZERS
 
     parser = _Parser(
         prog="spheretorch",
         description="Train and compare GPT, nGPT and GeoNorm transformers on text.",
+        epilog="Run 'spheretorch COMMAND --help' for a command's options. Exit statuses: "
+        "docs/errors.md.",
+        formatter_class=_Help,
     )
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser.add_argument("--version", action="version", version=f"spheretorch {__version__}")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
-    common = _Parser(add_help=False)
-    common.add_argument("--preset", default="cpu-small", help=f"one of {', '.join(PRESETS)}")
-    common.add_argument("--data", help="UTF-8 text file (default: built-in tinyshakespeare)")
-    common.add_argument("--seed", type=int, default=0)
-    common.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, mps")
+    debug = _Parser(add_help=False)
+    debug.add_argument(
+        "--debug", action="store_true", help="show the traceback of an unexpected error"
+    )
+    common = _Parser(add_help=False, parents=[debug])
+    presets = ", ".join(f"{p.name} ({p.steps} steps)" for p in PRESETS.values())
+    common.add_argument("--preset", help=f"one of {presets} (default: cpu-small)")
+    common.add_argument("--data", help="UTF-8 text file (default: the built-in tinyshakespeare)")
+    common.add_argument("--seed", type=_seed, help="seed of the weights and batches (default: 0)")
+    common.add_argument(
+        "--device", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps (default: auto)"
+    )
     common.add_argument("--no-progress", action="store_true", help="no progress bar")
     common.add_argument(
         "--threads", type=_positive_int, help="CPU threads (default: the preset's, else torch's)"
@@ -87,42 +122,90 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="model option (a model config field), e.g. --set update_decay=linear; compare "
-        "applies it to every model whose config has the field",
+        help="model option (a model config field), e.g. --set update_decay=linear; "
+        "repeatable; compare applies it to every model whose config has the field",
+    )
+    common.add_argument(
+        "--force",
+        action="store_true",
+        help="replace the run in --out: the old "
+        "one is removed once the new one has written its first checkpoint",
     )
 
-    t = sub.add_parser("train", parents=[common], help="train one model")
-    t.add_argument("--model", required=True, choices=list(MODELS))
+    fmt = {"formatter_class": _Help}
+    allowed = ", ".join(flag_of(n) for n in RESUME_OVERRIDES)
+    t = sub.add_parser("train", parents=[common], help="train one model", **fmt)
+    t.add_argument("--model", required=True, choices=list(MODELS), help="the model to train")
     t.add_argument("--out", required=True, help="run directory")
-    t.add_argument("--steps", type=_positive_int)
-    t.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
-    t.add_argument("--force", action="store_true", help="overwrite an existing run in --out")
-    t.add_argument("--optim", choices=list(OPTIMIZERS), help="default: the model's recipe")
-    t.add_argument("--lr", type=_positive_float, help="peak learning rate")
-    t.add_argument("--batch-size", type=_positive_int)
-    t.add_argument("--eval-interval", type=_positive_int)
-    t.add_argument("--eval-batches", type=_positive_int)
-    t.add_argument("--weight-decay", type=float)
-    t.add_argument("--warmup-steps", type=int)
-    t.add_argument("--tokenizer", choices=["char", "byte"], default="char")
-    t.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
+    t.add_argument("--steps", type=_positive_int, help="training steps (default: the preset's)")
+    t.add_argument(
+        "--resume",
+        action="store_true",
+        help=f"continue the run in --out exactly; flags given must match its configuration "
+        f"(exit 2 naming the one that does not), except {allowed}, --threads and "
+        f"--no-progress (--steps may extend the run)",
+    )
+    t.add_argument(
+        "--optim",
+        choices=list(OPTIMIZERS),
+        help="default: the model's recipe (renorm for ngpt, adamw otherwise)",
+    )
+    t.add_argument(
+        "--lr",
+        type=_positive_float,
+        help="peak learning rate (default: the preset's for the model)",
+    )
+    t.add_argument(
+        "--batch-size", type=_positive_int, help="sequences per step (default: the preset's)"
+    )
+    t.add_argument(
+        "--eval-interval",
+        type=_positive_int,
+        help="steps between evaluations and checkpoints (default: the preset's)",
+    )
+    t.add_argument(
+        "--eval-batches",
+        type=_positive_int,
+        help="validation batches per evaluation (default: the preset's)",
+    )
+    t.add_argument(
+        "--weight-decay",
+        type=_nonnegative_float,
+        help="decoupled weight decay on matrices (default: 0.1, 0 for ngpt)",
+    )
+    t.add_argument(
+        "--warmup-steps",
+        type=_nonnegative_int,
+        help="linear warmup (default: 5%% of the steps, 0 for ngpt)",
+    )
+    t.add_argument("--tokenizer", choices=["char", "byte"], help="default: char")
+    t.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16"],
+        help="autocast dtype: auto is bfloat16 on CUDA, float32 elsewhere (default: auto)",
+    )
     t.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA only)")
     t.add_argument(
         "--max-bad-steps",
         type=_positive_int,
-        help="stop after this many non-finite steps in a row (each is skipped; default 5)",
+        help="stop after this many non-finite steps in a row (each is skipped; default: 5)",
+    )
+    t.add_argument(
+        "--no-memory-check",
+        action="store_true",
+        help="start even when the estimated memory need exceeds the free memory",
     )
     t.add_argument(
         "--distributed",
-        choices=list(DISTRIBUTED),
+        choices=list(MODES),
         default="none",
         help="data-parallel mode under torchrun: ddp or fsdp (FSDP2)",
     )
 
-    c = sub.add_parser("compare", parents=[common], help="compare models at equal budget")
+    c = sub.add_parser("compare", parents=[common], help="compare models at equal budget", **fmt)
     c.add_argument("--models", default="gpt,ngpt,geonorm", help="comma-separated model names")
     c.add_argument("--out", required=True, help="output directory")
-    c.add_argument("--no-sweep", action="store_true", help="use preset LRs, no LR sweep")
+    c.add_argument("--no-sweep", action="store_true", help="use the preset's LRs, no LR sweep")
     c.add_argument(
         "--seeds", type=_positive_int, default=1, help="full runs per model (seeds --seed ...)"
     )
@@ -145,16 +228,28 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--sweep-lrs", help="comma-separated LR candidates (default: the preset's)")
     c.add_argument("--sweep-fraction", type=_positive_float, help="sweep run length / steps")
 
-    s = sub.add_parser("sample", help="generate text from a checkpoint")
+    s = sub.add_parser("sample", parents=[debug], help="generate text from a checkpoint", **fmt)
     s.add_argument(
-        "--checkpoint", required=True, help="checkpoint.pt, or an FSDP run's checkpoint.dcp"
+        "--checkpoint",
+        required=True,
+        help="a run directory, its checkpoint.pt, or an FSDP run's checkpoint.dcp",
     )
-    s.add_argument("--prompt", default=None, help="default: a newline")
-    s.add_argument("--tokens", type=_positive_int, default=200)
-    s.add_argument("--temperature", type=float, default=0.8)
-    s.add_argument("--top-k", type=_positive_int, default=None)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--device", default="cpu")
+    s.add_argument("--prompt", default=None, help="text to continue (default: a newline)")
+    s.add_argument("--tokens", type=_positive_int, default=200, help="tokens to generate")
+    s.add_argument(
+        "--temperature",
+        type=_nonnegative_float,
+        default=0.8,
+        help="sampling temperature; 0 is greedy decoding",
+    )
+    s.add_argument(
+        "--top-k",
+        type=_positive_int,
+        default=None,
+        help="sample from the k most likely tokens (default: all)",
+    )
+    s.add_argument("--seed", type=_seed, default=0, help="sampling seed")
+    s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
     return parser
 
 
@@ -163,71 +258,56 @@ def _set_threads(args: argparse.Namespace) -> None:
 
     from .train.presets import get_preset
 
-    threads = args.threads or get_preset(args.preset).threads
+    threads = args.threads or get_preset(args.preset or "cpu-small").threads
     if threads:
         torch.set_num_threads(threads)
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .train.errors import UserError
-    from .train.trainer import CHECKPOINT, METRICS, SHARDED_CHECKPOINT, TrainConfig, Trainer
+    from .train.config import TrainConfig
+    from .train.rundir import RunDir
+    from .train.trainer import Trainer
 
-    out = Path(args.out)
-    if args.resume and args.force:
-        raise UserError("--resume and --force contradict each other: pass one of them")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a directory")
-    existing = any((out / f).exists() for f in (CHECKPOINT, SHARDED_CHECKPOINT, METRICS))
-    ckpt = out / (SHARDED_CHECKPOINT if args.distributed == "fsdp" else CHECKPOINT)
-    # A sharded save killed between its two renames leaves only checkpoint.dcp.old, which the
-    # loader falls back to (spheretorch.distributed.load_sharded): that run is resumable too.
-    found = [ckpt] + ([out / (SHARDED_CHECKPOINT + ".old")] if args.distributed == "fsdp" else [])
-    if args.resume and not any(c.exists() for c in found):
-        raise UserError(f"nothing to resume: {ckpt} does not exist")
-    if existing and not args.resume and not args.force:
-        raise UserError(f"{out} already holds a run; pass --resume to continue it or --force")
-    _set_threads(args)
-    config = TrainConfig(
-        model=args.model,
-        preset=args.preset,
-        data=args.data,
-        tokenizer=args.tokenizer,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        optim=args.optim,
-        weight_decay=args.weight_decay,
-        warmup_steps=args.warmup_steps,
-        eval_interval=args.eval_interval,
-        eval_batches=args.eval_batches,
-        seed=args.seed,
-        device=args.device,
-        dtype=args.dtype,
-        compile=args.compile,
-        model_options=dict(args.options),
-    )
-    if args.max_bad_steps is not None:
-        config.max_bad_steps = args.max_bad_steps
-    trainer = Trainer(
-        config,
-        out,
-        resume=args.resume,
-        progress=not args.no_progress,
-        distributed=args.distributed,
-        handle_signals=True,
-    )
-    try:
-        return _run_training(trainer, args.resume)
-    finally:
-        if args.distributed != "none":
-            from .distributed import cleanup
-
-            cleanup()
+    with RunDir(args.out).claim("train", resume=args.resume, force=args.force):
+        _set_threads(args)
+        config = TrainConfig(
+            model=args.model,
+            # a fresh run's defaults; on resume only what was given is compared
+            preset=args.preset or (None if args.resume else "cpu-small"),
+            data=args.data,
+            tokenizer=args.tokenizer,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            optim=args.optim,
+            weight_decay=args.weight_decay,
+            warmup_steps=args.warmup_steps,
+            eval_interval=args.eval_interval,
+            eval_batches=args.eval_batches,
+            seed=args.seed,
+            device=args.device,
+            dtype=args.dtype,
+            compile=args.compile or None,
+            max_bad_steps=args.max_bad_steps,
+            check_memory=False if args.no_memory_check else None,
+            model_options=dict(args.options),
+        )
+        trainer = Trainer(
+            config,
+            args.out,
+            resume=args.resume,
+            progress=not args.no_progress,
+            distributed=args.distributed,
+            handle_signals=True,
+        )
+        try:
+            return _run_training(trainer, args.resume)
+        finally:
+            trainer.close()
 
 
 def _run_training(trainer: Any, resumed: bool) -> int:
     c = trainer.config
-    out = trainer.out_dir
     say = trainer.is_main  # only rank 0 talks
     if say:
         print(
@@ -235,11 +315,7 @@ def _run_training(trainer: Any, resumed: bool) -> int:
             f"optim {c.optim}, lr {c.lr:g}, {c.steps} steps on {trainer.device} "
             f"({trainer.data.name}, {trainer.tokenizer.kind} vocab "
             f"{trainer.tokenizer.vocab_size})"
-            + (
-                f", {trainer.world_size} ranks ({trainer.distributed})"
-                if trainer.world_size > 1
-                else ""
-            )
+            + (f", {trainer.parallel}" if trainer.parallel.world_size > 1 else "")
             + (f", resuming at step {trainer.step}" if resumed else ""),
             file=sys.stderr,
         )
@@ -256,62 +332,69 @@ def _run_training(trainer: Any, resumed: bool) -> int:
     if say:
         val = summary["final_val_loss"]
         skipped = summary["skipped_steps"]
+        saved = trainer.parallel.resume_file(trainer.out_dir) is not None
         print(
             f"{c.model}: step {summary['steps']}, val loss "
             + (f"{val:.4f}" if val is not None else "non-finite")
             + f", {summary['ms_per_step']:.1f} ms/step"
             + (f", {skipped} non-finite steps skipped" if skipped else "")
-            + f"; wrote {out / 'metrics.jsonl'}, {trainer.checkpoint_path}"
+            + f"; wrote {trainer.out_dir / 'metrics.jsonl'}"
+            + (
+                f", {trainer.checkpoint_path}"
+                if saved
+                else " (no checkpoint: the run diverged before its first one)"
+            )
         )
     return 1 if summary["diverged"] else 0
 
 
 def _compare(args: argparse.Namespace) -> int:
     from .train.compare import CompareInterrupted, compare
+    from .train.rundir import RunDir
 
-    _set_threads(args)
-    try:
-        compare(
-            models=args.models,
-            preset=args.preset,
-            out=args.out,
-            data=args.data,
-            seed=args.seed,
-            device=args.device,
-            progress=not args.no_progress,
-            sweep=not args.no_sweep,
-            log=print,
-            seeds=args.seeds,
-            budgets=args.budgets,
-            grid=args.grid,
-            options=dict(args.options),
-            steps=args.steps,
-            batch_size=args.batch_size,
-            eval_interval=args.eval_interval,
-            eval_batches=args.eval_batches,
-            sweep_lrs=args.sweep_lrs,
-            sweep_fraction=args.sweep_fraction,
-            resume=args.resume,
-            handle_signals=True,
-        )
-    except CompareInterrupted as e:
-        print(f"spheretorch: {e}; saved; continue with --resume", file=sys.stderr)
-        return 128 + int(getattr(signal, e.signal_name))
+    with RunDir(args.out).claim("compare", resume=args.resume, force=args.force):
+        _set_threads(args)
+        try:
+            compare(
+                models=args.models,
+                preset=args.preset or "cpu-small",
+                out=args.out,
+                data=args.data,
+                seed=args.seed or 0,
+                device=args.device or "auto",
+                progress=not args.no_progress,
+                sweep=not args.no_sweep,
+                log=print,
+                seeds=args.seeds,
+                budgets=args.budgets,
+                grid=args.grid,
+                options=dict(args.options),
+                steps=args.steps,
+                batch_size=args.batch_size,
+                eval_interval=args.eval_interval,
+                eval_batches=args.eval_batches,
+                sweep_lrs=args.sweep_lrs,
+                sweep_fraction=args.sweep_fraction,
+                resume=args.resume,
+                handle_signals=True,
+            )
+        except CompareInterrupted as e:
+            print(f"spheretorch: {e}; saved; continue with --resume", file=sys.stderr)
+            return 128 + int(getattr(signal, e.signal_name))
     return 0
 
 
 def _sample(args: argparse.Namespace) -> int:
     import torch
 
-    from .train.trainer import load_model
+    from .train.checkpoints import load_model
+    from .train.errors import UserError
 
     model, tokenizer, _ = load_model(args.checkpoint, args.device)
     prompt = args.prompt
     if prompt is None:
         prompt = "\n" if tokenizer.kind == "byte" or "\n" in tokenizer.chars else tokenizer.chars[0]
     if prompt == "":
-        from .train.errors import UserError
-
         raise UserError("--prompt must not be empty")
     ids = tokenizer.encode(prompt)
     idx = torch.tensor([ids], dtype=torch.long, device=next(model.parameters()).device)
@@ -321,10 +404,42 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (``main`` may run many times in one
+    process, as in tests, each with its own stderr)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+def _setup_logging() -> None:
+    """Library messages (``logging``) reach the user as plain lines on stderr."""
+    log = logging.getLogger("spheretorch")
+    if not any(isinstance(h, _Stderr) for h in log.handlers):
+        handler = _Stderr()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``spheretorch`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command is None:  # bare `spheretorch`: the usage, on the one error line
+        usage = " ".join(parser.format_usage().split())
+        print(
+            f"spheretorch: error: a command is required; {usage} (see spheretorch --help)",
+            file=sys.stderr,
+        )
+        return 2
+    _setup_logging()
     from .train.errors import TrainingDiverged, UserError
 
     try:
@@ -338,6 +453,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("spheretorch: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if args.debug:
+            import traceback
+
+            traceback.print_exc()
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        print(
+            f"spheretorch: internal error: {type(e).__name__}: {first} (exit status "
+            f"{EXIT_INTERNAL}; rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":  # pragma: no cover

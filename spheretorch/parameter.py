@@ -40,7 +40,7 @@ class SphereParameter(nn.Parameter):
     projected at construction (:math:`x \leftarrow x / \|x\|`); after that, keeping them on the
     sphere is the optimizer's job (:class:`spheretorch.optim.RiemannianAdam`,
     :class:`spheretorch.optim.RenormAdam`, :class:`spheretorch.optim.RiemannianSGD`) or
-    :func:`renormalize_`'s.
+    :func:`~spheretorch.parameter.renormalize_`'s.
 
     Args:
         data: floating-point tensor of any shape with at least one axis.

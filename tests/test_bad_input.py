@@ -48,7 +48,7 @@ CASES: list[tuple[list[str], str]] = [
     ),
     (
         [*TRAIN[:4], "huge", *TRAIN[5:]],
-        "unknown preset 'huge'; choose from smoke, cpu-small, gpu-medium",
+        "unknown preset 'huge'; choose from smoke, cpu-small, cpu-bpe, gpu-medium",
     ),
     ([*TRAIN, "--data", "missing.txt"], "data file not found: missing.txt"),
     ([*TRAIN, "--data", "adir"], "data path is not a file: adir"),
@@ -123,6 +123,51 @@ CASES: list[tuple[list[str], str]] = [
         "module.pt is not a spheretorch training checkpoint",
     ),
     (["frobnicate"], "argument command: invalid choice: 'frobnicate' (choose from 'train', "),
+    # issue 13: what used to be a traceback, a silent acceptance, or a stray directory
+    ([*TRAIN[:-1], ""], "--out must not be empty (use . for the current directory)"),
+    ([*TRAIN[:-1], "afile/sub"], "--out afile/sub: afile is not a directory"),
+    (
+        ["compare", "--preset", "smoke", "--out", "afile"],
+        "--out afile exists and is not a directory",
+    ),
+    ([*TRAIN, "--device", "meta"], "unknown device 'meta'; use auto, cpu, cuda or mps"),
+    (
+        [*TRAIN, "--seed", "99999999999999999999999"],
+        "argument --seed: expected an integer in [-2**63, 2**64 - 1], got 99999999999999999999999",
+    ),
+    (
+        [*TRAIN, "--weight-decay", "nan"],
+        "argument --weight-decay: expected a finite number >= 0, got nan",
+    ),
+    (
+        [*TRAIN, "--weight-decay", "inf"],
+        "argument --weight-decay: expected a finite number >= 0, got inf",
+    ),
+    ([*TRAIN, "--warmup-steps", "-1"], "argument --warmup-steps: expected an integer >= 0, got -1"),
+    (
+        [*TRAIN, "--set", "alpha_init=nan"],
+        "argument --set: alpha_init=nan: expected a finite number",
+    ),
+    (
+        [*TRAIN, "--set", "alpha_scale=inf"],
+        "argument --set: alpha_scale=inf: expected a finite number",
+    ),
+    (
+        ["sample", "--checkpoint", "good.pt", "--temperature", "nan"],
+        "argument --temperature: expected a finite number >= 0, got nan",
+    ),
+    (
+        ["sample", "--checkpoint", "good.pt", "--temperature", "-1"],
+        "argument --temperature: expected a finite number >= 0, got -1",
+    ),
+    (
+        ["compare", "--preset", "smoke", "--models", "gpt", "--data", "empty.txt", "--out", "run"],
+        "empty.txt is empty",
+    ),
+    (
+        ["sample", "--checkpoint", "adir"],
+        "no checkpoint in adir: expected checkpoint.pt or checkpoint.dcp",
+    ),
 ]
 
 

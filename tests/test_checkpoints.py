@@ -79,7 +79,7 @@ def test_sigterm_between_evaluations_then_resume_is_bitwise(model: str, tmp_path
 # (a real torch.save stream, cut after 64 kB) and waits there to be SIGKILLed.
 KILLED_WRITER = r"""
 import os, sys, time
-import spheretorch.train.checkpoints as ck
+import spheretorch.distributed.checkpoint as ck  # where save_atomic lives
 from spheretorch.train import TrainConfig, Trainer
 
 class Stalling:

@@ -17,6 +17,7 @@ from spheretorch.models import (
     GeoNormGPT,
     TransformerConfig,
     build_model,
+    config_from_dict,
     make_config,
 )
 from spheretorch.models.geonorm import geonorm_step
@@ -427,3 +428,50 @@ def test_generate_on_an_empty_prompt_and_empty_forward() -> None:
     greedy = model.generate(tokens(1, 2), 4, temperature=0)
     assert torch.equal(model.generate(tokens(1, 2), 4, top_k=1), greedy)
     assert model.generate(tokens(1, 2), 4, top_k=1000).shape == (1, 6)
+
+
+def test_ngpt_loads_off_sphere_rows_renormalized_with_a_warning() -> None:
+    """The documented choice (SphereParameter): renormalize with a warning naming the key."""
+    model = make("ngpt")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["tok_emb.weight"] *= 5.0
+    state["blocks.0.attn.proj.weight"] *= 0.5  # a dim=0 sphere parameter
+    other = make("ngpt")
+    with pytest.warns(UserWarning, match="off the unit sphere") as record:
+        other.load_state_dict(state)
+    warned = " ".join(str(w.message) for w in record)
+    assert "'tok_emb.weight'" in warned and "'blocks.0.attn.proj.weight'" in warned
+    for name, p in other.named_parameters():
+        if getattr(p, "sphere_dim", None) is not None:
+            n = p.norm(dim=p.sphere_dim)
+            assert torch.allclose(n, torch.ones_like(n), atol=1e-6), name
+    idx = tokens()
+    torch.testing.assert_close(other(idx)[0], model(idx)[0])
+
+
+# The config a v0.1 checkpoint holds (every model's fields in one dict), d_model = 32.
+S32 = 1.0 / math.sqrt(32)
+V01 = {
+    **CFG,
+    **{"d_mlp": 128, "dropout": 0.0, "rope_base": 10000.0, "norm_position": "pre"},
+    **{"init_std": 0.02, "norm_eps": 1e-06, "tie_embeddings": False, "residual_rule": "nlerp"},
+    **{"alpha_init": 0.05, "alpha_scale": S32, "sqk_init": 1.0, "sqk_scale": S32},
+    **{"suv_init": 1.0, "suv_scale": 1.0, "sz_init": 1.0, "sz_scale": S32},
+    **{"update_decay": "inverse_sqrt", "geo_angle": "atan", "geo_step_init": 1.0},
+    "geo_step_scale": S32,
+}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_config_from_dict_reads_v01_checkpoints(name: str) -> None:
+    cfg = config_from_dict(name, V01)
+    assert type(cfg) is MODELS[name].config_class
+    assert config_from_dict(name, cfg.to_dict()) == cfg
+    if name == "geonorm":  # v0.1's equations, the options named in docs/transformers.md
+        old = dict(geo_angle="atan", update_decay="inverse_sqrt", geo_clamp=None)
+        old |= dict(geo_bias=False, geo_radius="fixed", geo_step_scale=None)
+        assert cfg == make_config("geonorm", **CFG, **old)
+        keys = set(build_model(name, cfg).state_dict())
+        assert "blocks.0.s_a.param" in keys and not any(k.endswith("b_a") for k in keys)
+    with pytest.raises(ValueError, match="has no option 'bogus'"):
+        config_from_dict(name, {**cfg.to_dict(), "bogus": 1})

@@ -303,3 +303,62 @@ def test_too_many_non_finite_steps_in_a_row_stop_with_a_clear_error(tmp_path: Pa
     assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 10  # the last good one
     with pytest.raises(UserError, match="max-bad-steps must be a positive integer, got 0"):
         quick("gpt", max_bad_steps=0).resolve()
+
+
+# -- one owner for non-finite steps, one host sync per step ------------------------------------
+
+
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts reads of tensor values by the host (``.item()``, ``bool(t)``, ... all reach
+    ``_local_scalar_dense``), except of Adam's step counters (0-d float32 holding the step
+    number, or stacked copies of them): torch keeps those on the CPU even when training on a
+    GPU, so reading them costs no device sync."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads, self.counter_values = 0, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten._local_scalar_dense.default:
+            t = args[0]
+            counter = t.dim() == 0 and t.dtype == torch.float32 and out in self.counter_values
+            self.reads += not counter
+        return out
+
+
+@pytest.mark.parametrize(
+    ("model", "optim"), [("gpt", "adamw"), ("ngpt", "renorm"), ("ngpt", "riemannian")]
+)
+def test_one_host_sync_per_step_and_the_trainer_alone_checks(
+    model: str, optim: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    t = Trainer(quick(model, optim=optim, steps=10))
+    assert getattr(t.optimizer, "nonfinite", "ignore") == "ignore"  # no second owner
+    t.train_step(*t.batch(0))  # creates the optimizer state
+    tolist = torch.Tensor.tolist  # bypasses the dispatcher: counted separately
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: calls.append(1) or tolist(self))
+    poison_loss(t, {2})
+    with _HostReads() as mode:
+        mode.counter_values = {1.0, 2.0, 3.0}  # Adam's t during steps 1-3
+        for _ in range(3):  # steps 1, 2 (non-finite: skipped), 3
+            t.train_step(*t.batch(t.step))
+    assert t.skipped_steps == 1
+    assert mode.reads + len(calls) == 3
+
+
+def test_schedule_is_a_torch_lambdalr_saved_in_the_checkpoint(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    t = Trainer(quick("gpt", steps=20, warmup_steps=4, dtype="bfloat16"), tmp_path)
+    assert isinstance(t.scheduler, torch.optim.lr_scheduler.LambdaLR)
+    assert "bf16 autocast is used on CUDA only" in caplog.text  # logged, not printed
+    t.train(stop_after=10)
+    lrs = [g["lr"] for g in t.optimizer.param_groups]
+    assert lrs == [t.schedule.lr_at(10)] * len(lrs)
+    state = load_checkpoint(tmp_path / "checkpoint.pt")["scheduler"]
+    assert state["last_epoch"] == 10 and state["lr_lambdas"][0]["total"] == 20
+    resumed = Trainer(TrainConfig(steps=40), tmp_path, resume=True)  # stretched to 40 steps
+    assert resumed.scheduler.last_epoch == 10 and resumed.schedule.total == 40
+    assert resumed.optimizer.param_groups[0]["lr"] == CosineSchedule(1e-2, 40, 4).lr_at(10)

@@ -42,6 +42,25 @@ def make_config(name: str, **fields: Any) -> TransformerConfig:
     return cls(**fields)
 
 
+# v0.1 saved one config holding every model's fields; these GeoNorm fields did not exist yet.
+_V01_FIELDS = {"norm_position", "residual_rule", "update_decay"}
+_V01_GEONORM = {"geo_clamp": None, "geo_bias": False, "geo_radius": "fixed"}
+
+
+def config_from_dict(name: str, d: dict[str, Any]) -> TransformerConfig:
+    """Inverse of ``config.to_dict()`` for model ``name`` (strict, as :func:`make_config`).
+
+    Also reads a v0.1 checkpoint's config, which held every model's fields: the other models'
+    fields are dropped, and GeoNorm gets v0.1's equations (no clamp, no bias, fixed radius).
+    """
+    if set(d) >= _V01_FIELDS:
+        own = {f.name for f in dataclasses.fields(_model_class(name).config_class)}
+        d = {k: v for k, v in d.items() if k in own}
+        if name == "geonorm":
+            d = {**_V01_GEONORM, **d}
+    return make_config(name, **d)
+
+
 def build_model(name: str, config: TransformerConfig) -> LanguageModel:
     """Build ``"gpt"``, ``"ngpt"`` or ``"geonorm"`` from ``config``."""
     return _model_class(name)(config)
@@ -58,5 +77,6 @@ __all__ = [
     "NGPTConfig",
     "TransformerConfig",
     "build_model",
+    "config_from_dict",
     "make_config",
 ]

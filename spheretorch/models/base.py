@@ -79,22 +79,30 @@ class LanguageModel(nn.Module):
             )
         if idx.numel() == 0:
             raise ValueError(f"idx holds no tokens (shape {tuple(idx.shape)})")
-        # One reduction and one host sync; skipped where it would cost a device sync per
-        # training step or a graph break (the embedding lookup then fails on its own).
-        if torch.compiler.is_compiling() or idx.is_meta:
+        # On CPU an out-of-range id raises IndexError in the lookup itself: ``trunk`` turns it
+        # into this error at no cost to a valid step. Elsewhere (a CUDA lookup asserts on the
+        # device) one reduction and one host sync, outside training only, never while compiling.
+        if self.training or idx.device.type == "cpu" or idx.is_meta:
             return
-        if idx.device.type == "cpu" or not self.training:
-            lo, hi = torch.aminmax(idx)
-            if bool((lo < 0) | (hi >= self.config.vocab_size)):
-                raise ValueError(
-                    f"token ids must be in [0, {self.config.vocab_size}) (vocab_size), got ids "
-                    f"from {int(lo)} to {int(hi)}"
-                )
+        if not torch.compiler.is_compiling():
+            self._check_ids(idx)
+
+    def _check_ids(self, idx: Tensor) -> None:
+        lo, hi = torch.aminmax(idx)
+        if bool((lo < 0) | (hi >= self.config.vocab_size)):
+            raise ValueError(
+                f"token ids must be in [0, {self.config.vocab_size}) (vocab_size), got ids "
+                f"from {int(lo)} to {int(hi)}"
+            )
 
     def trunk(self, idx: Tensor, record: list[Tensor] | None = None) -> Tensor:
         """Hidden states after the last block, ``(B, T, d)``; fills ``record`` if given."""
         self._check_idx(idx)
-        h = self.embed(idx)
+        try:
+            h = self.embed(idx)
+        except IndexError:
+            self._check_ids(idx)  # raises the one-line error when an id is out of range
+            raise
         if record is not None:
             record.append(h)
         for block in self.blocks:

@@ -15,12 +15,13 @@ __all__ = ["TransformerConfig"]
 class TransformerConfig:
     """Shape of a decoder-only transformer (the fields all three models read).
 
-    vocab_size, seq_len (maximum context), n_layer, n_head, d_model: the usual sizes;
-        ``d_model`` must be divisible by ``n_head`` and the head size must be even (RoPE).
-    d_mlp: hidden size of the SwiGLU MLP, ``None`` -> ``4 * d_model`` (the nGPT paper's
-        baseline uses 4d for both models).
-    dropout: attention/residual dropout probability (0 in every preset).
-    rope_base: RoPE frequency base.
+    * ``vocab_size``, ``seq_len`` (maximum context), ``n_layer``, ``n_head``, ``d_model``: the
+      usual sizes; ``d_model`` must be divisible by ``n_head`` and the head size must be even
+      (RoPE).
+    * ``d_mlp``: hidden size of the SwiGLU MLP, ``None`` -> ``4 * d_model`` (the nGPT paper's
+      baseline uses 4d for both models).
+    * ``dropout``: attention/residual dropout probability (0 in every preset).
+    * ``rope_base``: RoPE frequency base.
 
     Passed as is to ``GPT``/``NGPT``/``GeoNormGPT``, it gets that model's default options.
     Optional fields also accept the text ``"none"`` (what ``--set d_mlp=none`` passes).

@@ -53,17 +53,19 @@ DECAYS = ("inverse", "inverse_sqrt", "linear", "none")
 class GeoNormConfig(TransformerConfig):
     """:class:`TransformerConfig` plus GeoNorm's options (defaults: the third-party reading).
 
-    update_decay: ``"inverse"`` (1/(l+1)), ``"inverse_sqrt"`` (1/sqrt(l+1), v0.1's default),
-        ``"linear"`` ((L-l)/L) or ``"none"``; l = 0..L-1.
-    geo_angle: ``"linear"`` (``theta0 = ||v||/rho``) or ``"atan"`` (``atan(||v||/rho)``, v0.1).
-    geo_clamp: upper bound on ``theta0`` and ``theta`` (pi/4); ``None`` (v0.1): no clamp.
-    geo_bias: a learnable scalar bias ``b`` per update (init 0); v0.1 had none.
-    geo_radius: ``"own"`` (the state keeps its embedding row's norm) or ``"fixed"`` (v0.1: the
-        embedding row normalized, unit states, ``g`` compared at radius ``sqrt(d)``).
-    geo_step_init, geo_step_scale: the scalar ``a`` per update (init 1); ``geo_step_scale ==
-        geo_step_init`` is a plain scalar, ``None`` (v0.1) nGPT's scale trick with
-        ``1/sqrt(d_model)`` (effective learning rate x sqrt(d)).
-    init_std, norm_eps, tie_embeddings: as in GPT's config (GPT's parametrisation).
+    * ``update_decay``: ``"inverse"`` (1/(l+1)), ``"inverse_sqrt"`` (1/sqrt(l+1), v0.1's
+      default), ``"linear"`` ((L-l)/L) or ``"none"``; l = 0..L-1.
+    * ``geo_angle``: ``"linear"`` (``theta0 = ||v|| / rho``) or ``"atan"``
+      (``atan(||v|| / rho)``, v0.1).
+    * ``geo_clamp``: upper bound on theta0 and theta (pi/4); ``None`` (v0.1): no clamp.
+    * ``geo_bias``: a learnable scalar bias b per update (init 0); v0.1 had none.
+    * ``geo_radius``: ``"own"`` (the state keeps its embedding row's norm) or ``"fixed"``
+      (v0.1: the embedding row normalized, unit states, g compared at radius sqrt(d)).
+    * ``geo_step_init``, ``geo_step_scale``: the scalar a per update (init 1); a scale equal
+      to the init is a plain scalar, ``None`` (v0.1) nGPT's scale trick with 1/sqrt(d_model)
+      (effective learning rate x sqrt(d)).
+    * ``init_std``, ``norm_eps``, ``tie_embeddings``: as in GPT's config (GPT's
+      parametrisation).
     """
 
     update_decay: Literal["inverse", "inverse_sqrt", "linear", "none"] = "inverse"
@@ -125,24 +127,20 @@ def geonorm_step(
     r = sphere.norm(xf)
     xhat = sphere.unit(xf)
     v = sphere.project(xhat, gf)
-    rho = r.clamp_min(torch.finfo(dt).tiny) if radius is None else radius
     vn = sphere.norm(v)
+    rho = r.clamp_min(torch.finfo(dt).tiny) if radius is None else radius
     z = vn / rho
     # v at round-off level (a radial g) has no direction: the bias's move is dropped there.
-    pos = vn > 16 * torch.finfo(dt).eps * sphere.norm(gf)
-    zs = torch.where(pos, z, torch.ones_like(z))
-    per_z = sphere._atanc_sq(z * z) if angle == "atan" else torch.ones_like(z)  # phi(z) / z
-    theta0 = per_z * z
-    if clamp is not None:
-        per_z = torch.where(theta0 > clamp, clamp / zs, per_z)
-        theta0 = theta0.clamp(max=clamp)
-    theta = decay * (a * theta0 + b)
-    # theta / z, smooth at z = 0 but for the bias's part
+    pos = vn > 16 * torch.finfo(dt).eps * sphere.norm(gf.detach())
+    zs = torch.where(pos, z, 1.0)
+    per_z = sphere.atanc_sq(z * z) if angle == "atan" else 1.0  # phi(z) / z, smooth at 0
+    if clamp is not None:  # theta0 = min(phi(z), c)
+        per_z = torch.where(per_z * z > clamp, clamp / zs, per_z)
+    # theta / z = delta (a theta0 / z + b / z): smooth at z = 0 but for the bias's part
     theta_per_z = decay * (a * per_z + torch.where(pos, b / zs, 0.0))
-    if clamp is not None:
-        theta_per_z = torch.where(theta > clamp, clamp / zs, theta_per_z)
-    out = sphere.expmap(xhat, (theta_per_z / rho) * v)
-    return (out * r).to(x.dtype)
+    if clamp is not None:  # theta = min(delta (a theta0 + b), c)
+        theta_per_z = torch.where(theta_per_z * z > clamp, clamp / zs, theta_per_z)
+    return (sphere.expmap(xhat, (theta_per_z / rho) * v) * r).to(x.dtype)
 
 
 class GeoBlock(nn.Module):

@@ -20,11 +20,11 @@ __all__ = ["GPT", "GPTConfig"]
 class GPTConfig(TransformerConfig):
     """:class:`TransformerConfig` plus GPT's options.
 
-    norm_position: ``"pre"`` (pre-RMSNorm, the paper's baseline) or ``"post"`` (classic
-        Post-LN: ``x <- Norm(x + f(x))``).
-    init_std: std of every matrix (0.02); output projections get ``init_std / sqrt(2L)``.
-    norm_eps: RMSNorm epsilon.
-    tie_embeddings: share input and output embeddings (off: the paper ties neither model).
+    * ``norm_position``: ``"pre"`` (pre-RMSNorm, the paper's baseline) or ``"post"`` (classic
+      Post-LN: ``x <- Norm(x + f(x))``).
+    * ``init_std``: std of every matrix (0.02); output projections get ``init_std / sqrt(2L)``.
+    * ``norm_eps``: RMSNorm epsilon.
+    * ``tie_embeddings``: share input and output embeddings (off: the paper ties neither).
     """
 
     norm_position: Literal["pre", "post"] = "pre"

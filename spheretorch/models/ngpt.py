@@ -38,12 +38,13 @@ __all__ = ["NGPT", "NGPTConfig"]
 class NGPTConfig(TransformerConfig):
     """:class:`TransformerConfig` plus nGPT's options (scale trick: :class:`ScaledVector`).
 
-    residual_rule: ``"nlerp"`` (the paper: LERP then normalize) or ``"slerp"`` (exact geodesic).
-    alpha_init, alpha_scale: eigen learning rates ``alpha_A``, ``alpha_M`` (init 0.05, scale
-        ``None`` -> ``1/sqrt(d_model)``).
-    sqk_init, sqk_scale: ``s_qk`` (1, ``None`` -> ``1/sqrt(d_model)``).
-    suv_init, suv_scale: ``s_u`` and ``s_v`` (1, 1).
-    sz_init, sz_scale: logit scale ``s_z`` (1, ``None`` -> ``1/sqrt(d_model)``).
+    * ``residual_rule``: ``"nlerp"`` (the paper: LERP then normalize) or ``"slerp"`` (exact
+      geodesic).
+    * ``alpha_init``, ``alpha_scale``: eigen learning rates ``alpha_A``, ``alpha_M`` (init
+      0.05, scale ``None`` -> ``1/sqrt(d_model)``).
+    * ``sqk_init``, ``sqk_scale``: ``s_qk`` (1, ``None`` -> ``1/sqrt(d_model)``).
+    * ``suv_init``, ``suv_scale``: ``s_u`` and ``s_v`` (1, 1).
+    * ``sz_init``, ``sz_scale``: logit scale ``s_z`` (1, ``None`` -> ``1/sqrt(d_model)``).
     """
 
     residual_rule: Literal["nlerp", "slerp"] = "nlerp"

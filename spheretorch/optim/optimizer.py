@@ -26,7 +26,7 @@ NONFINITE_POLICIES: tuple[str, ...] = ("skip", "raise", "ignore")
 
 
 class SphereOptimizer(Optimizer):
-    """Base class of :class:`RiemannianAdam`, :class:`RenormAdam` and :class:`RiemannianSGD`.
+    """Base class of :class:`.RiemannianAdam`, :class:`.RenormAdam` and :class:`.RiemannianSGD`.
 
     Subclasses implement ``_init_group(group, *lists)`` (gather the parameters with gradients
     of one group into the lists the functional core takes, creating state lazily) and

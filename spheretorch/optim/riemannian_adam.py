@@ -214,7 +214,7 @@ def riemannian_adam(
     ``sphere_dims[i]`` is the sphere axis of ``params[i]`` or ``None`` for a Euclidean one.
     The state of a sphere parameter is in its compute dtype and ``exp_avg_sqs[i]`` has size 1
     along the axis for ``second_moment="row"``. ``foreach`` selects
-    :func:`_multi_tensor_riemannian_adam` or :func:`_single_tensor_riemannian_adam`, which
+    ``_multi_tensor_riemannian_adam`` or ``_single_tensor_riemannian_adam``, which
     give the same result up to rounding.
     """
     _check_choices(second_moment, retraction)

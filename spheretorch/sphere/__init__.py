@@ -2,7 +2,7 @@
 
 * :mod:`.functional` -- points and tangent vectors (normalize, project, retract, expmap,
   logmap, dist, transport, random, ...);
-* :mod:`.unit` -- the hot-path normalizer :func:`unit`;
+* ``.unit`` -- the hot-path normalizer :func:`unit`;
 * :mod:`.series` -- functions with removable singularities (sinc, cos_sinc_sq, atanc_sq);
 * :mod:`.checks` -- argument checks and the one half-precision policy (:func:`compute_dtype`);
 * :mod:`.foreach` -- the same operations on lists of tensors (``_foreach`` ops);

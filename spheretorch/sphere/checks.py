@@ -1,7 +1,7 @@
 """Argument checks and the one half-precision policy of the sphere functions.
 
 ``UPCAST_DTYPES`` is the only "compute these in float32" set in spheretorch: reductions and
-angle functions of float16/bfloat16 tensors run in :func:`compute_dtype` and are cast back.
+angle functions of float16/bfloat16 tensors run in :func:`.compute_dtype` and are cast back.
 """
 
 from __future__ import annotations

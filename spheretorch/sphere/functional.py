@@ -2,10 +2,10 @@ r"""Geometry of the unit hypersphere :math:`S^{d-1} = \{x \in \mathbb{R}^d : \|x
 
 Every function takes tensors of any shape; ``dim`` selects the axis holding the :math:`d`
 coordinates of each point, the other axes are batch axes. Points are unit vectors along
-``dim`` (:func:`normalize` puts them there; pass ``check=True`` to the functions of two
+``dim`` (:func:`.normalize` puts them there; pass ``check=True`` to the functions of two
 points to have that verified); tangent vectors at ``x`` satisfy :math:`\langle x, u\rangle = 0`.
 Angles come from ``atan2``, removable singularities from series, half types are computed in
-float32, and antipodal pairs use :func:`antipodal_direction` (details: docs/geometry.md).
+float32, and antipodal pairs use :func:`.antipodal_direction` (details: docs/geometry.md).
 """
 
 from __future__ import annotations

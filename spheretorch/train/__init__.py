@@ -1,12 +1,13 @@
 """Training on text: data and tokenizers, the trainer, checkpoints, presets and ``compare``."""
 
-from .checkpoints import load_checkpoint, save_atomic
+from .checkpoints import load_checkpoint, load_model, save_atomic
 from .compare import compare
+from .config import CosineSchedule, TrainConfig, build_optimizer, build_scheduler
 from .data import TextData, eval_batches, get_batch, load_data
 from .errors import TrainingDiverged, UserError
 from .presets import PRESETS, Preset, get_preset
 from .tokenizer import Tokenizer
-from .trainer import CosineSchedule, TrainConfig, Trainer, build_optimizer, load_model
+from .trainer import Trainer
 
 __all__ = [
     "PRESETS",
@@ -19,6 +20,7 @@ __all__ = [
     "TrainingDiverged",
     "UserError",
     "build_optimizer",
+    "build_scheduler",
     "compare",
     "eval_batches",
     "get_batch",

@@ -2,17 +2,14 @@
 
 A checkpoint is a dict of tensors and plain Python values (no pickled classes), holding the
 model, optimizer and scheduler states, every RNG state, the data position, the configs and the
-tokenizer. :func:`save_atomic` writes a temporary file in the destination's directory, flushes
-and fsyncs it, then ``os.replace``-s it over the old file, so a crash mid-write leaves the
-previous checkpoint intact.
+tokenizer. :func:`save_atomic` (from :mod:`spheretorch.distributed`, where every checkpoint
+write lives) replaces the file atomically, so a crash mid-write leaves the previous one intact.
 """
 
 from __future__ import annotations
 
-import os
 import pickle
 import random
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -20,39 +17,21 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..distributed import CHECKPOINT_FILE, EXTRA_FILE, SHARDED_CHECKPOINT, find_sharded, save_atomic
+from ..models import LanguageModel, build_model, config_from_dict
 from .errors import UserError
+from .tokenizer import Tokenizer
 
-__all__ = ["FORMAT", "get_rng_state", "load_checkpoint", "save_atomic", "set_rng_state"]
+__all__ = [
+    "FORMAT",
+    "get_rng_state",
+    "load_checkpoint",
+    "load_model",
+    "save_atomic",
+    "set_rng_state",
+]
 
 FORMAT = "spheretorch-checkpoint-v1"
-
-
-def save_atomic(obj: Any, path: str | Path) -> None:
-    """``torch.save(obj, path)`` via temp file + flush + fsync + ``os.replace`` (+ dir fsync)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; use the usual file mode
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -102,3 +81,41 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_model(
+    path: str | Path, device: str = "cpu"
+) -> tuple[LanguageModel, Tokenizer, dict[str, Any]]:
+    """Rebuild the model and tokenizer saved by the trainer (for sampling) from a run
+    directory, its ``checkpoint.pt``, or the ``checkpoint.dcp`` directory of an FSDP2 run
+    (read by one process: ``torch.distributed.checkpoint`` reassembles the shards)."""
+    path = Path(path)
+    if path.is_dir() and (path / CHECKPOINT_FILE).is_file():
+        path = path / CHECKPOINT_FILE  # a run directory
+    elif path.is_dir() and not (path / EXTRA_FILE).is_file():
+        found = find_sharded(path / SHARDED_CHECKPOINT)  # a run directory of an FSDP2 run
+        if found is None:
+            raise UserError(
+                f"no checkpoint in {path}: expected {CHECKPOINT_FILE} or {SHARDED_CHECKPOINT}"
+            )
+        path = found
+    if not path.is_dir():
+        ckpt = load_checkpoint(path, map_location="cpu")
+        model = build_model(
+            ckpt["model_name"], config_from_dict(ckpt["model_name"], ckpt["model_config"])
+        )
+        model.load_state_dict(ckpt["model"])
+    else:
+        from ..distributed import load_sharded
+
+        ckpt = load_checkpoint(path / EXTRA_FILE, map_location="cpu")
+        model = build_model(
+            ckpt["model_name"], config_from_dict(ckpt["model_name"], ckpt["model_config"])
+        )
+        try:
+            load_sharded(path, model)
+        except (FileNotFoundError, ValueError, RuntimeError) as e:
+            raise UserError(str(e).splitlines()[0]) from None
+    from .config import resolve_device
+
+    return model.to(resolve_device(device)), Tokenizer.from_state_dict(ckpt["tokenizer"]), ckpt

@@ -182,6 +182,7 @@ class _Study:
         self.out, self.ledger, self.base = out, ledger, base
         self.progress: bool = kw["progress"]
         self.handle_signals: bool = kw["handle_signals"]
+        self.resume: bool = kw["resume"]
 
     def run(
         self,
@@ -218,7 +219,8 @@ class _Study:
             eval_batches=self.base["eval_batches"],
             model_options=options,
         )
-        resume = (run_dir / CHECKPOINT).is_file()
+        # a partial run of an interrupted compare continues; otherwise every run starts fresh
+        resume = self.resume and (run_dir / CHECKPOINT).is_file()
         trainer = Trainer(
             cfg, run_dir, resume=resume, handle_signals=self.handle_signals, progress=False
         )
@@ -380,7 +382,9 @@ def compare(
         "batch_size": base_batch,
         "eval_batches": spec_state["eval_batches"],
     }
-    runner = _Study(out, ledger, base, progress=progress, handle_signals=handle_signals)
+    runner = _Study(
+        out, ledger, base, progress=progress, handle_signals=handle_signals, resume=resume
+    )
     field_name = grid_spec[0] if grid_spec else None
     if field_name == "seq_len":
         say(
@@ -624,10 +628,13 @@ def _summarize(
         L = losses(label)
         final = study.mean_ci(L[:, -1])
         # steps to target within the full run: per seed, target = that seed's baseline loss
-        per_seed_steps, per_seed_speed = [], []
+        per_seed_steps, per_seed_speed, at_first = [], [], 0
         for i, s in enumerate(seed_list):
             target = base_losses[i, -1]
-            reached = study.steps_to_target(history(label, s), target)
+            h = history(label, s)
+            reached = study.steps_to_target(h, target)
+            # below target already at the first evaluation: the step is an upper bound
+            at_first += bool(h and reached is not None and reached == h[0]["step"])
             base_reached = study.steps_to_target(history(baseline, s), target)
             per_seed_steps.append(reached)
             per_seed_speed.append(base_reached / reached if reached and base_reached else None)
@@ -650,6 +657,7 @@ def _summarize(
             "steps_to_target": stt["mean"],
             "steps_to_target_ci": [stt["lo"], stt["hi"]],
             "steps_to_target_per_seed": per_seed_steps,
+            "steps_to_target_at_first_eval": at_first,
             "speedup": spd["mean"],
             "speedup_ci": [spd["lo"], spd["hi"]],
             "budgets": budgets,

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..distributed import shard_rows
 from .errors import UserError
 from .tokenizer import Kind, Tokenizer
 
@@ -121,12 +122,13 @@ def get_batch(
     """Inputs and next-token targets ``(B/world, T)`` for training step ``step``.
 
     The global batch of ``batch_size`` random windows depends on ``(seed, step)`` only; rank
-    ``r`` of ``world_size`` gets rows ``r::world_size``.
+    ``r`` of ``world_size`` gets its share by :func:`spheretorch.distributed.shard_rows`
+    (rows ``r::world_size``, the same rule as ``local_batch``).
     """
     starts = torch.randint(
         0, len(data) - seq_len, (batch_size,), generator=batch_generator(seed, step)
     )
-    return _windows(data, starts[rank::world_size], seq_len)
+    return _windows(data, starts[shard_rows(batch_size, rank, world_size)], seq_len)
 
 
 def eval_batches(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .errors import UserError
@@ -21,6 +22,8 @@ class Preset:
     ``warmup_fraction`` applies to the AdamW recipe (GPT, GeoNorm); nGPT uses no warmup.
     ``threads``: CPU threads the command line uses by default (``None``: torch's default); tiny
     models run fastest on one thread and do not collapse when other processes share the cores.
+    ``corpus``: the ``spheretorch prepare`` command of the prepared corpus the preset is made
+    for; such a preset refuses a text file or the built-in text (:meth:`check_data`).
     """
 
     name: str
@@ -43,7 +46,17 @@ class Preset:
     timing_rounds: int = 3
     timing_steps: int = 10
     threads: int | None = None
+    corpus: str = ""
     model_options: dict[str, Any] = field(default_factory=dict)
+
+    def check_data(self, data: str | Path | None) -> None:
+        """A preset made for a prepared corpus needs ``--data DIR`` naming one."""
+        if self.corpus and (data is None or not Path(data).is_dir()):
+            given = "the built-in text" if data is None else f"the text file {data}"
+            raise UserError(
+                f"preset {self.name} trains on a prepared corpus, not {given}: make one with "
+                f"`{self.corpus}` and pass --data DIR (see docs/data.md)"
+            )
 
     def model_config_kwargs(self) -> dict[str, Any]:
         return {
@@ -57,6 +70,24 @@ class Preset:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+
+_CPU_SMALL = Preset(
+    name="cpu-small",
+    description="char-level tinyshakespeare, 4 layers, d=128, context 128 (CPU)",
+    n_layer=4,
+    n_head=4,
+    d_model=128,
+    seq_len=128,
+    batch_size=16,
+    steps=800,
+    eval_interval=40,
+    eval_batches=8,
+    lr={"gpt": 4e-3, "ngpt": 8e-3, "geonorm": 4e-3},
+    sweep_lrs=(2e-3, 4e-3, 8e-3, 1.6e-2),
+    sweep_fraction=0.25,
+    timing_rounds=5,
+    timing_steps=10,
+)
 
 PRESETS: dict[str, Preset] = {
     p.name: p
@@ -79,26 +110,17 @@ PRESETS: dict[str, Preset] = {
             timing_steps=3,
             threads=1,
         ),
-        Preset(
-            name="cpu-small",
-            description="char-level tinyshakespeare, 4 layers, d=128, context 128 (CPU)",
-            n_layer=4,
-            n_head=4,
-            d_model=128,
-            seq_len=128,
-            batch_size=16,
-            steps=800,
-            eval_interval=40,
-            eval_batches=8,
-            lr={"gpt": 4e-3, "ngpt": 8e-3, "geonorm": 4e-3},
-            sweep_lrs=(2e-3, 4e-3, 8e-3, 1.6e-2),
-            sweep_fraction=0.25,
-            timing_rounds=5,
-            timing_steps=10,
+        _CPU_SMALL,
+        dataclasses.replace(
+            _CPU_SMALL,
+            name="cpu-bpe",
+            description="cpu-small on tinyshakespeare as a prepared 1024-token BPE",
+            corpus="spheretorch prepare tinyshakespeare --tokenizer bpe --vocab-size 1024 "
+            "--out data/shakespeare-bpe",
         ),
         Preset(
             name="gpu-medium",
-            description="12 layers, d=768, context 1024: for a GPU",
+            description="12 layers, d=768, context 1024, GPT-2 BPE corpus: for a GPU",
             n_layer=12,
             n_head=12,
             d_model=768,
@@ -111,6 +133,8 @@ PRESETS: dict[str, Preset] = {
             sweep_lrs=(1e-3, 3e-3),
             sweep_fraction=0.1,
             warmup_fraction=0.04,
+            corpus="spheretorch prepare owt.jsonl --tokenizer gpt2 --val-fraction 0.005 "
+            "--out data/owt-gpt2",
         ),
     )
 }

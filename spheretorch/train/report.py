@@ -73,6 +73,9 @@ def markdown_table(results: dict[str, Any], preset: str = "", point: str | None 
         missing = sum(v is None for v in per_seed)
         if missing and steps is not None:
             steps_txt += f" (not reached in {missing} of {len(per_seed)} seeds)"
+        n_first = r.get("steps_to_target_at_first_eval", 0) if name != base else 0
+        if n_first:
+            steps_txt += f" (at the first evaluation in {n_first} seeds: speedup a lower bound)"
         loss = _ci(r["final_val_loss"], r.get("final_val_loss_ci"), ".4f")
         speed = _ci(r["speedup"], r.get("speedup_ci"), ".2f", "x")
         line = f"| {name} | {r['lr']:g} | {loss} | {steps_txt} | {speed} |"
