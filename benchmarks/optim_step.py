@@ -109,6 +109,7 @@ def candidates(have_geoopt: bool):
             lambda ps: RiemannianAdam(ps, lr=1e-3, nonfinite="ignore"),
             False,
         ),
+        ("RiemannianAdam(fused)", lambda ps: RiemannianAdam(ps, lr=1e-3, fused=True), False),
         ("RenormAdam", lambda ps: RenormAdam(ps, lr=1e-3), False),
         ("RenormAdam(fused)", lambda ps: RenormAdam(ps, lr=1e-3, fused=True), False),
         (
@@ -117,6 +118,11 @@ def candidates(have_geoopt: bool):
             False,
         ),
         ("RiemannianSGD(momentum)", lambda ps: RiemannianSGD(ps, lr=1e-2, momentum=0.9), False),
+        (
+            "RiemannianSGD(momentum, fused)",
+            lambda ps: RiemannianSGD(ps, lr=1e-2, momentum=0.9, fused=True),
+            False,
+        ),
     ]
     if have_geoopt:
         import geoopt
@@ -169,6 +175,20 @@ TARGETS = {
         "RenormAdam",
         "torch Adam(foreach)",
         1.2,
+        "max",
+    ),
+    "fused RiemannianAdam <= 1.3x torch Adam(fused)": (
+        "default",
+        "RiemannianAdam(fused)",
+        "torch Adam(fused)",
+        1.3,
+        "max",
+    ),
+    "fused RenormAdam <= 1.15x torch Adam(fused)": (
+        "default",
+        "RenormAdam(fused)",
+        "torch Adam(fused)",
+        1.15,
         "max",
     ),
     "RiemannianAdam <= 1.4x torch Adam(foreach)": (

@@ -65,7 +65,7 @@ CONTRACT_NAMES = [
     "spheretorch.analysis.trajectory",
 ]
 # The command line (documented by sphinx-argparse on the API page): each subcommand's section.
-CONTRACT_COMMANDS = ["train", "compare", "sample"]
+CONTRACT_COMMANDS = ["prepare", "train", "compare", "sample"]
 
 # Visible text that only exists when MathJax did not run: TeX delimiters and common macros.
 RAW_TEX = re.compile(

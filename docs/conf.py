@@ -8,6 +8,7 @@ The site must read well offline, so MathJax is served from the build itself
 import os
 import sys
 
+import torch
 from sphinx.util.inspect import signature
 
 sys.path.insert(0, os.path.abspath(".."))
@@ -39,6 +40,7 @@ autodoc_typehints = "description"
 # "members" is given per directive in api.rst: a default of True would override an explicit
 # ``:members: a, b`` list (Sphinx 9 takes a non-string default over the directive's value).
 autodoc_default_options = {"show-inheritance": True}
+
 # Annotations are strings (``from __future__ import annotations``); our option types appear in
 # them by their short names. Mapping them to full paths makes those type hints link.
 autodoc_type_aliases = {
@@ -90,5 +92,23 @@ def _evaluate_init_annotations(app, obj, bound_method):
         obj.__signature__ = signature(obj, type_aliases=app.config.autodoc_type_aliases)
 
 
+def _skip_torch_docstrings(app, what, name, obj, skip, options):
+    """Leave out overrides of torch's methods that have no docstring of their own.
+
+    autodoc would show torch's docstring for them (``forward``, ``extra_repr``): written for
+    torch's class and full of references into torch. Docstrings inherited from spheretorch's
+    own base classes are kept.
+    """
+    if (
+        what == "class"
+        and getattr(obj, "__doc__", "") is None
+        and getattr(obj, "__module__", "").startswith("spheretorch")
+        and (hasattr(torch.nn.Module, name) or hasattr(torch.optim.Optimizer, name))
+    ):
+        return True
+    return None
+
+
 def setup(app):
     app.connect("autodoc-before-process-signature", _evaluate_init_annotations)
+    app.connect("autodoc-skip-member", _skip_torch_docstrings)

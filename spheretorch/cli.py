@@ -1,4 +1,4 @@
-"""Command line: ``spheretorch train | compare | sample`` (also ``python -m spheretorch``).
+"""Command line: ``spheretorch train | compare | sample | prepare`` (``python -m spheretorch``).
 
 Exit status: 0 done; 1 the run diverged (non-finite validation loss, or ``--max-bad-steps``
 non-finite steps in a row); 2 a user error (bad flag or value, missing or unreadable file, a
@@ -106,7 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False, parents=[debug])
     presets = ", ".join(f"{p.name} ({p.steps} steps)" for p in PRESETS.values())
     common.add_argument("--preset", help=f"one of {presets} (default: cpu-small)")
-    common.add_argument("--data", help="UTF-8 text file (default: the built-in tinyshakespeare)")
+    common.add_argument(
+        "--data",
+        help="UTF-8 text file, or a directory made by 'spheretorch prepare' (default: the "
+        "built-in tinyshakespeare)",
+    )
     common.add_argument("--seed", type=_seed, help="seed of the weights and batches (default: 0)")
     common.add_argument(
         "--device", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps (default: auto)"
@@ -178,13 +182,20 @@ def build_parser() -> argparse.ArgumentParser:
         type=_nonnegative_int,
         help="linear warmup (default: 5%% of the steps, 0 for ngpt)",
     )
-    t.add_argument("--tokenizer", choices=["char", "byte"], help="default: char")
+    t.add_argument(
+        "--tokenizer",
+        choices=["char", "byte"],
+        help="for a text file (default: char); a prepared corpus has its own",
+    )
     t.add_argument(
         "--dtype",
-        choices=["auto", "float32", "bfloat16"],
-        help="autocast dtype: auto is bfloat16 on CUDA, float32 elsewhere (default: auto)",
+        choices=["auto", "float32", "fp32", "bfloat16", "bf16"],
+        help="autocast dtype (weights stay float32): bf16 on CUDA or CPU; auto is bf16 on "
+        "CUDA, float32 elsewhere (default: auto)",
     )
-    t.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA only)")
+    t.add_argument(
+        "--compile", action="store_true", help="torch.compile the model (inductor: CUDA or CPU)"
+    )
     t.add_argument(
         "--max-bad-steps",
         type=_positive_int,
@@ -228,6 +239,38 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--sweep-lrs", help="comma-separated LR candidates (default: the preset's)")
     c.add_argument("--sweep-fraction", type=_positive_float, help="sweep run length / steps")
 
+    from .train.tokenizer import KINDS
+
+    pr = sub.add_parser(
+        "prepare", parents=[debug], help="tokenize text once into train.bin / val.bin", **fmt
+    )
+    pr.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="text or .jsonl files (.gz too), directories, globs; tinyshakespeare: the built-in",
+    )
+    pr.add_argument("--out", required=True, help="output directory")
+    pr.add_argument(
+        "--tokenizer",
+        required=True,
+        choices=KINDS,
+        help="char, byte, bpe (trained on the inputs) or gpt2 (tiktoken, from a local file)",
+    )
+    pr.add_argument("--vocab-size", type=_positive_int, help="bpe vocabulary (default: 8192)")
+    pr.add_argument(
+        "--val-fraction",
+        type=_positive_float,
+        default=0.1,
+        help="the last fraction of the tokens, kept for validation",
+    )
+    pr.add_argument("--text-field", default="text", help="the text's field in .jsonl lines")
+    pr.add_argument(
+        "--bpe-train-mb", type=_positive_float, default=100.0, help="MB of text to train bpe on"
+    )
+    pr.add_argument("--force", action="store_true", help="overwrite a corpus in --out")
+    pr.add_argument("--no-progress", action="store_true", help="no progress bar")
+
     s = sub.add_parser("sample", parents=[debug], help="generate text from a checkpoint", **fmt)
     s.add_argument(
         "--checkpoint",
@@ -250,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--seed", type=_seed, default=0, help="sampling seed")
     s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+    s.add_argument("--data", help="check the checkpoint's tokenizer against this corpus")
     return parser
 
 
@@ -270,27 +314,17 @@ def _train(args: argparse.Namespace) -> int:
 
     with RunDir(args.out).claim("train", resume=args.resume, force=args.force):
         _set_threads(args)
+        given = ("data", "tokenizer", "steps", "batch_size", "lr", "optim", "weight_decay")
+        given += ("warmup_steps", "eval_interval", "eval_batches", "seed", "device", "dtype")
         config = TrainConfig(
             model=args.model,
-            # a fresh run's defaults; on resume only what was given is compared
+            # a fresh run's default; on resume only what was given is compared
             preset=args.preset or (None if args.resume else "cpu-small"),
-            data=args.data,
-            tokenizer=args.tokenizer,
-            steps=args.steps,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            optim=args.optim,
-            weight_decay=args.weight_decay,
-            warmup_steps=args.warmup_steps,
-            eval_interval=args.eval_interval,
-            eval_batches=args.eval_batches,
-            seed=args.seed,
-            device=args.device,
-            dtype=args.dtype,
             compile=args.compile or None,
             max_bad_steps=args.max_bad_steps,
             check_memory=False if args.no_memory_check else None,
             model_options=dict(args.options),
+            **{name: getattr(args, name) for name in given},
         )
         trainer = Trainer(
             config,
@@ -336,7 +370,12 @@ def _run_training(trainer: Any, resumed: bool) -> int:
         print(
             f"{c.model}: step {summary['steps']}, val loss "
             + (f"{val:.4f}" if val is not None else "non-finite")
-            + f", {summary['ms_per_step']:.1f} ms/step"
+            + f", {summary['ms_per_step']:.1f} ms/step, {summary['tokens_per_s']:,.0f} tokens/s, "
+            + (
+                f"MFU {100 * summary['mfu']:.1f}%"
+                if summary["mfu"] is not None
+                else f"{summary['tflops_per_s']:.3g} TFLOP/s ({summary['peak_source']})"
+            )
             + (f", {skipped} non-finite steps skipped" if skipped else "")
             + f"; wrote {trainer.out_dir / 'metrics.jsonl'}"
             + (
@@ -384,6 +423,27 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare(args: argparse.Namespace) -> int:
+    import time
+
+    from .train.prepare import describe, prepare
+
+    start = time.perf_counter()
+    meta = prepare(
+        args.inputs,
+        args.out,
+        args.tokenizer,
+        vocab_size=args.vocab_size,
+        val_fraction=args.val_fraction,
+        text_field=args.text_field,
+        bpe_train_bytes=int(args.bpe_train_mb * 2**20),
+        progress=not args.no_progress,
+        force=args.force,
+    )
+    print(describe(meta, args.out, time.perf_counter() - start))
+    return 0
+
+
 def _sample(args: argparse.Namespace) -> int:
     import torch
 
@@ -391,9 +451,11 @@ def _sample(args: argparse.Namespace) -> int:
     from .train.errors import UserError
 
     model, tokenizer, _ = load_model(args.checkpoint, args.device)
-    prompt = args.prompt
-    if prompt is None:
-        prompt = "\n" if tokenizer.kind == "byte" or "\n" in tokenizer.chars else tokenizer.chars[0]
+    if args.data is not None:  # the corpus must be the one the model was trained on
+        from .train.data import load_data
+
+        load_data(args.data, tokenizer)
+    prompt = tokenizer.default_prompt if args.prompt is None else args.prompt
     if prompt == "":
         raise UserError("--prompt must not be empty")
     ids = tokenizer.encode(prompt)
@@ -443,7 +505,8 @@ def main(argv: list[str] | None = None) -> int:
     from .train.errors import TrainingDiverged, UserError
 
     try:
-        return {"train": _train, "compare": _compare, "sample": _sample}[args.command](args)
+        commands = {"train": _train, "compare": _compare, "sample": _sample, "prepare": _prepare}
+        return commands[args.command](args)
     except UserError as e:
         print(f"spheretorch: error: {e}", file=sys.stderr)
         return 2

@@ -51,7 +51,7 @@ CASES: list[tuple[list[str], str]] = [
         "unknown preset 'huge'; choose from smoke, cpu-small, cpu-bpe, gpu-medium",
     ),
     ([*TRAIN, "--data", "missing.txt"], "data file not found: missing.txt"),
-    ([*TRAIN, "--data", "adir"], "data path is not a file: adir"),
+    ([*TRAIN, "--data", "adir"], "adir is not a prepared corpus: meta.json is missing"),
     ([*TRAIN, "--data", "empty.txt"], "empty.txt is empty"),
     (
         [*TRAIN, "--data", "short.txt"],

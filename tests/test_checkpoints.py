@@ -15,6 +15,7 @@ import torch
 
 from spheretorch.cli import main
 from spheretorch.train import TrainConfig, Trainer, load_checkpoint
+from spheretorch.train.throughput import TIMING_FIELDS
 
 torch.set_num_threads(1)  # tiny models; avoid oversubscription under pytest-xdist
 
@@ -29,7 +30,7 @@ def quick(model: str = "gpt", **kw) -> TrainConfig:
 def rows(path: Path) -> list[dict]:
     """metrics.jsonl without the wall-clock column."""
     out = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k != "elapsed_s"} for r in out]
+    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in out]
 
 
 def test_checkpoint_holds_everything(tmp_path: Path) -> None:

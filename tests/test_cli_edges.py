@@ -15,6 +15,7 @@ import torch
 
 from spheretorch.cli import EXIT_INTERNAL, build_parser, main
 from spheretorch.train import TrainConfig, Trainer, UserError, load_checkpoint, memory
+from spheretorch.train.prepare import prepare
 from spheretorch.train.rundir import LOCK, REPLACED, RunDir
 
 torch.set_num_threads(1)
@@ -78,6 +79,10 @@ def test_help_shows_every_option_with_its_default(capsys) -> None:
 def test_gpu_preset_on_cpu_warns_and_memory_is_checked_first(monkeypatch, capsys) -> None:
     monkeypatch.setattr(memory, "available_bytes", lambda device: 2**30)
     code, err = run([*TRAIN[:4], "gpu-medium", "--no-progress", "--out", "big"], capsys)
+    assert code == 2 and "preset gpu-medium trains on a prepared corpus, not the built-in" in err
+    prepare(["tinyshakespeare"], "corpus", "char", progress=False)
+    gpu = [*TRAIN[:4], "gpu-medium", "--no-progress", "--out", "big", "--data", "corpus"]
+    code, err = run(gpu, capsys)
     assert code == 2
     assert "preset gpu-medium is sized for a GPU; on cpu it will be very slow" in err
     line = err.strip().splitlines()[-1]

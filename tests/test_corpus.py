@@ -49,16 +49,21 @@ def test_splits_are_memmaps_and_batches_match_the_text_path(corpus_dir: Path) ->
         assert torch.equal(x, rx) and torch.equal(y, ry)
 
 
-def test_tokenizer_and_vocabulary_checks(corpus_dir: Path) -> None:
-    corpus = Corpus(corpus_dir)
-    corpus.check_tokenizer(Tokenizer.from_text(load_data(None, "char").tokenizer.chars))
+def test_load_data_opens_a_corpus_and_checks_tokenizer_and_vocabulary(corpus_dir: Path) -> None:
+    data = load_data(corpus_dir)
+    assert isinstance(data.train, TokenFile) and data.name == str(corpus_dir)
+    assert load_data(corpus_dir, "char").tokenizer == data.tokenizer == load_data().tokenizer
     with pytest.raises(
         UserError, match="prepared with tokenizer char vocab 65, but the checkpoint"
     ):
-        corpus.check_tokenizer(Tokenizer("byte"))
-    corpus.check_vocab(65)
+        load_data(corpus_dir, Tokenizer("byte"))  # e.g. resuming a byte-level run
+    with pytest.raises(UserError, match=r"--tokenizer byte does not apply to .* char vocab 65"):
+        load_data(corpus_dir, "byte")
+    with pytest.raises(UserError, match="--tokenizer bpe needs a prepared corpus: run `spheret"):
+        load_data(None, "bpe")
+    data.check_vocab(65)
     with pytest.raises(UserError, match="vocabulary of 65 tokens, larger than the model's 64"):
-        corpus.check_vocab(64)
+        data.check_vocab(64)
 
 
 def test_bad_directories_give_one_line_errors(corpus_dir: Path, tmp_path: Path) -> None:

@@ -424,6 +424,8 @@ def test_generate_on_an_empty_prompt_and_empty_forward() -> None:
         model.generate(empty, 3)
     with pytest.raises(ValueError, match="idx holds no tokens"):
         model(empty)
+    with pytest.raises(ValueError, match=r"idx must be a .* tensor of int64 token ids, got list"):
+        model.generate([[1, 2]], 3)
     # greedy decoding and top_k = 1 agree; top_k larger than the vocabulary is all tokens
     greedy = model.generate(tokens(1, 2), 4, temperature=0)
     assert torch.equal(model.generate(tokens(1, 2), 4, top_k=1), greedy)

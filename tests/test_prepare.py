@@ -13,10 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from spheretorch.train import UserError, load_data
+from spheretorch.cli import main
+from spheretorch.train import UserError, get_preset, load_data
 from spheretorch.train import prepare as prep
 from spheretorch.train.corpus import Corpus
 from spheretorch.train.prepare import dtype_for, find_inputs, prepare
@@ -246,3 +248,40 @@ def test_200mb_corpus_streams_in_bounded_memory(tmp_path: Path) -> None:
     assert (out / "train.bin").stat().st_size == 2 * 188_743_680
     corpus = Corpus(out)
     assert corpus.tokenizer.vocab_size == len(set(alphabet)) and len(corpus.val) == 20_971_520
+
+
+# -- the whole path from the command line -----------------------------------------------------
+
+
+@pytest.mark.slow
+def test_cpu_bpe_preset_end_to_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    train = ["train", "--model", "ngpt", "--preset", "cpu-bpe", "--out", "run", "--threads", "1"]
+    quick = ["--steps", "2", "--eval-interval", "2", "--eval-batches", "1", "--batch-size", "2"]
+    assert main([*train, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "preset cpu-bpe trains on a prepared corpus, not the built-in text" in err
+    prepare_cmd = get_preset("cpu-bpe").corpus.split()[1:]  # the command the preset names
+    assert main([*prepare_cmd, "--no-progress"]) == 0
+    assert "(bpe vocab 1,024, uint16)" in capsys.readouterr().out
+    corpus = "data/shakespeare-bpe"
+    assert main([*train, *quick, "--data", corpus, "--no-progress"]) == 0
+    assert "tokens/s" in capsys.readouterr().out
+    row = [json.loads(line) for line in Path("run/metrics.jsonl").read_text().splitlines()][-1]
+    assert row["tokens_per_s"] > 0 and row["tflops_per_s"] > 0 and row["mfu"] is None
+    summary = json.loads(Path("run/summary.json").read_text())
+    assert summary["flops_per_token"] > 0 and summary["peak_source"] == "peak of cpu unknown"
+    assert torch.load("run/checkpoint.pt", weights_only=True)["tokenizer"]["kind"] == "bpe"
+    sample = ["sample", "--checkpoint", "run/checkpoint.pt", "--tokens", "12", "--data", corpus]
+    assert main([*sample, "--prompt", "ROMEO:"]) == 0
+    assert capsys.readouterr().out.startswith("ROMEO:")
+    # The same directory prepared again with another tokenizer: resuming is refused.
+    assert main(["prepare", "tinyshakespeare", "--tokenizer", "char", "--out", corpus,
+                 "--force", "--no-progress"]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main([*train, "--data", corpus, "--resume", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "prepared with tokenizer char vocab 65, but the checkpoint uses bpe vocab 1024" in err
+    assert main(sample) == 2

@@ -37,9 +37,9 @@ class Parallel:
     share of each batch, the wrapped model, agreement across ranks, and where and how
     checkpoints are written (one file from rank 0, or a sharded DCP directory under FSDP2).
 
-    ``Parallel(mode)`` checks the mode, :meth:`check_launch` that a ``ddp``/``fsdp`` process
+    ``Parallel(mode)`` checks the mode, ``check_launch()`` that a ``ddp``/``fsdp`` process
     was started by ``torchrun``, :meth:`start` that the batch splits evenly (``ValueError``
-    each, before any process group exists) and then joins the process group; :meth:`close`
+    each, before any process group exists) and then joins the process group; ``close()``
     leaves it. With ``mode="none"`` every answer is the one-process one.
     """
 
@@ -83,7 +83,7 @@ class Parallel:
 
     @property
     def is_main(self) -> bool:
-        """Rank 0: the process that writes metrics and single-file checkpoints."""
+        """Whether this is rank 0, the process that writes metrics and single-file checkpoints."""
         return self.ctx.is_main
 
     def __str__(self) -> str:

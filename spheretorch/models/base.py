@@ -65,7 +65,8 @@ class LanguageModel(nn.Module):
         self.init_weights()
 
     # -- API ---------------------------------------------------------------------------------
-    def _check_idx(self, idx: Tensor) -> None:
+    @staticmethod
+    def _check_token_tensor(idx: Tensor) -> None:
         if not isinstance(idx, Tensor) or idx.dim() != 2 or idx.dtype != torch.long:
             what = (
                 f"{idx.dtype} tensor of shape {tuple(idx.shape)}"
@@ -73,6 +74,9 @@ class LanguageModel(nn.Module):
                 else type(idx).__name__
             )
             raise ValueError(f"idx must be a (batch, time) tensor of int64 token ids, got {what}")
+
+    def _check_idx(self, idx: Tensor) -> None:
+        self._check_token_tensor(idx)
         if idx.shape[1] > self.config.seq_len:
             raise ValueError(
                 f"sequence length {idx.shape[1]} exceeds the model's seq_len={self.config.seq_len}"
@@ -152,7 +156,8 @@ class LanguageModel(nn.Module):
             isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1
         ):
             raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
-        if isinstance(idx, Tensor) and idx.dim() == 2 and idx.shape[1] == 0:
+        self._check_token_tensor(idx)
+        if idx.shape[1] == 0:
             raise ValueError(
                 f"generate needs a prompt of at least one token per row, got shape "
                 f"{tuple(idx.shape)}"

@@ -66,8 +66,8 @@ class GPT(LanguageModel):
 
     Init: every matrix ``N(0, 0.02)``, output projections (attention ``proj``, MLP ``down``)
     ``N(0, 0.02 / sqrt(2L))``; no biases; embeddings untied unless ``tie_embeddings``.
-    Subclasses change the blocks and final norm through :meth:`make_block` and
-    :meth:`make_final_norm` (see ``GeoNormGPT``).
+    Subclasses change the blocks and final norm through ``make_block`` and
+    ``make_final_norm`` (see ``GeoNormGPT``).
     """
 
     config_class = GPTConfig

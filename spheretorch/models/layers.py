@@ -26,6 +26,7 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Normalize ``x`` ``(..., d)`` over its last axis."""
         xf = x.float()
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (y * self.weight).to(x.dtype)
@@ -50,6 +51,7 @@ class ScaledVector(nn.Module):
         nn.init.constant_(self.param, self.scale)
 
     def forward(self) -> Tensor:
+        """The vector as used: ``param * init / scale``."""
         return self.param * (self.init / self.scale)
 
 
@@ -59,7 +61,7 @@ class Rotary(nn.Module):
     The cos/sin tables are computed in float64 and stored in the model's dtype (float32 for
     half types, in which the rotation is also computed). They are a function of the shape, not
     state: recomputed after every cast or move (``model.double()``, ``to_empty``) and by
-    :meth:`reset_parameters`.
+    ``reset_parameters()``.
     """
 
     def __init__(self, head_dim: int, seq_len: int, base: float = 10000.0) -> None:
@@ -120,6 +122,7 @@ class CausalSelfAttention(nn.Module):
         return qk[:, :, : self.n_head], qk[:, :, self.n_head :], None
 
     def forward(self, x: Tensor) -> Tensor:
+        """``(B, T, d) -> (B, T, d)``."""
         b, t, d = x.shape
         qkv = self.qkv(x).view(b, t, 3, self.n_head, self.head_dim)
         # q and k rotated as one tensor: one RoPE call instead of two
@@ -152,5 +155,6 @@ class MLP(nn.Module):
         return self.up.weight
 
     def forward(self, x: Tensor) -> Tensor:
+        """``(..., d) -> (..., d)``."""
         u, v = F.linear(x, self.up_weight()).split(self.d_mlp, dim=-1)
         return self.drop(self.down(u * F.silu(v)))

@@ -36,7 +36,8 @@ __all__ = ["NGPT", "NGPTConfig"]
 
 @dataclass
 class NGPTConfig(TransformerConfig):
-    """:class:`TransformerConfig` plus nGPT's options (scale trick: :class:`ScaledVector`).
+    """:class:`TransformerConfig` plus nGPT's options (scale trick:
+    :class:`~spheretorch.models.layers.ScaledVector`).
 
     * ``residual_rule``: ``"nlerp"`` (the paper: LERP then normalize) or ``"slerp"`` (exact
       geodesic).
@@ -125,8 +126,9 @@ class NGPT(LanguageModel):
     :class:`spheretorch.optim.RenormAdam` after every step): ``tok_emb`` and ``lm_head``
     ``(V, d)``, ``qkv`` ``(3d, d)`` and MLP ``up`` ``(2 d_mlp, d)`` along ``dim=1``; attention
     ``proj`` ``(d, d)`` and MLP ``down`` ``(d, d_mlp)`` along ``dim=0``. Init ``N(0, 1/sqrt(d))``
-    then projected. Scaling vectors (scale trick, :class:`ScaledVector`): ``alpha_A``,
-    ``alpha_M`` (d), ``s_qk`` (d, per-head view), ``s_u``, ``s_v`` (d_mlp), ``s_z`` (V).
+    then projected. Scaling vectors (scale trick,
+    :class:`~spheretorch.models.layers.ScaledVector`): ``alpha_A``, ``alpha_M`` (d), ``s_qk``
+    (d, per-head view), ``s_u``, ``s_v`` (d_mlp), ``s_z`` (V).
     The forward pass never renormalizes weights (the optimizer keeps them unit); the input
     state is the raw embedding row, and hidden states are unit after every update.
     """

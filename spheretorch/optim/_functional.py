@@ -56,6 +56,8 @@ def check_hyperparameters(
     if betas is not None:
         if len(betas) != 2:
             raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        if len({isinstance(b, Tensor) for b in betas}) != 1:
+            raise ValueError("betas must be either both floats or both Tensors")
         for i, b in enumerate(betas):
             if not 0.0 <= float(b) < 1.0:
                 raise ValueError(f"Invalid beta parameter at index {i}: {b}")
@@ -88,6 +90,23 @@ def scalar_value(x: Tensor | float) -> Tensor | float:
 def scalar_dtype() -> torch.dtype:
     """dtype of a host-side step counter (torch's convention: float64 under a float64 default)."""
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def new_step(p: Tensor, fused: bool = False, capturable: bool = False) -> Tensor:
+    """A zero step counter where torch keeps it: on ``p``'s device for fused (float32) and
+    capturable steps, else on the host (no kernel launch to increment it)."""
+    if fused or capturable:
+        return torch.zeros((), dtype=torch.float32 if fused else scalar_dtype(), device=p.device)
+    return torch.zeros((), dtype=scalar_dtype())
+
+
+def check_fused_param(p: Tensor) -> None:
+    """torch's check (and wording) for ``fused=True``: floating point, on a supported device."""
+    if not (p.device.type in _FOREACH_DEVICES and torch.is_floating_point(p)):
+        raise RuntimeError(
+            "`fused=True` requires all the params to be floating point Tensors of supported "
+            f"devices: {list(_FOREACH_DEVICES)} but {p.dtype} and {p.device.type}"
+        )
 
 
 def increment_steps(steps: list[Tensor]) -> None:

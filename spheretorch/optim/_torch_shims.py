@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._functional import compiling
+from ._functional import compiling, pick
 
 
 def _accepts(fn: Any, name: str) -> bool:
@@ -40,17 +40,24 @@ def torch_adam(
     eps: float,
     maximize: bool,
     decoupled_weight_decay: bool,
+    capturable: bool = False,
+    differentiable: bool = False,
 ) -> None:
-    """torch's own functional Adam/AdamW (``torch.optim.adam.adam``) on Euclidean parameters."""
+    """torch's own functional Adam/AdamW (``torch.optim.adam.adam``) on Euclidean parameters.
+
+    ``capturable`` is passed on for accelerator tensors only: torch's capturable kernels
+    reject CPU ones, where a host-side step costs no synchronisation anyway.
+    """
     if not params:
         return
     from torch.optim.adam import adam
 
+    capturable = capturable and not params[0].is_cpu
     if compiling():
         # torch's foreach Adam fails to trace on CPU when called outside torch.optim.Adam
         # ("Expected scalars to be on CPU"); the compiler fuses the single-tensor loop anyway
         foreach = False
-    elif isinstance(lr, Tensor) and foreach and not fused:
+    elif isinstance(lr, Tensor) and foreach and not fused and not capturable:
         lr = lr.item()  # torch's foreach Adam takes a tensor lr only with capturable=True
     kwargs: dict[str, Any] = dict(
         foreach=foreach,
@@ -64,6 +71,8 @@ def torch_adam(
         weight_decay=weight_decay,
         eps=eps,
         maximize=maximize,
+        capturable=capturable,
+        differentiable=differentiable,
     )
     if decoupled_weight_decay and weight_decay != 0:
         if _accepts(adam, "decoupled_weight_decay"):
@@ -80,6 +89,8 @@ def torch_sgd(
     momentum_buffers: list[Tensor | None],
     *,
     foreach: bool,
+    fused: bool = False,
+    found_inf: Tensor | None = None,
     lr: float | Tensor,
     momentum: float,
     dampening: float,
@@ -97,14 +108,15 @@ def torch_sgd(
 
     if compiling():
         foreach = False  # as in torch_adam: the compiler fuses the loop
-    elif isinstance(lr, Tensor):
+    elif isinstance(lr, Tensor) and not fused:
         lr = lr.item()
     sgd(
         params,
         grads,
         momentum_buffers,
         foreach=foreach,
-        fused=False,
+        fused=fused,
+        found_inf=found_inf,
         weight_decay=weight_decay,
         momentum=momentum,
         lr=lr,
@@ -112,3 +124,39 @@ def torch_sgd(
         nesterov=nesterov,
         maximize=maximize,
     )
+
+
+def torch_adam_on(
+    idx: list[int],
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    amsgrad: bool,
+    **hyper: Any,
+) -> None:
+    """:func:`torch_adam` on the parameters at ``idx`` (the Euclidean ones of a group)."""
+    lists = (params, grads, exp_avgs, exp_avg_sqs)
+    vmax = pick(max_exp_avg_sqs, idx) if amsgrad else []
+    torch_adam(
+        *(pick(t, idx) for t in lists), vmax, pick(state_steps, idx), amsgrad=amsgrad, **hyper
+    )
+
+
+def torch_sgd_on(
+    idx: list[int],
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    **hyper: Any,
+) -> None:
+    """:func:`torch_sgd` on the parameters at ``idx``; new buffers written back in place."""
+    if not idx:
+        return
+    bufs = pick(momentum_buffers, idx)
+    torch_sgd(pick(params, idx), pick(grads, idx), bufs, **hyper)
+    for i, b in zip(idx, bufs):
+        momentum_buffers[i] = b

@@ -8,6 +8,7 @@ for half-precision sphere parameters across ``load_state_dict``, and torch's
 
 from __future__ import annotations
 
+import inspect
 from itertools import chain
 from typing import Any, Literal
 
@@ -16,8 +17,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ..parameter import sphere_dim_of
-from ..sphere import UPCAST_DTYPES, compute_dtype, global_value
-from ._functional import nonfinite_flag, really_nonfinite
+from ..sphere import UPCAST_DTYPES, compute_dtype, global_value, is_dtensor
+from ._functional import new_step, nonfinite_flag, really_nonfinite
 
 __all__ = ["NONFINITE_POLICIES", "NonfinitePolicy", "SphereOptimizer"]
 
@@ -37,6 +38,9 @@ class SphereOptimizer(Optimizer):
 
     #: state tensors of sphere parameters kept in the compute dtype (float32 for half types)
     _compute_dtype_state: tuple[str, ...] = ()
+    #: the param-group key that marks this class's family in a state dict ("betas": Adam's,
+    #: "momentum": SGD's); state of the other family cannot be loaded
+    _family_key = "betas"
 
     def __init__(
         self, params: Any, defaults: dict[str, Any], *, nonfinite: NonfinitePolicy = "skip"
@@ -45,6 +49,16 @@ class SphereOptimizer(Optimizer):
             raise ValueError(
                 f"nonfinite must be one of {', '.join(map(repr, NONFINITE_POLICIES))}, "
                 f"got {nonfinite!r}"
+            )
+        if defaults.get("fused"):
+            if defaults.get("differentiable"):
+                raise RuntimeError("`fused` does not support `differentiable`")
+            if defaults.get("foreach"):
+                raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        if defaults.get("capturable") and nonfinite == "raise":
+            raise ValueError(
+                "capturable=True cannot raise on a non-finite gradient (that needs a host "
+                "synchronisation); use nonfinite='skip' (skips on the device) or 'ignore'"
             )
         self.nonfinite: NonfinitePolicy = nonfinite
         self._skipped = 0
@@ -67,10 +81,30 @@ class SphereOptimizer(Optimizer):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        """torch's contract: param groups of an older or another class's state dict get the
+        keys they lack (from this optimizer's defaults), and a ``step`` saved as a number
+        becomes a tensor where this optimizer keeps it."""
         state.setdefault("nonfinite", "skip")
         state.setdefault("_skipped", 0)
         state.setdefault("_skipped_on_device", None)
         super().__setstate__(state)
+        fill = {**self._signature_defaults(), **self.defaults}
+        for group in self.param_groups:
+            for key, value in fill.items():
+                group.setdefault(key, value)
+            for p in group["params"]:
+                p_state = self.state.get(p, {})
+                if "step" in p_state and not torch.is_tensor(p_state["step"]):
+                    step = new_step(p, bool(group.get("fused")), bool(group.get("capturable")))
+                    p_state["step"] = step.fill_(float(p_state["step"]))
+
+    @classmethod
+    def _signature_defaults(cls) -> dict[str, Any]:
+        return {
+            k: v.default
+            for k, v in inspect.signature(cls.__init__).parameters.items()
+            if v.default is not inspect.Parameter.empty and k != "nonfinite"
+        }
 
     def __repr__(self) -> str:
         return super().__repr__().replace("(", f"(nonfinite: {self.nonfinite!r}\n", 1)
@@ -115,13 +149,30 @@ class SphereOptimizer(Optimizer):
     def _update(self, group: dict[str, Any], lists: Any, found_inf: Tensor | None) -> None:
         raise NotImplementedError  # pragma: no cover
 
-    def _uses_device_side_skip(self) -> bool:
-        """True when ``_update`` takes a device-side ``found_inf`` flag (no host sync)."""
-        return False
+    def _takes_found_inf(self, group: dict[str, Any]) -> bool:
+        """True when ``_update`` skips on a device-side ``found_inf`` itself (fused kernels)."""
+        return bool(group.get("fused"))
 
-    @torch.no_grad()
+    def _uses_device_side_skip(self) -> bool:
+        """Skip non-finite steps on the device (no host sync): every group fused or capturable,
+        and no DTensors (whose flag is all-reduced, a synchronisation anyway)."""
+        return all(g.get("fused") or g.get("capturable") for g in self.param_groups) and not any(
+            is_dtensor(p) for g in self.param_groups for p in g["params"]
+        )
+
+    def _update_masked(self, group: dict[str, Any], lists: Any, found_inf: Tensor) -> None:
+        """Device-side skip for a path without a ``found_inf`` input (capturable foreach):
+        snapshot what the update writes, update, restore where ``found_inf`` is set."""
+        written = [t for i, lst in enumerate(lists) if i != 1 for t in lst if torch.is_tensor(t)]
+        saved = [t.clone() for t in written]
+        self._update(group, lists, None)
+        skip = found_inf.to(torch.bool)
+        for t, old in zip(written, saved):
+            t.copy_(torch.where(skip, old, t))
+
     def step(self, closure: Any = None) -> Any:
-        """Perform one optimisation step.
+        """Perform one optimisation step (with autograd recording it when the optimizer was
+        built with ``differentiable=True``, as torch's optimizers do).
 
         Args:
             closure: optional callable that re-evaluates the model and returns the loss; it is
@@ -130,6 +181,10 @@ class SphereOptimizer(Optimizer):
         Returns:
             The closure's loss (``None`` without a closure).
         """
+        with torch.set_grad_enabled(bool(self.defaults.get("differentiable"))):
+            return self._step(closure)
+
+    def _step(self, closure: Any = None) -> Any:
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -157,11 +212,62 @@ class SphereOptimizer(Optimizer):
                     return loss
 
         for group, lists in zip(self.param_groups, collected):
-            if lists[0]:
+            if not lists[0]:
+                continue
+            if found_inf is not None and not self._takes_found_inf(group):
+                self._update_masked(group, lists, found_inf)
+            else:
                 self._update(group, lists, found_inf)
         return loss
 
     # ------------------------------------------------------------------ state dtypes
+
+    def _check_loadable(self, state_dict: dict[str, Any]) -> None:
+        ours = type(self).__name__
+        saved_groups = state_dict.get("param_groups", [])
+        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            source = _saved_by(saved)
+            if self._family_key not in saved:
+                raise ValueError(
+                    f"cannot load a state dict saved by {source} into {ours}: its "
+                    f"param_groups[{gi}] has no {self._family_key!r} (a different optimizer)"
+                )
+            merged = {**group, **{k: v for k, v in saved.items() if k != "params"}}
+            problem = self._group_problem(saved, group)
+            for pi, (pid, p) in enumerate(zip(saved.get("params", []), group["params"])):
+                if problem is not None:
+                    break
+                p_state = state_dict.get("state", {}).get(pid)
+                if p_state:
+                    problem = self._state_problem(p, merged, p_state)
+                    if problem is not None:
+                        problem = f"param_groups[{gi}]['params'][{pi}] {problem}"
+            if problem is not None:
+                raise ValueError(
+                    f"cannot load a state dict saved by {source} into {ours}: {problem}"
+                )
+
+    def _group_problem(self, saved: dict[str, Any], group: dict[str, Any]) -> str | None:
+        """Why a saved param group cannot be loaded into ``group`` (None: it can)."""
+        return None
+
+    def _state_layout(self, p: Tensor, group: dict[str, Any]) -> dict[str, tuple[Any, bool]]:
+        """``{key: (shape, required)}`` of the per-parameter state this optimizer keeps."""
+        return {}
+
+    def _state_problem(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> str | None:
+        """Why a saved per-parameter state cannot be used for ``p`` (None: it can)."""
+        for key, (shape, required) in self._state_layout(p, group).items():
+            value = state.get(key)
+            if value is None:
+                if required:
+                    return f"has no {key!r} state"
+            elif torch.is_tensor(value) and tuple(value.shape) != tuple(shape):
+                return (
+                    f"has {key!r} of shape {tuple(value.shape)} where {type(self).__name__} "
+                    f"keeps {tuple(shape)}"
+                )
+        return None
 
     def _state_dtype(self, p: Tensor) -> torch.dtype:
         """dtype of the floating state of ``p``: compute dtype for sphere parameters."""
@@ -170,12 +276,18 @@ class SphereOptimizer(Optimizer):
         return p.dtype
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """torch's ``load_state_dict``, keeping float32 state of half-precision sphere params.
+        """torch's ``load_state_dict``, checked first and keeping float32 state of
+        half-precision sphere parameters.
 
-        torch casts every floating state tensor to its parameter's dtype; the state of a
-        float16/bfloat16 sphere parameter is float32 here, so it is restored from
-        ``state_dict`` without that lossy round trip (a resumed run stays bitwise exact).
+        State of a compatible class loads (torch ``Adam``/``AdamW`` <-> ``RenormAdam`` <->
+        ``RiemannianAdam`` where the state has the layout this optimizer keeps; torch
+        ``SGD`` <-> ``RiemannianSGD``), group keys it lacks filled from this optimizer's
+        defaults. Anything else fails here, with a one-line ``ValueError`` naming both
+        classes, instead of at the next ``step()``. torch casts every floating state tensor to
+        its parameter's dtype; a half-precision sphere parameter's state is restored in
+        float32 instead (a resumed run stays bitwise exact).
         """
+        self._check_loadable(state_dict)
         super().load_state_dict(state_dict)
         if not self._compute_dtype_state:
             return
@@ -191,3 +303,14 @@ class SphereOptimizer(Optimizer):
                     self.state[p][key] = value.to(
                         device=p.device, dtype=self._state_dtype(p), copy=True
                     )
+
+
+def _saved_by(group: dict[str, Any]) -> str:
+    """The optimizer class(es) a saved param group's keys point to, for error messages."""
+    if "second_moment" in group:
+        return "RiemannianAdam"
+    if "betas" in group:
+        return "torch Adam/AdamW or RenormAdam"
+    if "momentum" in group:
+        return "RiemannianSGD" if "retraction" in group else "torch SGD"
+    return "another optimizer class"

@@ -1,29 +1,13 @@
 r"""Adam, then renormalisation: the nGPT recipe (Loshchilov et al., 2024).
 
-Every parameter gets torch's own Adam/AdamW step (the code calls ``torch.optim.adam.adam``,
-with its fused, foreach or single-tensor kernel); afterwards every sphere parameter is put
-back on the sphere, :math:`x \leftarrow x / \|x\|` along its ``sphere_dim``. The result is
-bitwise equal to :class:`torch.optim.Adam` with the same ``foreach``/``fused`` flags followed
-by ``p.div_(p.norm(dim=sphere_dim, keepdim=True))`` (norms of float16/bfloat16 parameters are
-accumulated in float32).
-
-Compared with :class:`~spheretorch.optim.RiemannianAdam` the moments see the full Euclidean
-gradient (its radial part included) and nothing is transported; it is cheaper and what nGPT
-trains with.
-
-Weight decay is **not applied to sphere parameters** (it would be undone by the
-renormalisation, or with coupled decay feed a radial term into the moments); Euclidean
-parameters get it exactly as torch's Adam/AdamW.
-
-By default (``foreach=None``) torch's foreach kernel runs on CPU and CUDA tensors, so the
-result is bitwise ``torch.optim.Adam(foreach=True)`` + renormalisation. On CPU the parameters
-are processed in cache-sized buckets (Adam, then the renormalisation of the same bucket while
-it is still in cache), which makes the whole step about as fast as torch's foreach Adam alone.
-``fused=True`` uses torch's fused kernel, a single pass over memory (about 3x faster than
-foreach on CPU for large parameters); with ``nonfinite="skip"`` it also skips a step with a
-NaN/inf gradient on the device, through the kernel's ``found_inf`` input, with no host
-synchronisation at all. (On CPU torch's fused kernel opens a thread-parallel region for every
-tensor, however small: with many small parameters on a busy machine foreach is faster.)
+Every parameter gets torch's own Adam/AdamW step (``torch.optim.adam.adam``: fused, foreach or
+single-tensor kernel); then every sphere parameter is put back on the sphere,
+:math:`x \leftarrow x / \|x\|` along its ``sphere_dim``: bitwise :class:`torch.optim.Adam` with
+the same flags followed by ``p.div_(p.norm(dim=sphere_dim, keepdim=True))``. The moments see
+the full Euclidean gradient and nothing is transported (cheaper than
+:class:`~spheretorch.optim.RiemannianAdam`). Weight decay applies to Euclidean parameters only.
+On CPU the foreach path runs in cache-sized buckets (Adam, then the renormalisation of the same
+bucket). Details and measurements: docs/optimizers.md, docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -36,13 +20,14 @@ from torch import Tensor
 from .. import sphere
 from ..parameter import sphere_dim_of
 from ._functional import (
+    check_fused_param,
     check_hyperparameters,
     compiling,
     default_foreach,
     group_by_axis,
+    new_step,
     pick,
     run_stacked,
-    scalar_dtype,
     scalar_value,
     work_units,
 )
@@ -63,9 +48,12 @@ class RenormAdam(SphereOptimizer):
             along it after the Adam step.
         lr, betas, eps, amsgrad, maximize: as :class:`torch.optim.Adam`.
         weight_decay: L2 penalty (or decoupled decay) for **Euclidean** parameters only.
-        foreach, fused: as :class:`torch.optim.Adam`; by default the foreach kernel on
-            CPU/CUDA tensors. ``fused=True`` selects torch's fused kernel (also skips
-            non-finite steps without a host synchronisation).
+        foreach, fused, capturable, differentiable: as :class:`torch.optim.Adam`; by
+            default the foreach kernel on CPU/CUDA tensors. ``fused=True`` selects torch's
+            fused kernel (bitwise ``Adam(fused=True)`` + renormalisation; skips non-finite
+            steps on the device). ``capturable=True`` keeps the step counters on the
+            parameters' device and never synchronises with the host (CUDA graphs); a
+            non-finite step is then skipped on the device too.
         decoupled_weight_decay: AdamW (equal to :class:`torch.optim.AdamW`).
         nonfinite: ``"skip"`` (default), ``"raise"`` or ``"ignore"``; see
             :mod:`spheretorch.optim.optimizer`.
@@ -85,13 +73,13 @@ class RenormAdam(SphereOptimizer):
         *,
         foreach: bool | None = None,
         maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
         nonfinite: NonfinitePolicy = "skip",
     ) -> None:
         check_hyperparameters(lr, betas, eps, weight_decay)
-        if fused and foreach:
-            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         defaults = dict(
             lr=lr,
             betas=tuple(float(b) for b in betas),
@@ -100,6 +88,8 @@ class RenormAdam(SphereOptimizer):
             amsgrad=amsgrad,
             foreach=foreach,
             maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
             fused=fused,
             decoupled_weight_decay=decoupled_weight_decay,
         )
@@ -108,18 +98,17 @@ class RenormAdam(SphereOptimizer):
     def _implementation(self, group: dict[str, Any]) -> tuple[bool, bool]:
         """``(fused, foreach)`` for ``group``, resolving ``None`` from its parameters."""
         fused, foreach = bool(group["fused"]), group["foreach"]
+        if group["differentiable"]:
+            return False, False  # torch: autograd through the single-tensor loop only
         if foreach is None:
             foreach = not fused and default_foreach(group["params"])
         return fused, bool(foreach)
 
-    def _uses_device_side_skip(self) -> bool:
-        # Not for DTensors (FSDP2): their flag is all-reduced (a host synchronisation
-        # anyway), so skipping inside the kernel would save nothing.
-        return all(self._implementation(g)[0] for g in self.param_groups) and not any(
-            sphere.is_dtensor(p) for g in self.param_groups for p in g["params"]
-        )
-
     _n_lists = 7
+
+    def _state_layout(self, p: Tensor, group: dict[str, Any]) -> dict[str, tuple[Any, bool]]:
+        keys = ("step", "exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
+        return {k: ((), True) if k == "step" else (p.shape, True) for k in keys}
 
     def _init_group(
         self,
@@ -142,12 +131,9 @@ class RenormAdam(SphereOptimizer):
                 raise self._sparse_error(group, p)
             state = state_of[p]
             if len(state) == 0:
-                # torch Adam's layout: the step lives on the device for the fused kernel
-                state["step"] = (
-                    torch.zeros((), dtype=torch.float32, device=p.device)
-                    if fused
-                    else torch.zeros((), dtype=scalar_dtype())
-                )
+                if fused:
+                    check_fused_param(p)
+                state["step"] = new_step(p, fused, group["capturable"])
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 if amsgrad:
@@ -179,6 +165,8 @@ class RenormAdam(SphereOptimizer):
             eps=group["eps"],
             maximize=group["maximize"],
             decoupled_weight_decay=group["decoupled_weight_decay"],
+            capturable=group["capturable"],
+            differentiable=group["differentiable"],
         )
 
 
@@ -203,6 +191,8 @@ def renorm_adam(
     eps: float = 1e-8,
     maximize: bool = False,
     decoupled_weight_decay: bool = False,
+    capturable: bool = False,
+    differentiable: bool = False,
 ) -> None:
     r"""Functional RenormAdam: torch's functional Adam, then
     :func:`spheretorch.sphere.foreach.normalize_each_`.
@@ -223,13 +213,17 @@ def renorm_adam(
         eps=eps,
         maximize=maximize,
         decoupled_weight_decay=decoupled_weight_decay,
+        capturable=capturable,
+        differentiable=differentiable,
     )
     # Work units: on CPU buckets of parameters go through Adam then their renormalisation
     # while still in cache; small same-shaped parameters with the same step are stacked into
     # one tensor (see _functional.work_units). Elementwise results are unchanged.
+    # Not with fused: stacking changes the last bits of torch's fused kernel (no longer
+    # bitwise Adam(fused=True)); it runs once per tensor anyway.
     multi = foreach or fused
     keys = None
-    if multi and not compiling() and all(s.device.type == "cpu" for s in state_steps):
+    if foreach and not fused and not compiling() and all(s.is_cpu for s in state_steps):
         keys = [(d, scalar_value(s)) for d, s in zip(sphere_dims, state_steps)]
     for stacked, unit in (
         work_units(params, keys, RENORM_BUCKET_BYTES)

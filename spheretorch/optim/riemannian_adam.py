@@ -21,6 +21,7 @@ modified. Derivation and choices: docs/optimizers.md.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -33,20 +34,22 @@ from ._functional import (
     Retraction,
     SecondMoment,
     check_choice,
+    check_fused_param,
     check_hyperparameters,
     compiling,
     default_foreach,
     group_by_axis,
     increment_steps,
+    new_step,
     pick,
     retract_,
     run_stacked,
-    scalar_dtype,
     scalar_value,
     to_dtype,
     work_units,
 )
-from ._torch_shims import torch_adam
+from ._fused import fused_riemannian_adam
+from ._torch_shims import torch_adam_on
 from .optimizer import NonfinitePolicy, SphereOptimizer
 
 __all__ = ["RiemannianAdam", "riemannian_adam"]
@@ -78,6 +81,12 @@ class RiemannianAdam(SphereOptimizer):
             transported by projection) or ``"exp"`` (exponential map, parallel transport).
         decoupled_weight_decay: AdamW-style weight decay for the Euclidean parameters
             (equal to :class:`torch.optim.AdamW`).
+        capturable: keep step counters on the parameters' device and never synchronise
+            with the host (CUDA graphs); a non-finite step is skipped on the device.
+        differentiable: let autograd record the step (single-tensor path), as torch's flag.
+        fused: one compiled kernel per parameter (see ``spheretorch.optim._fused``):
+            equal to the foreach path within rounding, non-finite steps skipped on the
+            device; the first step of each new layout compiles (seconds).
         nonfinite: ``"skip"`` (default), ``"raise"`` or ``"ignore"``: what a NaN/inf gradient
             does; see :mod:`spheretorch.optim.optimizer`.
 
@@ -103,6 +112,9 @@ class RiemannianAdam(SphereOptimizer):
         second_moment: SecondMoment = "row",
         retraction: Retraction = "project",
         decoupled_weight_decay: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
         nonfinite: NonfinitePolicy = "skip",
     ) -> None:
         check_hyperparameters(lr, betas, eps, weight_decay)
@@ -118,10 +130,36 @@ class RiemannianAdam(SphereOptimizer):
             second_moment=second_moment,
             retraction=retraction,
             decoupled_weight_decay=decoupled_weight_decay,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
         )
         super().__init__(params, defaults, nonfinite=nonfinite)
 
     _n_lists = 7
+
+    def _group_problem(self, saved: dict[str, Any], group: dict[str, Any]) -> str | None:
+        mine, theirs = group["second_moment"], saved.get("second_moment", group["second_moment"])
+        if theirs != mine:
+            return (
+                f"it keeps second_moment={theirs!r} state and this optimizer was built with "
+                f"second_moment={mine!r} (build it with second_moment={theirs!r} to resume)"
+            )
+        return None
+
+    def _state_layout(self, p: Tensor, group: dict[str, Any]) -> dict[str, tuple[Any, bool]]:
+        d = sphere_dim_of(p)
+        moment = list(p.shape)
+        if d is not None and group["second_moment"] == "row":
+            moment[d] = 1
+        out: dict[str, tuple[Any, bool]] = {
+            "step": ((), True),
+            "exp_avg": (p.shape, True),
+            "exp_avg_sq": (moment, True),
+        }
+        if group["amsgrad"]:
+            out["max_exp_avg_sq"] = (moment, True)
+        return out
 
     def _init_group(
         self,
@@ -145,7 +183,9 @@ class RiemannianAdam(SphereOptimizer):
             d = sphere_dim_of(p)
             state = state_of[p]
             if len(state) == 0:
-                state["step"] = torch.zeros((), dtype=scalar_dtype())
+                if group["fused"]:
+                    check_fused_param(p)
+                state["step"] = new_step(p, bool(group["fused"]), group["capturable"])
                 dtype = p.dtype if d is None else compute_dtype(p.dtype)
                 state["exp_avg"] = torch.zeros_like(p, dtype=dtype)
                 for key in ("exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg_sq",):
@@ -172,7 +212,11 @@ class RiemannianAdam(SphereOptimizer):
         beta1, beta2 = group["betas"]
         riemannian_adam(
             *lists,
-            foreach=foreach,
+            foreach=foreach and not group["differentiable"],
+            fused=bool(group["fused"]),
+            found_inf=found_inf,
+            capturable=group["capturable"],
+            differentiable=group["differentiable"],
             amsgrad=group["amsgrad"],
             beta1=beta1,
             beta2=beta2,
@@ -197,6 +241,10 @@ def riemannian_adam(
     sphere_dims: list[int | None],
     *,
     foreach: bool | None = None,
+    fused: bool = False,
+    found_inf: Tensor | None = None,
+    capturable: bool = False,
+    differentiable: bool = False,
     amsgrad: bool = False,
     beta1: float = 0.9,
     beta2: float = 0.999,
@@ -213,14 +261,22 @@ def riemannian_adam(
     All lists are aligned with ``params`` (``max_exp_avg_sqs`` is empty unless ``amsgrad``);
     ``sphere_dims[i]`` is the sphere axis of ``params[i]`` or ``None`` for a Euclidean one.
     The state of a sphere parameter is in its compute dtype and ``exp_avg_sqs[i]`` has size 1
-    along the axis for ``second_moment="row"``. ``foreach`` selects
-    ``_multi_tensor_riemannian_adam`` or ``_single_tensor_riemannian_adam``, which
-    give the same result up to rounding.
+    along the axis for ``second_moment="row"``. ``fused``/``foreach`` select
+    ``_fused.fused_riemannian_adam``, ``_multi_tensor_riemannian_adam`` or
+    ``_single_tensor_riemannian_adam``, which give the same result up to rounding.
+    ``found_inf`` (fused only): a 0-d tensor, nonzero to skip the step on the device.
     """
     _check_choices(second_moment, retraction)
     if foreach is None:
         foreach = default_foreach(params)
-    fn = _multi_tensor_riemannian_adam if foreach else _single_tensor_riemannian_adam
+    if fused:
+        fn: Any = functools.partial(fused_riemannian_adam, found_inf=found_inf)
+    elif foreach:
+        fn = functools.partial(_multi_tensor_riemannian_adam, capturable=capturable)
+    else:
+        fn = functools.partial(
+            _single_tensor_riemannian_adam, capturable=capturable, differentiable=differentiable
+        )
     fn(
         params,
         grads,
@@ -239,32 +295,6 @@ def riemannian_adam(
         second_moment=second_moment,
         retraction=retraction,
         decoupled_weight_decay=decoupled_weight_decay,
-    )
-
-
-def _euclidean_part(
-    idx: list[int],
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    max_exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    foreach: bool,
-    amsgrad: bool,
-    **hyper: Any,
-) -> None:
-    torch_adam(
-        pick(params, idx),
-        pick(grads, idx),
-        pick(exp_avgs, idx),
-        pick(exp_avg_sqs, idx),
-        pick(max_exp_avg_sqs, idx) if amsgrad else [],
-        pick(state_steps, idx),
-        foreach=foreach,
-        amsgrad=amsgrad,
-        **hyper,
     )
 
 
@@ -287,10 +317,15 @@ def _single_tensor_riemannian_adam(
     second_moment: SecondMoment,
     retraction: Retraction,
     decoupled_weight_decay: bool,
+    capturable: bool = False,
+    differentiable: bool = False,
 ) -> None:
-    """Reference loop, one parameter at a time, written with :mod:`spheretorch.sphere`."""
+    """Reference loop, one parameter at a time, written with :mod:`spheretorch.sphere`.
+
+    ``differentiable``: every tensor that autograd saves is a copy, never one written later.
+    """
     euclidean = [i for i, d in enumerate(sphere_dims) if d is None]
-    _euclidean_part(
+    torch_adam_on(
         euclidean,
         params,
         grads,
@@ -307,20 +342,23 @@ def _single_tensor_riemannian_adam(
         eps=eps,
         maximize=maximize,
         decoupled_weight_decay=decoupled_weight_decay,
+        capturable=capturable,
+        differentiable=differentiable,
     )
     for i, d in enumerate(sphere_dims):
         if d is None:
             continue
         x = params[i]
         cd = compute_dtype(x.dtype)
-        xc = x.to(cd)
+        xc = x.to(cd, copy=differentiable)
         g = grads[i].to(cd)
         if maximize:
             g = -g
         m, v = exp_avgs[i], exp_avg_sqs[i]
         step_t = state_steps[i]
         step_t += 1
-        step = scalar_value(step_t)
+        # capturable: bias corrections on the device, in float64 as the host-side numbers
+        step = step_t.to(torch.float64) if capturable else scalar_value(step_t)
         bias_correction1 = 1 - beta1**step
         bias_correction2 = 1 - beta2**step
 
@@ -331,13 +369,14 @@ def _single_tensor_riemannian_adam(
         else:
             v.mul_(beta2).addcmul_(rg, rg, value=1 - beta2)
         if amsgrad:
-            torch.maximum(max_exp_avg_sqs[i], v, out=max_exp_avg_sqs[i])
-            v = max_exp_avg_sqs[i]
+            vmax = max_exp_avg_sqs[i]
+            vmax.copy_(torch.maximum(vmax.clone() if differentiable else vmax, v))
+            v = vmax
         denom = (v.sqrt() / bias_correction2**0.5).add_(eps)
-        u = m / denom * (-lr / bias_correction1)
+        u = (m.clone() if differentiable else m) / denom * (-lr / bias_correction1)
         if second_moment == "coordinate":
             u = sphere.project(xc, u, d)  # m / denom is not tangent
-        y = retract_(xc, u, d, retraction, [m])
+        y = retract_(xc, u, d, retraction, [m], differentiable)
         x.copy_(y)
 
 
@@ -360,11 +399,12 @@ def _multi_tensor_riemannian_adam(
     second_moment: SecondMoment,
     retraction: Retraction,
     decoupled_weight_decay: bool,
+    capturable: bool = False,
 ) -> None:
     """``_foreach`` implementation: sphere parameters grouped by (device, dtype, axis), each
     group cut into cache-sized buckets (CPU); Euclidean ones go to torch's foreach Adam."""
     euclidean, groups = group_by_axis(params, sphere_dims)
-    _euclidean_part(
+    torch_adam_on(
         euclidean,
         params,
         grads,
@@ -381,6 +421,7 @@ def _multi_tensor_riemannian_adam(
         eps=eps,
         maximize=maximize,
         decoupled_weight_decay=decoupled_weight_decay,
+        capturable=capturable,
     )
     tensor_lr = isinstance(lr, Tensor)
     hyper = dict(
@@ -396,14 +437,15 @@ def _multi_tensor_riemannian_adam(
     for (_, dtype, dim), idx in groups.items():
         steps = pick(state_steps, idx)
         increment_steps(steps)
-        step_values = [scalar_value(s) for s in steps]
+        # capturable: 0-d device tensors in float64 (no host sync), else Python numbers
+        step_values = [s.to(torch.float64) if capturable else scalar_value(s) for s in steps]
         bc1 = [1 - beta1**s for s in step_values]
         bc2_sqrt = [(1 - beta2**s) ** 0.5 for s in step_values]
         # -lr / bc1, with lr applied separately when it is a tensor
         neg_step = [(-1 if tensor_lr else -lr) / b for b in bc1]
         xs_all = pick(params, idx)
         cd = compute_dtype(dtype)
-        keys = None if compiling() else step_values
+        keys = None if compiling() or capturable else step_values
         for stacked, unit in work_units(xs_all, keys):
             u_idx = [idx[j] for j in unit]
             xs = pick(xs_all, unit)

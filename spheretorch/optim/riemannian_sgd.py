@@ -21,6 +21,7 @@ modified.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -32,6 +33,7 @@ from ..sphere import compute_dtype
 from ._functional import (
     Retraction,
     check_choice,
+    check_fused_param,
     check_hyperparameters,
     compiling,
     default_foreach,
@@ -42,7 +44,8 @@ from ._functional import (
     to_dtype,
     work_units,
 )
-from ._torch_shims import torch_sgd
+from ._fused import fused_riemannian_sgd
+from ._torch_shims import torch_sgd_on
 from .optimizer import NonfinitePolicy, SphereOptimizer
 
 __all__ = ["RiemannianSGD", "riemannian_sgd"]
@@ -59,6 +62,10 @@ class RiemannianSGD(SphereOptimizer):
         weight_decay: L2 penalty for **Euclidean** parameters only.
         retraction: ``"project"`` (default) or ``"exp"``.
         foreach: ``None`` (default) picks the multi-tensor implementation on CPU/CUDA.
+        differentiable: let autograd record the step (single-tensor path), as torch's flag.
+        fused: one compiled kernel per parameter (see ``spheretorch.optim._fused``):
+            equal to the foreach path within rounding, non-finite steps skipped on the
+            device; the first step of each new layout compiles (seconds).
         nonfinite: ``"skip"`` (default), ``"raise"`` or ``"ignore"``; see
             :mod:`spheretorch.optim.optimizer`.
 
@@ -67,6 +74,7 @@ class RiemannianSGD(SphereOptimizer):
     """
 
     _compute_dtype_state = ("momentum_buffer",)
+    _family_key = "momentum"
 
     def __init__(
         self,
@@ -79,6 +87,8 @@ class RiemannianSGD(SphereOptimizer):
         *,
         maximize: bool = False,
         foreach: bool | None = None,
+        differentiable: bool = False,
+        fused: bool | None = None,
         retraction: Retraction = "project",
         nonfinite: NonfinitePolicy = "skip",
     ) -> None:
@@ -94,11 +104,16 @@ class RiemannianSGD(SphereOptimizer):
             nesterov=nesterov,
             maximize=maximize,
             foreach=foreach,
+            differentiable=differentiable,
+            fused=fused,
             retraction=retraction,
         )
         super().__init__(params, defaults, nonfinite=nonfinite)
 
     _n_lists = 4
+
+    def _state_layout(self, p: Tensor, group: dict[str, Any]) -> dict[str, tuple[Any, bool]]:
+        return {"momentum_buffer": (p.shape, False)}
 
     def _init_group(
         self,
@@ -114,6 +129,8 @@ class RiemannianSGD(SphereOptimizer):
                 continue
             if p.grad.is_sparse:
                 raise self._sparse_error(group, p)
+            if group["fused"] and p not in self.state:
+                check_fused_param(p)
             params.append(p)
             grads.append(p.grad)
             momentum_buffers.append(self.state[p].get("momentum_buffer") if with_momentum else None)
@@ -126,7 +143,10 @@ class RiemannianSGD(SphereOptimizer):
             foreach = default_foreach(params)
         riemannian_sgd(
             *lists,
-            foreach=foreach,
+            foreach=foreach and not group["differentiable"],
+            fused=bool(group["fused"]),
+            found_inf=found_inf,
+            differentiable=group["differentiable"],
             lr=group["lr"],
             momentum=group["momentum"],
             dampening=group["dampening"],
@@ -148,6 +168,9 @@ def riemannian_sgd(
     sphere_dims: list[int | None],
     *,
     foreach: bool | None = None,
+    fused: bool = False,
+    found_inf: Tensor | None = None,
+    differentiable: bool = False,
     lr: float | Tensor = 1e-3,
     momentum: float = 0.0,
     dampening: float = 0.0,
@@ -163,7 +186,12 @@ def riemannian_sgd(
     """
     if foreach is None:
         foreach = default_foreach(params)
-    fn = _multi_tensor_riemannian_sgd if foreach else _single_tensor_riemannian_sgd
+    if fused:
+        fn: Any = functools.partial(fused_riemannian_sgd, found_inf=found_inf)
+    elif foreach:
+        fn = _multi_tensor_riemannian_sgd
+    else:
+        fn = functools.partial(_single_tensor_riemannian_sgd, differentiable=differentiable)
     fn(
         params,
         grads,
@@ -179,23 +207,6 @@ def riemannian_sgd(
     )
 
 
-def _euclidean_part(
-    idx: list[int],
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Tensor | None],
-    *,
-    foreach: bool,
-    **hyper: Any,
-) -> None:
-    if not idx:
-        return
-    bufs = pick(momentum_buffers, idx)
-    torch_sgd(pick(params, idx), pick(grads, idx), bufs, foreach=foreach, **hyper)
-    for i, b in zip(idx, bufs):
-        momentum_buffers[i] = b
-
-
 def _single_tensor_riemannian_sgd(
     params: list[Tensor],
     grads: list[Tensor],
@@ -209,10 +220,11 @@ def _single_tensor_riemannian_sgd(
     nesterov: bool,
     maximize: bool,
     retraction: Retraction,
+    differentiable: bool = False,
 ) -> None:
     """Reference loop, one parameter at a time, written with :mod:`spheretorch.sphere`."""
     euclidean = [i for i, d in enumerate(sphere_dims) if d is None]
-    _euclidean_part(
+    torch_sgd_on(
         euclidean,
         params,
         grads,
@@ -230,7 +242,7 @@ def _single_tensor_riemannian_sgd(
             continue
         x = params[i]
         cd = compute_dtype(x.dtype)
-        xc = x.to(cd)
+        xc = x.to(cd, copy=differentiable)
         g = grads[i].to(cd)
         if maximize:
             g = -g
@@ -245,7 +257,7 @@ def _single_tensor_riemannian_sgd(
                 buf.mul_(momentum).add_(rg, alpha=1 - dampening)
             direction = rg.add(buf, alpha=momentum) if nesterov else buf
         u = direction * -lr
-        y = retract_(xc, u, d, retraction, [] if buf is None else [buf])
+        y = retract_(xc, u, d, retraction, [] if buf is None else [buf], differentiable)
         x.copy_(y)
 
 
@@ -265,7 +277,7 @@ def _multi_tensor_riemannian_sgd(
 ) -> None:
     """``_foreach`` implementation, grouped by (device, dtype, axis) and bucketed on CPU."""
     euclidean, groups = group_by_axis(params, sphere_dims)
-    _euclidean_part(
+    torch_sgd_on(
         euclidean,
         params,
         grads,

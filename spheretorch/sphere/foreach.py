@@ -180,7 +180,6 @@ def expmap_(
     normalize_(xs, red)
 
 
-@torch.no_grad()
 def normalize_each_(
     xs: Sequence[Tensor],
     dims: Sequence[int | None],
@@ -194,13 +193,17 @@ def normalize_each_(
     ``vector_norm`` (bitwise ``x.div_(x.norm(dim, keepdim=True))``); the multi-tensor path
     uses a float64-accumulated sum of squares along strided axes (within 1 ulp of the exactly
     rounded result, and ~10x faster than torch's CPU ``vector_norm`` there). ``keep`` (0-d):
-    when nonzero everything stays bitwise unchanged, without a host synchronisation.
+    when nonzero everything stays bitwise unchanged, without a host synchronisation. Under
+    autograd (a differentiable optimizer step) the division reads a copy of ``x``.
     """
     groups: dict[tuple[torch.device, torch.dtype, int], list[Tensor]] = {}
     for x, d in zip(xs, dims):
         if d is not None:
             groups.setdefault((x.device, x.dtype, d), []).append(x)
     for (_, dtype, dim), group in groups.items():
+        grad_mode = not foreach and torch.is_grad_enabled()
+        if grad_mode:  # autograd saves what norm() reads: read copies, then write x
+            group, targets = [x.clone() for x in group], group
         if foreach:
             norms = RowReducer(group, dim).norm(group, dtype=compute_dtype(dtype), exact=True)
         else:
@@ -211,6 +214,9 @@ def normalize_each_(
             torch._foreach_lerp_(norms, [one] * len(norms), [keep.to(one.dtype)] * len(norms))
         if foreach:
             torch._foreach_div_(group, norms)
+        elif grad_mode:
+            for t, x, n in zip(targets, group, norms):
+                t.copy_(x / n)
         else:  # DTensors (FSDP2) take this path: plain ops only
             for x, n in zip(group, norms):
                 x.div_(n)

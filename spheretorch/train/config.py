@@ -62,7 +62,7 @@ class TrainConfig:
     model: str = "gpt"
     preset: str | None = None  # smoke
     data: str | None = None  # the built-in tinyshakespeare
-    tokenizer: str | None = None  # char
+    tokenizer: str | None = None  # char for a text file; a prepared corpus has its own
     steps: int | None = None
     batch_size: int | None = None
     lr: float | None = None
@@ -82,12 +82,17 @@ class TrainConfig:
     check_memory: bool | None = None  # True: refuse a run that cannot fit in memory
     model_options: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        aliases = {"bf16": "bfloat16", "fp32": "float32"}
+        self.dtype = aliases.get(self.dtype, self.dtype) if self.dtype else self.dtype
+
     def resolve(self) -> TrainConfig:
         """A copy with every field concrete and validated (``UserError`` on bad values)."""
         if self.model not in MODELS:
             raise UserError(f"unknown model {self.model!r}; choose from {', '.join(MODELS)}")
         c = dataclasses.replace(self, model_options=dict(self.model_options))
-        defaults = dict(preset="smoke", tokenizer="char", min_lr_ratio=0.0, seed=0)
+        # tokenizer stays None unless given: char for a text file, a corpus's own otherwise
+        defaults = dict(preset="smoke", min_lr_ratio=0.0, seed=0)
         defaults.update(device="auto", dtype="auto", compile=False, max_bad_steps=5)
         for name, value in {**defaults, "check_memory": True}.items():
             if getattr(c, name) is None:

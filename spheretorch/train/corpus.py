@@ -1,7 +1,8 @@
 """A prepared corpus (``spheretorch prepare``): memmapped token files and their tokenizer.
 
 Batches index the memmap directly, so only the windows drawn are read from disk; the files are
-never loaded whole. Every check fails early with a one-line :class:`UserError`.
+never loaded whole. Every check fails early with a one-line
+:class:`~spheretorch.train.UserError`.
 """
 
 from __future__ import annotations
@@ -120,14 +121,6 @@ class Corpus:
             raise UserError(
                 f"{self.path} was prepared with tokenizer {self.tokenizer.describe()}, but "
                 f"{source} uses {tokenizer.describe()}"
-            )
-
-    def check_vocab(self, model_vocab: int) -> None:
-        """Every token id must have an embedding row in a model of ``model_vocab`` tokens."""
-        if self.tokenizer.vocab_size > model_vocab:
-            raise UserError(
-                f"{self.path} has a vocabulary of {self.tokenizer.vocab_size} tokens, larger "
-                f"than the model's {model_vocab}"
             )
 
     def __repr__(self) -> str:

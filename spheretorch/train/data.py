@@ -11,12 +11,14 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ..distributed import shard_rows
+from .corpus import Corpus, TokenFile, is_corpus
 from .errors import UserError
-from .tokenizer import Kind, Tokenizer
+from .tokenizer import KINDS, Kind, Tokenizer
 
 __all__ = ["BUILTIN", "TextData", "eval_batches", "get_batch", "load_data", "read_text"]
 
@@ -54,12 +56,21 @@ def _decode(raw: str | bytes, name: str) -> str:
 
 @dataclass
 class TextData:
-    """Token ids of a text split 90/10 into ``train`` and ``val`` (int64 tensors)."""
+    """Token ids split into ``train`` and ``val``: int64 tensors (a text file, split 90/10)
+    or memmapped :class:`~spheretorch.train.corpus.TokenFile` (a prepared corpus)."""
 
     tokenizer: Tokenizer
-    train: Tensor
-    val: Tensor
+    train: Tensor | TokenFile
+    val: Tensor | TokenFile
     name: str
+
+    def check_vocab(self, model_vocab: int) -> None:
+        """Every token id must have an embedding row in a model of ``model_vocab`` tokens."""
+        if self.tokenizer.vocab_size > model_vocab:
+            raise UserError(
+                f"{self.name} has a vocabulary of {self.tokenizer.vocab_size} tokens, larger "
+                f"than the model's {model_vocab}"
+            )
 
     def check_fits(self, seq_len: int) -> None:
         for split in ("train", "val"):
@@ -73,15 +84,34 @@ class TextData:
 
 def load_data(
     path: str | Path | None = None,
-    tokenizer: Tokenizer | Kind = "char",
+    tokenizer: Tokenizer | Kind | None = None,
     val_fraction: float = 0.1,
 ) -> TextData:
-    """Read, tokenize and split a text. ``tokenizer`` is a kind (a new vocabulary is built from
-    the text) or an existing :class:`Tokenizer` (resume, sampling)."""
+    """Read, tokenize and split a text, or open a prepared corpus (a directory).
+
+    ``tokenizer`` is a kind (for a text: a new vocabulary is built from it; ``None``: char),
+    or an existing :class:`Tokenizer` (resume, sampling), which a corpus must have been
+    prepared with.
+    """
+    if is_corpus(path):
+        corpus = Corpus(path)  # type: ignore[arg-type]
+        if isinstance(tokenizer, Tokenizer):
+            corpus.check_tokenizer(tokenizer)
+        elif tokenizer is not None and tokenizer != corpus.tokenizer.kind:
+            raise UserError(
+                f"--tokenizer {tokenizer} does not apply to {path}: its tokens were made with "
+                f"{corpus.tokenizer.describe()} (leave --tokenizer out)"
+            )
+        return TextData(corpus.tokenizer, corpus.train, corpus.val, corpus.name)
     raw, name = read_text(path)
-    kind = tokenizer.kind if isinstance(tokenizer, Tokenizer) else tokenizer
+    kind = "char" if tokenizer is None else getattr(tokenizer, "kind", tokenizer)
     if kind not in ("char", "byte"):
-        raise UserError(f"unknown tokenizer {kind!r}; choose char or byte")
+        raise UserError(
+            f"--tokenizer {kind} needs a prepared corpus: run `spheretorch prepare FILE "
+            f"--tokenizer {kind} --out DIR` and pass --data DIR"
+            if kind in KINDS
+            else f"unknown tokenizer {kind!r}; choose char or byte"
+        )
     if kind == "byte":
         data = raw if isinstance(raw, bytes) else raw.encode("utf-8")
         ids = torch.frombuffer(bytearray(data), dtype=torch.uint8).long() if data else None
@@ -91,7 +121,7 @@ def load_data(
         if not text:
             raise UserError(f"{name} is empty")
         tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.from_text(text)
-        ids = torch.tensor(tok.encode(text), dtype=torch.long)
+        ids = torch.from_numpy(tok.encode_batch([text])[0].astype(np.int64))
     if ids is None or len(ids) == 0:
         raise UserError(f"{name} is empty")
     n_val = int(len(ids) * val_fraction)

@@ -15,14 +15,19 @@ deliberately simple and errs on the large side:
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from ..models import TransformerConfig
+from .errors import UserError
 
-__all__ = ["MemoryEstimate", "available_bytes", "estimate"]
+__all__ = ["MemoryEstimate", "available_bytes", "check", "estimate"]
+
+logger = logging.getLogger(__name__)
 
 GiB = 2**30
 
@@ -69,3 +74,29 @@ def available_bytes(device: torch.device) -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def check(
+    model_config: TransformerConfig, config: Any, device: torch.device, enforce: bool = True
+) -> None:
+    """Warn when a GPU preset is about to run without a GPU; with ``enforce``, refuse
+    (``UserError``, before anything is allocated) a run of the resolved ``config`` whose
+    estimated memory exceeds what is free on ``device``."""
+    if config.preset.startswith("gpu") and device.type != "cuda":
+        logger.warning(
+            "warning: preset %s is sized for a GPU; on %s it will be very slow (try "
+            "--preset cpu-small)",
+            config.preset,
+            device.type,
+        )
+    if not enforce:
+        return
+    half = device.type == "cuda" and config.dtype in ("auto", "bfloat16")
+    need = estimate(model_config, config.batch_size, config.eval_batches, half)
+    free = available_bytes(device)
+    if free is not None and need.total > free:
+        raise UserError(
+            f"this run needs about {need.describe()} of {device.type} memory, but "
+            f"{free / GiB:.1f} GiB is available; lower --batch-size or --eval-batches, or "
+            f"pass --no-memory-check to try anyway"
+        )

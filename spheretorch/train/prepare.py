@@ -26,7 +26,7 @@ import numpy as np
 from .errors import UserError
 from .tokenizer import KINDS, Tokenizer
 
-__all__ = ["FORMAT", "META", "SPLITS", "dtype_for", "find_inputs", "prepare"]
+__all__ = ["FORMAT", "META", "SPLITS", "describe", "dtype_for", "find_inputs", "prepare"]
 
 FORMAT = "spheretorch-corpus-v1"
 META = "meta.json"
@@ -341,9 +341,11 @@ def prepare(
         _split_tail(tmp_train, tmp_val, total - n_val, writer.dtype)
         os.replace(tmp_train, out / SPLITS["train"])
         os.replace(tmp_val, out / SPLITS["val"])
-    except BaseException:
+    except BaseException as e:
         for tmp in (tmp_train, tmp_val):
             tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):  # reading errors are UserErrors already: this is writing
+            raise UserError(f"cannot write {out}: {e.strerror or e}") from None
         raise
     meta = {
         "format": FORMAT,
@@ -361,6 +363,18 @@ def prepare(
     tmp_meta.write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
     os.replace(tmp_meta, out / META)  # last: a directory with meta.json is complete
     return meta
+
+
+def describe(meta: dict[str, Any], out: str | Path, seconds: float) -> str:
+    """One line about a prepared corpus, for the command line."""
+    n, tok = meta["tokens"], meta["tokenizer"]
+    mib = meta["bytes"] / 2**20
+    return (
+        f"{out}: {n['train']:,} train + {n['val']:,} val tokens ({tok['kind']} vocab "
+        f"{meta['vocab_size']:,}, {meta['dtype']}) from {meta['files']} file(s), "
+        f"{meta['documents']:,} document(s), {mib:.1f} MiB in {seconds:.1f} s "
+        f"({mib / max(seconds, 1e-9):.1f} MiB/s)"
+    )
 
 
 def _split_tail(src: Path, dst: Path, keep: int, dtype: np.dtype, block: int = 1 << 22) -> None:

@@ -210,8 +210,8 @@ class RunDir:
             )
         if kind == "compare" and there is None and self._model_runs():
             raise UserError(
-                f"{self._model_runs()[0]} holds a train run that compare would overwrite: "
-                f"choose another --out"
+                f"{self.path} holds a train run ({self._model_runs()[0]}); compare writes "
+                f"into a directory of its own: choose another --out"
             )
         if resume or not self._entries():
             return

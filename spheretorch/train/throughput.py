@@ -20,9 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["PEAK_ENV", "flops_per_token", "peak_flops", "throughput"]
+__all__ = ["PEAK_ENV", "TIMING_FIELDS", "flops_per_token", "peak_flops", "throughput"]
 
 PEAK_ENV = "SPHERETORCH_PEAK_TFLOPS"
+#: the fields of a metrics row that depend on the machine's speed, not on the run's numbers
+TIMING_FIELDS = ("elapsed_s", "tokens_per_s", "tflops_per_s", "mfu")
 
 # Dense (no sparsity) peak TFLOP/s from the vendors' data sheets: (bf16/fp16, tf32).
 _GPU_PEAKS = {

@@ -14,9 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import signal
 import sys
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -39,7 +37,10 @@ from .config import (
 )
 from .data import eval_batches, get_batch, load_data
 from .errors import TrainingDiverged, UserError
+from .presets import get_preset
 from .rundir import RunDir
+from .signals import StopSignals
+from .throughput import flops_per_token, peak_flops, throughput
 from .tokenizer import Tokenizer
 
 __all__ = [
@@ -73,20 +74,13 @@ class Trainer:
     """One training run, optionally writing ``metrics.jsonl``, ``checkpoint.pt`` and
     ``summary.json`` under ``out_dir``.
 
-    Faults (policy, documented in ``docs/errors.md``):
-
-    * **Non-finite loss or gradients**, owned here alone (the optimizers are built with
-      ``nonfinite="ignore"``): a step whose loss or total gradient norm is NaN/inf is skipped
-      (no update, its loss left out of the logged train loss, the data position and the LR
-      schedule still advance) and counted in ``skipped_steps``. After ``max_bad_steps`` such
-      steps *in a row* training stops with :class:`~spheretorch.train.errors.TrainingDiverged`.
-      A non-finite validation loss stops the run (``diverged`` in the summary). Deciding costs
-      one host sync per step, which also carries the loss for the progress bar and (under
-      ``torchrun``) the ranks' agreement on skipping and on stopping.
-    * **SIGINT / SIGTERM** (``handle_signals=True``, as the command line does): the step in
-      flight finishes, a checkpoint is written, and :meth:`train` returns with
-      ``summary["interrupted"]`` set to the signal's name; ``resume=True`` then continues
-      exactly where the uninterrupted run would have been.
+    Faults (``docs/errors.md``): a step with a non-finite loss or gradient norm is skipped
+    and counted (``skipped_steps``); ``max_bad_steps`` in a row raise
+    :class:`~spheretorch.train.errors.TrainingDiverged`; a non-finite validation loss stops the
+    run (``diverged``). The trainer alone decides (optimizers get ``nonfinite="ignore"``), in
+    one host sync per step that also carries the bar's loss and the ranks' agreement.
+    SIGINT/SIGTERM (``handle_signals``): the step in flight finishes, a checkpoint is written,
+    :meth:`train` returns with ``summary["interrupted"]``; ``resume=True`` continues exactly.
 
     Args:
         config: what to train (resolved against its preset here).
@@ -146,6 +140,7 @@ class Trainer:
     def _setup_data(self, ckpt: dict[str, Any] | None) -> None:
         c = self.config
         self.device = resolve_device(c.device)
+        get_preset(c.preset).check_data(c.data)
         tokenizer = Tokenizer.from_state_dict(ckpt["tokenizer"]) if ckpt else c.tokenizer
         self.data = load_data(c.data, tokenizer)
         self.tokenizer = self.data.tokenizer
@@ -155,6 +150,7 @@ class Trainer:
             else c.model_config(self.tokenizer.vocab_size)
         )
         seq_len = self.model_config.seq_len
+        self.data.check_vocab(self.model_config.vocab_size)
         self.data.check_fits(seq_len)
         windows = len(self.data.train) - seq_len
         if c.batch_size > windows:
@@ -162,28 +158,7 @@ class Trainer:
                 f"batch size {c.batch_size} is larger than the data: {self.data.name} has "
                 f"{windows} training windows of length {seq_len}"
             )
-        if c.preset.startswith("gpu") and self.device.type != "cuda":
-            logger.warning(
-                "warning: preset %s is sized for a GPU; on %s it will be very slow (try "
-                "--preset cpu-small)",
-                c.preset,
-                self.device.type,
-            )
-        if c.check_memory:
-            self._check_memory()
-
-    def _check_memory(self) -> None:
-        """Refuse (before allocating) a run whose estimated memory exceeds what is free."""
-        c = self.config
-        half = self.device.type == "cuda" and c.dtype in ("auto", "bfloat16")
-        need = memory.estimate(self.model_config, c.batch_size, c.eval_batches, half)
-        free = memory.available_bytes(self.device)
-        if free is not None and need.total > free:
-            raise UserError(
-                f"this run needs about {need.describe()} of {self.device.type} memory, but "
-                f"{free / memory.GiB:.1f} GiB is available; lower --batch-size or "
-                f"--eval-batches, or pass --no-memory-check to try anyway"
-            )
+        memory.check(self.model_config, c, self.device, enforce=c.check_memory)
 
     def _setup_model(self) -> None:
         c = self.config
@@ -196,17 +171,19 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, c.optim, c.lr, c.weight_decay, c.betas)
         self.scheduler = build_scheduler(self.optimizer, c)
         self.schedule: CosineSchedule = self.scheduler.lr_lambdas[0]
+        # bf16 autocast by default on CUDA, on request elsewhere (CPU autocast); the weights
+        # and the optimizer state stay float32.
         cuda = self.device.type == "cuda"
-        self.amp_dtype = torch.bfloat16 if cuda and c.dtype in ("auto", "bfloat16") else None
-        if c.dtype == "bfloat16" and not cuda:
-            logger.warning("bf16 autocast is used on CUDA only; training in float32")
-        if c.compile and cuda:
+        bf16 = c.dtype == "bfloat16" or (cuda and c.dtype == "auto")
+        self.amp_dtype = torch.bfloat16 if bf16 else None
+        if c.compile:  # inductor: Triton kernels on CUDA, C++ on CPU
             compiled = torch.compile(self.forward_model)
             if self.eval_model is self.forward_model:
                 self.eval_model = compiled
             self.forward_model = compiled
-        elif c.compile:
-            logger.warning("note: --compile is used on CUDA only; running eagerly")
+        m = self.model_config
+        self.flops_per_token = flops_per_token(self.model, m.n_layer, m.seq_len, m.d_model)
+        self.peak_flops, self.peak_source = peak_flops(self.device, self.amp_dtype or torch.float32)
         self.eval_data = [
             (x.to(self.device), y.to(self.device))
             for x, y in eval_batches(
@@ -219,13 +196,14 @@ class Trainer:
         self.elapsed_s = 0.0  # wall clock of the training loop, evaluations included
         self.train_time_s = 0.0  # time spent in training steps only
         self.timed_steps = 0
+        self._timed_at_eval = (0.0, 0)  # (train_time_s, timed_steps) at the last evaluation
         self.history: list[dict[str, Any]] = []
         self.diverged = False
         self.skipped_steps = 0  # non-finite steps skipped so far
         self.bad_in_a_row = 0
         self.last_loss = math.nan  # this rank's loss at the last step, on the host
         self.interrupted: str | None = None
-        self._signal: int | None = None
+        self._signals = StopSignals()
         self._stop = False  # some rank got a signal (agreed at the last step)
         self._loss_sum: Tensor = torch.zeros((), device=self.device)
         self._loss_count = 0
@@ -233,7 +211,7 @@ class Trainer:
     # -- pieces ------------------------------------------------------------------------------
     @property
     def is_main(self) -> bool:
-        """Rank 0 (always true in one process): the process that writes files."""
+        """Whether this is rank 0 (always so in one process), the process that writes files."""
         return self.parallel.is_main
 
     @property
@@ -274,7 +252,7 @@ class Trainer:
         loss.backward()
         loss = loss.detach()
         finite = torch.isfinite(loss) & torch.isfinite(self._grad_norm())
-        flags = torch.stack((finite, finite.new_tensor(self._signal is None))).int()
+        flags = torch.stack((finite, finite.new_tensor(self._signals.received is None))).int()
         flags = self.parallel.all_true(flags)  # every rank takes the same branches
         # the step's one host sync: skip or not, stop or not, and the loss for the bar
         ok, no_signal, self.last_loss = torch.cat((flags.float(), loss.float().view(1))).tolist()
@@ -357,6 +335,7 @@ class Trainer:
         self.elapsed_s = float(state["elapsed_s"])
         self.train_time_s = float(state["train_time_s"])
         self.timed_steps = int(state["timed_steps"])
+        self._timed_at_eval = (self.train_time_s, self.timed_steps)
         self.history = list(state["history"])
         if "loss_sum" in state:  # absent from the first checkpoints of v0.1
             self._loss_sum = state["loss_sum"].to(self.device)
@@ -376,25 +355,6 @@ class Trainer:
     def _files(self) -> RunDir | None:
         """The run directory's files, on the process that writes them."""
         return RunDir(self.out_dir) if self.out_dir is not None and self.is_main else None
-
-    @contextlib.contextmanager
-    def _signals(self) -> Any:
-        """While training: SIGINT/SIGTERM only set a flag, checked after every step."""
-        if not self.handle_signals or threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def handler(signum: int, frame: Any) -> None:
-            if signum == signal.SIGINT and self._signal is not None:
-                raise KeyboardInterrupt  # a second Ctrl-C: stop now (checkpoints stay atomic)
-            self._signal = signum
-
-        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
 
     def _progress_bar(self) -> Any:
         if not (self.progress and self.is_main):
@@ -416,14 +376,14 @@ class Trainer:
         evaluation boundary, as an interruption would); returns the summary."""
         c = self.config
         end = c.steps if stop_after is None else min(c.steps, stop_after)
-        self._signal, self._stop, self.interrupted = None, False, None
+        self._stop, self.interrupted = False, None
         if self._files is not None:
             self._files.start(self.history)
             self.parallel.remove_partial_writes(self._files.path)
         bar = self._progress_bar()
         start = time.perf_counter() - self.elapsed_s
         try:
-            with self._signals():
+            with self._signals.catching(self.handle_signals):
                 while self.step < end and not self.diverged:
                     t0 = time.perf_counter()
                     # no device sync for timing: each step already waits for its own loss,
@@ -438,16 +398,14 @@ class Trainer:
                         bar.update(1)
                         if self.step % 10 == 0 or self.step == end:
                             bar.set_postfix(loss=f"{self.last_loss:.4f}", refresh=False)
-                    stop = self.parallel.stop_now(self._signal is not None, self._stop)
+                    stop = self.parallel.stop_now(self._signals.received is not None, self._stop)
                     if self.step % c.eval_interval == 0 or self.step == c.steps:
                         self._eval_and_save(start, bar)
                     elif stop:
                         self.elapsed_s = time.perf_counter() - start
                         self.save_checkpoint()
                     if stop:
-                        # no local signal: another rank got it (torchrun forwards signals)
-                        sig = self._signal or signal.SIGTERM
-                        self.interrupted = signal.Signals(sig).name
+                        self.interrupted = self._signals.name
                         break
         finally:
             if bar is not None:
@@ -470,12 +428,20 @@ class Trainer:
             "train_loss": _json_float(train_loss),
             "val_loss": _json_float(val_loss),
             "elapsed_s": round(self.elapsed_s, 3),
+            **self._throughput(since=self._timed_at_eval),
         }
+        self._timed_at_eval = (self.train_time_s, self.timed_steps)
         self.history.append(row)
         if self._files is not None:
             self._files.append_metrics(row)
         if bar is not None:
-            bar.set_postfix(loss=f"{train_loss:.4f}", val=f"{val_loss:.4f}", refresh=True)
+            info = {"loss": f"{train_loss:.4f}", "val": f"{val_loss:.4f}"}
+            info["tok/s"] = f"{row['tokens_per_s']:.0f}"
+            if row["mfu"] is not None:
+                info["MFU"] = f"{100 * row['mfu']:.1f}%"
+            else:
+                info["TFLOP/s"] = f"{row['tflops_per_s']:.3g}"
+            bar.set_postfix(info, refresh=True)
         if not math.isfinite(val_loss):
             self.diverged = True
             if self.is_main:
@@ -492,7 +458,6 @@ class Trainer:
         c = self.config
         last = self.history[-1] if self.history else {}
         ms = 1000 * self.train_time_s / self.timed_steps if self.timed_steps else None
-        tokens = c.batch_size * self.model_config.seq_len
         return {
             "model": c.model,
             "preset": c.preset,
@@ -503,7 +468,10 @@ class Trainer:
             "final_val_loss": last.get("val_loss"),
             "final_train_loss": last.get("train_loss"),
             "ms_per_step": ms,
-            "tokens_per_s": tokens / (ms / 1000) if ms else None,
+            **self._throughput(),
+            "flops_per_token": self.flops_per_token,
+            "peak_flops": self.peak_flops,
+            "peak_source": self.peak_source,
             "elapsed_s": self.elapsed_s,
             "n_params": self.model.num_parameters(),
             "device": str(self.device),
@@ -512,6 +480,13 @@ class Trainer:
             "skipped_steps": self.skipped_steps,
             "interrupted": self.interrupted,
         }
+
+    def _throughput(self, since: tuple[float, int] = (0.0, 0)) -> dict[str, Any]:
+        """Tokens/s, achieved TFLOP/s and MFU over the training steps timed after ``since``
+        (``(train_time_s, timed_steps)`` then); evaluations are not counted."""
+        seconds, steps = self.train_time_s - since[0], self.timed_steps - since[1]
+        tokens = steps * self.config.batch_size * self.model_config.seq_len
+        return throughput(tokens, seconds, self.flops_per_token, self.peak_flops)
 
     def close(self) -> None:
         """Leave the process group (under ``torchrun``); nothing to do in one process."""
