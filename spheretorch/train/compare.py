@@ -303,7 +303,7 @@ def compare(
     """Run the comparison and write its outputs; returns ``results.json``'s content.
 
     Args:
-        models: see :func:`parse_models`; the first ``gpt`` (else the first model) is the
+        models: see ``parse_models`` (``[LABEL=]MODEL[:KEY=V...]``, comma-separated); the first ``gpt`` (else the first model) is the
             baseline whose loss defines the targets.
         seeds: full runs per model and budget (seeds ``seed .. seed + seeds - 1``).
         budgets: fractions of ``steps`` (e.g. ``"0.25,0.5,1"``); 1 is always included.
@@ -317,7 +317,7 @@ def compare(
             ``runs.jsonl``, a partial run continues from its checkpoint; the settings must
             equal the interrupted compare's.
         handle_signals: SIGINT/SIGTERM during a run checkpoint it and raise
-            :class:`CompareInterrupted` (the command line does this).
+            ``CompareInterrupted`` (the command line does this).
     """
     say = log if log is not None else logger.info
     specs = parse_models(models)
