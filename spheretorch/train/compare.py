@@ -303,8 +303,8 @@ def compare(
     """Run the comparison and write its outputs; returns ``results.json``'s content.
 
     Args:
-        models: see ``parse_models`` (``[LABEL=]MODEL[:KEY=V...]``, comma-separated); the first ``gpt`` (else the first model) is the
-            baseline whose loss defines the targets.
+        models: ``[LABEL=]MODEL[:KEY=V...]``, comma-separated (``parse_models``); the first
+            ``gpt`` (else the first model) is the baseline whose loss defines the targets.
         seeds: full runs per model and budget (seeds ``seed .. seed + seeds - 1``).
         budgets: fractions of ``steps`` (e.g. ``"0.25,0.5,1"``); 1 is always included.
         grid: ``FIELD=V,V,...`` over a model config field, ``batch_size`` or ``steps``; each
