@@ -233,11 +233,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--resume", action="store_true", help="continue an interrupted compare")
     c.add_argument("--steps", type=_positive_int, help="full-run steps (default: the preset's)")
-    c.add_argument("--batch-size", type=_positive_int)
-    c.add_argument("--eval-interval", type=_positive_int)
-    c.add_argument("--eval-batches", type=_positive_int)
+    c.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        help="sequences per step (default: the preset's; a seq_len grid scales it)",
+    )
+    c.add_argument(
+        "--eval-interval",
+        type=_positive_int,
+        help="steps between evaluations of the full runs (default: the preset's)",
+    )
+    c.add_argument(
+        "--eval-batches",
+        type=_positive_int,
+        help="validation batches per evaluation (default: the preset's)",
+    )
     c.add_argument("--sweep-lrs", help="comma-separated LR candidates (default: the preset's)")
-    c.add_argument("--sweep-fraction", type=_positive_float, help="sweep run length / steps")
+    c.add_argument(
+        "--sweep-fraction",
+        type=_positive_float,
+        help="length of a sweep run as a fraction of --steps (default: the preset's)",
+    )
 
     from .train.tokenizer import KINDS
 

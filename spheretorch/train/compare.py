@@ -114,6 +114,43 @@ def _model_options(spec: ModelSpec, common: dict[str, Any], point: dict[str, Any
     return {**{k: v for k, v in merged.items() if k in own}, **spec.options}
 
 
+def _train_config(
+    base: dict[str, Any], spec: ModelSpec, point: dict[str, Any], **kw: Any
+) -> TrainConfig:
+    """One run's configuration: the compare's settings, the grid point's, the model's."""
+    fields = {
+        "batch_size": point.get("batch_size", base["batch_size"]),
+        "eval_batches": base["eval_batches"],
+        **kw,
+    }
+    return TrainConfig(
+        model=spec.model,
+        preset=base["preset"],
+        data=base["data"],
+        device=base["device"],
+        model_options=_model_options(spec, base["options"], point),
+        **fields,
+    )
+
+
+def _preflight(base: dict[str, Any], specs: list[ModelSpec], points: list[dict[str, Any]]) -> None:
+    """Every error a run could raise on its settings (data, model options, batch against the
+    data), raised before anything is written: one trainer reads the data, the rest of the
+    configurations are only resolved."""
+    first = Trainer(_train_config(base, specs[0], points[0], steps=1), None, save_checkpoints=False)
+    for spec in specs:
+        for point in points:
+            cfg = _train_config(base, spec, point, steps=1).resolve()
+            seq_len = cfg.model_config(first.tokenizer.vocab_size).seq_len
+            first.data.check_fits(seq_len)
+            windows = len(first.data.train) - seq_len
+            if cfg.batch_size > windows:
+                raise UserError(
+                    f"batch size {cfg.batch_size} is larger than the data: {first.data.name} "
+                    f"has {windows} training windows of length {seq_len}"
+                )
+
+
 def machine_info() -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     try:
@@ -139,14 +176,37 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-def _bar(progress: bool, total: int, desc: str) -> Any:
-    if not progress:
-        return None
-    import sys
+class _Bar:
+    """A tqdm bar opened at its first use: a run that fails before training (bad data, bad
+    options) leaves no half-drawn bar above its one-line error."""
 
-    from tqdm.auto import tqdm
+    def __init__(self, total: int, desc: str) -> None:
+        self.total, self.desc, self.bar = total, desc, None
 
-    return tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True, leave=True)
+    def _open(self) -> Any:
+        if self.bar is None:
+            import sys
+
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(
+                total=self.total, desc=self.desc, file=sys.stderr, dynamic_ncols=True, leave=True
+            )
+        return self.bar
+
+    def update(self, n: int) -> None:
+        self._open().update(n)
+
+    def set_postfix_str(self, text: str, refresh: bool = True) -> None:
+        self._open().set_postfix_str(text, refresh=refresh)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _bar(progress: bool, total: int, desc: str) -> _Bar | None:
+    return _Bar(total, desc) if progress else None
 
 
 def _time_interleaved(
@@ -205,19 +265,8 @@ class _Study:
             if bar is not None:
                 bar.update(done["steps"])
             return done
-        options = _model_options(spec, self.base["options"], point)
-        cfg = TrainConfig(
-            model=spec.model,
-            preset=self.base["preset"],
-            data=self.base["data"],
-            seed=seed,
-            device=self.base["device"],
-            lr=lr,
-            steps=steps,
-            batch_size=point.get("batch_size", self.base["batch_size"]),
-            eval_interval=eval_interval,
-            eval_batches=self.base["eval_batches"],
-            model_options=options,
+        cfg = _train_config(
+            self.base, spec, point, seed=seed, lr=lr, steps=steps, eval_interval=eval_interval
         )
         # a partial run of an interrupted compare continues; otherwise every run starts fresh
         resume = self.resume and (run_dir / CHECKPOINT).is_file()
@@ -360,6 +409,15 @@ def compare(
         "device": device,
     }
     _check_state(out, spec_state, resume)
+    base = {
+        "preset": preset,
+        "data": data,
+        "device": device,
+        "options": options,
+        "batch_size": base_batch,
+        "eval_batches": spec_state["eval_batches"],
+    }
+    _preflight(base, specs, points)
     out.mkdir(parents=True, exist_ok=True)
     ledger_path = out / LEDGER
     if not resume:
@@ -373,14 +431,6 @@ def compare(
     # glibc allocator tuning (stable CPU step times) is the caller's environment; recorded
     info["malloc_env"] = {
         k: os.environ.get(k) for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
-    }
-    base = {
-        "preset": preset,
-        "data": data,
-        "device": device,
-        "options": options,
-        "batch_size": base_batch,
-        "eval_batches": spec_state["eval_batches"],
     }
     runner = _Study(
         out, ledger, base, progress=progress, handle_signals=handle_signals, resume=resume
@@ -570,13 +620,7 @@ def _timing_phase(
     base = runner.base
     trainers = {}
     for spec in specs:
-        options = _model_options(spec, base["options"], point)
-        cfg = TrainConfig(
-            model=spec.model, preset=base["preset"], data=base["data"], seed=seed,
-            device=base["device"], lr=chosen[spec.label],
-            batch_size=point.get("batch_size", base["batch_size"]),
-            eval_batches=1, model_options=options,
-        )  # fmt: skip
+        cfg = _train_config(base, spec, point, seed=seed, lr=chosen[spec.label], eval_batches=1)
         trainers[spec.label] = Trainer(cfg, None, save_checkpoints=False)
     bar = _bar(progress, p.timing_rounds * len(specs), f"{prefix}timing")
     try:
