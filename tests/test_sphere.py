@@ -313,6 +313,7 @@ def test_gradcheck_normalize_and_project():
     assert gradcheck(lambda a: S.normalize(a, -1, on_zero="keep"), (xr,))
     assert gradcheck(lambda a: S.normalize(a, -1, on_zero="fixed"), (xr,))
     assert gradgradcheck(lambda a: S.normalize(a, 1), (xr,))
+    assert gradgradcheck(S.unit, (xr,))  # the fused backward recomputes for create_graph
     xs, us = _req(S.normalize(x), torch.randn(3, 4, dtype=F64))
     assert gradcheck(lambda a, b: S.project(a, b, -1), (xs, us))
     assert gradgradcheck(lambda a, b: S.project(a, b, 0), (xs, us))
@@ -332,6 +333,33 @@ def test_gradcheck_retract_expmap_transport(theta):
     # there (through ||u|| autograd's second derivative at 0 would be wrong).
     assert gradgradcheck(lambda a, b: S.expmap(a, b), (xr, ur))
     assert gradgradcheck(lambda a, b, c: S.transport(a, b, c), (xr, yr, vr))
+
+
+@pytest.mark.parametrize("theta", [*EDGE_ANGLES, -0.7])
+@pytest.mark.parametrize("dim", [-1, 0])
+def test_expmap_with_known_norm_is_expmap(theta, dim):
+    # A step of a known angle theta along a tangent v: u = (theta / |v|) v, |u| = |theta|.
+    x, _, w = pair_at(theta, shape=(2, 4) if dim == -1 else (4, 2), dim=dim, seed=6)
+    v = 0.3 * w + 1e-3 * S.project(x, torch.randn(x.shape, dtype=F64), dim)
+    k = torch.tensor([theta, 0.5 * theta], dtype=F64) / S.norm(v, dim).flatten()
+    k = k.view(S.norm(v, dim).shape)
+
+    def step(a, b, c, known):
+        return S.expmap(a, c * b, dim, norm_u=c * S.norm(b, dim) if known else None)
+
+    xr, vr, kr = _req(x, v, k)
+    close(step(xr, vr, kr, True), step(xr, vr, kr, False), 1e-15)
+    assert gradcheck(lambda a, b, c: step(a, b, c, True), (xr, vr, kr))
+    assert gradgradcheck(lambda a, b, c: step(a, b, c, True), (xr, vr, kr))
+    for known in (True, False):  # same gradients as expmap's own |u|
+        out = step(xr, vr, kr, known)
+        grads = torch.autograd.grad(out, (xr, vr, kr), torch.ones_like(out))
+        if known:
+            ref = grads
+    for got, want in zip(ref, grads, strict=True):
+        close(got, want, 1e-12)
+    x32, v32, k32 = x.float(), v.float(), k.float()
+    close(step(x32, v32, k32, True), step(x32, v32, k32, False), 1e-6)
 
 
 @pytest.mark.parametrize("theta", EDGE_ANGLES)

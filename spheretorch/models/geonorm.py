@@ -119,7 +119,8 @@ def geonorm_step(
     ``x' = |x| exp_xhat(theta v / |v|)`` with ``theta`` as in the module docstring;
     ``radius=None`` compares ``g`` at the state's own norm, a float at that fixed radius.
     Written as ``expmap(xhat, (theta / z) (v / rho))``, ``z = |v| / rho``, with ``theta / z``
-    smooth at ``z = 0``: finite values and gradients there, even with a bias. Computed in
+    smooth at ``z = 0``: finite values and gradients there, even with a bias; the step's norm
+    ``|theta|`` is handed to :func:`~spheretorch.sphere.expmap` (``norm_u``). Computed in
     float32 for half types; returns ``x``'s dtype, norm ``|x|``.
     """
     dt = sphere.compute_dtype(x.dtype)
@@ -140,7 +141,9 @@ def geonorm_step(
     theta_per_z = decay * (a * per_z + torch.where(pos, b / zs, 0.0))
     if clamp is not None:  # theta = min(delta (a theta0 + b), c)
         theta_per_z = torch.where(theta_per_z * z > clamp, clamp / zs, theta_per_z)
-    return (sphere.expmap(xhat, (theta_per_z / rho) * v) * r).to(x.dtype)
+    # |u| = |theta| is known: expmap skips the reduction and the squared-norm series
+    u = (theta_per_z / rho) * v
+    return (sphere.expmap(xhat, u, norm_u=theta_per_z * z) * r).to(x.dtype)
 
 
 class GeoBlock(nn.Module):

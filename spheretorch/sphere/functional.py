@@ -18,7 +18,8 @@ from torch import Tensor
 
 from .checks import check_floating, check_same_shape, check_sphere_dim, compute_dtype
 from .checks import upcast as _up
-from .series import atanc_sq, cos_sinc_sq, sqrt0
+from .series import atanc_sq, cos_sinc_sq, sinc, sqrt0
+from .unit import unit
 
 __all__ = [
     "angle",
@@ -215,20 +216,36 @@ def retract(x: Tensor, u: Tensor, dim: int = -1) -> Tensor:
     return normalize(_up(x) + _up(u), dim, on_zero="keep").to(x.dtype)
 
 
-def expmap(x: Tensor, u: Tensor, dim: int = -1, *, check: bool = False) -> Tensor:
+def expmap(
+    x: Tensor, u: Tensor, dim: int = -1, *, check: bool = False, norm_u: Tensor | None = None
+) -> Tensor:
     r"""Exponential map :math:`\exp_x(u) = \cos(\|u\|)\,x + \mathrm{sinc}(\|u\|)\,u`.
 
     ``u`` must be tangent at ``x``. Exact for any step length (wraps around the sphere for
-    :math:`\|u\| > \pi`); the result is re-normalised to stop drift under repeated use.
+    :math:`\|u\| > \pi`); the result is re-normalised to stop drift under repeated use
+    (with :func:`.unit`'s fused backward when ``dim`` is the last axis).
     ``check=True`` verifies that ``x`` is unit (:func:`check_unit`).
+
+    ``norm_u``: :math:`\|u\|` along ``dim`` (kept as size 1) when the caller already knows
+    it, e.g. a step of a known angle :math:`\theta` along a tangent :math:`v`,
+    ``u = (theta / |v|) v``. Skips the reduction and evaluates ``cos``/``sinc`` of it directly;
+    its sign does not matter (both are even). It must equal :math:`\|u\|` *as a function of
+    the inputs* (computed from them, not detached) for the gradients to be those of
+    :math:`\exp_x(u)`; it is not checked.
     """
     check_floating(x, "x")
     check_floating(u, "u")
     dim = check_sphere_dim(x, dim, min_size=2)
     _check_points(check, dim, x=x)
     xu, uu = _up(x), _up(u)
-    cos_n, sinc_n = cos_sinc_sq(inner(uu, uu, dim))
+    if norm_u is None:
+        cos_n, sinc_n = cos_sinc_sq(inner(uu, uu, dim))
+    else:
+        n = _up(norm_u)
+        cos_n, sinc_n = torch.cos(n), sinc(n)
     y = cos_n * xu + sinc_n * uu
+    if dim == x.dim() - 1:
+        return unit(y).to(x.dtype)
     return normalize(y, dim, on_zero="keep").to(x.dtype)
 
 

@@ -18,23 +18,30 @@ class _Unit(torch.autograd.Function):
 
     Three kernels backwards where autograd through ``x / x.norm()`` runs about six. Computed in
     the compute dtype (fp32 for half inputs: chained normalizations compound bf16 error); an
-    opaque Function also keeps ``torch.compile`` from re-fusing it in low precision.
+    opaque Function also keeps ``torch.compile`` from re-fusing it in low precision. Under
+    ``create_graph`` the backward rebuilds ``y`` and ``1/||x||`` from ``x`` so that second
+    derivatives are right.
     """
 
     @staticmethod
     def forward(ctx: Any, x: Tensor) -> Tensor:
-        xf = upcast(x)
-        tiny = torch.finfo(xf.dtype).tiny
-        r = torch.rsqrt((xf * xf).sum(-1, keepdim=True).clamp_min(tiny))
-        y = xf * r
-        ctx.save_for_backward(y, r)
+        y, r = _unit_parts(upcast(x))
+        ctx.save_for_backward(x, y, r)
         return y.to(x.dtype)
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> Tensor:
-        y, r = ctx.saved_tensors
+        x, y, r = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: y and r must be functions of x
+            y, r = _unit_parts(upcast(x))
         gf = g.to(y.dtype)
         return ((gf - y * (gf * y).sum(-1, keepdim=True)) * r).to(g.dtype)
+
+
+def _unit_parts(xf: Tensor) -> tuple[Tensor, Tensor]:
+    tiny = torch.finfo(xf.dtype).tiny
+    r = torch.rsqrt((xf * xf).sum(-1, keepdim=True).clamp_min(tiny))
+    return xf * r, r
 
 
 def unit(x: Tensor) -> Tensor:
