@@ -120,6 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads", type=_positive_int, help="CPU threads (default: the preset's, else torch's)"
     )
     common.add_argument(
+        "--set",
+        dest="options",
+        type=_option,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="model option (a model config field), e.g. --set update_decay=linear; "
+        "repeatable; compare applies it to every model whose config has the field",
+    )
+    common.add_argument(
         "--force",
         action="store_true",
         help="replace the run in --out: the old "
@@ -202,20 +212,48 @@ def build_parser() -> argparse.ArgumentParser:
         default="none",
         help="data-parallel mode under torchrun: ddp or fsdp (FSDP2)",
     )
-    t.add_argument(
-        "--set",
-        dest="options",
-        type=_option,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="model option (TransformerConfig field), e.g. --set update_decay=linear; repeatable",
-    )
 
     c = sub.add_parser("compare", parents=[common], help="compare models at equal budget", **fmt)
     c.add_argument("--models", default="gpt,ngpt,geonorm", help="comma-separated model names")
     c.add_argument("--out", required=True, help="output directory")
     c.add_argument("--no-sweep", action="store_true", help="use the preset's LRs, no LR sweep")
+    c.add_argument(
+        "--seeds", type=_positive_int, default=1, help="full runs per model (seeds --seed ...)"
+    )
+    c.add_argument(
+        "--budgets",
+        help="fractions of the steps, each run with its own schedule, e.g. 0.25,0.5,1 "
+        "(iso-loss speedups)",
+    )
+    c.add_argument(
+        "--grid",
+        metavar="FIELD=V,V,...",
+        help="a study over a model field, e.g. seq_len=64,128,256 (tokens per step held "
+        "fixed) or n_layer=2,4,8; every point gets its own LR sweep",
+    )
+    c.add_argument("--resume", action="store_true", help="continue an interrupted compare")
+    c.add_argument("--steps", type=_positive_int, help="full-run steps (default: the preset's)")
+    c.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        help="sequences per step (default: the preset's; a seq_len grid scales it)",
+    )
+    c.add_argument(
+        "--eval-interval",
+        type=_positive_int,
+        help="steps between evaluations of the full runs (default: the preset's)",
+    )
+    c.add_argument(
+        "--eval-batches",
+        type=_positive_int,
+        help="validation batches per evaluation (default: the preset's)",
+    )
+    c.add_argument("--sweep-lrs", help="comma-separated LR candidates (default: the preset's)")
+    c.add_argument(
+        "--sweep-fraction",
+        type=_positive_float,
+        help="length of a sweep run as a fraction of --steps (default: the preset's)",
+    )
 
     from .train.tokenizer import KINDS
 
@@ -366,22 +404,38 @@ def _run_training(trainer: Any, resumed: bool) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from .train.compare import compare
+    from .train.compare import CompareInterrupted, compare
     from .train.rundir import RunDir
 
-    with RunDir(args.out).claim("compare", force=args.force):
+    with RunDir(args.out).claim("compare", resume=args.resume, force=args.force):
         _set_threads(args)
-        compare(
-            models=args.models,
-            preset=args.preset or "cpu-small",
-            out=args.out,
-            data=args.data,
-            seed=args.seed or 0,
-            device=args.device or "auto",
-            progress=not args.no_progress,
-            sweep=not args.no_sweep,
-            log=print,
-        )
+        try:
+            compare(
+                models=args.models,
+                preset=args.preset or "cpu-small",
+                out=args.out,
+                data=args.data,
+                seed=args.seed or 0,
+                device=args.device or "auto",
+                progress=not args.no_progress,
+                sweep=not args.no_sweep,
+                log=print,
+                seeds=args.seeds,
+                budgets=args.budgets,
+                grid=args.grid,
+                options=dict(args.options),
+                steps=args.steps,
+                batch_size=args.batch_size,
+                eval_interval=args.eval_interval,
+                eval_batches=args.eval_batches,
+                sweep_lrs=args.sweep_lrs,
+                sweep_fraction=args.sweep_fraction,
+                resume=args.resume,
+                handle_signals=True,
+            )
+        except CompareInterrupted as e:
+            print(f"spheretorch: {e}; saved; continue with --resume", file=sys.stderr)
+            return 128 + int(getattr(signal, e.signal_name))
     return 0
 
 

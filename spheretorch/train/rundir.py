@@ -43,7 +43,16 @@ Kind = Literal["train", "compare"]
 #: what each kind of run writes at the top of its directory
 FILES: dict[str, tuple[str, ...]] = {
     "train": (CHECKPOINT_FILE, SHARDED_CHECKPOINT, SHARDED_CHECKPOINT + ".old", METRICS, SUMMARY),
-    "compare": ("results.json", "results.md", "run_info.json", "loss_curves.png", "sweep"),
+    "compare": (
+        "compare.json",
+        "runs.jsonl",
+        "runs.csv",
+        "results.json",
+        "results.md",
+        "run_info.json",
+        "loss_curves.png",
+        "sweep",
+    ),
 }
 
 
@@ -134,6 +143,8 @@ class RunDir:
         if self.kind() == "compare":
             found += [d for d in self._model_runs() if d not in found]
             found += [d for d in self.path.iterdir() if d.is_dir() and (d / METRICS).exists()]
+            # a grid's points (seq_len=64/, ...) and its plots: the directory is compare's
+            found += [d for d in self.path.iterdir() if "=" in d.name or d.suffix == ".png"]
         return list(dict.fromkeys(found))
 
     # -- guard and lock -------------------------------------------------------------------
