@@ -112,3 +112,6 @@ def _skip_torch_docstrings(app, what, name, obj, skip, options):
 def setup(app):
     app.connect("autodoc-before-process-signature", _evaluate_init_annotations)
     app.connect("autodoc-skip-member", _skip_torch_docstrings)
+
+# Option names such as --out must stay two hyphens in the CLI reference (no en dash).
+smartquotes = False

@@ -127,7 +127,7 @@ def nlerp(a: Tensor, b: Tensor, t: float | Tensor, dim: int = -1, *, check: bool
     ``t`` as in :func:`slerp`, and may also have the full size ``d`` along ``dim``
     (per-coordinate step sizes). It moves along the same great circle as :func:`slerp` but
     not at constant speed: the angle covered is
-    :math:`\operatorname{atan2}(t \sin\theta, 1 - t + t\cos\theta)` instead of
+    :math:`\mathrm{atan2}(t \sin\theta, 1 - t + t\cos\theta)` instead of
     :math:`t\theta`. When the chord passes through the origin (``b == -a`` and ``t == 1/2``)
     the result is :func:`spheretorch.sphere.antipodal_direction` at ``a``, which is also
     :func:`slerp`'s answer there, instead of NaN. ``check`` as in :func:`slerp`.

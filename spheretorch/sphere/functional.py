@@ -262,7 +262,7 @@ def _angle_parts(x: Tensor, y: Tensor, dim: int) -> tuple[Tensor, Tensor, Tensor
 def angle(x: Tensor, y: Tensor, dim: int = -1, *, check: bool = False) -> Tensor:
     r"""Angle between unit vectors, in :math:`[0, \pi]`, with ``dim`` kept as size 1:
 
-    .. math:: \theta = \operatorname{atan2}(\|y - \langle x,y\rangle x\|, \langle x,y\rangle)
+    .. math:: \theta = \mathrm{atan2}(\|y - \langle x,y\rangle x\|, \langle x,y\rangle)
 
     Defined for unit ``x`` and ``y`` only (for others it is not the angle between their
     directions); ``check=True`` raises ``ValueError`` on non-unit input (:func:`check_unit`).
