@@ -16,7 +16,7 @@ from .parameter import (
     to_geoopt,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "SphereParameter",
