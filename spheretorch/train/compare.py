@@ -142,13 +142,7 @@ def _preflight(base: dict[str, Any], specs: list[ModelSpec], points: list[dict[s
         for point in points:
             cfg = _train_config(base, spec, point, steps=1).resolve()
             seq_len = cfg.model_config(first.tokenizer.vocab_size).seq_len
-            first.data.check_fits(seq_len)
-            windows = len(first.data.train) - seq_len
-            if cfg.batch_size > windows:
-                raise UserError(
-                    f"batch size {cfg.batch_size} is larger than the data: {first.data.name} "
-                    f"has {windows} training windows of length {seq_len}"
-                )
+            first.data.check_fits(seq_len, cfg.batch_size)
 
 
 def machine_info() -> dict[str, Any]:

@@ -72,7 +72,9 @@ class TextData:
                 f"than the model's {model_vocab}"
             )
 
-    def check_fits(self, seq_len: int) -> None:
+    def check_fits(self, seq_len: int, batch_size: int | None = None) -> None:
+        """``UserError`` unless both splits hold a window of ``seq_len`` (+ 2) tokens and,
+        given ``batch_size``, the train split has at least that many windows."""
         for split in ("train", "val"):
             n = len(getattr(self, split))
             if n < seq_len + 2:
@@ -80,6 +82,12 @@ class TextData:
                     f"{self.name} is too short: its {split} split has {n} tokens, fewer than "
                     f"the context length {seq_len} + 2"
                 )
+        windows = len(self.train) - seq_len
+        if batch_size is not None and batch_size > windows:
+            raise UserError(
+                f"batch size {batch_size} is larger than the data: {self.name} has "
+                f"{windows} training windows of length {seq_len}"
+            )
 
 
 def load_data(

@@ -151,13 +151,7 @@ class Trainer:
         )
         seq_len = self.model_config.seq_len
         self.data.check_vocab(self.model_config.vocab_size)
-        self.data.check_fits(seq_len)
-        windows = len(self.data.train) - seq_len
-        if c.batch_size > windows:
-            raise UserError(
-                f"batch size {c.batch_size} is larger than the data: {self.data.name} has "
-                f"{windows} training windows of length {seq_len}"
-            )
+        self.data.check_fits(seq_len, c.batch_size)
         memory.check(self.model_config, c, self.device, enforce=c.check_memory)
 
     def _setup_model(self) -> None:
