@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from .. import sphere
+from . import _native
 from ._functional import group_by_axis, pick, run_stacked, scalar_value, work_units
 from ._torch_shims import torch_adam_on, torch_sgd_on
 
@@ -189,6 +190,15 @@ def _run(kernel: Any, *args: Any, **kw: Any) -> None:
     torch._foreach_copy_(_targets(kernel, args), new)
 
 
+def _native_ok(*lists: list[Tensor], steps: list[Tensor] = (), found_inf: Tensor | None) -> bool:
+    """Whether the hand-written CPU kernel (``_native``) can take these tensors: float32
+    step counters and ``found_inf`` on the CPU (read there, no synchronisation)."""
+    small = [*steps, *([] if found_inf is None else [found_inf])]
+    if not all(t.is_cpu and t.dtype == torch.float32 for t in small):
+        return False
+    return _native.usable(*lists)
+
+
 def _as_tensor(value: float | Tensor, like: Tensor) -> Tensor:
     """A 0-d float64 tensor on ``like``'s device: changing values do not recompile."""
     return torch.as_tensor(value, dtype=torch.float64, device=like.device)
@@ -250,6 +260,20 @@ def fused_riemannian_adam(
     )
     for (_, _, dim), idx in groups.items():
         xs = pick(params, idx)
+        lists = [pick(t, idx) for t in (grads, exp_avgs, exp_avg_sqs, state_steps)]
+        vmaxs = pick(max_exp_avg_sqs, idx) if amsgrad else []
+        if _native_ok(xs, *lists[:3], vmaxs, steps=lists[3], found_inf=found_inf):
+            _native.riemannian_adam(
+                xs,
+                *lists[:3],
+                vmaxs,
+                lists[3],
+                [dim] * len(xs),
+                lr=scalar_value(lr),
+                found_inf=found_inf,
+                **opts,
+            )
+            continue
         lr_t = _as_tensor(lr, xs[0])
         inf_t = _as_tensor(0.0 if found_inf is None else found_inf, xs[0])
         steps = pick(state_steps, idx)
@@ -328,14 +352,27 @@ def fused_riemannian_sgd(
     )
     for (_, dtype, dim), idx in groups.items():
         xs = pick(params, idx)
-        lr_t = _as_tensor(lr, xs[0])
-        inf_t = _as_tensor(0.0 if found_inf is None else found_inf, xs[0])
         first = [momentum_buffers[i] is None for i in idx]
         if momentum != 0:
             cd = sphere.compute_dtype(dtype)
             for i in idx:
                 if momentum_buffers[i] is None:
                     momentum_buffers[i] = torch.zeros_like(params[i], dtype=cd)
+        gs, bufs = pick(grads, idx), pick(momentum_buffers, idx) if momentum != 0 else []
+        if len(set(first)) == 1 and _native_ok(xs, gs, bufs, found_inf=found_inf):
+            _native.riemannian_sgd(
+                xs,
+                gs,
+                bufs,
+                [dim] * len(xs),
+                lr=scalar_value(lr),
+                first=first[0],
+                found_inf=found_inf,
+                **opts,
+            )
+            continue
+        lr_t = _as_tensor(lr, xs[0])
+        inf_t = _as_tensor(0.0 if found_inf is None else found_inf, xs[0])
         keys = first if xs[0].is_cpu else None
         for stacked, unit in work_units(xs, keys):
             u_idx = [idx[j] for j in unit]
