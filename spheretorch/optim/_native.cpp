@@ -333,18 +333,25 @@ void sgd_impl(i64 count, void** xs, void** gs, void** bufs, const i64* shape, co
   });
 }
 
+// Each tensor's slices are split between the threads in equal consecutive parts, as
+// at::parallel_for splits an elementwise kernel (torch's fused Adam) run just before: each
+// thread then renormalises the rows it has just written, still in its own cache.
 template <typename T>
 void renorm_impl(i64 count, void** xs, const i64* shape, int threads) {
-  std::vector<Layout> lay(count);
-  for (i64 t = 0; t < count; ++t) lay[t] = Layout{shape[3 * t], shape[3 * t + 1], shape[3 * t + 2]};
-  for_each_slice(lay.data(), count, threads, 0, [&](i64 t, i64 k, char*) {
-    const Layout& L = lay[t];
-    T* x = static_cast<T*>(xs[t]) + L.start(k);
-    if (L.inner == 1)
-      renorm_slice<T, true>(x, L.n, 1);
-    else
-      renorm_slice<T, false>(x, L.n, L.inner);
-  });
+  i64 total = 0;
+  for (i64 t = 0; t < count; ++t) total += shape[3 * t] * shape[3 * t + 1] * shape[3 * t + 2];
+#pragma omp parallel num_threads(threads) if (threads > 1 && total > kChunkElems)
+  for (i64 t = 0; t < count; ++t) {
+    const Layout L{shape[3 * t], shape[3 * t + 1], shape[3 * t + 2]};
+#pragma omp for schedule(static) nowait
+    for (i64 k = 0; k < L.slices(); ++k) {
+      T* x = static_cast<T*>(xs[t]) + L.start(k);
+      if (L.inner == 1)
+        renorm_slice<T, true>(x, L.n, 1);
+      else
+        renorm_slice<T, false>(x, L.n, L.inner);
+    }
+  }
 }
 
 // True when some element's exponent bits are all ones (an infinity or a NaN). Integer

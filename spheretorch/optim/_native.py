@@ -145,18 +145,24 @@ def library() -> ctypes.CDLL | None:
     return None
 
 
-def usable(*lists: Sequence[Tensor | None], dtypes: tuple[torch.dtype, ...] = ()) -> bool:
-    """True when every tensor is a contiguous CPU tensor of one dtype in ``dtypes`` (default:
-    float32, float64), nothing needs autograd, and the library is available."""
-    dtypes = dtypes or (torch.float32, torch.float64)
+def usable(
+    *lists: Sequence[Tensor | None],
+    dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float64),
+    same_dtype: bool = True,
+) -> bool:
+    """True when every tensor is a contiguous CPU tensor with a dtype in ``dtypes`` (one
+    dtype for all with ``same_dtype``), nothing needs autograd, and the library is
+    available."""
     first = lists[0][0] if lists and lists[0] else None
-    if first is None or first.dtype not in dtypes:
+    if first is None or torch.compiler.is_compiling():
         return False
     for ts in lists:
         for t in ts:
             if t is None:
                 continue
-            if is_dtensor(t) or not (t.is_cpu and t.dtype == first.dtype and t.is_contiguous()):
+            if is_dtensor(t) or not (t.is_cpu and t.is_contiguous() and t.dtype in dtypes):
+                return False
+            if same_dtype and t.dtype != first.dtype:
                 return False
             if t.requires_grad and torch.is_grad_enabled():
                 return False

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from .. import sphere
 from ..parameter import sphere_dim_of
+from . import _native
 from ._functional import (
     check_fused_param,
     check_hyperparameters,
@@ -293,6 +294,19 @@ def _stacked_update(
         sphere.foreach.normalize_each_([x], [dim + 1], keep=found_inf)  # type: ignore[list-item]
 
 
+def renormalize(xs: list[Tensor], dims: list[int | None], keep: Tensor | None) -> None:
+    """:func:`spheretorch.sphere.foreach.normalize_each_`, by the native kernel when it can
+    (one pass over cached rows; the correctly rounded norm)."""
+    sph = [(x, d) for x, d in zip(xs, dims) if d is not None]
+    if not sph:
+        return
+    ok_keep = keep is None or (keep.is_cpu and keep.dtype == torch.float32)
+    if ok_keep and _native.usable([x for x, _ in sph]):
+        _native.renormalize([x for x, _ in sph], [d for _, d in sph], keep=keep)
+    else:
+        sphere.foreach.normalize_each_(xs, dims, keep=keep)
+
+
 def _fused_cpu(
     lists: list[list[Tensor]],
     sphere_dims: list[int | None],
@@ -331,7 +345,7 @@ def _fused_cpu(
     def flush() -> None:
         if dims:
             kernel(*bucket, weight_decay=key[1], **kw)  # type: ignore[index]
-            sphere.foreach.normalize_each_(bucket[0], dims, keep=found_inf)
+            renormalize(bucket[0], dims, found_inf)
             for lst in bucket:
                 lst.clear()
             dims.clear()
