@@ -112,6 +112,17 @@ def candidates(have_geoopt: bool):
         ("RiemannianAdam(fused)", lambda ps: RiemannianAdam(ps, lr=1e-3, fused=True), False),
         ("RenormAdam", lambda ps: RenormAdam(ps, lr=1e-3), False),
         ("RenormAdam(fused)", lambda ps: RenormAdam(ps, lr=1e-3, fused=True), False),
+        # without the non-finite test (torch's Adam has none): the same work as torch's
+        (
+            "RiemannianAdam(fused, nonfinite='ignore')",
+            lambda ps: RiemannianAdam(ps, lr=1e-3, fused=True, nonfinite="ignore"),
+            False,
+        ),
+        (
+            "RenormAdam(fused, nonfinite='ignore')",
+            lambda ps: RenormAdam(ps, lr=1e-3, fused=True, nonfinite="ignore"),
+            False,
+        ),
         (
             "torch SGD(momentum, foreach)",
             lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, foreach=True),
@@ -189,6 +200,13 @@ TARGETS = {
     "fused RenormAdam <= 1.15x torch Adam(fused)": (
         "default",
         "RenormAdam(fused)",
+        "torch Adam(fused)",
+        1.15,
+        "max",
+    ),
+    "fused RenormAdam, nonfinite='ignore' (torch's work) <= 1.15x torch Adam(fused)": (
+        "default",
+        "RenormAdam(fused, nonfinite='ignore')",
         "torch Adam(fused)",
         1.15,
         "max",

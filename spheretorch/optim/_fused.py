@@ -1,32 +1,27 @@
-r"""``fused=True`` for :class:`RiemannianAdam` and :class:`RiemannianSGD`: compiled kernels.
+r"""``fused=True`` for :class:`RiemannianAdam` and :class:`RiemannianSGD`.
 
-How it is built: the whole step of one sphere parameter (tangent projection, moments, step,
-retraction, momentum transport, and the device-side skip ``where(found_inf, old, new)``) is
-one function of ordinary tensor ops, compiled by ``torch.compile`` (TorchInductor, dynamic
-shapes, ``fullgraph=True``): C++/OpenMP loops on CPU, Triton on CUDA. Hyper-parameters that
-change between steps (``lr``, the step count) are tensors, so a scheduler causes no
-recompilation.
+Two implementations of one contract (the step of the foreach path, within float round-off;
+a nonzero ``found_inf`` leaves parameters, moments and step counters bitwise unchanged, without
+a host synchronisation):
 
-Speed (docs/benchmarks.md, one thread): on CPU this is *slower* than the foreach path: 5.3x
-torch's ``Adam(fused=True)`` (1.8x torch's foreach Adam; the foreach path is 1.1x it). The
-kernel is one C++ function but not one pass: Inductor emits six loop nests over the rows, one
-per dependent per-row reduction (projection inner product, row second moment, retraction
-norm, transport inner product) plus the write-back, each re-reading parameter, gradient and
-moments from memory (its outer-loop fusion does not merge them; static shapes do not help).
-The flag therefore buys the device-side non-finite skip, not speed, on CPU; on CUDA (Triton,
-one program per row block) it has not been measured yet.
-
-First-call cost: one compilation per variant (sphere axis, number of axes, dtype, device and
-the options ``row``/``exp``/``amsgrad``/``maximize``, Nesterov, ...): about 5-30 s on CPU
-(the benchmark's first step, two shapes of one layout, 6.6 s on one idle-ish core),
-cached by torch for the process (and on disk by Inductor's cache). Later calls cost a guard
-check plus the kernel. Small same-shaped parameters are stacked (CPU) as in the foreach path,
-so a model with hundreds of small matrices still makes a handful of calls.
+* **CPU, float32/float64, contiguous tensors**: the hand-written C++ kernel of ``_native.cpp``
+  (built on first use, about 2 s once per machine, then cached on disk: see
+  :mod:`spheretorch.optim._native`). One call per group of sphere parameters, OpenMP over
+  slices; each slice is read from memory once, the dependent per-slice reductions (projection,
+  second moment, retraction norm, transport) re-read it from L1, and the results are written
+  once: torch's fused Adam's memory traffic. Measured at 1.1-1.2x torch ``Adam(fused=True)``
+  (docs/benchmarks.md).
+* **Everything else** (CUDA, half types, DTensors, non-contiguous tensors, no C++ compiler):
+  the whole step of one sphere parameter as one function of tensor ops compiled by
+  ``torch.compile`` (TorchInductor, dynamic shapes, ``fullgraph=True``; Triton on CUDA), the
+  hyper-parameters that change between steps passed as tensors so that a scheduler causes no
+  recompilation. First-call cost: one compilation per variant (sphere axis, number of axes,
+  dtype, device, options), about 5-30 s on CPU, cached by torch for the process and on disk by
+  Inductor. On CPU Inductor emits one loop nest per dependent reduction, each re-reading the
+  tensors (about 5x torch's fused Adam: the reason for the native kernel); on CUDA it has not
+  been measured yet. Small same-shaped parameters are stacked (CPU) as in the foreach path.
 
 Euclidean parameters get torch's fused Adam/SGD kernels (with the same ``found_inf``).
-Results equal the foreach path within float round-off; a non-finite gradient (``found_inf``
-nonzero) leaves parameters, moments and step counters bitwise unchanged, without a host
-synchronisation.
 """
 
 from __future__ import annotations

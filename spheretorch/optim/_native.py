@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import itertools
 import logging
 import os
 import platform
@@ -89,9 +90,13 @@ def _compiler() -> str | None:
 
 
 def _compile(cxx: str, flags: list[str], out: Path) -> bool:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-    os.close(fd)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        os.close(fd)
+    except OSError as e:
+        log.debug("native kernels: cannot write into %s: %s", out.parent, e)
+        return False
     cmd = [cxx, *flags, str(_SOURCE), "-o", tmp]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -115,16 +120,24 @@ def library() -> ctypes.CDLL | None:
         return None
     cxx = _compiler()
     if cxx is None:
-        log.warning("spheretorch: no C++ compiler found; fused CPU kernels fall back to torch")
+        log.warning(
+            "spheretorch: no C++ compiler found: the native CPU kernels (fused optimizer "
+            "steps, the non-finite test) fall back to torch (same results, slower)"
+        )
         return None
     source = _SOURCE.read_bytes()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    for flags in (["-march=native", *_FLAGS], _FLAGS):
+    # the user's cache, else (read-only home) a per-user temporary directory
+    dirs = [
+        _cache_dir(),
+        Path(tempfile.gettempdir()) / f"spheretorch-{getattr(os, 'getuid', lambda: 0)()}",
+    ]
+    for flags, cache in itertools.product((["-march=native", *_FLAGS], _FLAGS), dirs):
         key = hashlib.sha256(
             b"\0".join(s.encode() for s in (version, " ".join(flags), _cpu_id(), torch.__version__))
             + source
         ).hexdigest()[:24]
-        path = _cache_dir() / f"native-{key}.so"
+        path = cache / f"native-{key}.so"
         if not path.exists() and not _compile(cxx, flags, path):
             continue
         try:
@@ -138,8 +151,9 @@ def library() -> ctypes.CDLL | None:
             getattr(lib, name).argtypes = args
         return lib
     log.warning(
-        "spheretorch: compiling the fused CPU kernels with %s failed (run with logging at "
-        "DEBUG level for the compiler's message); falling back to torch",
+        "spheretorch: compiling the native CPU kernels with %s failed (the compiler's message "
+        "is logged at DEBUG level): fused optimizer steps and the non-finite test fall back "
+        "to torch (same results, slower)",
         cxx,
     )
     return None

@@ -3,7 +3,9 @@ r"""Adam, then renormalisation: the nGPT recipe (Loshchilov et al., 2024).
 Every parameter gets torch's own Adam/AdamW step (``torch.optim.adam.adam``: fused, foreach or
 single-tensor kernel); then every sphere parameter is put back on the sphere,
 :math:`x \leftarrow x / \|x\|` along its ``sphere_dim``: bitwise :class:`torch.optim.Adam` with
-the same flags followed by ``p.div_(p.norm(dim=sphere_dim, keepdim=True))``. The moments see
+the same flags followed by ``p.div_(p.norm(dim=sphere_dim, keepdim=True))`` (the single-tensor
+path bitwise; the foreach and fused paths within an ulp of it: their renormalisation uses the
+correctly rounded norm along strided axes, and everywhere on the fused CPU path). The moments see
 the full Euclidean gradient and nothing is transported (cheaper than
 :class:`~spheretorch.optim.RiemannianAdam`). Weight decay applies to Euclidean parameters only.
 On CPU the foreach and fused paths run in cache-sized buckets (Adam, then the renormalisation
@@ -51,8 +53,9 @@ class RenormAdam(SphereOptimizer):
         weight_decay: L2 penalty (or decoupled decay) for **Euclidean** parameters only.
         foreach, fused, capturable, differentiable: as :class:`torch.optim.Adam`; by
             default the foreach kernel on CPU/CUDA tensors. ``fused=True`` selects torch's
-            fused kernel (bitwise ``Adam(fused=True)`` + renormalisation; skips non-finite
-            steps on the device; nothing is compiled, so no first-call cost).
+            fused kernel (moments and steps bitwise ``Adam(fused=True)``; parameters
+            renormalised by the native CPU kernel with the correctly rounded norm, within
+            an ulp of ``p / p.norm()``; skips non-finite steps without a host sync).
             ``capturable=True`` keeps the step counters on the parameters' device and never
             synchronises with the host (CUDA graphs); a non-finite step is then skipped on
             the device too.

@@ -63,9 +63,12 @@ class RiemannianSGD(SphereOptimizer):
         retraction: ``"project"`` (default) or ``"exp"``.
         foreach: ``None`` (default) picks the multi-tensor implementation on CPU/CUDA.
         differentiable: let autograd record the step (single-tensor path), as torch's flag.
-        fused: one compiled kernel per parameter (see ``spheretorch.optim._fused``):
-            equal to the foreach path within rounding, non-finite steps skipped on the
-            device; the first step of each new layout compiles (seconds).
+        fused: one pass over memory per group. CPU: a hand-written C++ kernel, compiled
+            with the system compiler on first use (about 2 s, once per machine: cached on
+            disk; see ``spheretorch.optim._native``); CUDA, DTensors, half types, or no
+            compiler: a ``torch.compile``\ d kernel per parameter (seconds per new layout).
+            Equal to the foreach path within rounding; non-finite steps skipped without a
+            host synchronisation.
         nonfinite: ``"skip"`` (default), ``"raise"`` or ``"ignore"``; see
             :mod:`spheretorch.optim.optimizer`.
 
