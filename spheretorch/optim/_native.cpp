@@ -44,12 +44,21 @@ inline i64 at(i64 i, i64 s) {
   return C ? i : i * s;
 }
 
-template <typename T, bool C>
-T dot(const T* a, const T* b, i64 n, i64 s) {
-  T acc = 0;
-#pragma omp simd reduction(+ : acc)
-  for (i64 i = 0; i < n; ++i) acc += a[at<T, C>(i, s)] * b[at<T, C>(i, s)];
-  return acc;
+// <a, b> along a slice. Four independent partial sums: a single one would make the loop wait
+// on the adder's latency (the slice is in L1, so that latency, not memory, would bound it).
+template <typename A, typename T, bool C>
+A dot(const T* a, const T* b, i64 n, i64 s) {
+  const i64 q = n / 4;
+  A a0 = 0, a1 = 0, a2 = 0, a3 = 0, tail = 0;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+  for (i64 i = 0; i < q; ++i) {
+    a0 += A(a[at<T, C>(i, s)]) * A(b[at<T, C>(i, s)]);
+    a1 += A(a[at<T, C>(i + q, s)]) * A(b[at<T, C>(i + q, s)]);
+    a2 += A(a[at<T, C>(i + 2 * q, s)]) * A(b[at<T, C>(i + 2 * q, s)]);
+    a3 += A(a[at<T, C>(i + 3 * q, s)]) * A(b[at<T, C>(i + 3 * q, s)]);
+  }
+  for (i64 i = 4 * q; i < n; ++i) tail += A(a[at<T, C>(i, s)]) * A(b[at<T, C>(i, s)]);
+  return (a0 + a1) + (a2 + a3) + tail;
 }
 
 // sin(t)/t with the same series below the same threshold as spheretorch.sphere.sinc
@@ -74,6 +83,57 @@ struct AdamHyper {
   int maximize, row, exp, amsgrad;
 };
 
+// Riemannian Adam with one second moment per slice (the default): three passes over the
+// slice. The second gathers every sum the retraction needs (|r|^2, <x,m>, |m|^2, |x|^2), so
+// that the new point and the transported momentum are written by the third pass alone:
+// with u = c m, |x + u|^2 = |x|^2 + 2c<x,m> + c^2|m|^2 and <y, m> = (<x,m> + c|m|^2) / |x + u|;
+// the exponential map uses |u| = |c||m| and <u, m> = c|m|^2 the same way.
+template <typename T, bool C>
+void adam_slice_row(T* x, const T* g, T* m, T* v, T* vmax, i64 n, i64 s, const AdamHyper& h,
+                    T neg_step, T bc2_sqrt, T xg) {
+  const T sgn = h.maximize ? T(-1) : T(1);
+  const T w1 = T(1 - h.beta1), b2 = T(h.beta2), w2 = T(1 - h.beta2), eps = T(h.eps);
+  T rr = 0, xm = 0, mm = 0, xx = 0;
+#pragma omp simd reduction(+ : rr, xm, mm, xx)
+  for (i64 i = 0; i < n; ++i) {
+    const i64 k = at<T, C>(i, s);
+    const T xk = x[k], r = sgn * g[k] - xg * xk, mk = lerp(m[k], r, w1);
+    m[k] = mk;
+    rr += r * r;
+    xm += xk * mk;
+    mm += mk * mk;
+    xx += xk * xk;
+  }
+  T vk = v[0] * b2 + rr * w2;
+  v[0] = vk;
+  if (h.amsgrad) vk = vmax[0] = std::max(vmax[0], vk);
+  const T c = neg_step / (std::sqrt(vk) / bc2_sqrt + eps);  // u = c m
+  if (!h.exp) {
+    const T inv = 1 / std::sqrt(xx + c * (2 * xm + c * mm));
+    const T ym = (xm + c * mm) * inv;
+#pragma omp simd
+    for (i64 i = 0; i < n; ++i) {
+      const i64 k = at<T, C>(i, s);
+      const T y = (x[k] + c * m[k]) * inv;
+      x[k] = y;
+      m[k] -= ym * y;
+    }
+    return;
+  }
+  // exp_x(u) = cos|u| x + sinc|u| u, re-normalised; m transported along the geodesic
+  const T nu = std::fabs(c) * std::sqrt(mm), cos_n = std::cos(nu), sinc_n = sinc(nu);
+  const T half = sinc(nu / 2), um = c * mm;
+  const T cm = 1 - T(0.5) * (half * half * um) * c, cx = um * sinc_n, su = sinc_n * c;
+  const T inv = 1 / std::sqrt(cos_n * cos_n * xx + su * (2 * cos_n * xm + su * mm));
+#pragma omp simd
+  for (i64 i = 0; i < n; ++i) {
+    const i64 k = at<T, C>(i, s);
+    const T xk = x[k], mk = m[k];
+    x[k] = (cos_n * xk + su * mk) * inv;
+    m[k] = cm * mk - cx * xk;
+  }
+}
+
 // One Riemannian Adam step of one slice (formulas of riemannian_adam._sphere_adam_bucket).
 // x, g, m: the slice (stride s); v, vmax: its second moment (one number per slice when
 // h.row, else the slice); u: scratch of n elements.
@@ -83,36 +143,22 @@ void adam_slice(T* x, const T* g, T* m, T* v, T* vmax, i64 n, i64 s, const AdamH
   const T sgn = h.maximize ? T(-1) : T(1);
   const T w1 = T(1 - h.beta1), b2 = T(h.beta2), w2 = T(1 - h.beta2), eps = T(h.eps);
   // Riemannian gradient r = g - <x, g> x, momentum, second moment
-  const T xg = sgn * dot<T, C>(x, g, n, s);
-  T rr = 0;
+  const T xg = sgn * dot<T, T, C>(x, g, n, s);
   if (h.row) {
-#pragma omp simd reduction(+ : rr)
-    for (i64 i = 0; i < n; ++i) {
-      const i64 k = at<T, C>(i, s);
-      const T r = sgn * g[k] - xg * x[k];
-      m[k] = lerp(m[k], r, w1);
-      rr += r * r;
-    }
-  } else {
-#pragma omp simd
-    for (i64 i = 0; i < n; ++i) {
-      const i64 k = at<T, C>(i, s);
-      const T r = sgn * g[k] - xg * x[k];
-      m[k] = lerp(m[k], r, w1);
-      const T vk = v[k] * b2 + r * r * w2;
-      v[k] = vk;
-      if (h.amsgrad) vmax[k] = std::max(vmax[k], vk);
-    }
+    adam_slice_row<T, C>(x, g, m, v, vmax, n, s, h, neg_step, bc2_sqrt, xg);
+    return;
   }
-  // the step u (tangent at x)
-  if (h.row) {
-    T vk = v[0] * b2 + rr * w2;
-    v[0] = vk;
-    if (h.amsgrad) vk = vmax[0] = std::max(vmax[0], vk);
-    const T coef = neg_step / (std::sqrt(vk) / bc2_sqrt + eps);
 #pragma omp simd
-    for (i64 i = 0; i < n; ++i) u[i] = coef * m[at<T, C>(i, s)];
-  } else {
+  for (i64 i = 0; i < n; ++i) {
+    const i64 k = at<T, C>(i, s);
+    const T r = sgn * g[k] - xg * x[k];
+    m[k] = lerp(m[k], r, w1);
+    const T vk = v[k] * b2 + r * r * w2;
+    v[k] = vk;
+    if (h.amsgrad) vmax[k] = std::max(vmax[k], vk);
+  }
+  // the step u (tangent at x): m / denom is not tangent, project it
+  {
     const T* vv = h.amsgrad ? vmax : v;
     T xu = 0;
 #pragma omp simd reduction(+ : xu)
@@ -145,9 +191,9 @@ void adam_slice(T* x, const T* g, T* m, T* v, T* vmax, i64 n, i64 s, const AdamH
       x[k] = y;
       yy += y * y;
     }
-    const T ny = std::sqrt(yy);
+    const T inv = 1 / std::sqrt(yy);
 #pragma omp simd
-    for (i64 i = 0; i < n; ++i) x[at<T, C>(i, s)] /= ny;
+    for (i64 i = 0; i < n; ++i) x[at<T, C>(i, s)] *= inv;
     return;
   }
   // projective retraction (x + u) / |x + u|, momentum projected onto the new tangent space
@@ -158,12 +204,12 @@ void adam_slice(T* x, const T* g, T* m, T* v, T* vmax, i64 n, i64 s, const AdamH
     x[k] = y;
     yy += y * y;
   }
-  const T ny = std::sqrt(yy);
+  const T inv = 1 / std::sqrt(yy);
   T ym = 0;
 #pragma omp simd reduction(+ : ym)
   for (i64 i = 0; i < n; ++i) {
     const i64 k = at<T, C>(i, s);
-    const T y = x[k] / ny;
+    const T y = x[k] * inv;
     x[k] = y;
     ym += y * m[k];
   }
@@ -185,7 +231,7 @@ template <typename T, bool C>
 void sgd_slice(T* x, const T* g, T* b, i64 n, i64 s, const SgdHyper& h, T* u) {
   const T sgn = h.maximize ? T(-1) : T(1), mu = T(h.momentum), damp = T(1 - h.dampening);
   const T neg_lr = T(-h.lr);
-  const T xg = sgn * dot<T, C>(x, g, n, s);
+  const T xg = sgn * dot<T, T, C>(x, g, n, s);
 #pragma omp simd
   for (i64 i = 0; i < n; ++i) {
     const i64 k = at<T, C>(i, s);
@@ -216,9 +262,9 @@ void sgd_slice(T* x, const T* g, T* b, i64 n, i64 s, const SgdHyper& h, T* u) {
       x[k] = y;
       yy += y * y;
     }
-    const T ny = std::sqrt(yy);
+    const T inv = 1 / std::sqrt(yy);
 #pragma omp simd
-    for (i64 i = 0; i < n; ++i) x[at<T, C>(i, s)] /= ny;
+    for (i64 i = 0; i < n; ++i) x[at<T, C>(i, s)] *= inv;
     return;
   }
 #pragma omp simd reduction(+ : yy)
@@ -228,12 +274,12 @@ void sgd_slice(T* x, const T* g, T* b, i64 n, i64 s, const SgdHyper& h, T* u) {
     x[k] = y;
     yy += y * y;
   }
-  const T ny = std::sqrt(yy);
+  const T inv = 1 / std::sqrt(yy);
   T yb = 0;
 #pragma omp simd reduction(+ : yb)
   for (i64 i = 0; i < n; ++i) {
     const i64 k = at<T, C>(i, s);
-    const T y = x[k] / ny;
+    const T y = x[k] * inv;
     x[k] = y;
     if (b) yb += y * b[k];
   }
@@ -245,19 +291,14 @@ void sgd_slice(T* x, const T* g, T* b, i64 n, i64 s, const SgdHyper& h, T* u) {
   }
 }
 
-// x / |x| with |x| accumulated in double and rounded once to T: the correctly rounded norm
-// (up to rare double-rounding ties), as spheretorch.sphere's exact renormalisation.
+// x / |x|, as x times 1/|x| with that reciprocal computed from a float64 sum of squares and
+// rounded once to T: within an ulp of the exactly rounded x / |x| (and a multiply, where a
+// division would cost as much as the rest of the pass).
 template <typename T, bool C>
 void renorm_slice(T* x, i64 n, i64 s) {
-  double ss = 0;
-#pragma omp simd reduction(+ : ss)
-  for (i64 i = 0; i < n; ++i) {
-    const double xi = x[at<T, C>(i, s)];
-    ss += xi * xi;
-  }
-  const T nx = T(std::sqrt(ss));
+  const T inv = T(1 / std::sqrt(dot<double, T, C>(x, x, n, s)));
 #pragma omp simd
-  for (i64 i = 0; i < n; ++i) x[at<T, C>(i, s)] /= nx;
+  for (i64 i = 0; i < n; ++i) x[at<T, C>(i, s)] *= inv;
 }
 
 // Slices are handed out in chunks of about this many elements (contiguous in memory for the
@@ -370,7 +411,7 @@ bool any_nonfinite(const void* p, i64 begin, i64 end, U mask) {
 extern "C" {
 
 // Bumped when a signature changes: the loader refuses a cached library of another version.
-int st_abi_version() { return 3; }
+int st_abi_version() { return 4; }
 
 // dtype codes (as _native.py): 0 float32, 1 float64, 2 float16, 3 bfloat16.
 

@@ -44,7 +44,7 @@ __all__ = ["library", "nonfinite", "renormalize", "riemannian_adam", "riemannian
 log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("_native.cpp")
-_ABI_VERSION = 3  # st_abi_version() of the C++ file
+_ABI_VERSION = 4  # st_abi_version() of the C++ file
 _FLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-fPIC", "-shared", "-std=c++17"]
 _DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 
@@ -298,9 +298,9 @@ def riemannian_sgd(
 
 
 def renormalize(xs: list[Tensor], dims: list[int], *, keep: Tensor | None = None) -> None:
-    r"""In place :math:`x \leftarrow x / \|x\|` along ``dims``, the norm accumulated in
-    float64 and rounded once (correctly rounded up to rare ties); nothing changes when
-    ``keep`` is nonzero."""
+    r"""In place :math:`x \leftarrow x / \|x\|` along ``dims``: ``x`` times the reciprocal
+    norm, computed from a float64 sum of squares and rounded once, within an ulp of the
+    exactly rounded quotient; nothing changes when ``keep`` is nonzero."""
     lib = library()
     assert lib is not None
     code = _DTYPE_CODE[xs[0].dtype]
