@@ -40,7 +40,7 @@ from .optimizer import NonfinitePolicy, SphereOptimizer
 __all__ = ["RenormAdam", "renorm_adam"]
 
 #: CPU bucket size: larger than RiemannianAdam's, each bucket costs a call of torch's Adam
-RENORM_BUCKET_BYTES = 1 << 21
+RENORM_BUCKET_BYTES = 1 << 22
 
 
 class RenormAdam(SphereOptimizer):
