@@ -5,7 +5,7 @@ a nonzero ``found_inf`` leaves parameters, moments and step counters bitwise unc
 a host synchronisation):
 
 * **CPU, float32/float64, contiguous tensors**: the hand-written C++ kernel of ``_native.cpp``
-  (built on first use, about 2 s once per machine, then cached on disk: see
+  (built on first use, 2-2.5 s once per machine, then cached on disk: see
   :mod:`spheretorch.optim._native`). One call per group of sphere parameters, OpenMP over
   slices; each slice is read from memory once, the dependent per-slice reductions (projection,
   second moment, retraction norm, transport) re-read it from L1, and the results are written

@@ -1,7 +1,7 @@
 r"""The hand-written CPU kernels of the fused paths (``_native.cpp``): build, cache, call.
 
 How it is built: on first use the C++ file shipped beside this module is compiled with the
-system C++ compiler (``$CXX``, else ``c++``; ``-O3 -march=native -fopenmp``, about 1-2 s) into
+system C++ compiler (``$CXX``, else ``c++``; ``-O3 -march=native -fopenmp``, 2-2.5 s) into
 a shared library cached under ``$SPHERETORCH_CACHE_DIR`` (default
 ``~/.cache/spheretorch``), keyed by the source, the compiler, its flags and the CPU, and written
 atomically so that concurrent processes (DDP ranks) can race safely. Later processes load the

@@ -4,8 +4,9 @@ Every parameter gets torch's own Adam/AdamW step (``torch.optim.adam.adam``: fus
 single-tensor kernel); then every sphere parameter is put back on the sphere,
 :math:`x \leftarrow x / \|x\|` along its ``sphere_dim``: bitwise :class:`torch.optim.Adam` with
 the same flags followed by ``p.div_(p.norm(dim=sphere_dim, keepdim=True))`` (the single-tensor
-path bitwise; the foreach and fused paths within an ulp of it: their renormalisation uses the
-correctly rounded norm along strided axes, and everywhere on the fused CPU path). The moments see
+path bitwise; the foreach path within an ulp of it, using the correctly rounded norm along
+strided axes; the fused CPU path within an ulp of the exactly rounded renormalisation on
+every axis: moments and steps stay bitwise torch's). The moments see
 the full Euclidean gradient and nothing is transported (cheaper than
 :class:`~spheretorch.optim.RiemannianAdam`). Weight decay applies to Euclidean parameters only.
 On CPU the foreach and fused paths run in cache-sized buckets (Adam, then the renormalisation
@@ -54,8 +55,8 @@ class RenormAdam(SphereOptimizer):
         foreach, fused, capturable, differentiable: as :class:`torch.optim.Adam`; by
             default the foreach kernel on CPU/CUDA tensors. ``fused=True`` selects torch's
             fused kernel (moments and steps bitwise ``Adam(fused=True)``; parameters
-            renormalised by the native CPU kernel with the correctly rounded norm, within
-            an ulp of ``p / p.norm()``; skips non-finite steps without a host sync).
+            renormalised by the native CPU kernel, within an ulp of the exactly rounded
+            ``p / p.norm()``; skips non-finite steps without a host sync).
             ``capturable=True`` keeps the step counters on the parameters' device and never
             synchronises with the host (CUDA graphs); a non-finite step is then skipped on
             the device too.
@@ -299,7 +300,7 @@ def _stacked_update(
 
 def renormalize(xs: list[Tensor], dims: list[int | None], keep: Tensor | None) -> None:
     """:func:`spheretorch.sphere.foreach.normalize_each_`, by the native kernel when it can
-    (one pass over cached rows; the correctly rounded norm)."""
+    (one pass over cached rows, within an ulp of the exactly rounded quotient)."""
     sph = [(x, d) for x, d in zip(xs, dims) if d is not None]
     if not sph:
         return

@@ -85,7 +85,7 @@ class RiemannianAdam(SphereOptimizer):
             with the host (CUDA graphs); a non-finite step is skipped on the device.
         differentiable: let autograd record the step (single-tensor path), as torch's flag.
         fused: one pass over memory per group. CPU: a hand-written C++ kernel, compiled
-            with the system compiler on first use (about 2 s, once per machine: cached on
+            with the system compiler on first use (2-2.5 s, once per machine: cached on
             disk; see ``spheretorch.optim._native``); CUDA, DTensors, half types, or no
             compiler: a ``torch.compile``\ d kernel per parameter (seconds per new layout).
             Equal to the foreach path within rounding; non-finite steps skipped without a
