@@ -83,6 +83,59 @@ struct AdamHyper {
   int maximize, row, exp, amsgrad;
 };
 
+// x <- R_x(u) for the tangent step u (contiguous scratch), the tangent vector t (null: none)
+// moved to the new point: the projective retraction (x + u) / |x + u| and projection onto the
+// new tangent space, or (exp) exp_x(u) = cos|u| x + sinc|u| u, re-normalised, and parallel
+// transport along the geodesic of u (the formulas of spheretorch.sphere.foreach.expmap_).
+template <typename T, bool C>
+void retract_slice(T* x, T* t, const T* u, i64 n, i64 s, bool exp) {
+  T yy = 0;
+  if (exp) {
+    T uu = 0, ut = 0;
+#pragma omp simd reduction(+ : uu, ut)
+    for (i64 i = 0; i < n; ++i) {
+      uu += u[i] * u[i];
+      if (t) ut += u[i] * t[at<T, C>(i, s)];
+    }
+    const T nu = std::sqrt(uu), cos_n = std::cos(nu), sinc_n = sinc(nu), half = sinc(nu / 2);
+    const T cu = T(0.5) * (half * half * ut), cx = ut * sinc_n;
+#pragma omp simd reduction(+ : yy)
+    for (i64 i = 0; i < n; ++i) {
+      const i64 k = at<T, C>(i, s);
+      if (t) t[k] = t[k] - cu * u[i] - cx * x[k];
+      const T y = cos_n * x[k] + sinc_n * u[i];
+      x[k] = y;
+      yy += y * y;
+    }
+    const T inv = 1 / std::sqrt(yy);
+#pragma omp simd
+    for (i64 i = 0; i < n; ++i) x[at<T, C>(i, s)] *= inv;
+    return;
+  }
+#pragma omp simd reduction(+ : yy)
+  for (i64 i = 0; i < n; ++i) {
+    const i64 k = at<T, C>(i, s);
+    const T y = x[k] + u[i];
+    x[k] = y;
+    yy += y * y;
+  }
+  const T inv = 1 / std::sqrt(yy);
+  T yt = 0;
+#pragma omp simd reduction(+ : yt)
+  for (i64 i = 0; i < n; ++i) {
+    const i64 k = at<T, C>(i, s);
+    const T y = x[k] * inv;
+    x[k] = y;
+    if (t) yt += y * t[k];
+  }
+  if (!t) return;
+#pragma omp simd
+  for (i64 i = 0; i < n; ++i) {
+    const i64 k = at<T, C>(i, s);
+    t[k] -= yt * x[k];
+  }
+}
+
 // Riemannian Adam with one second moment per slice (the default): three passes over the
 // slice. The second gathers every sum the retraction needs (|r|^2, <x,m>, |m|^2, |x|^2), so
 // that the new point and the transported momentum are written by the third pass alone:
@@ -171,53 +224,7 @@ void adam_slice(T* x, const T* g, T* m, T* v, T* vmax, i64 n, i64 s, const AdamH
 #pragma omp simd
     for (i64 i = 0; i < n; ++i) u[i] -= xu * x[at<T, C>(i, s)];
   }
-  // retraction (and momentum transport)
-  T yy = 0;
-  if (h.exp) {
-    // exp_x(u) = cos|u| x + sinc|u| u; parallel transport of m along the geodesic of u
-    T uu = 0, um = 0;
-#pragma omp simd reduction(+ : uu, um)
-    for (i64 i = 0; i < n; ++i) {
-      uu += u[i] * u[i];
-      um += u[i] * m[at<T, C>(i, s)];
-    }
-    const T nu = std::sqrt(uu), cos_n = std::cos(nu), sinc_n = sinc(nu), half = sinc(nu / 2);
-    const T cu = T(0.5) * (half * half * um), cx = um * sinc_n;
-#pragma omp simd reduction(+ : yy)
-    for (i64 i = 0; i < n; ++i) {
-      const i64 k = at<T, C>(i, s);
-      m[k] = m[k] - cu * u[i] - cx * x[k];
-      const T y = cos_n * x[k] + sinc_n * u[i];
-      x[k] = y;
-      yy += y * y;
-    }
-    const T inv = 1 / std::sqrt(yy);
-#pragma omp simd
-    for (i64 i = 0; i < n; ++i) x[at<T, C>(i, s)] *= inv;
-    return;
-  }
-  // projective retraction (x + u) / |x + u|, momentum projected onto the new tangent space
-#pragma omp simd reduction(+ : yy)
-  for (i64 i = 0; i < n; ++i) {
-    const i64 k = at<T, C>(i, s);
-    const T y = x[k] + u[i];
-    x[k] = y;
-    yy += y * y;
-  }
-  const T inv = 1 / std::sqrt(yy);
-  T ym = 0;
-#pragma omp simd reduction(+ : ym)
-  for (i64 i = 0; i < n; ++i) {
-    const i64 k = at<T, C>(i, s);
-    const T y = x[k] * inv;
-    x[k] = y;
-    ym += y * m[k];
-  }
-#pragma omp simd
-  for (i64 i = 0; i < n; ++i) {
-    const i64 k = at<T, C>(i, s);
-    m[k] -= ym * x[k];
-  }
+  retract_slice<T, C>(x, m, u, n, s, h.exp);
 }
 
 struct SgdHyper {
@@ -244,51 +251,7 @@ void sgd_slice(T* x, const T* g, T* b, i64 n, i64 s, const SgdHyper& h, T* u) {
     }
     u[i] = neg_lr * d;
   }
-  T yy = 0;
-  if (h.exp) {
-    T uu = 0, ub = 0;
-#pragma omp simd reduction(+ : uu, ub)
-    for (i64 i = 0; i < n; ++i) {
-      uu += u[i] * u[i];
-      if (b) ub += u[i] * b[at<T, C>(i, s)];
-    }
-    const T nu = std::sqrt(uu), cos_n = std::cos(nu), sinc_n = sinc(nu), half = sinc(nu / 2);
-    const T cu = T(0.5) * (half * half * ub), cx = ub * sinc_n;
-#pragma omp simd reduction(+ : yy)
-    for (i64 i = 0; i < n; ++i) {
-      const i64 k = at<T, C>(i, s);
-      if (b) b[k] = b[k] - cu * u[i] - cx * x[k];
-      const T y = cos_n * x[k] + sinc_n * u[i];
-      x[k] = y;
-      yy += y * y;
-    }
-    const T inv = 1 / std::sqrt(yy);
-#pragma omp simd
-    for (i64 i = 0; i < n; ++i) x[at<T, C>(i, s)] *= inv;
-    return;
-  }
-#pragma omp simd reduction(+ : yy)
-  for (i64 i = 0; i < n; ++i) {
-    const i64 k = at<T, C>(i, s);
-    const T y = x[k] + u[i];
-    x[k] = y;
-    yy += y * y;
-  }
-  const T inv = 1 / std::sqrt(yy);
-  T yb = 0;
-#pragma omp simd reduction(+ : yb)
-  for (i64 i = 0; i < n; ++i) {
-    const i64 k = at<T, C>(i, s);
-    const T y = x[k] * inv;
-    x[k] = y;
-    if (b) yb += y * b[k];
-  }
-  if (!b) return;
-#pragma omp simd
-  for (i64 i = 0; i < n; ++i) {
-    const i64 k = at<T, C>(i, s);
-    b[k] -= yb * x[k];
-  }
+  retract_slice<T, C>(x, b, u, n, s, h.exp);
 }
 
 // x / |x|, as x times 1/|x| with that reciprocal computed from a float64 sum of squares and

@@ -211,6 +211,7 @@ def _written(*lists: Sequence[Tensor]) -> None:
         torch.autograd.graph.increment_version(ts)
 
 
+# The keywords of _fused._adam_kernel, on purpose: one option set for both fused kernels.
 def riemannian_adam(
     xs: list[Tensor],
     gs: list[Tensor],

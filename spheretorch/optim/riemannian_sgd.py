@@ -63,12 +63,9 @@ class RiemannianSGD(SphereOptimizer):
         retraction: ``"project"`` (default) or ``"exp"``.
         foreach: ``None`` (default) picks the multi-tensor implementation on CPU/CUDA.
         differentiable: let autograd record the step (single-tensor path), as torch's flag.
-        fused: one pass over memory per group. CPU: a hand-written C++ kernel, compiled
-            with the system compiler on first use (2-2.5 s, once per machine: cached on
-            disk; see ``spheretorch.optim._native``); CUDA, DTensors, half types, or no
-            compiler: a ``torch.compile``\ d kernel per parameter (seconds per new layout).
-            Equal to the foreach path within rounding; non-finite steps skipped without a
-            host synchronisation.
+        fused: one pass over memory per group, as the ``fused`` of
+            :class:`~spheretorch.optim.RiemannianAdam` (the native CPU kernel, else a
+            ``torch.compile``\ d one).
         nonfinite: ``"skip"`` (default), ``"raise"`` or ``"ignore"``; see
             :mod:`spheretorch.optim.optimizer`.
 
