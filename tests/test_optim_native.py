@@ -264,3 +264,12 @@ def test_without_a_compiler_fused_steps_fall_back_to_torch(fresh_library, monkey
 def test_native_can_be_switched_off(fresh_library, monkeypatch):
     monkeypatch.setenv("SPHERETORCH_NATIVE", "0")
     assert _native.library() is None
+
+
+def test_an_unwritable_cache_falls_back_to_a_temporary_directory(fresh_library, monkeypatch):
+    blocked = fresh_library / "not-a-directory"
+    blocked.write_text("")
+    monkeypatch.setenv("SPHERETORCH_CACHE_DIR", str(blocked))
+    monkeypatch.setattr(_native.tempfile, "gettempdir", lambda: str(fresh_library / "tmp"))
+    assert _native.library() is not None
+    assert list((fresh_library / "tmp").glob("spheretorch-*/native-*.so"))

@@ -125,18 +125,22 @@ def library() -> ctypes.CDLL | None:
             "steps, the non-finite test) fall back to torch (same results, slower)"
         )
         return None
+    try:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    except OSError as e:
+        log.debug("native kernels: %s --version failed: %s", cxx, e)
+        version = cxx
+    common = (version, _cpu_id(), torch.__version__)
     source = _SOURCE.read_bytes()
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    # the user's cache, else (read-only home) a per-user temporary directory
-    dirs = [
-        _cache_dir(),
-        Path(tempfile.gettempdir()) / f"spheretorch-{getattr(os, 'getuid', lambda: 0)()}",
-    ]
+    # the user's cache, else (no or read-only home) a per-user temporary directory
+    tmp = Path(tempfile.gettempdir()) / f"spheretorch-{getattr(os, 'getuid', lambda: 0)()}"
+    try:
+        dirs = [_cache_dir(), tmp]
+    except RuntimeError:  # Path.home() without a home directory
+        dirs = [tmp]
     for flags, cache in itertools.product((["-march=native", *_FLAGS], _FLAGS), dirs):
-        key = hashlib.sha256(
-            b"\0".join(s.encode() for s in (version, " ".join(flags), _cpu_id(), torch.__version__))
-            + source
-        ).hexdigest()[:24]
+        tag = "\0".join((*common, " ".join(flags))).encode()
+        key = hashlib.sha256(tag + b"\0" + source).hexdigest()[:24]
         path = cache / f"native-{key}.so"
         if not path.exists() and not _compile(cxx, flags, path):
             continue
