@@ -185,15 +185,6 @@ def _run(kernel: Any, *args: Any, **kw: Any) -> None:
     torch._foreach_copy_(_targets(kernel, args), new)
 
 
-def _native_ok(*lists: list[Tensor], steps: list[Tensor] = (), found_inf: Tensor | None) -> bool:
-    """Whether the hand-written CPU kernel (``_native``) can take these tensors: float32
-    step counters and ``found_inf`` on the CPU (read there, no synchronisation)."""
-    small = [*steps, *([] if found_inf is None else [found_inf])]
-    if not all(t.is_cpu and t.dtype == torch.float32 for t in small):
-        return False
-    return _native.usable(*lists)
-
-
 def _as_tensor(value: float | Tensor, like: Tensor) -> Tensor:
     """A 0-d float64 tensor on ``like``'s device: changing values do not recompile."""
     return torch.as_tensor(value, dtype=torch.float64, device=like.device)
@@ -257,7 +248,7 @@ def fused_riemannian_adam(
         xs = pick(params, idx)
         lists = [pick(t, idx) for t in (grads, exp_avgs, exp_avg_sqs, state_steps)]
         vmaxs = pick(max_exp_avg_sqs, idx) if amsgrad else []
-        if _native_ok(xs, *lists[:3], vmaxs, steps=lists[3], found_inf=found_inf):
+        if _native.usable(xs, *lists[:3], vmaxs, host_flags=[*lists[3], found_inf]):
             _native.riemannian_adam(
                 xs,
                 *lists[:3],
@@ -354,7 +345,7 @@ def fused_riemannian_sgd(
                 if momentum_buffers[i] is None:
                     momentum_buffers[i] = torch.zeros_like(params[i], dtype=cd)
         gs, bufs = pick(grads, idx), pick(momentum_buffers, idx) if momentum != 0 else []
-        if len(set(first)) == 1 and _native_ok(xs, gs, bufs, found_inf=found_inf):
+        if len(set(first)) == 1 and _native.usable(xs, gs, bufs, host_flags=[found_inf]):
             _native.riemannian_sgd(
                 xs,
                 gs,

@@ -167,10 +167,14 @@ def usable(
     *lists: Sequence[Tensor | None],
     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float64),
     same_dtype: bool = True,
+    host_flags: Sequence[Tensor | None] = (),
 ) -> bool:
     """True when every tensor is a contiguous CPU tensor with a dtype in ``dtypes`` (one
-    dtype for all with ``same_dtype``), nothing needs autograd, and the library is
-    available."""
+    dtype for all with ``same_dtype``), nothing needs autograd, every one of ``host_flags``
+    (step counters, ``found_inf``: read by the kernel) is ``None`` or a float32 CPU tensor,
+    and the library is available."""
+    if not all(t is None or (t.is_cpu and t.dtype == torch.float32) for t in host_flags):
+        return False
     first = lists[0][0] if lists and lists[0] else None
     if first is None or torch.compiler.is_compiling():
         return False

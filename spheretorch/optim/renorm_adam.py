@@ -301,12 +301,11 @@ def _stacked_update(
 def renormalize(xs: list[Tensor], dims: list[int | None], keep: Tensor | None) -> None:
     """:func:`spheretorch.sphere.foreach.normalize_each_`, by the native kernel when it can
     (one pass over cached rows, within an ulp of the exactly rounded quotient)."""
-    sph = [(x, d) for x, d in zip(xs, dims) if d is not None]
+    sph = [x for x, d in zip(xs, dims) if d is not None]
     if not sph:
         return
-    ok_keep = keep is None or (keep.is_cpu and keep.dtype == torch.float32)
-    if ok_keep and _native.usable([x for x, _ in sph]):
-        _native.renormalize([x for x, _ in sph], [d for _, d in sph], keep=keep)
+    if _native.usable(sph, host_flags=[keep]):
+        _native.renormalize(sph, [d for d in dims if d is not None], keep=keep)
     else:
         sphere.foreach.normalize_each_(xs, dims, keep=keep)
 
