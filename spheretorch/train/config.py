@@ -198,10 +198,13 @@ class TrainConfig:
         return c
 
     def model_config(self, vocab_size: int) -> TransformerConfig:
-        kwargs = get_preset(self.preset).model_config_kwargs()
+        """The model's config for a corpus of ``vocab_size`` tokens: the preset's sizes, then
+        ``model_options`` (which may set any field, ``vocab_size`` included: a larger one pads
+        the embedding, a smaller one is refused by ``TextData.check_vocab``)."""
+        kwargs = {**get_preset(self.preset).model_config_kwargs(), "vocab_size": vocab_size}
         kwargs.update(self.model_options)
         try:
-            return make_config(self.model, vocab_size=vocab_size, **kwargs)
+            return make_config(self.model, **kwargs)
         except (TypeError, ValueError) as e:
             raise UserError(f"bad model options: {e}") from None
 
