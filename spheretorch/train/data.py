@@ -18,6 +18,7 @@ from torch import Tensor
 from ..distributed import shard_rows
 from .corpus import Corpus, TokenFile, is_corpus
 from .errors import UserError
+from .text import count
 from .tokenizer import KINDS, Kind, Tokenizer
 
 __all__ = ["BUILTIN", "TextData", "eval_batches", "get_batch", "load_data", "read_text"]
@@ -79,8 +80,8 @@ class TextData:
             n = len(getattr(self, split))
             if n < seq_len + 2:
                 raise UserError(
-                    f"{self.name} is too short: its {split} split has {n} tokens, fewer than "
-                    f"the context length {seq_len} + 2"
+                    f"{self.name} is too short: its {split} split has {count(n, 'token')}, "
+                    f"fewer than the context length {seq_len} + 2"
                 )
         windows = len(self.train) - seq_len
         if batch_size is not None and batch_size > windows:

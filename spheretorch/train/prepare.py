@@ -24,6 +24,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from .errors import UserError
+from .text import count
 from .tokenizer import KINDS, Tokenizer
 
 __all__ = ["FORMAT", "META", "SPLITS", "describe", "dtype_for", "find_inputs", "prepare"]
@@ -335,7 +336,7 @@ def prepare(
         n_val = int(total * val_fraction)
         if n_val < 1 or total - n_val < 1:
             raise UserError(
-                f"the inputs give {total} tokens: too few for a train and a val split "
+                f"the inputs give {count(total, 'token')}: too few for a train and a val split "
                 f"with --val-fraction {val_fraction}"
             )
         _split_tail(tmp_train, tmp_val, total - n_val, writer.dtype)

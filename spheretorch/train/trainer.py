@@ -26,7 +26,13 @@ from torch import Tensor
 from ..distributed import CHECKPOINT_FILE, Parallel
 from ..models import LanguageModel, build_model, config_from_dict
 from . import memory
-from .checkpoints import FORMAT, get_rng_state, load_checkpoint, set_rng_state
+from .checkpoints import (
+    FORMAT,
+    check_checkpoint,
+    get_rng_state,
+    load_checkpoint,
+    set_rng_state,
+)
 from .config import (
     OPTIMIZERS,
     CosineSchedule,
@@ -40,6 +46,7 @@ from .errors import TrainingDiverged, UserError
 from .presets import get_preset
 from .rundir import RunDir
 from .signals import StopSignals
+from .text import count
 from .throughput import flops_per_token, peak_flops, throughput
 from .tokenizer import Tokenizer
 
@@ -119,13 +126,15 @@ class Trainer:
             self.parallel.check_launch()
         ckpt = load_checkpoint(found) if found is not None else None
         if ckpt is not None:
+            check_checkpoint(ckpt, found, resume=True)  # one line naming what does not fit
             config = config.resumed(ckpt["train_config"], ckpt["step"])
         self.config = config.resolve()
         self._setup_data(ckpt)
         self._setup_model()
         self._reset_progress()
         if ckpt is not None:
-            self.load_state_dict(ckpt)
+            with _user_error():  # weights or optimizer state that do not fit the model
+                self.load_state_dict(ckpt)
 
     # -- set-up ------------------------------------------------------------------------------
     def _find_resume_checkpoint(self) -> Path:
@@ -133,8 +142,7 @@ class Trainer:
             raise UserError("--resume needs --out DIR")
         found = self.parallel.resume_file(self.out_dir)
         if found is None:
-            path = self.parallel.checkpoint_path(self.out_dir)
-            raise UserError(f"checkpoint not found, nothing to resume: {path} does not exist")
+            raise UserError(self.parallel.missing_checkpoint(self.out_dir))
         return found
 
     def _setup_data(self, ckpt: dict[str, Any] | None) -> None:
@@ -266,9 +274,9 @@ class Trainer:
             first = self.step - self.bad_in_a_row + 1
             saved = self.checkpoint_path is not None and self.parallel.resume_file(self.out_dir)
             raise TrainingDiverged(
-                f"{self.config.model}: non-finite loss or gradients at {self.bad_in_a_row} "
-                f"steps in a row (steps {first}-{self.step}); stopping. Lower --lr or raise "
-                f"--max-bad-steps; "
+                f"{self.config.model}: non-finite loss or gradients at "
+                f"{count(self.bad_in_a_row, 'step')} in a row (steps {first}-{self.step}); "
+                f"stopping. Lower --lr or raise --max-bad-steps; "
                 + ("the last checkpoint is untouched" if saved else "no checkpoint was written")
             )
         return loss if ok else torch.full((), math.nan, device=loss.device)
