@@ -170,11 +170,17 @@ def get_batch(
     return _windows(data, starts[shard_rows(batch_size, rank, world_size)], seq_len)
 
 
+def max_eval_batches(n_tokens: int, batch_size: int, seq_len: int) -> int:
+    """Batches of distinct windows a split of ``n_tokens`` holds (at least 1)."""
+    return max(1, (n_tokens - seq_len) // batch_size)
+
+
 def eval_batches(
     data: Tensor, n_batches: int, batch_size: int, seq_len: int
 ) -> list[tuple[Tensor, Tensor]]:
     """Fixed evaluation batches: ``n_batches * batch_size`` windows evenly spaced over ``data``
-    (no randomness: every model and every run sees the same ones)."""
-    n = n_batches * batch_size
+    (no randomness: every model and every run sees the same ones). At most
+    :func:`max_eval_batches` batches: more would only repeat windows."""
+    n = min(n_batches, max_eval_batches(len(data), batch_size, seq_len)) * batch_size
     starts = torch.linspace(0, len(data) - seq_len - 1, n).long()
     return [_windows(data, s, seq_len) for s in starts.split(batch_size)]

@@ -73,6 +73,10 @@ def _user_error() -> Any:
         raise UserError(str(e)) from None
 
 
+class _EvalStopped(Exception):
+    """A signal arrived during an evaluation (one process)."""
+
+
 def _json_float(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
 
@@ -192,6 +196,14 @@ class Trainer:
                 self.data.val, c.eval_batches, c.batch_size, self.model_config.seq_len
             )
         ]
+        if len(self.eval_data) < c.eval_batches and self.is_main:
+            logger.warning(
+                "note: --eval-batches %d: the validation split holds %s of %d distinct windows; "
+                "evaluating those",
+                c.eval_batches,
+                count(len(self.eval_data), "batch", "batches"),
+                c.batch_size,
+            )
 
     def _reset_progress(self) -> None:
         self.step = 0
@@ -205,6 +217,7 @@ class Trainer:
         self.bad_in_a_row = 0
         self.last_loss = math.nan  # this rank's loss at the last step, on the host
         self.interrupted: str | None = None
+        self._eval_pending = False  # a signal stopped this step's evaluation: redo on resume
         self._signals = StopSignals()
         self._stop = False  # some rank got a signal (agreed at the last step)
         self._loss_sum: Tensor = torch.zeros((), device=self.device)
@@ -284,10 +297,14 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean loss over the fixed validation batches (every rank scores all of them: the
-        model is the same on every rank, and FSDP2 needs every rank in each forward)."""
+        model is the same on every rank, and FSDP2 needs every rank in each forward). In one
+        process a SIGINT/SIGTERM stops it between batches (:meth:`train` checkpoints and
+        evaluates again on resume)."""
         self.model.eval()
         total = torch.zeros((), device=self.device)
         for x, y in self.eval_data:
+            if self._signals.received is not None and self.parallel.world_size == 1:
+                raise _EvalStopped  # one process stops at once; ranks finish together
             with self.autocast():
                 total += self.eval_model(x, y)[1].float()
         self.model.train()
@@ -315,6 +332,7 @@ class Trainer:
             "loss_count": self._loss_count,
             "skipped_steps": self.skipped_steps,
             "bad_in_a_row": self.bad_in_a_row,
+            "eval_pending": self._eval_pending,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -344,6 +362,7 @@ class Trainer:
             self._loss_count = int(state["loss_count"])
             self.skipped_steps = int(state["skipped_steps"])
             self.bad_in_a_row = int(state["bad_in_a_row"])
+        self._eval_pending = bool(state.get("eval_pending", False))
         set_rng_state(state["rng"])
 
     def save_checkpoint(self) -> None:
@@ -386,7 +405,11 @@ class Trainer:
         start = time.perf_counter() - self.elapsed_s
         try:
             with self._signals.catching(self.handle_signals):
-                while self.step < end and not self.diverged:
+                if self._eval_pending:  # the evaluation a signal stopped
+                    self._eval_and_save(start, bar)
+                    if self._eval_pending:  # stopped again
+                        self.interrupted = self._signals.name
+                while self.step < end and not self.diverged and self.interrupted is None:
                     t0 = time.perf_counter()
                     # no device sync for timing: each step already waits for its own loss,
                     # so over many steps the mean time per step is right
@@ -403,6 +426,7 @@ class Trainer:
                     stop = self.parallel.stop_now(self._signals.received is not None, self._stop)
                     if self.step % c.eval_interval == 0 or self.step == c.steps:
                         self._eval_and_save(start, bar)
+                        stop = stop or self._eval_pending
                     elif stop:
                         self.elapsed_s = time.perf_counter() - start
                         self.save_checkpoint()
@@ -419,11 +443,20 @@ class Trainer:
         return summary
 
     def _eval_and_save(self, start: float, bar: Any) -> None:
+        try:
+            val_loss = self.evaluate()
+        except _EvalStopped:
+            self.model.train()
+            self._eval_pending = True
+            self.elapsed_s = time.perf_counter() - start
+            if self.save_checkpoints:
+                self.save_checkpoint()
+            return
+        self._eval_pending = False
         mean = self._loss_sum / self._loss_count if self._loss_count else self._loss_sum * math.nan
         train_loss = float(self.parallel.mean(mean).item())
         self._loss_sum = torch.zeros((), device=self.device)
         self._loss_count = 0
-        val_loss = self.evaluate()
         self.elapsed_s = time.perf_counter() - start
         row = {
             "step": self.step,
