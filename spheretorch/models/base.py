@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Iterator
@@ -53,6 +54,16 @@ class LanguageModel(nn.Module):
     def init_weights(self) -> None:
         """Initialise the model's matrices (the small parts reset themselves)."""
         raise NotImplementedError
+
+    @staticmethod
+    def rng_untouched() -> contextlib.AbstractContextManager[Any]:
+        """Restores the random state of the CPU (and of the default CUDA device) on exit: the
+        layers' own default initializations, which :meth:`reset_parameters` overwrites, then
+        draw nothing, so an eager build consumes the generator exactly as a meta-device build
+        followed by ``reset_parameters()`` does (same seed, same weights)."""
+        device = torch.get_default_device()
+        cuda = [device] if device.type == "cuda" else []
+        return torch.random.fork_rng(devices=cuda, device_type="cuda")
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
