@@ -16,6 +16,7 @@ import logging
 import math
 import signal
 import sys
+import threading
 from typing import Any, NoReturn
 
 __all__ = ["EXIT_INTERNAL", "main"]
@@ -511,7 +512,8 @@ def _sample(args: argparse.Namespace) -> int:
     def stop(signum: int, frame: Any) -> None:
         raise _Stopped
 
-    previous = signal.signal(signal.SIGTERM, stop)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, stop) if main_thread else None
     out = sys.stdout
     try:  # the prompt, then the text as it comes (a token may end mid-character: held back)
         out.write(tokenizer.decode(ids))
@@ -526,7 +528,8 @@ def _sample(args: argparse.Namespace) -> int:
         print(f"spheretorch: sampling interrupted by {name}", file=sys.stderr)
         return 128 + int(getattr(signal, name))
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     out.write("\n")
     return 0
 

@@ -151,7 +151,7 @@ def _check_weights(state: Any, name: str, config: TransformerConfig, path: str |
     shown = f"its model ({name}, n_layer={config.n_layer}, d_model={config.d_model})"
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    for what, keys in (("lacks", missing), ("has unexpected", unexpected)):
+    for what, keys in (("lack", missing), ("hold an unexpected", unexpected)):
         if keys:
             more = f" and {len(keys) - 1} more" if len(keys) > 1 else ""
             raise UserError(
