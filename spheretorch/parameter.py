@@ -141,7 +141,7 @@ def sphere_(
         )
     if type(param) not in (nn.Parameter, SphereParameter):  # e.g. a lazy module's
         raise TypeError(
-            f"sphere_ converts an nn.Parameter; {type(module).__name__}.{name} is a "
+            f"sphere_ converts an nn.Parameter; {type(module).__name__}.{name} is of type "
             f"{type(param).__name__}"
         )
     # validate and project on a new object, then move its data and attributes into `param`

@@ -213,6 +213,21 @@ def test_checkpoint_that_does_not_fit(
     assert expected in msg or "does not match its model_name" in msg
 
 
+def test_resume_with_optimizer_state_that_does_not_fit(
+    trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def change(c: dict) -> None:
+        group = c["optimizer"]["param_groups"][0]
+        group["params"] = group["params"][:1]
+
+    run = _edit(trained, tmp_path, change)
+    args = ["train", "--model", "ngpt", *SMOKE, "--steps", "4", "--out", str(run), "--resume"]
+    assert main(args) == 2
+    assert "does not fit this run's model and optimizer: loaded state dict" in (
+        one_error_line(capsys)
+    )
+
+
 # -- an FSDP2 (sharded) checkpoint resumed by one process ------------------------------------
 def test_sharded_checkpoint_resumes_in_one_process(tmp_path: Path) -> None:
     from spheretorch.distributed import Parallel, save_sharded
@@ -269,13 +284,18 @@ def test_threads_default_follows_the_load(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 # -- evaluation: size and signals -------------------------------------------------------------
-def test_eval_batches_capped_at_distinct_windows(caplog: pytest.LogCaptureFixture) -> None:
+def test_eval_batches_capped_at_distinct_windows(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     data = torch.arange(200)
     batches = eval_batches(data, 100000, 8, 32)
     assert len(batches) == max_eval_batches(200, 8, 32) == 21
     starts = torch.cat([x[:, 0] for x, _ in batches])
     assert len(set(starts.tolist())) == len(starts)  # no window twice
-    t = Trainer(TrainConfig(model="gpt", preset="smoke", steps=1, eval_batches=100000))
+    text = tmp_path / "small.txt"
+    text.write_text("".join(chr(97 + (i * 7) % 26) for i in range(3000)))
+    cfg = TrainConfig(model="gpt", preset="smoke", steps=1, eval_batches=100000, data=str(text))
+    t = Trainer(cfg)
     assert len(t.eval_data) == max_eval_batches(len(t.data.val), 8, 32)
     assert "--eval-batches 100000: the validation split holds" in caplog.text
 

@@ -181,6 +181,9 @@ class Parallel:
             else:
                 model.load_state_dict(state["model"])
                 optimizer.load_state_dict(state["optimizer"])
-        except RuntimeError as e:  # torch's message spans lines: the first ones say what
-            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-            raise ValueError(" ".join(lines)[:300]) from None
+        except (RuntimeError, ValueError, KeyError) as e:  # torch's message spans lines
+            lines = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+            raise ValueError(
+                f"the checkpoint in {out_dir} does not fit this run's model and optimizer: "
+                f"{lines[:300]}"
+            ) from None

@@ -41,7 +41,7 @@ from .config import (
     build_scheduler,
     resolve_device,
 )
-from .data import eval_batches, get_batch, load_data
+from .data import eval_batches, get_batch, load_data, max_eval_batches
 from .errors import TrainingDiverged, UserError
 from .presets import get_preset
 from .rundir import RunDir
@@ -71,6 +71,9 @@ def _user_error() -> Any:
         yield
     except ValueError as e:
         raise UserError(str(e)) from None
+
+
+_NOTED: set[tuple[int, int]] = set()  # --eval-batches caps already noted
 
 
 class _EvalStopped(Exception):
@@ -164,7 +167,8 @@ class Trainer:
         seq_len = self.model_config.seq_len
         self.data.check_vocab(self.model_config.vocab_size)
         self.data.check_fits(seq_len, c.batch_size)
-        memory.check(self.model_config, c, self.device, enforce=c.check_memory)
+        n_eval = min(c.eval_batches, max_eval_batches(len(self.data.val), c.batch_size, seq_len))
+        memory.check(self.model_config, c, self.device, enforce=c.check_memory, eval_batches=n_eval)
 
     def _setup_model(self) -> None:
         c = self.config
@@ -196,7 +200,9 @@ class Trainer:
                 self.data.val, c.eval_batches, c.batch_size, self.model_config.seq_len
             )
         ]
-        if len(self.eval_data) < c.eval_batches and self.is_main:
+        noted = (c.eval_batches, len(self.eval_data))  # once per process (compare's runs)
+        if len(self.eval_data) < c.eval_batches and self.is_main and noted not in _NOTED:
+            _NOTED.add(noted)
             logger.warning(
                 "note: --eval-batches %d: the validation split holds %s of %d distinct windows; "
                 "evaluating those",
