@@ -103,5 +103,5 @@ def check(
         raise UserError(
             f"this run needs about {need.describe()} of {device.type} memory, but "
             f"{free / GiB:.1f} GiB is available; lower --batch-size or --eval-batches, or "
-            f"pass --no-memory-check to try anyway"
+            f"pass --no-memory-check (train) to try anyway"
         )
