@@ -56,7 +56,7 @@ class LanguageModel(nn.Module):
         raise NotImplementedError
 
     @staticmethod
-    def rng_untouched() -> contextlib.AbstractContextManager[Any]:
+    def _rng_untouched() -> contextlib.AbstractContextManager[Any]:
         """Restores the random state of the CPU (and of the default CUDA device) on exit: the
         layers' own default initializations, which :meth:`reset_parameters` overwrites, then
         draw nothing, so an eager build consumes the generator exactly as a meta-device build

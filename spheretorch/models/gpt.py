@@ -75,7 +75,7 @@ class GPT(LanguageModel):
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__(config)
         c = self.config
-        with self.rng_untouched():  # reset_parameters alone draws, as after a meta build
+        with self._rng_untouched():  # reset_parameters alone draws, as after a meta build
             self.tok_emb = nn.Embedding(c.vocab_size, c.d_model)
             self.drop = nn.Dropout(c.dropout)
             self.blocks = nn.ModuleList(self.make_block(layer) for layer in range(c.n_layer))

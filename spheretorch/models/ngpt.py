@@ -138,7 +138,7 @@ class NGPT(LanguageModel):
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__(config)
         c = self.config
-        with self.rng_untouched():  # reset_parameters alone draws, as after a meta build
+        with self._rng_untouched():  # reset_parameters alone draws, as after a meta build
             self.tok_emb = nn.Embedding(c.vocab_size, c.d_model)
             self.blocks = nn.ModuleList(NBlock(c) for _ in range(c.n_layer))
             self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)

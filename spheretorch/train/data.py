@@ -180,7 +180,7 @@ def eval_batches(
 ) -> list[tuple[Tensor, Tensor]]:
     """Fixed evaluation batches: ``n_batches * batch_size`` windows evenly spaced over ``data``
     (no randomness: every model and every run sees the same ones). At most
-    :func:`max_eval_batches` batches: more would only repeat windows."""
+    ``max_eval_batches`` batches: more would only repeat windows."""
     n = min(n_batches, max_eval_batches(len(data), batch_size, seq_len)) * batch_size
     starts = torch.linspace(0, len(data) - seq_len - 1, n).long()
     return [_windows(data, s, seq_len) for s in starts.split(batch_size)]

@@ -271,7 +271,7 @@ class Tokenizer:
         return self._gpt2().decode(ids, errors="replace")
 
     def decode_stream(self, ids: Iterable[int], hold: int = 8) -> Iterator[str]:
-        """:meth:`decode` of ``ids`` as they come, in pieces: a token that ends inside a UTF-8
+        """``decode`` of ``ids`` as they come, in pieces: a token that ends inside a UTF-8
         character (byte, bpe, gpt2) is held back until the character is complete (at most
         ``hold`` tokens), so the pieces join to ``decode(ids)`` for valid UTF-8."""
         if self.kind == "char":
