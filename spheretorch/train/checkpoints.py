@@ -129,8 +129,7 @@ def check_checkpoint(
             f"checkpoint {path}: its tokenizer has {n_tokens} tokens, more than the model's "
             f"vocabulary of {config.vocab_size}"
         )
-    options = (ckpt.get("train_config") or {}).get("model_options") or {}
-    if n_tokens < config.vocab_size and options.get("vocab_size") != config.vocab_size:
+    if n_tokens < config.vocab_size and _vocab_set_by_run(ckpt) != config.vocab_size:
         raise UserError(
             f"checkpoint {path}: its tokenizer has {n_tokens} tokens but the model's vocabulary "
             f"is {config.vocab_size} (the run set no vocab_size): the tokenizer is not the "
@@ -140,6 +139,20 @@ def check_checkpoint(
         _check_weights(ckpt["model"], name, config, path)
     limit = n_tokens if n_tokens < config.vocab_size else None
     return config, tokenizer, limit
+
+
+def _vocab_set_by_run(ckpt: dict[str, Any]) -> int | None:
+    """The ``vocab_size`` the run's model options (``--set``) or preset set, if any."""
+    saved = ckpt.get("train_config")
+    if not isinstance(saved, dict):
+        return None
+    options = saved.get("model_options") or {}
+    if "vocab_size" in options:
+        return options["vocab_size"]
+    from .presets import PRESETS
+
+    preset = PRESETS.get(saved.get("preset"))
+    return None if preset is None else preset.model_options.get("vocab_size")
 
 
 def _check_weights(state: Any, name: str, config: TransformerConfig, path: str | Path) -> None:
