@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import signal
 import sys
 import threading
@@ -527,6 +528,9 @@ def _sample(args: argparse.Namespace) -> int:
         name = "SIGINT" if isinstance(e, KeyboardInterrupt) else "SIGTERM"
         print(f"spheretorch: sampling interrupted by {name}", file=sys.stderr)
         return 128 + int(getattr(signal, name))
+    except BrokenPipeError:  # the reader left (`| head`): as much text as it wanted, done
+        os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())  # no error at exit's flush
+        return 0
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)

@@ -163,6 +163,25 @@ def test_sample_streams_and_stops_on_sigterm(trained: Path) -> None:
         proc.wait()
 
 
+def test_sample_into_a_closed_pipe_ends_quietly(trained: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "spheretorch", "sample", "--checkpoint", str(trained)]
+    proc = subprocess.Popen(
+        [*cmd, "--tokens", "100000", "--threads", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    try:
+        assert len(proc.stdout.read(5)) == 5  # then the reader goes, as `| head -c 5` does
+        proc.stdout.close()
+        assert proc.wait(timeout=30) == 0
+        assert proc.stderr.read().decode() == ""
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 # -- checkpoints that do not fit their model --------------------------------------------------
 def _edit(trained: Path, tmp_path: Path, change) -> Path:
     ckpt = load_checkpoint(trained / "checkpoint.pt")
