@@ -287,6 +287,7 @@ def test_threads_default_follows_the_load(monkeypatch: pytest.MonkeyPatch) -> No
     from spheretorch.train import threads
 
     before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     try:
         monkeypatch.setattr(os, "getloadavg", lambda: (64.0, 0.0, 0.0))
         assert threads.default_threads()[0] == 1
@@ -295,6 +296,9 @@ def test_threads_default_follows_the_load(monkeypatch: pytest.MonkeyPatch) -> No
         monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
         assert threads.default_threads()[0] == min(2, threads._cores())
         assert threads.set_threads(3) == 3 and threads.set_threads(None, 1) == 1
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's choice stands
+        torch.set_num_threads(2)
+        assert threads.default_threads() == (2, "OMP_NUM_THREADS")
     finally:
         torch.set_num_threads(before)
     for command in ("train", "compare", "prepare", "sample"):

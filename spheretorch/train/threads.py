@@ -5,7 +5,8 @@ torch's default (one thread per physical core) assumes the machine is ours alone
 machine every busy core makes a thread wait for it, and a run slowed down five to ten times by
 oversubscription is common (two cores with other load: 2.4 s per step with torch's default, 0.5
 s with one thread). So without ``--threads`` and without a preset's count, a command takes
-``torch's default - the 1-minute load average`` threads, at least 1 (``docs/quickstart.md``).
+``torch's default - the 1-minute load average`` threads, at least 1 (``docs/quickstart.md``);
+with ``OMP_NUM_THREADS`` set (by the user, or by ``torchrun``), torch's default as it is.
 The same count goes to the tokenizers' Rust thread pool (``RAYON_NUM_THREADS``) for
 ``prepare``.
 """
@@ -32,8 +33,11 @@ def _cores() -> int:
 
 def default_threads() -> tuple[int, str]:
     """The thread count for a machine's present load, and why (for a notice): torch's default
-    (physical cores) less the busy ones (the 1-minute load average, rounded), at least 1."""
+    (physical cores) less the busy ones (the 1-minute load average, rounded), at least 1;
+    torch's default as it is when ``OMP_NUM_THREADS`` is set."""
     full = torch.get_num_threads()
+    if os.environ.get("OMP_NUM_THREADS"):  # chosen by the user (or torchrun: 1 per rank)
+        return full, "OMP_NUM_THREADS"
     try:
         load = os.getloadavg()[0]
     except (AttributeError, OSError):  # pragma: no cover - no load average (Windows)
