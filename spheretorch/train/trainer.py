@@ -207,7 +207,7 @@ class Trainer:
                 "note: --eval-batches %d: the validation split holds %s of %d distinct windows; "
                 "evaluating those",
                 c.eval_batches,
-                count(len(self.eval_data), "batch", "batches"),
+                count(len(self.eval_data), "batch", "batches", fmt=","),
                 c.batch_size,
             )
 
