@@ -301,15 +301,15 @@ class Trainer:
         return loss if ok else torch.full((), math.nan, device=loss.device)
 
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def evaluate(self, stoppable: bool = False) -> float:
         """Mean loss over the fixed validation batches (every rank scores all of them: the
-        model is the same on every rank, and FSDP2 needs every rank in each forward). In one
-        process a SIGINT/SIGTERM stops it between batches (:meth:`train` checkpoints and
-        evaluates again on resume)."""
+        model is the same on every rank, and FSDP2 needs every rank in each forward).
+        ``stoppable`` (:meth:`train`'s evaluations, one process): a SIGINT/SIGTERM stops it
+        between batches (:meth:`train` checkpoints and evaluates again on resume)."""
         self.model.eval()
         total = torch.zeros((), device=self.device)
         for x, y in self.eval_data:
-            if self._signals.received is not None and self.parallel.world_size == 1:
+            if stoppable and self._signals.received is not None and self.parallel.world_size == 1:
                 raise _EvalStopped  # one process stops at once; ranks finish together
             with self.autocast():
                 total += self.eval_model(x, y)[1].float()
@@ -450,7 +450,7 @@ class Trainer:
 
     def _eval_and_save(self, start: float, bar: Any) -> None:
         try:
-            val_loss = self.evaluate()
+            val_loss = self.evaluate(stoppable=True)
         except _EvalStopped:
             self.model.train()
             self._eval_pending = True
