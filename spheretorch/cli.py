@@ -3,10 +3,10 @@
 Exit status: 0 done; 1 the run diverged (non-finite validation loss, or ``--max-bad-steps``
 non-finite steps in a row); 2 a user error (bad flag or value, missing or unreadable file, a
 directory that holds another run or is in use, a run that cannot fit in memory: one line on
-stderr, no traceback); ``128 + N`` stopped by signal ``N`` after saving a checkpoint (130 for
-SIGINT, 143 for SIGTERM; continue with ``--resume``); 70 an unexpected failure (a bug, or the
-system: one line naming the exception; ``--debug`` shows the traceback). Every case and its
-message: ``docs/errors.md``.
+stderr, no traceback); ``128 + N`` stopped by signal ``N`` (130 for SIGINT, 143 for SIGTERM;
+train and compare save a checkpoint first: continue with ``--resume``); 70 an unexpected
+failure (a bug, or the system: one line naming the exception; ``--debug`` shows the
+traceback). Every case and its message: ``docs/errors.md``.
 """
 
 from __future__ import annotations
@@ -474,7 +474,7 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-#: the most tokens one ``sample`` call generates (about an hour at CPU speeds of small models)
+#: the most tokens one ``sample`` call generates (hours of CPU time even for small models)
 MAX_SAMPLE_TOKENS = 1_000_000
 
 
