@@ -433,6 +433,21 @@ def test_sphere_keeps_a_tied_head_and_the_optimizer() -> None:
     assert not torch.equal(snapshot, emb.weight)  # the optimizer trains the sphere parameter
 
 
+@pytest.mark.parametrize("cls", [st.optim.RiemannianAdam, st.optim.RenormAdam])
+def test_sphere_after_a_sphere_optimizer_was_built(cls: type) -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 4)
+    opt = cls(lin.parameters(), lr=0.1)
+    st.sphere_(lin, dim=1)
+    before = lin.weight.detach().clone()
+    for _ in range(3):
+        lin(torch.randn(3, 8)).pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    assert not torch.equal(before, lin.weight)
+    assert torch.allclose(lin.weight.norm(dim=1), torch.ones(4), atol=1e-6)
+
+
 def test_dims_accept_numpy_ints_and_refuse_bool_and_float() -> None:
     x = torch.randn(3, 4)
     assert st.SphereParameter(x, dim=np.int64(1)).sphere_dim == 1
