@@ -224,6 +224,7 @@ class Trainer:
         self.last_loss = math.nan  # this rank's loss at the last step, on the host
         self.interrupted: str | None = None
         self._eval_pending = False  # a signal stopped this step's evaluation: redo on resume
+        self._training = False  # in train(): a signal may stop an evaluation
         self._signals = StopSignals()
         self._stop = False  # some rank got a signal (agreed at the last step)
         self._loss_sum: Tensor = torch.zeros((), device=self.device)
@@ -301,15 +302,16 @@ class Trainer:
         return loss if ok else torch.full((), math.nan, device=loss.device)
 
     @torch.no_grad()
-    def evaluate(self, stoppable: bool = False) -> float:
+    def evaluate(self) -> float:
         """Mean loss over the fixed validation batches (every rank scores all of them: the
         model is the same on every rank, and FSDP2 needs every rank in each forward).
-        ``stoppable`` (:meth:`train`'s evaluations, one process): a SIGINT/SIGTERM stops it
-        between batches (:meth:`train` checkpoints and evaluates again on resume)."""
+        Within :meth:`train`, in one process, a SIGINT/SIGTERM stops it between batches
+        (:meth:`train` checkpoints and evaluates again on resume)."""
+        stoppable = self._training and self.parallel.world_size == 1
         self.model.eval()
         total = torch.zeros((), device=self.device)
         for x, y in self.eval_data:
-            if stoppable and self._signals.received is not None and self.parallel.world_size == 1:
+            if stoppable and self._signals.received is not None:
                 raise _EvalStopped  # one process stops at once; ranks finish together
             with self.autocast():
                 total += self.eval_model(x, y)[1].float()
@@ -411,6 +413,7 @@ class Trainer:
         start = time.perf_counter() - self.elapsed_s
         try:
             with self._signals.catching(self.handle_signals):
+                self._training = True
                 if self._eval_pending:  # the evaluation a signal stopped
                     self._eval_and_save(start, bar)
                     if self._eval_pending:  # stopped again
@@ -440,6 +443,7 @@ class Trainer:
                         self.interrupted = self._signals.name
                         break
         finally:
+            self._training = False
             if bar is not None:
                 bar.close()
         self.elapsed_s = time.perf_counter() - start
@@ -450,7 +454,7 @@ class Trainer:
 
     def _eval_and_save(self, start: float, bar: Any) -> None:
         try:
-            val_loss = self.evaluate(stoppable=True)
+            val_loss = self.evaluate()
         except _EvalStopped:
             self.model.train()
             self._eval_pending = True
