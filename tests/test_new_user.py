@@ -101,6 +101,20 @@ def test_any_temperature_and_top_k_give_valid_tokens(temperature: float, top_k: 
         assert torch.equal(out, model.generate(torch.tensor([[1], [2]]), 20, temperature=0))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("temperature", [5e-324, 1e-300, 1e-45, 1e-30, 1e30, 1e300])
+def test_next_token_at_extreme_temperatures(dtype: torch.dtype, temperature: float) -> None:
+    from spheretorch.models.base import _next_token
+
+    logits = torch.tensor([[1.0, 3.0, 2.0, 3.0 - 1e-6], [-5.0, 0.0, 7.0, 7.0]], dtype=dtype)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.cat([_next_token(logits, temperature, None, g) for _ in range(50)], dim=1)
+    if temperature < 1:  # greedy, ties shared (row 1: ids 2 and 3 tie)
+        assert set(ids[0].tolist()) <= {1, 3} and set(ids[1].tolist()) <= {2, 3}
+    else:  # uniform: every id appears
+        assert set(ids[0].tolist()) == {0, 1, 2, 3}
+
+
 def test_vocab_limit_and_short_context() -> None:
     model = small_model(seq_len=1)  # a context of one token: the window must stay at 1
     g = torch.Generator().manual_seed(0)

@@ -19,6 +19,24 @@ from .config import TransformerConfig
 __all__ = ["LanguageModel"]
 
 
+def _next_token(
+    logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
+) -> Tensor:
+    """(B, V) logits -> (B, 1) token ids: greedy at ``temperature == 0``, else drawn from
+    ``softmax((logits - max) / temperature)`` over the ``top_k`` largest."""
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    # shifted first: the largest is exactly 0 and stays 0 (even where the temperature rounds
+    # to 0 in float32), the others go to -inf at worst, so at least one probability is
+    # exp(0) = 1 and none is NaN
+    shifted = logits - logits.amax(-1, keepdim=True)
+    z = torch.where(shifted == 0, 0.0, shifted / temperature)
+    return torch.multinomial(torch.softmax(z, dim=-1), 1, generator=generator)
+
+
 class LanguageModel(nn.Module):
     """Base class: ``embed -> blocks -> head``; subclasses define the three parts.
 
@@ -178,10 +196,11 @@ class LanguageModel(nn.Module):
         tensor at a time; the context is the last ``seq_len`` tokens.
 
         ``temperature == 0`` is greedy decoding; otherwise tokens are drawn from
-        :math:`\mathrm{softmax}((z - \max z) / \tau)`, computed in float64, so any
-        temperature from the smallest positive double (effectively greedy) to huge ones
-        (effectively uniform) gives a valid distribution. ``top_k`` keeps the k most likely
-        tokens (``None`` or k >= vocabulary: all; ties at the k-th logit are kept).
+        :math:`\mathrm{softmax}((z - \max z) / \tau)` in float64 (float32 on MPS, which has
+        none), the largest logit kept at exactly 0: any temperature from the smallest positive
+        double (effectively greedy) to huge ones (effectively uniform) gives a valid
+        distribution. ``top_k`` keeps the k most likely tokens (``None`` or k >= vocabulary:
+        all; ties at the k-th logit are kept).
         ``vocab_limit`` samples only ids below it (a tokenizer smaller than the embedding).
         """
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
@@ -217,20 +236,12 @@ class LanguageModel(nn.Module):
         was_training = self.training
         self.eval()
         ctx = idx[:, -self.config.seq_len :]
+        wide = torch.float32 if idx.device.type == "mps" else torch.float64  # MPS: no float64
         try:
             for _ in range(n):
                 with torch.no_grad():
-                    logits = self(ctx)[0][:, -1, :vocab_limit].double()
-                if temperature == 0:
-                    nxt = logits.argmax(-1, keepdim=True)
-                else:
-                    if top_k is not None and top_k < logits.shape[-1]:
-                        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-                        logits = logits.masked_fill(logits < kth, float("-inf"))
-                    # shifted first: the largest is exactly 0, so no division can overflow
-                    # to inf - inf, and at least one probability is exp(0) = 1
-                    z = (logits - logits.amax(-1, keepdim=True)) / temperature
-                    nxt = torch.multinomial(torch.softmax(z, dim=-1), 1, generator=generator)
+                    logits = self(ctx)[0][:, -1, :vocab_limit].to(wide)
+                nxt = _next_token(logits, temperature, top_k, generator)
                 keep = max(ctx.shape[1] + 1 - self.config.seq_len, 0)
                 ctx = torch.cat((ctx[:, keep:], nxt), dim=1)
                 yield nxt
