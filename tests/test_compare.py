@@ -23,6 +23,7 @@ TINY = {
     "eval_batches": 1,
     "sweep_lrs": [3e-3, 1e-2],
     "sweep_fraction": 0.5,
+    "sweep_bounds": (3e-3, 1e-2),  # no extension beyond the candidates (tested on its own)
     "progress": False,
     "log": lambda *a: None,
 }
@@ -72,7 +73,7 @@ def test_seeds_and_budgets(tmp_path: Path) -> None:
     assert (out / "runs.csv").read_text().count("\n") == len(rows) + 1
     assert (out / "loss_vs_budget.png").stat().st_size > 1000
     table = (out / "results.md").read_text()
-    assert "iso-loss speedup" in table and "Student-t" in table
+    assert "iso-loss speedup" in table and "Student-t" in table and "Kaplan-Meier" in table
 
 
 def test_grid_seq_len_keeps_tokens_per_step(tmp_path: Path) -> None:
