@@ -47,7 +47,7 @@ from .ledger import Ledger, write_csv
 from .presets import DEFAULT_PRESET, Preset, get_preset
 from .report import grid_table, markdown_table, plot_curves, plot_grid, sort_key, write_plots
 from .results import ModelResult, RunResult, SweepResult, summarize
-from .specs import ModelSpec, parse_models
+from .specs import DEFAULT_MODELS, DEFAULT_SWEEP_BOUNDS, ModelSpec, parse_models
 from .trainer import CHECKPOINT, TrainConfig, Trainer
 
 __all__ = [
@@ -65,8 +65,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 STATE = "compare.json"  # what was asked for: a resumed compare must ask for the same
 LEDGER = "runs.jsonl"
-#: how far an LR sweep may be extended beyond its candidates
-DEFAULT_SWEEP_BOUNDS = (1e-5, 0.5)
 _MAX_EXTENSIONS = 12  # per side: a safety net, the bounds end the extension first
 
 
@@ -105,7 +103,7 @@ class CompareConfig:
             equal the interrupted compare's.
     """
 
-    models: str | list[str] | list[ModelSpec] = "gpt,ngpt,geonorm"
+    models: str | list[str] | list[ModelSpec] = DEFAULT_MODELS
     preset: str | None = None
     out: str | Path = "runs/compare"
     data: str | None = None

@@ -16,6 +16,8 @@ from typing import Any
 from .errors import UserError
 
 __all__ = [
+    "DEFAULT_MODELS",
+    "DEFAULT_SWEEP_BOUNDS",
     "ModelSpec",
     "grid_fields",
     "grid_points",
@@ -28,6 +30,12 @@ __all__ = [
     "parse_optims",
     "point_name",
 ]
+
+
+#: the models ``compare`` compares when none are named
+DEFAULT_MODELS = "gpt,ngpt,geonorm"
+#: how far an LR sweep may be extended beyond its candidates (``--sweep-bounds``)
+DEFAULT_SWEEP_BOUNDS = (1e-5, 0.5)
 
 
 @dataclass(frozen=True)

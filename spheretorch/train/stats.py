@@ -327,7 +327,7 @@ def budget_to_reach(
             return b, "exact"
         if extrapolate and len(pts) > 1 and pts[1][1] < v:
             x = _loglog_cross(b, v, *pts[1], target)
-            if x >= b / MAX_EXTRAPOLATION:
+            if x >= b / MAX_EXTRAPOLATION * (1 - 1e-9):
                 return x, "extrapolated"
         return b, "at most"
     i = above[-1]
@@ -339,7 +339,7 @@ def budget_to_reach(
     # above the target at the largest budget: extend the last segment if the loss still falls
     if extrapolate and len(pts) > 1 and pts[-1][1] < pts[-2][1]:
         x = _loglog_cross(*pts[-2], *pts[-1], target)
-        if x <= pts[-1][0] * MAX_EXTRAPOLATION:
+        if x <= pts[-1][0] * MAX_EXTRAPOLATION * (1 + 1e-9):
             return x, "extrapolated"
     return None, "never"
 
