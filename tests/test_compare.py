@@ -13,7 +13,13 @@ import pytest
 
 from spheretorch.cli import main
 from spheretorch.train import report
-from spheretorch.train.compare import CompareInterrupted, compare, parse_models
+from spheretorch.train.compare import (
+    CompareConfig,
+    CompareInterrupted,
+    _train_config,
+    compare,
+    parse_models,
+)
 from spheretorch.train.errors import UserError
 from spheretorch.train.specs import cross_optims
 from spheretorch.train.trainer import Trainer
@@ -261,3 +267,26 @@ def test_grid_given_twice_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixt
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--grid given twice" in err
     assert not (tmp_path / "g").exists()
+
+
+def test_fair_baselines_param_dtype_warmup_dropout() -> None:
+    import torch
+
+    from spheretorch import SphereParameter
+    from spheretorch.train.config import TrainConfig
+
+    cfg = CompareConfig(preset="smoke", options={"dropout": 0.2}, param_dtype="bf16").resolve()
+    for spec in cfg.models:  # type: ignore[union-attr]
+        c = _train_config(cfg, spec, {}, steps=20)
+        assert c.model_options["dropout"] == 0.2 and c.param_dtype == "bfloat16"
+        r = c.resolve()
+        assert r.warmup_steps == (0 if spec.model == "ngpt" else 1)  # 5% of 20: GPT's warmup
+    t = Trainer(TrainConfig(model="ngpt", preset="smoke", steps=2, param_dtype="bf16"), None)
+    assert {p.dtype for p in t.model.parameters()} == {torch.bfloat16}
+    assert any(isinstance(p, SphereParameter) for p in t.model.parameters())
+    t.train()
+    assert t.model.config.dropout == 0.0  # fp32 is the default
+    t32 = Trainer(TrainConfig(model="gpt", preset="smoke", steps=1), None)
+    assert {p.dtype for p in t32.model.parameters()} == {torch.float32}
+    with pytest.raises(UserError, match="--param-dtype"):
+        CompareConfig(param_dtype="fp8").resolve()

@@ -154,16 +154,41 @@ def markdown_table(
             line += f" {_budget_cell(r.budget_speedup or {})} |"
         line += f" {_fmt(r.ms_per_step, '.1f')} | {_fmt(rel, '.2f', 'x')} |"
         lines.append(line)
+    if not old:
+        lines += ["", *_to_target_table(res)]
     lines += ["", _notes(first, len(budgets) > 1)]
     edges = [n for n in names if res[n].lr_edge]
     if edges:
         lines += [
             "",
             "LR at the edge of the sweep with the bound reached (the optimum may lie beyond): "
-            + ", ".join(f"{n} ({res[n].lr_note})" for n in edges)
+            + "; ".join(f"{n}: {res[n].lr_note}" for n in edges)
             + ".",
         ]
     return "\n".join(lines)
+
+
+def _to_target_table(res: dict[str, ModelResult]) -> list[str]:
+    """Tokens and wall-clock seconds to the target (steps x tokens per step, steps x the
+    steady ms/step): Kaplan-Meier medians with their intervals."""
+
+    def cell(est: float | None, ci: list[float | None], r: ModelResult, spec: str, k: float) -> str:
+        if est is None:
+            return f"not reached (> {format(r.steps * k, spec)})" if k else "-"
+        lo, hi = ci
+        if lo is None and hi is None:
+            return format(est, spec)
+        upper = f">{format(r.steps * k, spec)}" if hi is None else format(hi, spec)
+        return f"{format(est, spec)} [{_fmt(lo, spec)}, {upper}]"
+
+    lines = ["| model | tokens to target | wall-clock to target (s) |", "|---|---|---|"]
+    for name, r in res.items():
+        tps = (r.batch_size or 0) * (r.seq_len or 0)
+        sec = (r.ms_per_step or 0) / 1000
+        tok = cell(r.tokens_to_target, r.tokens_to_target_ci, r, ",.0f", tps)
+        wall = cell(r.wall_s_to_target, r.wall_s_to_target_ci, r, ".3g", sec)
+        lines.append(f"| {name} | {tok} | {wall} |")
+    return lines
 
 
 def _notes(first: ModelResult, budgets: bool) -> str:
