@@ -31,8 +31,12 @@ def _scipy_km(times, reached):
 def _median_from(t, s, lo, hi):
     """The median and its limits by the rule of the module docstring, from any band."""
     first = lambda mask: float(t[np.nonzero(mask)[0][0]]) if mask.any() else None  # noqa: E731
+    est = first(s <= 0.5)
+    j = np.nonzero(s <= 0.5)[0]
+    if j.size and np.isclose(s[j[0]], 0.5) and j[0] + 1 < t.size:  # flat at 1/2: midpoint
+        est = (t[j[0]] + t[j[0] + 1]) / 2
     return (
-        first(s <= 0.5),
+        est,
         first(np.nan_to_num(lo, nan=0.0) <= 0.5),
         first(np.where(s == 0, 0.0, np.nan_to_num(hi, nan=1.0)) <= 0.5),
     )
@@ -80,10 +84,12 @@ def test_km_median_censored_seed_gives_a_positive_open_interval() -> None:
     assert r.n_censored == 1
 
 
-def test_km_median_none_censored_is_the_sample_median() -> None:
-    x = [31.0, 12.0, 20.0, 45.0, 27.0]
-    r = stats.km_median(x, [True] * 5)
-    assert r.estimate == float(np.median(x)) and r.n_censored == 0
+@pytest.mark.parametrize(
+    "x", [[31.0, 12.0, 20.0, 45.0, 27.0], [31.0, 12.0, 20.0, 45.0], [3.0, 5.0]]
+)
+def test_km_median_none_censored_is_the_sample_median(x) -> None:
+    r = stats.km_median(x, [True] * len(x))
+    assert r.estimate == pytest.approx(float(np.median(x)), rel=1e-15) and r.n_censored == 0
     assert 0 < r.lo <= r.estimate <= r.hi
 
 
@@ -96,7 +102,7 @@ def test_km_median_all_censored_and_one_seed() -> None:
     assert cens.estimate is None and cens.n_censored == 1
     # a diverged run has no time: left out and counted
     miss = stats.km_median([None, 20.0, 30.0], [False, True, True])
-    assert miss.n == 2 and miss.n_missing == 1 and miss.estimate == 20.0  # S(20) = 1/2
+    assert miss.n == 2 and miss.n_missing == 1 and miss.estimate == 25.0  # S = 1/2 on [20, 30)
 
 
 def test_censored_speedup_is_the_reciprocal_median_of_ratios() -> None:

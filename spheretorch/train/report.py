@@ -83,7 +83,8 @@ def _steps_cell(r: ModelResult, is_base: bool) -> str:
 def _lr_cell(r: ModelResult) -> str:
     txt = f"{r.lr:g}"
     if r.lr_edge:
-        txt += f" (at {r.lr_edge} edge, bound reached)"
+        how = "bound reached" if "bound reached" in r.lr_note else "sweep not extended"
+        txt += f" (at the {r.lr_edge} edge, {how})"
     elif r.sweep_extensions:
         txt += " (sweep extended: " + ", ".join(f"{x:g}" for x in r.sweep_extensions) + ")"
     elif r.sweep and r.statistics == "v0.2":
@@ -161,7 +162,7 @@ def markdown_table(
     if edges:
         lines += [
             "",
-            "LR at the edge of the sweep with the bound reached (the optimum may lie beyond): "
+            "LR at the edge of the sweep (the optimum may lie beyond): "
             + "; ".join(f"{n}: {res[n].lr_note}" for n in edges)
             + ".",
         ]

@@ -11,8 +11,9 @@ positive (steps, seconds, speedups) gets an interval that stays positive:
 * **Times to a target** (steps, tokens, seconds): a seed that never reaches the target within
   its N steps is *censored* at N (it would have needed more than N), not dropped. The
   Kaplan-Meier estimate of the survival function S(t) = P(time > t) gives the median time
-  (the first event time with S <= 1/2) and its interval from the pointwise log-log
-  ("exponential Greenwood") band of S, as ``scipy.stats.ecdf(...).sf.confidence_interval(
+  (the first event time with S <= 1/2; the midpoint to the next event time where S is exactly
+  1/2, so that without censoring it is the sample median) and its interval from the pointwise
+  log-log ("exponential Greenwood") band of S, as ``scipy.stats.ecdf(...).sf.confidence_interval(
   method="log-log")``: the lower limit is the first time whose band's lower edge is <= 1/2,
   the upper limit the first time whose upper edge is <= 1/2 (``None``, i.e. unbounded, when
   no observed time gets there: "more than N") (:func:`km_median`).
@@ -241,8 +242,12 @@ def km_median(
         return Interval(None, bounded_above=False, **base)
     t, s, lo, hi = km_curve([p[0] for p in pairs], [p[1] for p in pairs], confidence)
     half = 0.5
-    below = np.nonzero(s <= half)[0]
+    below = np.nonzero(s <= half + 1e-12)[0]
     est = float(t[below[0]]) if below.size else None
+    if below.size and abs(s[below[0]] - half) <= 1e-12 and below[0] + 1 < t.size:
+        # S is exactly 1/2 until the next event: the midpoint (the sample median without
+        # censoring, e.g. the mean of two seeds), as R's survfit does
+        est = 0.5 * (est + float(t[below[0] + 1]))  # type: ignore[operator]
     if n < 2:
         return Interval(est, None, None, bounded_above=est is not None, **base)
     lo_i = np.nonzero(lo <= half)[0]
