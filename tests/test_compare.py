@@ -140,7 +140,8 @@ def test_resume_checks_settings(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert main([*args, "--resume", "--seeds", "2"]) == 2
     assert "--seeds differs" in capsys.readouterr().err
     assert main([*args, "--resume"]) == 0  # everything recorded: nothing is trained again
-    assert main([*args, "--sweep-lrs", "x"]) == 2
+    assert main([*args[:-2], "--sweep-lrs", "x", "--force"]) == 2
+    assert "--sweep-lrs takes positive numbers" in capsys.readouterr().err
 
 
 def test_log_ticks_are_plain_numbers() -> None:

@@ -231,7 +231,8 @@ def km_median(
     """The Kaplan-Meier median of times, some censored, with its interval (see the module
     docstring). ``None`` times (diverged runs) are left out and counted in ``n_missing``.
     The estimate is ``None`` when fewer than half the seeds reached the target (the median
-    lies beyond every censoring time); ``hi`` is ``None`` with ``bounded_above=False`` when
+    lies beyond every censoring time); when exactly half did and S stays at 1/2 up to the
+    last censoring, it is the last event time (the lowest value the median can take); ``hi`` is ``None`` with ``bounded_above=False`` when
     the upper limit is beyond the data. One value gives no interval."""
     pairs = [(float(t), bool(r)) for t, r in zip(times, reached, strict=True) if t is not None]
     missing = len(list(times)) - len(pairs)
