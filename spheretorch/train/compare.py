@@ -12,9 +12,10 @@ every model; every run scores the same fixed validation windows. Afterwards the 
 is measured with the models *interleaved* (round-robin, median over rounds, after warm-up
 steps), so that load from other processes hits all of them alike.
 
-Configuration: :class:`CompareConfig`; parsing: :mod:`spheretorch.train.specs`; statistics:
-:mod:`spheretorch.train.stats`; typed results: :mod:`spheretorch.train.results`; the run
-ledger: :mod:`spheretorch.train.ledger`; tables and plots: :mod:`spheretorch.train.report`.
+Configuration: :class:`~spheretorch.train.compare.CompareConfig`; parsing:
+:mod:`spheretorch.train.specs`; statistics: :mod:`spheretorch.train.stats`; typed results:
+:mod:`spheretorch.train.results`; the run ledger: :mod:`spheretorch.train.ledger`; tables and
+plots: :mod:`spheretorch.train.report`.
 
 Outputs in ``out``: ``results.json`` (per model, or per grid point then per model: see
 :class:`~spheretorch.train.results.ModelResult`), ``results.md`` (the tables, also printed),
@@ -83,10 +84,11 @@ class CompareConfig:
     fills ``None`` fields from the preset (``UserError`` on bad values).
 
     Attributes:
-        models: ``[LABEL=]MODEL[:KEY=V...]``, comma-separated (:func:`specs.parse_models`;
-            ``KEY=optim`` names a model's recipe); the first plain ``gpt`` (else the first
+        models: ``[LABEL=]MODEL[:KEY=V...]``, comma-separated
+            (:func:`~spheretorch.train.specs.parse_models`; ``KEY=optim`` names a model's
+            recipe); the first plain ``gpt`` (else the first
             ``gpt``, else the first model) is the baseline whose loss defines the targets.
-        optims: optimizer recipes (names of :data:`spheretorch.train.config.OPTIMIZERS`) as an
+        optims: optimizer recipes (names of ``spheretorch.train.config.OPTIMIZERS``) as an
             axis: every model with every recipe, each pair with its own LR sweep.
         seeds: full runs per model and budget (seeds ``seed .. seed + seeds - 1``).
         budgets: fractions of ``steps`` (e.g. ``"0.25,0.5,1"``); 1 is always included.
@@ -127,8 +129,9 @@ class CompareConfig:
 
     def resolve(self) -> CompareConfig:
         """A copy with every field parsed, typed and validated: ``models`` a list of
-        :class:`ModelSpec` (crossed with ``optims``), ``budgets``/``sweep_lrs`` lists,
-        ``grid`` a ``(field, values)`` pair or ``None``, numbers from the preset."""
+        :class:`~spheretorch.train.specs.ModelSpec` (crossed with ``optims``),
+        ``budgets``/``sweep_lrs`` lists, ``grid`` a ``(field, values)`` pair or ``None``,
+        numbers from the preset."""
         c = dataclasses.replace(self, options=dict(self.options))
         c.preset = c.preset or DEFAULT_PRESET
         p = get_preset(c.preset)
@@ -445,11 +448,11 @@ def compare(
     """Run the comparison and write its outputs; returns ``results.json``'s content (per
     model, or per grid point then per model).
 
-    ``config`` is a :class:`CompareConfig`, or the models' text with the other
-    :class:`CompareConfig` fields as keywords (``compare("gpt,ngpt", preset="smoke",
-    out=...)``). ``progress``: tqdm bars; ``log``: where the lines of the report go (default:
-    the logger); ``handle_signals``: SIGINT/SIGTERM during a run checkpoint it and raise
-    :class:`CompareInterrupted` (the command line does this).
+    ``config`` is a :class:`~spheretorch.train.compare.CompareConfig`, or the models' text with
+    the other fields as keywords (``compare("gpt,ngpt", preset="smoke", out=...)``).
+    ``progress``: tqdm bars; ``log``: where the lines of the report go (default: the logger);
+    ``handle_signals``: SIGINT/SIGTERM during a run checkpoint it and raise
+    ``CompareInterrupted`` (the command line does this).
     """
     if isinstance(config, CompareConfig):
         cfg = dataclasses.replace(config, **fields) if fields else config
@@ -474,8 +477,9 @@ def run_compare(
     log: Callable[[str], None] | None = None,
     handle_signals: bool = False,
 ) -> dict[str, dict[str, ModelResult]]:
-    """:func:`compare` on a :class:`CompareConfig`, returning the typed results keyed by grid
-    point (``""`` without a grid), then by model label."""
+    """:func:`spheretorch.train.compare` on a
+    :class:`~spheretorch.train.compare.CompareConfig`, returning the typed results keyed by
+    grid point (``""`` without a grid), then by model label."""
     say = log if log is not None else logger.info
     cfg = config.resolve()
     p = get_preset(cfg.preset)  # type: ignore[arg-type]

@@ -4,8 +4,8 @@ model and grid point (an entry of ``results.json``), and :func:`summarize` that 
 into model results with the statistics of :mod:`spheretorch.train.stats`.
 
 ``results.json`` keeps the names it always had (per model: ``final_val_loss``,
-``steps_to_target``, ``ms_per_step``, ``lr``, ...); :meth:`ModelResult.from_dict` reads the
-files of earlier versions too (fields they lack take their defaults; ``statistics`` then says
+``steps_to_target``, ``ms_per_step``, ``lr``, ...); ``ModelResult.from_dict`` reads the files
+of earlier versions too (fields they lack take their defaults; ``statistics`` then says
 ``"v0.2"``: Student-t intervals over the seeds that reached the target, censored seeds
 dropped).
 """
@@ -147,7 +147,7 @@ class ModelResult:
 
     @property
     def fractions(self) -> list[float]:
-        """The budgets as run: steps / full steps (v0.2's files: the nominal ones)."""
+        """The budgets as run, steps / full steps (v0.2's files hold the nominal ones)."""
         if self.budget_fractions is not None:
             return self.budget_fractions
         return list(self.budgets)
@@ -230,10 +230,11 @@ def summarize(
 ) -> dict[str, ModelResult]:
     """Every model's :class:`ModelResult` from its full runs ``runs[(label, seed, budget)]``.
 
-    The target of seed i is the baseline's final validation loss on seed i (paired: a seed
-    fixes the batches for every model). Steps to target per seed within the full run; a seed
-    that never reaches it is censored at the run's steps (:func:`stats.km_median`). Tokens
-    and wall-clock to target scale the steps by the tokens per step and the steady ms/step.
+    The target of seed i is the baseline's final validation loss on seed i (paired: a seed fixes
+    the batches for every model). Steps to target per seed within the full run; a seed that
+    never reaches it is censored at the run's steps
+    (:func:`~spheretorch.train.stats.km_median`). Tokens and wall-clock to target scale the
+    steps by the tokens per step and the steady ms/step.
     """
     budgets = sorted(budget_steps)
     full_steps = budget_steps[1.0]

@@ -42,7 +42,7 @@ DEFAULT_SWEEP_BOUNDS = (1e-5, 0.5)
 class ModelSpec:
     """A compared model: ``label`` (its name in tables and directories), the model family,
     model options on top of the preset's (e.g. ``gpt`` with ``norm_position="post"``) and the
-    optimizer recipe (``None``: the family's own, see :mod:`spheretorch.train.config`)."""
+    optimizer recipe (``None``: the family's own, see ``spheretorch.train.config``)."""
 
     label: str
     model: str
@@ -51,7 +51,7 @@ class ModelSpec:
 
     @property
     def is_default_gpt(self) -> bool:
-        """GPT with its own recipe and no options: the natural baseline."""
+        """Whether this is GPT with its own recipe and no options (the natural baseline)."""
         return self.model == "gpt" and not self.options and self.optim in (None, "adamw")
 
 
@@ -115,7 +115,7 @@ def _check_optim(name: str, flag: str) -> str:
 def parse_models(spec: str | Sequence[str]) -> list[ModelSpec]:
     """``"gpt,ngpt,post=gpt:norm_position=post,gpt:optim=renorm"``: comma-separated
     ``[LABEL=]MODEL[:KEY=V...]`` (KEY a field of the model's config, or ``optim`` naming a
-    recipe of :data:`spheretorch.train.config.OPTIMIZERS`; the label defaults to the whole
+    recipe of ``spheretorch.train.config.OPTIMIZERS``; the label defaults to the whole
     item). A repeated label keeps its first definition."""
     from ..models import MODELS
 
@@ -152,7 +152,7 @@ def parse_models(spec: str | Sequence[str]) -> list[ModelSpec]:
 
 def parse_optims(spec: str | Sequence[str] | None) -> list[str]:
     """``"adamw,renorm"`` -> ``["adamw", "renorm"]``: optimizer recipes (names registered in
-    :data:`spheretorch.train.config.OPTIMIZERS`), an axis of the study; empty: none."""
+    ``spheretorch.train.config.OPTIMIZERS``), an axis of the study; empty: none."""
     return list(dict.fromkeys(_check_optim(s, "--optims") for s in _split(spec)))
 
 

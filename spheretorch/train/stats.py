@@ -1,6 +1,6 @@
 """The statistics of ``compare`` studies: intervals over seeds, censored times, iso-loss speedups.
 
-Every interval is two-sided 95% (:data:`CONFIDENCE`) and every quantity that can only be
+Every interval is two-sided 95% (``CONFIDENCE``) and every quantity that can only be
 positive (steps, seconds, speedups) gets an interval that stays positive:
 
 * **Means** (final validation loss, a curve's points): mean +- t_{0.975, n-1} s / sqrt(n)
@@ -26,7 +26,7 @@ positive (steps, seconds, speedups) gets an interval that stays positive:
   loss-vs-budget curve crosses L* (log-log interpolation between measured budgets); speedup =
   1 / b. Its interval: a paired percentile bootstrap over seeds; a resample whose curve never
   reaches the target contributes speedup 0 (censored below), so a limit is never negative.
-  Extrapolating beyond the measured budgets is allowed at most :data:`MAX_EXTRAPOLATION`-fold
+  Extrapolating beyond the measured budgets is allowed at most ``MAX_EXTRAPOLATION``-fold
   (and marked ``"extrapolated"``); further out the result is a bound (``"at most"``) or
   ``"never"``, never a number read off an extended line.
 * **Steps to target within one run** (:func:`steps_to_target`): the step at which the
@@ -229,11 +229,12 @@ def km_median(
     confidence: float = CONFIDENCE,
 ) -> Interval:
     """The Kaplan-Meier median of times, some censored, with its interval (see the module
-    docstring). ``None`` times (diverged runs) are left out and counted in ``n_missing``.
-    The estimate is ``None`` when fewer than half the seeds reached the target (the median
-    lies beyond every censoring time); when exactly half did and S stays at 1/2 up to the
-    last censoring, it is the last event time (the lowest value the median can take); ``hi`` is ``None`` with ``bounded_above=False`` when
-    the upper limit is beyond the data. One value gives no interval."""
+    docstring). ``None`` times (diverged runs) are left out and counted in ``n_missing``. The
+    estimate is ``None`` when fewer than half the seeds reached the target (the median lies
+    beyond every censoring time); when exactly half did and S stays at 1/2 up to the last
+    censoring, it is the last event time (the lowest value the median can take); ``hi`` is
+    ``None`` with ``bounded_above=False`` when the upper limit is beyond the data. One value
+    gives no interval."""
     pairs = [(float(t), bool(r)) for t, r in zip(times, reached, strict=True) if t is not None]
     missing = len(list(times)) - len(pairs)
     n = len(pairs)
@@ -314,7 +315,7 @@ def budget_to_reach(
     and the next one (on a noisy, non-monotone curve this is the conservative crossing).
     Returns ``(budget, how)``, ``how`` one of ``"interpolated"``, ``"exact"`` (a measured
     point equals the target and all later ones are at or below it), ``"extrapolated"`` (the
-    target lies beyond the measured range, at most :data:`MAX_EXTRAPOLATION`-fold: the nearest
+    target lies beyond the measured range, at most ``MAX_EXTRAPOLATION``-fold: the nearest
     end segment's log-log line is extended, only where the loss falls along it), ``"at
     most"`` (below target from the smallest budget on, and no crossing within the
     extrapolation limit: the smallest budget is an upper bound) or ``"never"`` (``None``).
