@@ -263,10 +263,16 @@ def grid_table(
             else:
                 cells.append(_ci(res[m].speedup, res[m].speedup_ci, ".2f", "x"))
         lines.append("| " + " | ".join(cells) + " |")
+    old = first.statistics == "v0.2"
     if marked:
+        limit = "" if old else " (at most 2-fold)"
+        lines += ["", f"\\* extrapolated beyond the measured budgets{limit}, not measured."]
+    if old:
         lines += [
             "",
-            "\\* extrapolated beyond the measured budgets (at most 2-fold), not measured.",
+            "(v0.2 statistics: steps-to-target speedups are means with Student-t intervals "
+            "over the seeds that reached the target, iso-loss extrapolation was unlimited; "
+            "`benchmarks/rederive_study.py` gives the current ones from the same runs.)",
         ]
     return "\n".join(lines)
 
