@@ -38,6 +38,9 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
 
 MODELS = "gpt,ngpt,geonorm"
 BUDGETS = "0.25,0.5,1"
+#: at most two extensions on either side of gpu-quick's {1e-3, 2e-3, 4e-3}: the time plan
+#: counts on it
+GPU_SWEEP_BOUNDS = (2.5e-4, 1.6e-2)
 
 
 def source_files(roots: list[Path], max_bytes: int, seed: int = 0) -> list[Path]:
@@ -109,10 +112,10 @@ def probe(preset: str, corpus: Path, device: str, steps: int = 5) -> dict[str, f
 def plan_steps(
     ms: dict[str, float], seconds: float, seeds: int, eval_interval: int, lo: int, hi: int
 ) -> int:
-    """Full-run steps S such that every model's runs fit ``seconds``: per model about
-    (3 sweep LRs + 1 extension) x 0.2 S + seeds x (0.25 + 0.5 + 1) S steps, plus 15% for
+    """Full-run steps S such that every model's runs fit ``seconds``: per model at most
+    (3 sweep LRs + 2 extensions) x 0.2 S + seeds x (0.25 + 0.5 + 1) S steps, plus 15% for
     evaluations and start-up; a multiple of ``eval_interval`` in [lo, hi]."""
-    per_step = sum(ms.values()) / 1000 * (4 * 0.2 + seeds * 1.75) * 1.15
+    per_step = sum(ms.values()) / 1000 * (5 * 0.2 + seeds * 1.75) * 1.15
     s = int(seconds / per_step) // eval_interval * eval_interval
     return max(lo, min(hi, s))
 
@@ -207,7 +210,7 @@ def _study(
         eval_batches=2 if args.quick else None,
         # quick: two candidates and tight bounds (an extension still happens, cheaply)
         sweep_lrs="1e-2,3e-2" if args.quick else None,
-        sweep_bounds=(3e-3, 0.1) if args.quick else None,
+        sweep_bounds=(3e-3, 0.1) if args.quick else GPU_SWEEP_BOUNDS,
         param_dtype=args.param_dtype,
     )
     results = compare(config, progress=False, log=lambda line: print(line, flush=True))

@@ -43,7 +43,7 @@ def test_plan_steps_fits_the_time_budget() -> None:
     ms = {"gpt": 30.0, "ngpt": 40.0, "geonorm": 35.0}
     s = gs.plan_steps(ms, 330.0, 2, 50, 200, 4000)
     assert s % 50 == 0 and 200 <= s <= 4000
-    per_step = sum(ms.values()) / 1000 * (4 * 0.2 + 2 * 1.75) * 1.15
+    per_step = sum(ms.values()) / 1000 * (5 * 0.2 + 2 * 1.75) * 1.15
     assert s * per_step <= 330.0 < (s + 50) * per_step
     assert gs.plan_steps(ms, 1.0, 2, 50, 200, 4000) == 200
 
