@@ -291,3 +291,22 @@ def test_fair_baselines_param_dtype_warmup_dropout() -> None:
     assert {p.dtype for p in t32.model.parameters()} == {torch.float32}
     with pytest.raises(UserError, match="--param-dtype"):
         CompareConfig(param_dtype="fp8").resolve()
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--sweep-bounds", "1e-3"], "--sweep-bounds takes two learning rates LO,HI"),
+        (["--optims", "adamw,sgdx"], "--optims: unknown optimizer recipe 'sgdx'; choose from"),
+        (["--models", "gpt:optim=sgdx"], "unknown optimizer recipe 'sgdx'"),
+        (["--steps", "8", "--budgets", "0.001,0.1"], "--budgets 0.001 and 0.1 both round to 1"),
+    ],
+)
+def test_compare_flags_bad_input_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    out = tmp_path / "bad"
+    assert main(["compare", "--preset", "smoke", "--out", str(out), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("spheretorch: error: ") and message in err
+    assert not out.exists()  # nothing written

@@ -202,8 +202,11 @@ class CompareConfig:
 
 
 # fields added after v0.2: a compare.json without them asked for their defaults
-_STATE_DEFAULTS = {"optims": [], "sweep_bounds": list(DEFAULT_SWEEP_BOUNDS)}
-_STATE_DEFAULTS["param_dtype"] = "float32"
+_STATE_DEFAULTS: dict[str, Any] = {
+    "optims": [],
+    "sweep_bounds": list(DEFAULT_SWEEP_BOUNDS),
+    "param_dtype": "float32",
+}
 
 
 # -- one run -------------------------------------------------------------------------------------
