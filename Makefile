@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Nitpicky (-n): every cross-reference must resolve; -W: any warning fails the build.
 SPHINX := $(BIN)/sphinx-build -n -W --keep-going -q -b html docs docs/_build/html
 
-.PHONY: test demo docs browser-check lint format install clean
+.PHONY: test demo docs browser-check lint format install clean gpu-study
 
 $(STAMP): pyproject.toml requirements-dev.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,6 +26,10 @@ test: $(STAMP)
 demo: $(STAMP)
 	MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824 \
 		$(BIN)/python -m spheretorch compare --preset cpu-small --out runs/demo
+
+# The one-call GPU study (docs/results.md): CUDA by default, at most ~8 minutes on one H200.
+gpu-study: $(STAMP)
+	$(BIN)/python benchmarks/gpu_study.py
 
 docs: $(STAMP)
 	$(SPHINX)

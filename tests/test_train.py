@@ -209,7 +209,9 @@ def test_resume_extends_steps_and_rejects_fewer(tmp_path: Path) -> None:
         Trainer(TrainConfig(steps=10), tmp_path, resume=True)
     with pytest.raises(UserError, match="does not match the checkpoint's model gpt"):
         Trainer(TrainConfig(model="ngpt"), tmp_path, resume=True)
-    t = Trainer(TrainConfig(steps=30), tmp_path, resume=True)
+    with pytest.raises(UserError, match="--stretch-schedule"):
+        Trainer(TrainConfig(steps=30), tmp_path, resume=True)
+    t = Trainer(TrainConfig(steps=30, stretch_schedule=True), tmp_path, resume=True)
     t.train()
     assert [r["step"] for r in t.history] == [10, 20, 30]
     with pytest.raises(UserError, match="checkpoint not found"):
@@ -358,6 +360,6 @@ def test_schedule_is_a_torch_lambdalr_saved_in_the_checkpoint(tmp_path: Path) ->
     assert lrs == [t.schedule.lr_at(10)] * len(lrs)
     state = load_checkpoint(tmp_path / "checkpoint.pt")["scheduler"]
     assert state["last_epoch"] == 10 and state["lr_lambdas"][0]["total"] == 20
-    resumed = Trainer(TrainConfig(steps=40), tmp_path, resume=True)  # stretched to 40 steps
+    resumed = Trainer(TrainConfig(steps=40, stretch_schedule=True), tmp_path, resume=True)
     assert resumed.scheduler.last_epoch == 10 and resumed.schedule.total == 40
     assert resumed.optimizer.param_groups[0]["lr"] == CosineSchedule(1e-2, 40, 4).lr_at(10)

@@ -99,9 +99,9 @@ class Trainer:
     Args:
         config: what to train (resolved against its preset here).
         out_dir: run directory, or ``None`` for an in-memory run (LR sweeps).
-        resume: continue from the checkpoint in ``out_dir``; the saved configuration is used,
-            except ``steps`` when ``config.steps`` is given (extends the run; the cosine
-            schedule is then stretched to the new total).
+        resume: continue from the checkpoint in ``out_dir``; the saved configuration is used.
+            A different ``config.steps`` stretches the cosine schedule to the new total, which
+            is refused unless ``config.stretch_schedule`` (see ``TrainConfig.resumed``).
         progress: show a tqdm progress bar with the live loss.
         save_checkpoints: write a checkpoint at every evaluation.
         distributed: ``"none"``, ``"ddp"`` or ``"fsdp"`` (see
@@ -177,6 +177,8 @@ class Trainer:
         self.device = self.parallel.device
         torch.manual_seed(c.seed)
         self.model: LanguageModel = build_model(c.model, self.model_config).to(self.device)
+        if c.param_dtype == "bfloat16":  # bf16 storage (no fp32 master copy): an ablation
+            self.model.to(torch.bfloat16)
         self.forward_model, self.eval_model = self.parallel.wrap(self.model)
         self.optimizer = build_optimizer(self.model, c.optim, c.lr, c.weight_decay, c.betas)
         self.scheduler = build_scheduler(self.optimizer, c)
