@@ -1,0 +1,594 @@
+r"""Triton kernels of the sphere optimizers' steps: multi-tensor, one launch per row length.
+
+What each kernel computes is specified by ONE readable reference, the single-tensor loop of its
+optimizer (``_single_tensor_riemannian_adam`` in :mod:`spheretorch.optim.riemannian_adam`,
+``_single_tensor_riemannian_sgd`` in :mod:`spheretorch.optim.riemannian_sgd`, the
+renormalisation of :mod:`spheretorch.optim.renorm_adam`), written with the formulas of
+:mod:`spheretorch.sphere`; ``tests/test_optim_kernels.py`` checks every kernel against it
+(through Triton's interpreter on CPU tensors).
+
+Layout. Every sphere tensor is seen as ``(outer, size, inner)``
+(:func:`spheretorch.sphere.layout.sphere_layout`): ``outer * inner`` spheres of ``size``
+values, sphere ``s`` at element offsets ``(s // inner) * size * inner + s % inner + k * inner``.
+The tensors of one launch share ``size`` (and dtype); a program holds ``BLOCK_R`` whole spheres
+in registers (``[BLOCK_R, BLOCK_N]`` tiles), so every per-sphere reduction (projection, second
+moment, retraction norm, transport) is a register reduction and each value is read and written
+once. Consecutive spheres are consecutive in memory when ``inner == 1`` (rows) and
+interleaved when ``inner > 1`` (columns), so loads coalesce in both cases. Spheres longer than
+:data:`MAX_ROW` are not handled here (callers take their multi-tensor torch path).
+
+Multi-tensor addressing. A launch gets one base tensor per list (the lowest address) and a
+per-tensor table ``INFO`` of int64 element offsets from those bases (pointer arithmetic in
+int64, valid for any tensor size); ``TILES`` maps each program to ``(tensor, first sphere)``.
+The tables are built on the host once per set of tensors and cached on the device, so a step
+launches: the step-counter increment (one ``_foreach_add_``), one kernel per row length, and
+nothing that synchronises with the host. Scalars (learning rate, betas, ...) travel as a small
+float64 tensor (cached by value) so that float64 parameters get float64 hyper-parameters;
+a tensor ``lr`` and device step counters are read by the kernel (``capturable`` by
+construction: no host read; build the tables before capturing a CUDA graph, i.e. take one
+step first, as for any optimizer).
+
+Radius. Each tensor has a radius :math:`r` (1 for ``SphereParameter``; ``|x|`` at construction
+for a whole-tensor sphere): the kernel works on :math:`x/r`, with the step :math:`u/r`, and
+stores :math:`r\,y`; this is the update on the sphere of radius :math:`r` with the induced
+metric (projection :math:`g - \langle x, g\rangle x / r^2`, retraction
+:math:`r (x+u)/\|x+u\|`).
+
+Non-finite skip: a nonzero ``found_inf`` (a 0-d device tensor) masks every store, so parameters,
+moments and step counters stay bitwise unchanged without a host synchronisation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..sphere.layout import SphereLayout
+
+try:  # triton is an optional (GPU / dev) dependency
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised where triton is absent
+    triton = None
+    tl = None
+
+__all__ = [
+    "MAX_ROW",
+    "handles",
+    "nonfinite_flag",
+    "project",
+    "renormalize_",
+    "sphere_adam_",
+    "sphere_sgd_",
+]
+
+#: longest sphere (``size``) a kernel keeps in registers
+MAX_ROW = 16384
+#: values per program (``BLOCK_R * BLOCK_N``): enough to hide latency, few enough registers
+_TILE = 2048
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def handles(xs: Sequence[Tensor], layouts: Sequence[SphereLayout], *others: Sequence[Any]) -> bool:
+    """Whether these tensors can go through the kernels: contiguous, supported dtypes, spheres
+    of at most :data:`MAX_ROW` values, no autograd, not DTensors. ``others``: lists (of
+    gradients, moments, ...) that must be contiguous too (``None`` entries allowed)."""
+    if triton is None:
+        return False
+    for x, lay in zip(xs, layouts):
+        if x.dtype not in _DTYPES or lay.size > MAX_ROW or not x.is_contiguous():
+            return False
+        if x.requires_grad and torch.is_grad_enabled():
+            return False
+        if type(x) is not torch.Tensor and not isinstance(x, torch.nn.Parameter):
+            return False  # DTensor and other subclasses
+    return all(t is None or t.is_contiguous() for ts in others for t in ts)
+
+
+# ---------------------------------------------------------------------- the kernels
+
+if triton is not None:
+
+    @triton.jit
+    def _sinc(t):
+        # sin(t)/t with its series below the threshold of spheretorch.sphere.sinc (exact to
+        # the last ulp there: 0.25 in float32, 1e-2 in float64)
+        if t.dtype == tl.float64:
+            small = t < 0.01
+        else:
+            small = t < 0.25
+        t2 = t * t
+        series = 1 - t2 / 6 * (1 - t2 / 20 * (1 - t2 / 42))
+        safe = tl.where(small, 1.0, t)
+        return tl.where(small, series, tl.sin(safe) / safe)
+
+    @triton.jit
+    def _unless(mask, FOUND_INF):
+        """``mask`` where the 0-d ``*FOUND_INF`` is zero, else all false (the device-side
+        skip). The flag is broadcast to ``mask``'s shape before the ``&``."""
+        flag = tl.load(FOUND_INF).to(tl.float32) + tl.zeros(mask.shape, tl.float32)
+        return mask & (flag == 0)
+
+    @triton.jit
+    def _tile(
+        TILES, INFO, N_INFO: tl.constexpr, SIZE, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr
+    ):
+        """Tensor index, sphere indices, element offsets and masks of this program's tile."""
+        pid = tl.program_id(0).to(tl.int64)
+        t = tl.load(TILES + 2 * pid)
+        s0 = tl.load(TILES + 2 * pid + 1)
+        info = INFO + t * N_INFO
+        count = tl.load(info)
+        inner = tl.load(info + 1)
+        rows = s0 + tl.arange(0, BLOCK_R).to(tl.int64)
+        cols = tl.arange(0, BLOCK_N).to(tl.int64)
+        outer_i = rows // inner
+        base = outer_i * SIZE * inner + (rows - outer_i * inner)
+        elem = base[:, None] + cols[None, :] * inner
+        rmask = rows < count
+        mask = rmask[:, None] & (cols < SIZE)[None, :]
+        return t, info, rows, elem, rmask, mask
+
+    @triton.jit
+    def _retract(x, u, m, EXP: tl.constexpr, HAS_M: tl.constexpr):
+        """``(R_x(u), m moved there)`` on the unit sphere, per row of the tile: projective
+        retraction + projection, or exponential map + parallel transport (the formulas of
+        :func:`spheretorch.sphere.foreach.expmap_`)."""
+        if EXP:
+            n = tl.sqrt(tl.sum(u * u, axis=1))
+            sinc_n = _sinc(n)
+            if HAS_M:
+                k = tl.sum(u * m, axis=1)
+                half = _sinc(n * 0.5)
+                m = m - (0.5 * half * half * k)[:, None] * u
+                m = m - (k * sinc_n)[:, None] * x
+            y = tl.cos(n)[:, None] * x + sinc_n[:, None] * u
+        else:
+            y = x + u
+        y = y / tl.sqrt(tl.sum(y * y, axis=1))[:, None]
+        if HAS_M and not EXP:
+            m = m - tl.sum(y * m, axis=1)[:, None] * y
+        return y, m
+
+    @triton.jit
+    def _adam_kernel(
+        X, G, M, V, VMAX, STEP, TILES, INFO, HYPER, LR, FOUND_INF, SIZE,
+        N_INFO: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+        MAXIMIZE: tl.constexpr, ROW: tl.constexpr, EXP: tl.constexpr, AMSGRAD: tl.constexpr,
+        LR_TENSOR: tl.constexpr, STEP_TENSOR: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+    ):  # fmt: skip
+        t, info, rows, elem, rmask, mask = _tile(TILES, INFO, N_INFO, SIZE, BLOCK_R, BLOCK_N)
+        cd = M.dtype.element_ty  # the compute dtype (moments are kept in it)
+        wmask = mask
+        wrow = rmask
+        if HAS_FOUND_INF:
+            wmask = _unless(mask, FOUND_INF)
+            wrow = _unless(rmask, FOUND_INF)
+        # hyper-parameters: float64 scalars, per-tensor step and radius
+        lr = tl.load(HYPER)
+        beta1 = tl.load(HYPER + 1)
+        beta2 = tl.load(HYPER + 2)
+        eps = tl.load(HYPER + 3).to(cd)
+        if LR_TENSOR:
+            lr = tl.load(LR).to(tl.float64)
+        if STEP_TENSOR:
+            step = tl.load(STEP + tl.load(info + 7)).to(tl.float64)
+        else:
+            step = tl.load(HYPER + 4)
+        radius = tl.load(HYPER + 5 + t)
+        bc1 = 1 - tl.exp(step * tl.log(beta1))
+        bc2_sqrt = tl.sqrt(1 - tl.exp(step * tl.log(beta2))).to(cd)
+        neg_step = (-lr / bc1 / radius).to(cd)  # the step in unit-sphere coordinates
+        inv_r = (1 / radius).to(cd)
+
+        x = tl.load(X + tl.load(info + 2) + elem, mask=mask, other=0.0).to(cd) * inv_r
+        g = tl.load(G + tl.load(info + 3) + elem, mask=mask, other=0.0).to(cd)
+        if MAXIMIZE:
+            g = -g
+        rg = g - tl.sum(x * g, axis=1)[:, None] * x
+        m_ptr = M + tl.load(info + 4) + elem
+        m = tl.load(m_ptr, mask=mask, other=0.0)
+        w1 = (1 - beta1).to(cd)
+        m = tl.where(w1 < 0.5, m + w1 * (rg - m), rg - (rg - m) * (1 - w1))  # torch's lerp
+        b2 = beta2.to(cd)
+        if ROW:
+            v_ptr = V + tl.load(info + 5) + rows
+            v = tl.load(v_ptr, mask=rmask, other=0.0) * b2 + tl.sum(rg * rg, axis=1) * (1 - b2)
+            tl.store(v_ptr, v, mask=wrow)
+            if AMSGRAD:
+                vmax_ptr = VMAX + tl.load(info + 6) + rows
+                v = tl.maximum(tl.load(vmax_ptr, mask=rmask, other=0.0), v)
+                tl.store(vmax_ptr, v, mask=wrow)
+            coef = neg_step / (tl.sqrt(v) / bc2_sqrt + eps)
+            u = m * coef[:, None]
+        else:
+            v_ptr = V + tl.load(info + 5) + elem
+            v = tl.load(v_ptr, mask=mask, other=0.0) * b2 + rg * rg * (1 - b2)
+            tl.store(v_ptr, v, mask=wmask)
+            if AMSGRAD:
+                vmax_ptr = VMAX + tl.load(info + 6) + elem
+                v = tl.maximum(tl.load(vmax_ptr, mask=mask, other=0.0), v)
+                tl.store(vmax_ptr, v, mask=wmask)
+            u = m / (tl.sqrt(v) / bc2_sqrt + eps) * neg_step
+            u = u - tl.sum(x * u, axis=1)[:, None] * x  # m / denom is not tangent
+        y, m = _retract(x, u, m, EXP, True)
+        x_ptr = X + tl.load(info + 2) + elem
+        tl.store(x_ptr, (y * radius.to(cd)).to(X.dtype.element_ty), mask=wmask)
+        tl.store(m_ptr, m, mask=wmask)
+
+    @triton.jit
+    def _sgd_kernel(
+        X, G, B, TILES, INFO, HYPER, LR, FOUND_INF, SIZE,
+        N_INFO: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+        MAXIMIZE: tl.constexpr, EXP: tl.constexpr, MOMENTUM: tl.constexpr, FIRST: tl.constexpr,
+        NESTEROV: tl.constexpr, LR_TENSOR: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+    ):  # fmt: skip
+        t, info, _, elem, _, mask = _tile(TILES, INFO, N_INFO, SIZE, BLOCK_R, BLOCK_N)
+        cd = HYPER.dtype.element_ty  # float32 or float64: the compute dtype
+        wmask = mask
+        if HAS_FOUND_INF:
+            wmask = _unless(mask, FOUND_INF)
+        lr = tl.load(HYPER)
+        if LR_TENSOR:
+            lr = tl.load(LR).to(cd)
+        momentum = tl.load(HYPER + 1)
+        dampening = tl.load(HYPER + 2)
+        radius = tl.load(HYPER + 5 + t)
+        inv_r = 1 / radius
+        x = tl.load(X + tl.load(info + 2) + elem, mask=mask, other=0.0).to(cd) * inv_r
+        g = tl.load(G + tl.load(info + 3) + elem, mask=mask, other=0.0).to(cd)
+        if MAXIMIZE:
+            g = -g
+        rg = g - tl.sum(x * g, axis=1)[:, None] * x
+        d = rg
+        b = rg
+        if MOMENTUM:
+            b_ptr = B + tl.load(info + 4) + elem
+            if not FIRST:  # torch: the first buffer is the gradient itself
+                b = tl.load(b_ptr, mask=mask, other=0.0) * momentum + rg * (1 - dampening)
+            d = rg + momentum * b if NESTEROV else b
+        y, b = _retract(x, d * (-lr * inv_r), b, EXP, MOMENTUM)
+        tl.store(X + tl.load(info + 2) + elem, (y * radius).to(X.dtype.element_ty), mask=wmask)
+        if MOMENTUM:
+            tl.store(b_ptr, b, mask=wmask)
+
+    @triton.jit
+    def _renorm_kernel(
+        X, G, OUT, TILES, INFO, HYPER, FOUND_INF, SIZE,
+        N_INFO: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+        PROJECT: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+    ):  # fmt: skip
+        """``PROJECT=False``: x <- r x / |x| in place; ``True``: OUT <- g - <x, g> x / r^2."""
+        t, info, _, elem, _, mask = _tile(TILES, INFO, N_INFO, SIZE, BLOCK_R, BLOCK_N)
+        cd = HYPER.dtype.element_ty
+        radius = tl.load(HYPER + 5 + t)
+        x_ptr = X + tl.load(info + 2) + elem
+        x = tl.load(x_ptr, mask=mask, other=0.0).to(cd)
+        if PROJECT:
+            g = tl.load(G + tl.load(info + 3) + elem, mask=mask, other=0.0).to(cd)
+            out = g - (tl.sum(x * g, axis=1) / (radius * radius))[:, None] * x
+            tl.store(OUT + tl.load(info + 4) + elem, out.to(OUT.dtype.element_ty), mask=mask)
+        else:
+            wmask = mask
+            if HAS_FOUND_INF:
+                wmask = _unless(mask, FOUND_INF)
+            y = x * (radius / tl.sqrt(tl.sum(x * x, axis=1)))[:, None]
+            tl.store(x_ptr, y.to(X.dtype.element_ty), mask=wmask)
+
+    @triton.jit
+    def _nonfinite_kernel(G, INFO, FLAG, PROGRAMS, BLOCK: tl.constexpr):
+        """FLAG <- 1 if some element of a gradient is NaN or infinite (each read once)."""
+        t = tl.program_id(0).to(tl.int64)
+        p = tl.program_id(1).to(tl.int64)
+        numel = tl.load(INFO + 2 * t)
+        base = G + tl.load(INFO + 2 * t + 1)
+        idx = tl.arange(0, BLOCK).to(tl.int64)
+        bad = tl.zeros((BLOCK,), dtype=tl.int32)
+        for start in range(p * BLOCK, numel, PROGRAMS * BLOCK):
+            g = tl.load(base + start + idx, mask=start + idx < numel, other=0.0).to(tl.float32)
+            bad = bad | ((g * 0.0) != 0.0).to(tl.int32)  # inf * 0 and NaN * 0 are NaN
+        tl.atomic_max(FLAG, tl.max(bad, axis=0))
+
+
+# ---------------------------------------------------------------------- host side: tables
+
+
+_CACHE: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+_CACHE_SIZE = 64
+
+
+def _cached(key: tuple[Any, ...], make: Any) -> Any:
+    hit = _CACHE.get(key)
+    if hit is None:
+        hit = _CACHE[key] = make()
+        if len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    else:
+        _CACHE.move_to_end(key)
+    return hit
+
+
+def _offsets(ts: Sequence[Tensor | None]) -> tuple[Tensor | None, list[int]]:
+    """The lowest-addressed tensor of ``ts`` and each one's element offset from it."""
+    real = [t for t in ts if t is not None]
+    if not real:
+        return None, [0] * len(ts)
+    base = min(real, key=Tensor.data_ptr)
+    size = base.element_size()
+    out = []
+    for t in ts:
+        if t is None:
+            out.append(0)
+            continue
+        delta = t.data_ptr() - base.data_ptr()
+        if delta % size:  # cannot happen for tensors of one dtype; checked, not assumed
+            raise RuntimeError("spheretorch kernels: misaligned tensor in a multi-tensor launch")
+        out.append(delta // size)
+    return base, out
+
+
+def _blocks(size: int) -> tuple[int, int, int]:
+    """``(BLOCK_R, BLOCK_N, num_warps)`` for spheres of ``size`` values."""
+    block_n = triton.next_power_of_2(size)
+    block_r = max(1, _TILE // block_n)
+    num_warps = min(16, max(1, block_n * block_r // 256))
+    return block_r, block_n, num_warps
+
+
+def _plan(
+    lists: Sequence[Sequence[Tensor | None]],
+    layouts: Sequence[SphereLayout],
+    block_r: int,
+) -> tuple[list[Tensor | None], Tensor, Tensor]:
+    """Bases of ``lists``, the INFO table (count, inner, offsets...) and the TILES table, on
+    the device, cached by the tensors' addresses and shapes."""
+    device = lists[0][0].device  # type: ignore[union-attr]
+    key = (
+        device,
+        block_r,
+        tuple(tuple(0 if t is None else t.data_ptr() for t in ts) for ts in lists),
+        tuple((lay.outer, lay.size, lay.inner) for lay in layouts),
+    )
+
+    def make() -> tuple[list[Tensor | None], Tensor, Tensor]:
+        bases, offs = zip(*(_offsets(ts) for ts in lists))
+        info = []
+        tiles = []
+        for i, lay in enumerate(layouts):
+            info.append([lay.count, lay.inner, *(o[i] for o in offs)])
+            tiles.extend(v for s in range(0, lay.count, block_r) for v in (i, s))
+        width = max(len(row) for row in info)
+        info = [row + [0] * (width - len(row)) for row in info]
+        info_t = torch.tensor(info, dtype=torch.int64).to(device)
+        tiles_t = torch.tensor(tiles, dtype=torch.int64).to(device)
+        # the bases are kept only as addresses' owners for this launch; hold no reference
+        return [None if b is None else b.data_ptr() for b in bases], info_t, tiles_t
+
+    ptrs, info_t, tiles_t = _cached(key, make)
+    bases = []
+    for ts, ptr in zip(lists, ptrs):
+        bases.append(next((t for t in ts if t is not None and t.data_ptr() == ptr), None))
+    return bases, info_t, tiles_t
+
+
+def _hyper(
+    device: torch.device, dtype: torch.dtype, values: Sequence[float], radii: Sequence[float]
+) -> Tensor:
+    """``[lr, beta1/momentum, beta2/dampening, eps, step, radius_0, radius_1, ...]`` as a
+    tensor of ``dtype`` on ``device`` (cached by value: a constant schedule costs no copy)."""
+    key = ("hyper", device, dtype, tuple(values), tuple(radii))
+    return _cached(key, lambda: torch.tensor([*values, *radii], dtype=dtype).to(device))
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _dummy(like: Tensor) -> Tensor:
+    return torch.empty(1, dtype=torch.float32, device=like.device)
+
+
+def _by_size(layouts: Sequence[SphereLayout]) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for i, lay in enumerate(layouts):
+        out.setdefault(lay.size, []).append(i)
+    return out
+
+
+def _pick(ts: Sequence[Any], idx: Sequence[int]) -> list[Any]:
+    return [ts[i] for i in idx]
+
+
+def _value(x: float | Tensor | None) -> float:
+    return 0.0 if x is None or isinstance(x, Tensor) else float(x)
+
+
+# ---------------------------------------------------------------------- host side: launches
+
+
+def sphere_adam_(
+    xs: Sequence[Tensor],
+    gs: Sequence[Tensor],
+    ms: Sequence[Tensor],
+    vs: Sequence[Tensor],
+    vmaxs: Sequence[Tensor],
+    layouts: Sequence[SphereLayout],
+    radii: Sequence[float],
+    *,
+    steps: Sequence[Tensor] | None,
+    step: float | None,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    maximize: bool,
+    row: bool,
+    exp: bool,
+    found_inf: Tensor | None,
+) -> None:
+    """One RiemannianAdam step of sphere tensors of one dtype (all contiguous; ``ms``, ``vs``,
+    ``vmaxs`` in the compute dtype, ``vs`` of ``count`` values per tensor for ``row``).
+
+    ``steps``: per-tensor step counters on the device, already incremented (read by the
+    kernel), or ``None`` with the common ``step`` number given. Writes nothing where
+    ``found_inf`` is nonzero.
+    """
+    amsgrad = bool(vmaxs)
+    cd = _compute_dtype(xs[0].dtype)
+    lr_tensor = isinstance(lr, Tensor)
+    dummy = _dummy(xs[0])
+    for size, idx in _by_size(layouts).items():
+        block_r, block_n, warps = _blocks(size)
+        lists = [_pick(xs, idx), _pick(gs, idx), _pick(ms, idx), _pick(vs, idx)]
+        lists.append(_pick(vmaxs, idx) if amsgrad else [None] * len(idx))
+        lists.append(_pick(steps, idx) if steps is not None else [None] * len(idx))
+        bases, info, tiles = _plan(lists, _pick(layouts, idx), block_r)
+        hyper = _hyper(
+            xs[0].device,
+            torch.float64,
+            [_value(lr), beta1, beta2, eps, _value(step)],
+            _pick(radii, idx),
+        )
+        _adam_kernel[(tiles.shape[0] // 2,)](
+            bases[0], bases[1], bases[2], bases[3],
+            bases[4] if amsgrad else dummy,
+            bases[5] if steps is not None else dummy,
+            tiles, info, hyper,
+            lr if lr_tensor else dummy,
+            found_inf if found_inf is not None else dummy,
+            size,
+            N_INFO=info.shape[1], BLOCK_R=block_r, BLOCK_N=block_n,
+            MAXIMIZE=maximize, ROW=row, EXP=exp, AMSGRAD=amsgrad,
+            LR_TENSOR=lr_tensor, STEP_TENSOR=steps is not None,
+            HAS_FOUND_INF=found_inf is not None, num_warps=warps,
+        )  # fmt: skip
+    del cd
+
+
+def sphere_sgd_(
+    xs: Sequence[Tensor],
+    gs: Sequence[Tensor],
+    bufs: Sequence[Tensor] | None,
+    layouts: Sequence[SphereLayout],
+    radii: Sequence[float],
+    *,
+    lr: float | Tensor,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+    exp: bool,
+    first: bool,
+    found_inf: Tensor | None,
+) -> None:
+    """One RiemannianSGD step (``bufs=None``: no momentum; ``first``: the buffers are set to
+    the Riemannian gradient, torch's first step). Writes nothing where ``found_inf`` is
+    nonzero."""
+    cd = _compute_dtype(xs[0].dtype)
+    lr_tensor = isinstance(lr, Tensor)
+    dummy = _dummy(xs[0])
+    for size, idx in _by_size(layouts).items():
+        block_r, block_n, warps = _blocks(size)
+        lists = [_pick(xs, idx), _pick(gs, idx)]
+        lists.append(_pick(bufs, idx) if bufs is not None else [None] * len(idx))
+        bases, info, tiles = _plan(lists, _pick(layouts, idx), block_r)
+        hyper = _hyper(
+            xs[0].device, cd, [_value(lr), momentum, dampening, 0.0, 0.0], _pick(radii, idx)
+        )
+        _sgd_kernel[(tiles.shape[0] // 2,)](
+            bases[0], bases[1], bases[2] if bufs is not None else dummy,
+            tiles, info, hyper,
+            lr if lr_tensor else dummy,
+            found_inf if found_inf is not None else dummy,
+            size,
+            N_INFO=info.shape[1], BLOCK_R=block_r, BLOCK_N=block_n,
+            MAXIMIZE=maximize, EXP=exp, MOMENTUM=bufs is not None, FIRST=first,
+            NESTEROV=nesterov, LR_TENSOR=lr_tensor, HAS_FOUND_INF=found_inf is not None,
+            num_warps=warps,
+        )  # fmt: skip
+
+
+def _row_op(
+    xs: Sequence[Tensor],
+    gs: Sequence[Tensor] | None,
+    outs: Sequence[Tensor] | None,
+    layouts: Sequence[SphereLayout],
+    radii: Sequence[float],
+    found_inf: Tensor | None,
+) -> None:
+    cd = _compute_dtype(xs[0].dtype)
+    dummy = _dummy(xs[0])
+    project_ = gs is not None
+    for size, idx in _by_size(layouts).items():
+        block_r, block_n, warps = _blocks(size)
+        lists = [_pick(xs, idx)]
+        if project_:
+            lists += [_pick(gs, idx), _pick(outs, idx)]  # type: ignore[arg-type]
+        bases, info, tiles = _plan(lists, _pick(layouts, idx), block_r)
+        hyper = _hyper(xs[0].device, cd, [0.0] * 5, _pick(radii, idx))
+        _renorm_kernel[(tiles.shape[0] // 2,)](
+            bases[0], bases[1] if project_ else dummy, bases[2] if project_ else dummy,
+            tiles, info, hyper,
+            found_inf if found_inf is not None else dummy,
+            size,
+            N_INFO=info.shape[1], BLOCK_R=block_r, BLOCK_N=block_n,
+            PROJECT=project_, HAS_FOUND_INF=found_inf is not None, num_warps=warps,
+        )  # fmt: skip
+
+
+def renormalize_(
+    xs: Sequence[Tensor],
+    layouts: Sequence[SphereLayout],
+    radii: Sequence[float],
+    *,
+    keep: Tensor | None = None,
+) -> None:
+    r"""In place :math:`x \leftarrow r\,x / \|x\|` on every sphere; nothing changes where
+    ``keep`` (0-d) is nonzero."""
+    _row_op(xs, None, None, layouts, radii, keep)
+
+
+def project(
+    xs: Sequence[Tensor],
+    gs: Sequence[Tensor],
+    layouts: Sequence[SphereLayout],
+    radii: Sequence[float],
+) -> list[Tensor]:
+    r"""New tensors :math:`g - \langle x, g\rangle x / r^2` (the tangent part of ``g`` at
+    ``x``), in ``g``'s dtype."""
+    outs = [torch.empty_like(g, memory_format=torch.contiguous_format) for g in gs]
+    gs = [g.contiguous() for g in gs]
+    _row_op(xs, gs, outs, layouts, radii, None)
+    return outs
+
+
+def nonfinite_flag(grads: Sequence[Tensor]) -> Tensor:
+    """0-d float32 tensor on the gradients' device: 1 when some gradient holds a NaN or an
+    infinity, else 0; one launch per dtype, each element read once, no host synchronisation.
+    Gradients must be contiguous."""
+    device = grads[0].device
+    flag = torch.zeros((), dtype=torch.int32, device=device)
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    for gs in by_dtype.values():
+        key = ("scan", device, tuple((g.data_ptr(), g.numel()) for g in gs))
+
+        def make(gs: list[Tensor] = gs) -> tuple[int, Tensor]:
+            base, offs = _offsets(gs)
+            rows = [v for g, o in zip(gs, offs) for v in (g.numel(), o)]
+            assert base is not None
+            return base.data_ptr(), torch.tensor(rows, dtype=torch.int64).to(device)
+
+        ptr, info = _cached(key, make)
+        base = next(g for g in gs if g.data_ptr() == ptr)
+        block = 1024
+        most = max(math.ceil(g.numel() / block) for g in gs)
+        programs = min(64, most)
+        _nonfinite_kernel[(len(gs), programs)](base, info, flag, programs, BLOCK=block)
+    return flag.to(torch.float32)
