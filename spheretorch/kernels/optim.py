@@ -40,22 +40,20 @@ moments and step counters stay bitwise unchanged without a host synchronisation.
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
+import sys
 from collections import OrderedDict
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..sphere.layout import SphereLayout
-
-try:  # triton is an optional (GPU / dev) dependency
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised where triton is absent
-    triton = None
-    tl = None
+from .backend import triton_available
 
 __all__ = [
     "MAX_ROW",
@@ -71,6 +69,8 @@ __all__ = [
 MAX_ROW = 16384
 #: values per program (``BLOCK_R * BLOCK_N``): enough to hide latency, few enough registers
 _TILE = 2048
+#: the same through Triton's interpreter (CPU tensors, the tests): small tiles waste less
+_TILE_INTERPRETED = 64
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
@@ -78,7 +78,7 @@ def handles(xs: Sequence[Tensor], layouts: Sequence[SphereLayout], *others: Sequ
     """Whether these tensors can go through the kernels: contiguous, supported dtypes, spheres
     of at most :data:`MAX_ROW` values, no autograd, not DTensors. ``others``: lists (of
     gradients, moments, ...) that must be contiguous too (``None`` entries allowed)."""
-    if triton is None:
+    if not triton_available():
         return False
     for x, lay in zip(xs, layouts):
         if x.dtype not in _DTYPES or lay.size > MAX_ROW or not x.is_contiguous():
@@ -88,211 +88,6 @@ def handles(xs: Sequence[Tensor], layouts: Sequence[SphereLayout], *others: Sequ
         if type(x) is not torch.Tensor and not isinstance(x, torch.nn.Parameter):
             return False  # DTensor and other subclasses
     return all(t is None or t.is_contiguous() for ts in others for t in ts)
-
-
-# ---------------------------------------------------------------------- the kernels
-
-if triton is not None:
-
-    @triton.jit
-    def _sinc(t):
-        # sin(t)/t with its series below the threshold of spheretorch.sphere.sinc (exact to
-        # the last ulp there: 0.25 in float32, 1e-2 in float64)
-        if t.dtype == tl.float64:
-            small = t < 0.01
-        else:
-            small = t < 0.25
-        t2 = t * t
-        series = 1 - t2 / 6 * (1 - t2 / 20 * (1 - t2 / 42))
-        safe = tl.where(small, 1.0, t)
-        return tl.where(small, series, tl.sin(safe) / safe)
-
-    @triton.jit
-    def _unless(mask, FOUND_INF):
-        """``mask`` where the 0-d ``*FOUND_INF`` is zero, else all false (the device-side
-        skip). The flag is broadcast to ``mask``'s shape before the ``&``."""
-        flag = tl.load(FOUND_INF).to(tl.float32) + tl.zeros(mask.shape, tl.float32)
-        return mask & (flag == 0)
-
-    @triton.jit
-    def _tile(
-        TILES, INFO, N_INFO: tl.constexpr, SIZE, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr
-    ):
-        """Tensor index, sphere indices, element offsets and masks of this program's tile."""
-        pid = tl.program_id(0).to(tl.int64)
-        t = tl.load(TILES + 2 * pid)
-        s0 = tl.load(TILES + 2 * pid + 1)
-        info = INFO + t * N_INFO
-        count = tl.load(info)
-        inner = tl.load(info + 1)
-        rows = s0 + tl.arange(0, BLOCK_R).to(tl.int64)
-        cols = tl.arange(0, BLOCK_N).to(tl.int64)
-        outer_i = rows // inner
-        base = outer_i * SIZE * inner + (rows - outer_i * inner)
-        elem = base[:, None] + cols[None, :] * inner
-        rmask = rows < count
-        mask = rmask[:, None] & (cols < SIZE)[None, :]
-        return t, info, rows, elem, rmask, mask
-
-    @triton.jit
-    def _retract(x, u, m, EXP: tl.constexpr, HAS_M: tl.constexpr):
-        """``(R_x(u), m moved there)`` on the unit sphere, per row of the tile: projective
-        retraction + projection, or exponential map + parallel transport (the formulas of
-        :func:`spheretorch.sphere.foreach.expmap_`)."""
-        if EXP:
-            n = tl.sqrt(tl.sum(u * u, axis=1))
-            sinc_n = _sinc(n)
-            if HAS_M:
-                k = tl.sum(u * m, axis=1)
-                half = _sinc(n * 0.5)
-                m = m - (0.5 * half * half * k)[:, None] * u
-                m = m - (k * sinc_n)[:, None] * x
-            y = tl.cos(n)[:, None] * x + sinc_n[:, None] * u
-        else:
-            y = x + u
-        y = y / tl.sqrt(tl.sum(y * y, axis=1))[:, None]
-        if HAS_M and not EXP:
-            m = m - tl.sum(y * m, axis=1)[:, None] * y
-        return y, m
-
-    @triton.jit
-    def _adam_kernel(
-        X, G, M, V, VMAX, STEP, TILES, INFO, HYPER, LR, FOUND_INF, SIZE,
-        N_INFO: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-        MAXIMIZE: tl.constexpr, ROW: tl.constexpr, EXP: tl.constexpr, AMSGRAD: tl.constexpr,
-        LR_TENSOR: tl.constexpr, STEP_TENSOR: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-    ):  # fmt: skip
-        t, info, rows, elem, rmask, mask = _tile(TILES, INFO, N_INFO, SIZE, BLOCK_R, BLOCK_N)
-        cd = M.dtype.element_ty  # the compute dtype (moments are kept in it)
-        wmask = mask
-        wrow = rmask
-        if HAS_FOUND_INF:
-            wmask = _unless(mask, FOUND_INF)
-            wrow = _unless(rmask, FOUND_INF)
-        # hyper-parameters: float64 scalars, per-tensor step and radius
-        lr = tl.load(HYPER)
-        beta1 = tl.load(HYPER + 1)
-        beta2 = tl.load(HYPER + 2)
-        eps = tl.load(HYPER + 3).to(cd)
-        if LR_TENSOR:
-            lr = tl.load(LR).to(tl.float64)
-        if STEP_TENSOR:
-            step = tl.load(STEP + tl.load(info + 7)).to(tl.float64)
-        else:
-            step = tl.load(HYPER + 4)
-        radius = tl.load(HYPER + 5 + t)
-        bc1 = 1 - tl.exp(step * tl.log(beta1))
-        bc2_sqrt = tl.sqrt(1 - tl.exp(step * tl.log(beta2))).to(cd)
-        neg_step = (-lr / bc1 / radius).to(cd)  # the step in unit-sphere coordinates
-        inv_r = (1 / radius).to(cd)
-
-        x = tl.load(X + tl.load(info + 2) + elem, mask=mask, other=0.0).to(cd) * inv_r
-        g = tl.load(G + tl.load(info + 3) + elem, mask=mask, other=0.0).to(cd)
-        if MAXIMIZE:
-            g = -g
-        rg = g - tl.sum(x * g, axis=1)[:, None] * x
-        m_ptr = M + tl.load(info + 4) + elem
-        m = tl.load(m_ptr, mask=mask, other=0.0)
-        w1 = (1 - beta1).to(cd)
-        m = tl.where(w1 < 0.5, m + w1 * (rg - m), rg - (rg - m) * (1 - w1))  # torch's lerp
-        b2 = beta2.to(cd)
-        if ROW:
-            v_ptr = V + tl.load(info + 5) + rows
-            v = tl.load(v_ptr, mask=rmask, other=0.0) * b2 + tl.sum(rg * rg, axis=1) * (1 - b2)
-            tl.store(v_ptr, v, mask=wrow)
-            if AMSGRAD:
-                vmax_ptr = VMAX + tl.load(info + 6) + rows
-                v = tl.maximum(tl.load(vmax_ptr, mask=rmask, other=0.0), v)
-                tl.store(vmax_ptr, v, mask=wrow)
-            coef = neg_step / (tl.sqrt(v) / bc2_sqrt + eps)
-            u = m * coef[:, None]
-        else:
-            v_ptr = V + tl.load(info + 5) + elem
-            v = tl.load(v_ptr, mask=mask, other=0.0) * b2 + rg * rg * (1 - b2)
-            tl.store(v_ptr, v, mask=wmask)
-            if AMSGRAD:
-                vmax_ptr = VMAX + tl.load(info + 6) + elem
-                v = tl.maximum(tl.load(vmax_ptr, mask=mask, other=0.0), v)
-                tl.store(vmax_ptr, v, mask=wmask)
-            u = m / (tl.sqrt(v) / bc2_sqrt + eps) * neg_step
-            u = u - tl.sum(x * u, axis=1)[:, None] * x  # m / denom is not tangent
-        y, m = _retract(x, u, m, EXP, True)
-        x_ptr = X + tl.load(info + 2) + elem
-        tl.store(x_ptr, (y * radius.to(cd)).to(X.dtype.element_ty), mask=wmask)
-        tl.store(m_ptr, m, mask=wmask)
-
-    @triton.jit
-    def _sgd_kernel(
-        X, G, B, TILES, INFO, HYPER, LR, FOUND_INF, SIZE,
-        N_INFO: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-        MAXIMIZE: tl.constexpr, EXP: tl.constexpr, MOMENTUM: tl.constexpr, FIRST: tl.constexpr,
-        NESTEROV: tl.constexpr, LR_TENSOR: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-    ):  # fmt: skip
-        t, info, _, elem, _, mask = _tile(TILES, INFO, N_INFO, SIZE, BLOCK_R, BLOCK_N)
-        cd = HYPER.dtype.element_ty  # float32 or float64: the compute dtype
-        wmask = mask
-        if HAS_FOUND_INF:
-            wmask = _unless(mask, FOUND_INF)
-        lr = tl.load(HYPER)
-        if LR_TENSOR:
-            lr = tl.load(LR).to(cd)
-        momentum = tl.load(HYPER + 1)
-        dampening = tl.load(HYPER + 2)
-        radius = tl.load(HYPER + 5 + t)
-        inv_r = 1 / radius
-        x = tl.load(X + tl.load(info + 2) + elem, mask=mask, other=0.0).to(cd) * inv_r
-        g = tl.load(G + tl.load(info + 3) + elem, mask=mask, other=0.0).to(cd)
-        if MAXIMIZE:
-            g = -g
-        rg = g - tl.sum(x * g, axis=1)[:, None] * x
-        d = rg
-        b = rg
-        if MOMENTUM:
-            b_ptr = B + tl.load(info + 4) + elem
-            if not FIRST:  # torch: the first buffer is the gradient itself
-                b = tl.load(b_ptr, mask=mask, other=0.0) * momentum + rg * (1 - dampening)
-            d = rg + momentum * b if NESTEROV else b
-        y, b = _retract(x, d * (-lr * inv_r), b, EXP, MOMENTUM)
-        tl.store(X + tl.load(info + 2) + elem, (y * radius).to(X.dtype.element_ty), mask=wmask)
-        if MOMENTUM:
-            tl.store(b_ptr, b, mask=wmask)
-
-    @triton.jit
-    def _renorm_kernel(
-        X, G, OUT, TILES, INFO, HYPER, FOUND_INF, SIZE,
-        N_INFO: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-        PROJECT: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-    ):  # fmt: skip
-        """``PROJECT=False``: x <- r x / |x| in place; ``True``: OUT <- g - <x, g> x / r^2."""
-        t, info, _, elem, _, mask = _tile(TILES, INFO, N_INFO, SIZE, BLOCK_R, BLOCK_N)
-        cd = HYPER.dtype.element_ty
-        radius = tl.load(HYPER + 5 + t)
-        x_ptr = X + tl.load(info + 2) + elem
-        x = tl.load(x_ptr, mask=mask, other=0.0).to(cd)
-        if PROJECT:
-            g = tl.load(G + tl.load(info + 3) + elem, mask=mask, other=0.0).to(cd)
-            out = g - (tl.sum(x * g, axis=1) / (radius * radius))[:, None] * x
-            tl.store(OUT + tl.load(info + 4) + elem, out.to(OUT.dtype.element_ty), mask=mask)
-        else:
-            wmask = mask
-            if HAS_FOUND_INF:
-                wmask = _unless(mask, FOUND_INF)
-            y = x * (radius / tl.sqrt(tl.sum(x * x, axis=1)))[:, None]
-            tl.store(x_ptr, y.to(X.dtype.element_ty), mask=wmask)
-
-    @triton.jit
-    def _nonfinite_kernel(G, INFO, FLAG, PROGRAMS, BLOCK: tl.constexpr):
-        """FLAG <- 1 if some element of a gradient is NaN or infinite (each read once)."""
-        t = tl.program_id(0).to(tl.int64)
-        p = tl.program_id(1).to(tl.int64)
-        numel = tl.load(INFO + 2 * t)
-        base = G + tl.load(INFO + 2 * t + 1)
-        idx = tl.arange(0, BLOCK).to(tl.int64)
-        bad = tl.zeros((BLOCK,), dtype=tl.int32)
-        for start in range(p * BLOCK, numel, PROGRAMS * BLOCK):
-            g = tl.load(base + start + idx, mask=start + idx < numel, other=0.0).to(tl.float32)
-            bad = bad | ((g * 0.0) != 0.0).to(tl.int32)  # inf * 0 and NaN * 0 are NaN
-        tl.atomic_max(FLAG, tl.max(bad, axis=0))
 
 
 # ---------------------------------------------------------------------- host side: tables
@@ -332,10 +127,52 @@ def _offsets(ts: Sequence[Tensor | None]) -> tuple[Tensor | None, list[int]]:
     return base, out
 
 
-def _blocks(size: int) -> tuple[int, int, int]:
+_JIT: dict[bool, Any] = {}
+
+
+def _jit(device: torch.device) -> Any:
+    """The kernels of ``_optim_jit.py``: interpreted for CPU tensors, compiled for CUDA ones.
+
+    Triton decides between its interpreter and its compiler when a function is decorated,
+    from ``TRITON_INTERPRET``; the module is loaded once per mode with that variable set
+    accordingly, so that the choice follows the device whatever the environment held when
+    spheretorch was imported.
+    """
+    interpret = device.type != "cuda"
+    mod = _JIT.get(interpret)
+    if mod is None:
+        # triton itself first, in the process's own mode (its standard library must not
+        # change mode later); only this module's functions are decorated in the device's
+        import triton.language  # noqa: F401
+
+        old = os.environ.get("TRITON_INTERPRET")
+        os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
+        try:
+            name = f"{__package__}._optim_jit_{'interpreted' if interpret else 'compiled'}"
+            spec = importlib.util.spec_from_file_location(
+                name, Path(__file__).with_name("_optim_jit.py")
+            )
+            assert spec is not None and spec.loader is not None
+            mod = importlib.util.module_from_spec(spec)
+            sys.modules[name] = mod  # triton resolves the helpers through the module
+            spec.loader.exec_module(mod)
+        finally:
+            if old is None:
+                del os.environ["TRITON_INTERPRET"]
+            else:
+                os.environ["TRITON_INTERPRET"] = old
+        _JIT[interpret] = mod
+    return mod
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _blocks(size: int, device: torch.device) -> tuple[int, int, int]:
     """``(BLOCK_R, BLOCK_N, num_warps)`` for spheres of ``size`` values."""
-    block_n = triton.next_power_of_2(size)
-    block_r = max(1, _TILE // block_n)
+    block_n = _next_power_of_2(size)
+    block_r = max(1, (_TILE if device.type == "cuda" else _TILE_INTERPRETED) // block_n)
     num_warps = min(16, max(1, block_n * block_r // 256))
     return block_r, block_n, num_warps
 
@@ -439,11 +276,11 @@ def sphere_adam_(
     ``found_inf`` is nonzero.
     """
     amsgrad = bool(vmaxs)
-    cd = _compute_dtype(xs[0].dtype)
+    device = xs[0].device
     lr_tensor = isinstance(lr, Tensor)
     dummy = _dummy(xs[0])
     for size, idx in _by_size(layouts).items():
-        block_r, block_n, warps = _blocks(size)
+        block_r, block_n, warps = _blocks(size, device)
         lists = [_pick(xs, idx), _pick(gs, idx), _pick(ms, idx), _pick(vs, idx)]
         lists.append(_pick(vmaxs, idx) if amsgrad else [None] * len(idx))
         lists.append(_pick(steps, idx) if steps is not None else [None] * len(idx))
@@ -454,7 +291,7 @@ def sphere_adam_(
             [_value(lr), beta1, beta2, eps, _value(step)],
             _pick(radii, idx),
         )
-        _adam_kernel[(tiles.shape[0] // 2,)](
+        _jit(device)._adam_kernel[(tiles.shape[0] // 2,)](
             bases[0], bases[1], bases[2], bases[3],
             bases[4] if amsgrad else dummy,
             bases[5] if steps is not None else dummy,
@@ -467,7 +304,6 @@ def sphere_adam_(
             LR_TENSOR=lr_tensor, STEP_TENSOR=steps is not None,
             HAS_FOUND_INF=found_inf is not None, num_warps=warps,
         )  # fmt: skip
-    del cd
 
 
 def sphere_sgd_(
@@ -490,17 +326,18 @@ def sphere_sgd_(
     the Riemannian gradient, torch's first step). Writes nothing where ``found_inf`` is
     nonzero."""
     cd = _compute_dtype(xs[0].dtype)
+    device = xs[0].device
     lr_tensor = isinstance(lr, Tensor)
     dummy = _dummy(xs[0])
     for size, idx in _by_size(layouts).items():
-        block_r, block_n, warps = _blocks(size)
+        block_r, block_n, warps = _blocks(size, device)
         lists = [_pick(xs, idx), _pick(gs, idx)]
         lists.append(_pick(bufs, idx) if bufs is not None else [None] * len(idx))
         bases, info, tiles = _plan(lists, _pick(layouts, idx), block_r)
         hyper = _hyper(
             xs[0].device, cd, [_value(lr), momentum, dampening, 0.0, 0.0], _pick(radii, idx)
         )
-        _sgd_kernel[(tiles.shape[0] // 2,)](
+        _jit(device)._sgd_kernel[(tiles.shape[0] // 2,)](
             bases[0], bases[1], bases[2] if bufs is not None else dummy,
             tiles, info, hyper,
             lr if lr_tensor else dummy,
@@ -522,16 +359,17 @@ def _row_op(
     found_inf: Tensor | None,
 ) -> None:
     cd = _compute_dtype(xs[0].dtype)
+    device = xs[0].device
     dummy = _dummy(xs[0])
     project_ = gs is not None
     for size, idx in _by_size(layouts).items():
-        block_r, block_n, warps = _blocks(size)
+        block_r, block_n, warps = _blocks(size, device)
         lists = [_pick(xs, idx)]
         if project_:
             lists += [_pick(gs, idx), _pick(outs, idx)]  # type: ignore[arg-type]
         bases, info, tiles = _plan(lists, _pick(layouts, idx), block_r)
         hyper = _hyper(xs[0].device, cd, [0.0] * 5, _pick(radii, idx))
-        _renorm_kernel[(tiles.shape[0] // 2,)](
+        _jit(device)._renorm_kernel[(tiles.shape[0] // 2,)](
             bases[0], bases[1] if project_ else dummy, bases[2] if project_ else dummy,
             tiles, info, hyper,
             found_inf if found_inf is not None else dummy,
@@ -590,5 +428,5 @@ def nonfinite_flag(grads: Sequence[Tensor]) -> Tensor:
         block = 1024
         most = max(math.ceil(g.numel() / block) for g in gs)
         programs = min(64, most)
-        _nonfinite_kernel[(len(gs), programs)](base, info, flag, programs, BLOCK=block)
+        _jit(device)._nonfinite_kernel[(len(gs), programs)](base, info, flag, programs, BLOCK=block)
     return flag.to(torch.float32)

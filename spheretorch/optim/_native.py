@@ -304,7 +304,9 @@ def riemannian_sgd(
     _written(xs, bufs)
 
 
-def renormalize(xs: list[Tensor], dims: Sequence[int | SphereLayout], *, keep: Tensor | None = None) -> None:
+def renormalize(
+    xs: list[Tensor], dims: Sequence[int | SphereLayout], *, keep: Tensor | None = None
+) -> None:
     r"""In place :math:`x \leftarrow x / \|x\|` along ``dims``: ``x`` times the reciprocal
     norm, computed from a float64 sum of squares and rounded once, within an ulp of the
     exactly rounded quotient; nothing changes when ``keep`` is nonzero."""

@@ -40,7 +40,7 @@ from ._functional import (
     work_units,
     write_back,
 )
-from ._torch_shims import torch_adam
+from ._torch_shims import same_strides, torch_adam
 from .optimizer import NonfinitePolicy, SphereOptimizer
 
 __all__ = ["RenormAdam", "renorm_adam"]
@@ -359,13 +359,15 @@ def renormalize(
     keep: Tensor | None,
     *,
     foreach: bool = True,
+    native: bool = False,
 ) -> None:
     r"""In place :math:`x \leftarrow r\,x / \|x\|` on every sphere (``dims`` entries: ``None``
     for a Euclidean tensor, an axis, or a :class:`SphereGeometry`); nothing changes where
     ``keep`` (0-d) is nonzero.
 
     By the Triton kernel where :func:`use_triton` (one launch per row length), the native CPU
-    kernel for contiguous CPU tensors (within an ulp of the exactly rounded quotient), else
+    kernel for contiguous CPU tensors with ``native`` (the fused path: within an ulp of the
+    exactly rounded quotient on every axis), else
     :func:`spheretorch.sphere.foreach.normalize_each_` (``foreach=False``: bitwise
     ``x.div_(x.norm(dim, keepdim=True))``); spheres over several axes or of another radius
     one tensor at a time.
@@ -379,7 +381,7 @@ def renormalize(
     if foreach and use_triton(sx) and kernels.handles(sx, layouts):
         kernels.renormalize_(sx, layouts, [g.radius for _, g in sph], keep=keep)
         return
-    if foreach and all(g.radius == 1 for _, g in sph) and _native.usable(sx, host_flags=[keep]):
+    if native and all(g.radius == 1 for _, g in sph) and _native.usable(sx, host_flags=[keep]):
         _native.renormalize(sx, layouts, keep=keep)
         return
     simple = [(x, g) for x, g in sph if _simple(g)]
@@ -415,6 +417,7 @@ def _fused_cpu(
     ``Adam(fused=True)`` on whole parameters followed by the same renormalisation.
     """
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = lists
+    grads = same_strides(params, grads)
     amsgrad, found_inf = hyper["amsgrad"], hyper["found_inf"]
     kernel = torch._fused_adamw_ if hyper["decoupled_weight_decay"] else torch._fused_adam_
     kw = dict(
@@ -436,7 +439,7 @@ def _fused_cpu(
     def flush() -> None:
         if dims:
             kernel(*bucket, weight_decay=key[1], **kw)  # type: ignore[index]
-            renormalize(bucket[0], dims, found_inf)
+            renormalize(bucket[0], dims, found_inf, native=True)
             for lst in bucket:
                 lst.clear()
             dims.clear()

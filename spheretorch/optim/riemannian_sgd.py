@@ -399,7 +399,8 @@ def _foreach_group(
         sub_bufs = pick(momentum_buffers, idx)
         _single_tensor_riemannian_sgd(
             pick(params, idx), pick(grads, idx), sub_bufs, list(geoms),
-            retraction="exp" if exp else "project", weight_decay=0.0, **hyper,
+            retraction="exp" if exp else "project", weight_decay=0.0, lr=lr,
+            momentum=momentum, dampening=dampening, nesterov=nesterov, maximize=maximize,
         )  # fmt: skip
         for i, b in zip(idx, sub_bufs):
             momentum_buffers[i] = b
