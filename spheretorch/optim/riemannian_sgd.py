@@ -343,8 +343,9 @@ def _multi_tensor_riemannian_sgd(
             continue
         if fused and geoms[0].radius == 1 and len(set(first)) == 1 and xs[0].is_cpu:
             gc = [g.contiguous() for g in gs]
-            bufs = _new_buffers(momentum_buffers, params, idx) if momentum != 0 else []
-            if _native.usable(xs, gc, bufs, host_flags=[found_inf]):
+            have = [b for b in pick(momentum_buffers, idx) if b is not None]
+            if _native.usable(xs, gc, have, host_flags=[found_inf]):
+                bufs = _new_buffers(momentum_buffers, params, idx) if momentum != 0 else []
                 _native.riemannian_sgd(
                     xs, gc, bufs, layouts, lr=scalar_value(lr), first=first[0],
                     found_inf=found_inf, **{k: v for k, v in hyper.items() if k != "lr"},
