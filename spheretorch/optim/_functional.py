@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -21,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .. import sphere
-from ..kernels.backend import Backend, backend_for
+from ..kernels.backend import BACKEND_ENV, Backend, backend_for
 from ..sphere.dtensor import global_value, is_dtensor
 from ..sphere.layout import SphereDims, SphereLayout, canonical_sphere_dims, sphere_layout
 from . import _native
@@ -146,7 +147,10 @@ def use_triton(tensors: Sequence[Tensor]) -> bool:
     device with ``SPHERETORCH_FUSED_BACKEND=triton``); never while compiling or for DTensors."""
     if not tensors or compiling() or is_dtensor(tensors[0]):
         return False
-    return backend_for(tensors[0].device) is Backend.TRITON
+    device = tensors[0].device
+    if device.type == "cpu" and BACKEND_ENV not in os.environ:
+        return False  # the common CPU case without reading the switch (small problems)
+    return backend_for(device) is Backend.TRITON
 
 
 def run_masked(found_inf: Tensor | None, written: Sequence[Tensor], fn: Callable[[], None]) -> None:

@@ -216,13 +216,13 @@ class RiemannianAdam(SphereOptimizer):
             dims.append(geo)
 
     def _update(self, group: dict[str, Any], lists: Any, found_inf: Tensor | None) -> None:
+        # None stays None: the functional core's "auto" (the native CPU kernel where it
+        # applies, else the multi-tensor path)
         foreach = group["foreach"]
-        if foreach is None:
-            foreach = default_foreach(lists[0])
         beta1, beta2 = group["betas"]
         riemannian_adam(
             *lists,
-            foreach=foreach and not group["differentiable"],
+            foreach=False if group["differentiable"] else foreach,
             fused=bool(group["fused"]),
             found_inf=found_inf,
             capturable=group["capturable"],
@@ -279,13 +279,16 @@ def riemannian_adam(
     ``found_inf`` (fused only): a 0-d tensor, nonzero to skip the step on the device.
     """
     _check_choices(second_moment, retraction)
+    auto = foreach is None
     if foreach is None:
         foreach = default_foreach(params)
     sphere_dims = [geometry_of(p, d) for p, d in zip(params, sphere_dims)]
     if fused:
         fn: Any = functools.partial(_multi_tensor_riemannian_adam, fused=True, found_inf=found_inf)
     elif foreach:
-        fn = functools.partial(_multi_tensor_riemannian_adam, capturable=capturable)
+        fn = functools.partial(
+            _multi_tensor_riemannian_adam, capturable=capturable, native=auto and not capturable
+        )
     else:
         fn = functools.partial(
             _single_tensor_riemannian_adam, capturable=capturable, differentiable=differentiable
@@ -426,10 +429,12 @@ def _multi_tensor_riemannian_adam(
     capturable: bool = False,
     fused: bool = False,
     found_inf: Tensor | None = None,
+    native: bool = False,
 ) -> None:
     """Multi-tensor implementation (``foreach``, and ``fused`` with ``fused=True``): sphere
     parameters grouped by (device, dtype, layout kind, radius); each group goes to one kernel
-    (the native CPU one for ``fused``, the Triton one where :func:`use_triton`), else to
+    (the native CPU one for ``fused`` and, with ``native``, for the default ``foreach=None``;
+    the Triton one where :func:`use_triton`), else to
     ``_foreach`` ops in cache-sized buckets (CPU). Euclidean ones go to torch's foreach or
     fused Adam. ``found_inf`` (``fused`` only): nonzero skips the step on the device."""
     euclidean, groups = sphere_groups(params, sphere_dims)
@@ -472,7 +477,7 @@ def _multi_tensor_riemannian_adam(
         if use_triton(xs) and kernels.handles(xs, layouts, ms, vs, vmaxs):
             _triton_adam(xs, gs, ms, vs, vmaxs, steps, geoms, lr, opts, found_inf, fused)
             continue
-        if fused and geoms[0].radius == 1:
+        if (fused or native) and geoms[0].radius == 1:
             gc = [g.contiguous() for g in gs]  # a strided gradient: one copy, same kernel
             if _native.usable(xs, gc, ms, vs, vmaxs, host_flags=[*steps, found_inf]):
                 _native.riemannian_adam(

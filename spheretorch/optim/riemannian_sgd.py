@@ -145,12 +145,12 @@ class RiemannianSGD(SphereOptimizer):
 
     def _update(self, group: dict[str, Any], lists: Any, found_inf: Tensor | None) -> None:
         params, _, momentum_buffers, _ = lists
+        # None stays None: the functional core's "auto" (the native CPU kernel where it
+        # applies, else the multi-tensor path)
         foreach = group["foreach"]
-        if foreach is None:
-            foreach = default_foreach(params)
         riemannian_sgd(
             *lists,
-            foreach=foreach and not group["differentiable"],
+            foreach=False if group["differentiable"] else foreach,
             fused=bool(group["fused"]),
             found_inf=found_inf,
             differentiable=group["differentiable"],
@@ -191,13 +191,14 @@ def riemannian_sgd(
     ``momentum_buffers[i]`` is ``None`` before the first step (it is then created, as in
     :func:`torch.optim.sgd.sgd`); buffers of sphere parameters are in the compute dtype.
     """
+    auto = foreach is None
     if foreach is None:
         foreach = default_foreach(params)
     sphere_dims = [geometry_of(p, d) for p, d in zip(params, sphere_dims)]
     if fused:
         fn: Any = functools.partial(_multi_tensor_riemannian_sgd, fused=True, found_inf=found_inf)
     elif foreach:
-        fn = _multi_tensor_riemannian_sgd
+        fn = functools.partial(_multi_tensor_riemannian_sgd, native=auto)
     else:
         fn = functools.partial(_single_tensor_riemannian_sgd, differentiable=differentiable)
     fn(
@@ -295,9 +296,11 @@ def _multi_tensor_riemannian_sgd(
     retraction: Retraction,
     fused: bool = False,
     found_inf: Tensor | None = None,
+    native: bool = False,
 ) -> None:
     """Multi-tensor implementation (``foreach``; ``fused`` with ``fused=True``): groups by
-    (device, dtype, layout kind, radius); each group to the native CPU kernel (``fused``) or
+    (device, dtype, layout kind, radius); each group to the native CPU kernel (``fused``, and
+    the default ``foreach=None`` with ``native``) or
     the Triton one (:func:`use_triton`), else ``_foreach`` ops bucketed on CPU.
 
     With ``fused`` a missing momentum buffer is created (zeros) for the kernels, which then
@@ -341,7 +344,7 @@ def _multi_tensor_riemannian_sgd(
                 first=first[0], found_inf=found_inf, **hyper,
             )  # fmt: skip
             continue
-        if fused and geoms[0].radius == 1 and len(set(first)) == 1 and xs[0].is_cpu:
+        if (fused or native) and geoms[0].radius == 1 and len(set(first)) == 1 and xs[0].is_cpu:
             gc = [g.contiguous() for g in gs]
             have = [b for b in pick(momentum_buffers, idx) if b is not None]
             if _native.usable(xs, gc, have, host_flags=[found_inf]):
