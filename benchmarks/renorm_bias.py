@@ -30,7 +30,7 @@ def eigen_problem(n: int = 200, seed: int = 0) -> tuple[torch.Tensor, torch.Tens
     g = np.random.default_rng(seed)
     b = g.standard_normal((n, n))
     a = (b + b.T) / 2
-    w, v = scipy.linalg.eigh(a)
+    _, v = scipy.linalg.eigh(a)
     return torch.from_numpy(a), torch.from_numpy(v[:, -1])
 
 

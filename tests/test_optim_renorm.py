@@ -23,7 +23,7 @@ from spheretorch.optim import RenormAdam
 def _eigen(n: int = 200):
     b = np.random.default_rng(0).standard_normal((n, n))
     a = (b + b.T) / 2
-    w, v = scipy.linalg.eigh(a)
+    _, v = scipy.linalg.eigh(a)
     return torch.from_numpy(a), torch.from_numpy(v[:, -1])
 
 
