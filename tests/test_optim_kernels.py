@@ -242,6 +242,6 @@ def test_triton_tensor_lr_and_device_steps(monkeypatch):
         m.setenv(backend.BACKEND_ENV, "torch")
         ref, _ = run(RiemannianAdam, dict(kwargs, foreach=False), torch.float64)
     monkeypatch.setenv(backend.BACKEND_ENV, "triton")
-    out, opt = run(RiemannianAdam, kwargs, torch.float64)
+    out, _ = run(RiemannianAdam, kwargs, torch.float64)
     for a, b in zip(out, ref):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-12, atol=1e-12)

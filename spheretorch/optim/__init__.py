@@ -3,7 +3,7 @@ r"""Optimizers for parameters on the sphere.
 * :class:`RiemannianAdam` -- Riemannian gradient, moments in the tangent space, retraction and
   transported momentum; by default step-for-step :class:`geoopt.optim.RiemannianAdam`.
 * :class:`RenormAdam` -- torch's Adam/AdamW on every parameter, then sphere parameters
-  renormalised (the nGPT recipe).
+  renormalised (the nGPT recipe); :class:`RenormAdamW`, the same with AdamW's defaults.
 * :class:`RiemannianSGD` -- SGD with (Nesterov) momentum on the sphere, torch's conventions.
 
 A parameter is on the sphere when it has a ``sphere_dim`` (a :class:`~spheretorch.SphereParameter`
@@ -17,15 +17,22 @@ single-tensor and a multi-tensor (``_foreach``) implementation; the latter is th
 CPU and CUDA.
 """
 
-from .optimizer import NONFINITE_POLICIES, NonfinitePolicy, SphereOptimizer
-from .renorm_adam import RenormAdam
+from .optimizer import (
+    NONFINITE_POLICIES,
+    NonfiniteGradientWarning,
+    NonfinitePolicy,
+    SphereOptimizer,
+)
+from .renorm_adam import RenormAdam, RenormAdamW
 from .riemannian_adam import RiemannianAdam
 from .riemannian_sgd import RiemannianSGD
 
 __all__ = [
     "NONFINITE_POLICIES",
+    "NonfiniteGradientWarning",
     "NonfinitePolicy",
     "RenormAdam",
+    "RenormAdamW",
     "RiemannianAdam",
     "RiemannianSGD",
     "SphereOptimizer",

@@ -88,6 +88,9 @@ def write_back(t: Tensor, rows: Tensor) -> None:
     it already is ``t`` or a view of it (written in place)."""
     if rows is t:
         return
+    if rows.shape == t.shape:
+        t.copy_(rows)  # one sphere axis: rows is a new result (DTensors take this path)
+        return
     if rows.numel() and rows.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
         return  # a reshape view of t: the in-place updates went to t
     t.copy_(rows.reshape(t.shape))

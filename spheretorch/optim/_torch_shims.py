@@ -128,6 +128,9 @@ def torch_sgd(
         foreach = False  # as in torch_adam: the compiler fuses the loop
     elif isinstance(lr, Tensor) and not fused:
         lr = lr.item()
+    extra: dict[str, Any] = {}
+    if _accepts(sgd, "has_sparse_grad"):
+        extra["has_sparse_grad"] = any(g.is_sparse for g in grads)
     sgd(
         params,
         grads,
@@ -141,6 +144,7 @@ def torch_sgd(
         dampening=dampening,
         nesterov=nesterov,
         maximize=maximize,
+        **extra,
     )
 
 

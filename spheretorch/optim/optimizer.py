@@ -288,7 +288,12 @@ class SphereOptimizer(Optimizer):
             collected.append(lists)
         found_inf = None
         if self.nonfinite != "ignore":
-            grads = [g for lists in collected for g in lists[1]]
+            # a sparse gradient (torch's SGD takes them) is checked through its values
+            grads = [
+                g.coalesce().values() if g.is_sparse else g
+                for lists in collected
+                for g in lists[1]
+            ]
             if grads:
                 flag = nonfinite_flag(grads)
                 if self.nonfinite == "skip" and self._uses_device_side_skip():

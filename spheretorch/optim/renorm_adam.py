@@ -43,7 +43,7 @@ from ._functional import (
 from ._torch_shims import same_strides, torch_adam
 from .optimizer import NonfinitePolicy, SphereOptimizer
 
-__all__ = ["RenormAdam", "renorm_adam"]
+__all__ = ["RenormAdam", "RenormAdamW", "renorm_adam"]
 
 #: CPU bucket size: larger than RiemannianAdam's, each bucket costs a call of torch's Adam
 RENORM_BUCKET_BYTES = 1 << 22
@@ -183,6 +183,46 @@ class RenormAdam(SphereOptimizer):
             capturable=group["capturable"],
             differentiable=group["differentiable"],
             project_grad=group.get("project_grad", False),
+        )
+
+
+class RenormAdamW(RenormAdam):
+    r""":class:`RenormAdam` with AdamW's decoupled weight decay: the counterpart of
+    :class:`torch.optim.AdamW` (same flags and defaults, ``weight_decay=1e-2``), then sphere
+    parameters renormalised. Weight decay applies to Euclidean parameters only."""
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        project_grad: bool = False,
+        nonfinite: NonfinitePolicy = "skip",
+    ) -> None:
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            amsgrad,
+            foreach=foreach,
+            maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+            decoupled_weight_decay=True,
+            project_grad=project_grad,
+            nonfinite=nonfinite,
         )
 
 

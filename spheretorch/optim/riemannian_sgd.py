@@ -134,14 +134,20 @@ class RiemannianSGD(SphereOptimizer):
         for p in group["params"]:
             if p.grad is None:
                 continue
-            if p.grad.is_sparse:
-                raise self._sparse_error(group, p)
+            geo = sphere_of(p)
+            grad = p.grad
+            if grad.is_sparse:
+                if group["fused"] or group["differentiable"]:
+                    raise self._sparse_error(group, p)  # as torch's SGD
+                # torch's SGD takes sparse gradients; a sphere step needs the dense one
+                if geo is not None:
+                    grad = grad.to_dense()
             if group["fused"] and p not in self.state:
                 check_fused_param(p)
             params.append(p)
-            grads.append(p.grad)
+            grads.append(grad)
             momentum_buffers.append(self.state[p].get("momentum_buffer") if with_momentum else None)
-            dims.append(sphere_of(p))
+            dims.append(geo)
 
     def _update(self, group: dict[str, Any], lists: Any, found_inf: Tensor | None) -> None:
         params, _, momentum_buffers, _ = lists
