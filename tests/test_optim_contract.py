@@ -676,9 +676,10 @@ def test_renorm_adamw_is_renorm_adam_with_decoupled_decay_and_adamws_defaults():
         opt_b.step()
     for p, q in zip(a, b):
         assert torch.equal(p, q)
-    assert opt_a.defaults["weight_decay"] == torch.optim.AdamW([torch.zeros(1)]).defaults[
-        "weight_decay"
-    ]
+    assert (
+        opt_a.defaults["weight_decay"]
+        == torch.optim.AdamW([torch.zeros(1)]).defaults["weight_decay"]
+    )
 
 
 def test_riemannian_sgd_takes_sparse_gradients_as_torchs_sgd():

@@ -396,8 +396,9 @@ def to_dtype(ts: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
 _NATIVE_SCAN_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def nonfinite_flag(grads: Sequence[Tensor]) -> Tensor:
-    """0-d tensor, nonzero when some gradient may hold a NaN or an infinity. No sync.
+def nonfinite_flag(grads: Sequence[Tensor]) -> Tensor | bool:
+    """0-d tensor (or a Python bool, when computed on the host), nonzero when some gradient
+    may hold a NaN or an infinity. No sync.
 
     Where :func:`use_triton` (CUDA) and the gradients are contiguous: an exact scan by one
     Triton launch per dtype (:func:`spheretorch.kernels.optim.nonfinite_flag`, float32 0/1).
@@ -416,9 +417,10 @@ def nonfinite_flag(grads: Sequence[Tensor]) -> Tensor:
         from ..kernels import optim as kernels
 
         return kernels.nonfinite_flag(grads)
-    if _native.usable(grads, dtypes=_NATIVE_SCAN_DTYPES, same_dtype=False):
-        # exact, and one read of each element at memory speed (CPU: the value is on the host)
-        return torch.tensor(_native.nonfinite(grads))
+    if grads[0].is_cpu and _native.usable(grads, dtypes=_NATIVE_SCAN_DTYPES, same_dtype=False):
+        # exact, and one read of each element at memory speed; the answer is on the host: a
+        # Python bool (no tensor to make for a small problem's step)
+        return _native.nonfinite(grads)
     by_key: dict[tuple[Any, ...], list[Tensor]] = {}
     for g in grads:
         mesh = g.device_mesh if is_dtensor(g) else None  # type: ignore[attr-defined]

@@ -290,14 +290,16 @@ class SphereOptimizer(Optimizer):
         if self.nonfinite != "ignore":
             # a sparse gradient (torch's SGD takes them) is checked through its values
             grads = [
-                g.coalesce().values() if g.is_sparse else g
-                for lists in collected
-                for g in lists[1]
+                g.coalesce().values() if g.is_sparse else g for lists in collected for g in lists[1]
             ]
             if grads:
                 flag = nonfinite_flag(grads)
                 if self.nonfinite == "skip" and self._uses_device_side_skip():
-                    found_inf = flag.to(torch.float32)
+                    found_inf = (
+                        torch.tensor(float(flag))
+                        if isinstance(flag, bool)
+                        else flag.to(torch.float32)
+                    )
                     counter = self._skipped_on_device
                     if counter.device != found_inf.device and not compiling():
                         counter = self._skipped_on_device = counter.to(found_inf.device)

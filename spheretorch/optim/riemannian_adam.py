@@ -78,8 +78,10 @@ class RiemannianAdam(SphereOptimizer):
         eps: :math:`\epsilon`, added to :math:`\sqrt{\hat v}`.
         weight_decay: L2 penalty for **Euclidean** parameters only (see the module notes).
         amsgrad: use the running maximum of the second moment.
-        foreach: ``None`` (default) picks the multi-tensor implementation for CPU/CUDA tensors;
-            ``False`` runs the single-tensor reference loop.
+        foreach: ``None`` (default): the native CPU kernel where it applies, the Triton
+            kernels on CUDA, else the multi-tensor implementation; ``True``: the
+            multi-tensor implementation (torch ``_foreach`` ops on CPU); ``False``: the
+            single-tensor reference loop.
         maximize: maximise the objective instead of minimising it.
         second_moment: ``"row"`` (default, geoopt: one second moment per slice) or
             ``"coordinate"``.
@@ -92,10 +94,11 @@ class RiemannianAdam(SphereOptimizer):
         differentiable: let autograd record the step (single-tensor path), as torch's flag.
         fused: one pass over memory per group. CPU: a hand-written C++ kernel, compiled
             with the system compiler on first use (2-2.5 s, once per machine: cached on
-            disk; see ``spheretorch.optim._native``); CUDA, DTensors, half types, or no
-            compiler: a ``torch.compile``\ d kernel per parameter (seconds per new layout).
-            Equal to the foreach path within rounding; non-finite steps skipped without a
-            host synchronisation.
+            disk; see ``spheretorch.optim._native``); CUDA: the Triton kernels of
+            :mod:`spheretorch.kernels.optim` (one launch per row length); anything no kernel
+            takes (DTensors, half types on CPU, no compiler): the foreach path, skipped on the
+            device by masking. Equal to the single-tensor reference within rounding; non-finite
+            steps skipped without a host synchronisation.
         nonfinite: ``"skip"`` (default), ``"raise"`` or ``"ignore"``: what a NaN/inf gradient
             does; see :mod:`spheretorch.optim.optimizer`.
 
@@ -274,8 +277,9 @@ def riemannian_adam(
     (axes and radius, as :func:`~spheretorch.optim._functional.sphere_of` gives).
     The state of a sphere parameter is in its compute dtype and ``exp_avg_sqs[i]`` has size 1
     along the axis for ``second_moment="row"``. ``fused``/``foreach`` select
-    ``_fused.fused_riemannian_adam``, ``_multi_tensor_riemannian_adam`` or
-    ``_single_tensor_riemannian_adam``, which give the same result up to rounding.
+    ``_multi_tensor_riemannian_adam`` (its kernels) or ``_single_tensor_riemannian_adam`` (the
+    reference), which give the same result up to rounding; ``foreach=None`` on CPU takes the
+    native kernel where it applies.
     ``found_inf`` (fused only): a 0-d tensor, nonzero to skip the step on the device.
     """
     _check_choices(second_moment, retraction)

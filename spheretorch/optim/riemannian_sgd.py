@@ -71,8 +71,8 @@ class RiemannianSGD(SphereOptimizer):
         foreach: ``None`` (default) picks the multi-tensor implementation on CPU/CUDA.
         differentiable: let autograd record the step (single-tensor path), as torch's flag.
         fused: one pass over memory per group, as the ``fused`` of
-            :class:`~spheretorch.optim.RiemannianAdam` (the native CPU kernel, else a
-            ``torch.compile``\ d one).
+            :class:`~spheretorch.optim.RiemannianAdam` (the native CPU kernel, the Triton
+            kernels on CUDA, else the foreach path masked on the device).
         nonfinite: ``"skip"`` (default), ``"raise"`` or ``"ignore"``; see
             :mod:`spheretorch.optim.optimizer`.
 
