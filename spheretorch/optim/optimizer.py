@@ -6,8 +6,8 @@ for half-precision sphere parameters across ``load_state_dict``, and torch's
 ``__setstate__`` defaults for state dicts that lack newer keys. Details: docs/optimizers.md.
 
 Skipped steps are never silent: ``nonfinite="skip"`` warns (``NonfiniteGradientWarning``) on
-the first skipped step and again whenever :data:`WARN_AFTER_CONSECUTIVE_SKIPS` steps in a row
-have been skipped (every parameter frozen). Where the skip is decided on the device (fused or
+the first skipped step and again when :data:`WARN_AFTER_CONSECUTIVE_SKIPS` steps in a row
+have been skipped (every parameter frozen), then each time that run has doubled. Where the skip is decided on the device (fused or
 capturable steps) the host learns of skips without an extra synchronisation per step: it
 reads the device-side counters every :data:`SKIP_CHECK_EVERY` steps (one small read, never
 while a CUDA graph is being captured or under ``torch.compile``) and whenever
@@ -103,6 +103,7 @@ class SphereOptimizer(Optimizer):
         self._seen_on_device = 0.0  # device total at the last host read
         self._steps_since_check = 0
         self._warned_first = skipped > 0
+        self._last_run_warned = 0  # the run of consecutive skips last warned about
 
     @property
     def skipped_steps(self) -> int:
@@ -121,6 +122,7 @@ class SphereOptimizer(Optimizer):
             "_consecutive",
             "_steps_since_check",
             "_warned_first",
+            "_last_run_warned",
         ):
             state.pop(key, None)
         return state
@@ -230,6 +232,12 @@ class SphereOptimizer(Optimizer):
         )
 
     def _warn_run(self, run: int) -> None:
+        """Warn about ``run`` consecutive skips once it reaches
+        :data:`WARN_AFTER_CONSECUTIVE_SKIPS`, then each time it has doubled since the last
+        warning (10, 20, 40, ... in a row), so a frozen run is reported without flooding."""
+        if run < WARN_AFTER_CONSECUTIVE_SKIPS or run < 2 * self._last_run_warned:
+            return
+        self._last_run_warned = run
         warnings.warn(
             f"{type(self).__name__}: the last {run} steps were all skipped for non-finite "
             f"gradients: nothing is training",
@@ -258,8 +266,9 @@ class SphereOptimizer(Optimizer):
         self._seen_on_device = total
         self._warn_first_skip("")
         run = int(self._consecutive_on_device)
-        if run >= WARN_AFTER_CONSECUTIVE_SKIPS:
-            self._warn_run(run)
+        if run == 0:
+            self._last_run_warned = 0
+        self._warn_run(run)
 
     def step(self, closure: Any = None) -> Any:
         """Perform one optimisation step (with autograd recording it when the optimizer was
@@ -320,11 +329,10 @@ class SphereOptimizer(Optimizer):
                     self._consecutive += 1
                     if not self._warned_first:
                         self._warn_first_skip(self._where_nonfinite())
-                    elif self._consecutive % WARN_AFTER_CONSECUTIVE_SKIPS == 0:
-                        self._warn_run(self._consecutive)
+                    self._warn_run(self._consecutive)
                     return loss
                 else:
-                    self._consecutive = 0
+                    self._consecutive = self._last_run_warned = 0
 
         for group, lists in zip(self.param_groups, collected):
             if not lists[0]:
