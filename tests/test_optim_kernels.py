@@ -245,3 +245,45 @@ def test_triton_tensor_lr_and_device_steps(monkeypatch):
     out, _ = run(RiemannianAdam, kwargs, torch.float64)
     for a, b in zip(out, ref):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["bf16", "transposed-param", "long-sphere"])
+@pytest.mark.parametrize("cls", [RiemannianAdam, RiemannianSGD, RenormAdam])
+def test_fused_accepts_every_layout_quietly(cls, case, monkeypatch):
+    """Every combination ``fused=True`` accepts on CPU runs a kernel or the foreach path,
+    equal to the reference and without a warning: half-precision parameters (no native
+    half kernel), a non-contiguous parameter, a sphere longer than the Triton kernels hold."""
+    monkeypatch.setenv(backend.BACKEND_ENV, "torch")
+    g = torch.Generator().manual_seed(0)
+    dtype = torch.bfloat16 if case == "bf16" else torch.float64
+    if case == "transposed-param":
+        data = torch.randn(7, 5, generator=g, dtype=dtype).t()  # (5, 7), strides (1, 5)
+    elif case == "long-sphere":
+        from spheretorch.kernels import optim as kernels
+
+        data = torch.randn(2, kernels.MAX_ROW + 3, generator=g, dtype=dtype)
+    else:
+        data = torch.randn(5, 7, generator=g, dtype=dtype)
+
+    def make():
+        # a transposed parameter stays non-contiguous: SphereParameter keeps data's strides
+        p = st.SphereParameter(data.clone(memory_format=torch.preserve_format), dim=1)
+        return [p, torch.nn.Parameter(torch.randn(3, generator=g).to(dtype))]
+
+    kwargs = dict(lr=0.05, **({"momentum": 0.9} if cls is RiemannianSGD else {}))
+    a, b = make(), [copy.deepcopy(p) for p in make()]
+    with torch.no_grad():
+        b[1].copy_(a[1])
+    opt_a, opt_b = cls(a, foreach=False, **kwargs), cls(b, fused=True, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for t in range(2):
+            gg = torch.Generator().manual_seed(t)
+            for p, q in zip(a, b):
+                p.grad = torch.randn(p.shape, generator=gg).to(dtype)
+                q.grad = p.grad.clone()
+            opt_a.step()
+            opt_b.step()
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-12
+    for p, q in zip(a, b):
+        torch.testing.assert_close(q.detach(), p.detach(), rtol=tol, atol=tol)
