@@ -93,12 +93,20 @@ KARCHER = karcher_problem()
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer steps (seconds)")
+    ap.add_argument(
+        "--only",
+        nargs="*",
+        default=None,
+        help="optimizer names to run (default: all), e.g. 'RenormAdam (nGPT)'",
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     steps = 1000 if args.quick else 10_000
     rows = []
     for kind in ("eigen", "karcher"):
         for name, make in OPTIMIZERS.items():
+            if args.only and name not in args.only:
+                continue
             for lr, decay in ((1e-2, False), (1e-3, False), (1e-2, True)):
                 err = solve(kind, make(lr), steps, decay)
                 sched = "cosine to 0" if decay else "constant"

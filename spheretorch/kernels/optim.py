@@ -1,21 +1,21 @@
 r"""Triton kernels of the sphere optimizers' steps: multi-tensor, one launch per row length.
 
 What each kernel computes is specified by ONE readable reference, the single-tensor loop of its
-optimizer (``_single_tensor_riemannian_adam`` in :mod:`spheretorch.optim.riemannian_adam`,
-``_single_tensor_riemannian_sgd`` in :mod:`spheretorch.optim.riemannian_sgd`, the
-renormalisation of :mod:`spheretorch.optim.renorm_adam`), written with the formulas of
+optimizer (``_single_tensor_riemannian_adam`` in ``spheretorch/optim/riemannian_adam.py``,
+``_single_tensor_riemannian_sgd`` in ``spheretorch/optim/riemannian_sgd.py``, the
+renormalisation of ``spheretorch/optim/renorm_adam.py``), written with the formulas of
 :mod:`spheretorch.sphere`; ``tests/test_optim_kernels.py`` checks every kernel against it
 (through Triton's interpreter on CPU tensors).
 
 Layout. Every sphere tensor is seen as ``(outer, size, inner)``
-(:func:`spheretorch.sphere.layout.sphere_layout`): ``outer * inner`` spheres of ``size``
+(``spheretorch.sphere.layout.sphere_layout``): ``outer * inner`` spheres of ``size``
 values, sphere ``s`` at element offsets ``(s // inner) * size * inner + s % inner + k * inner``.
 The tensors of one launch share ``size`` (and dtype); a program holds ``BLOCK_R`` whole spheres
 in registers (``[BLOCK_R, BLOCK_N]`` tiles), so every per-sphere reduction (projection, second
 moment, retraction norm, transport) is a register reduction and each value is read and written
 once. Consecutive spheres are consecutive in memory when ``inner == 1`` (rows) and
 interleaved when ``inner > 1`` (columns), so loads coalesce in both cases. Spheres longer than
-:data:`MAX_ROW` are not handled here (callers take their multi-tensor torch path).
+``MAX_ROW`` are not handled here (callers take their multi-tensor torch path).
 
 Multi-tensor addressing. A launch gets one base tensor per list (the lowest address) and a
 per-tensor table ``INFO`` of int64 element offsets from those bases (pointer arithmetic in
@@ -52,7 +52,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..sphere.layout import SphereLayout
 from .backend import triton_available
 
 __all__ = [
@@ -74,9 +73,9 @@ _TILE_INTERPRETED = 64
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def handles(xs: Sequence[Tensor], layouts: Sequence[SphereLayout], *others: Sequence[Any]) -> bool:
+def handles(xs: Sequence[Tensor], layouts: Sequence[Any], *others: Sequence[Any]) -> bool:
     """Whether these tensors can go through the kernels: contiguous, supported dtypes, spheres
-    of at most :data:`MAX_ROW` values, no autograd, not DTensors. ``others``: lists (of
+    of at most ``MAX_ROW`` values, no autograd, not DTensors. ``others``: lists (of
     gradients, moments, ...) that must be contiguous too (``None`` entries allowed)."""
     if not triton_available():
         return False
@@ -179,7 +178,7 @@ def _blocks(size: int, device: torch.device) -> tuple[int, int, int]:
 
 def _plan(
     lists: Sequence[Sequence[Tensor | None]],
-    layouts: Sequence[SphereLayout],
+    layouts: Sequence[Any],
     block_r: int,
 ) -> tuple[list[Tensor | None], Tensor, Tensor]:
     """Bases of ``lists``, the INFO table (count, inner, offsets...) and the TILES table, on
@@ -230,7 +229,7 @@ def _dummy(like: Tensor) -> Tensor:
     return torch.empty(1, dtype=torch.float32, device=like.device)
 
 
-def _by_size(layouts: Sequence[SphereLayout]) -> dict[int, list[int]]:
+def _by_size(layouts: Sequence[Any]) -> dict[int, list[int]]:
     out: dict[int, list[int]] = {}
     for i, lay in enumerate(layouts):
         out.setdefault(lay.size, []).append(i)
@@ -254,7 +253,7 @@ def sphere_adam_(
     ms: Sequence[Tensor],
     vs: Sequence[Tensor],
     vmaxs: Sequence[Tensor],
-    layouts: Sequence[SphereLayout],
+    layouts: Sequence[Any],
     radii: Sequence[float],
     *,
     steps: Sequence[Tensor] | None,
@@ -310,7 +309,7 @@ def sphere_sgd_(
     xs: Sequence[Tensor],
     gs: Sequence[Tensor],
     bufs: Sequence[Tensor] | None,
-    layouts: Sequence[SphereLayout],
+    layouts: Sequence[Any],
     radii: Sequence[float],
     *,
     lr: float | Tensor,
@@ -354,7 +353,7 @@ def _row_op(
     xs: Sequence[Tensor],
     gs: Sequence[Tensor] | None,
     outs: Sequence[Tensor] | None,
-    layouts: Sequence[SphereLayout],
+    layouts: Sequence[Any],
     radii: Sequence[float],
     found_inf: Tensor | None,
 ) -> None:
@@ -381,7 +380,7 @@ def _row_op(
 
 def renormalize_(
     xs: Sequence[Tensor],
-    layouts: Sequence[SphereLayout],
+    layouts: Sequence[Any],
     radii: Sequence[float],
     *,
     keep: Tensor | None = None,
@@ -394,7 +393,7 @@ def renormalize_(
 def project(
     xs: Sequence[Tensor],
     gs: Sequence[Tensor],
-    layouts: Sequence[SphereLayout],
+    layouts: Sequence[Any],
     radii: Sequence[float],
 ) -> list[Tensor]:
     r"""New tensors :math:`g - \langle x, g\rangle x / r^2` (the tangent part of ``g`` at

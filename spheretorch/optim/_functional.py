@@ -24,7 +24,7 @@ from torch import Tensor
 from .. import sphere
 from ..kernels.backend import BACKEND_ENV, Backend, backend_for
 from ..sphere.dtensor import global_value, is_dtensor
-from ..sphere.layout import SphereDims, SphereLayout, canonical_sphere_dims, sphere_layout
+from ..sphere.layout import SphereDims, canonical_sphere_dims, sphere_layout
 from . import _native
 
 Retraction = Literal["project", "exp"]
@@ -44,7 +44,7 @@ _BIG = 1 << 16  # gradients with at least this many elements are checked one by 
 @dataclass(frozen=True)
 class SphereGeometry:
     r"""Where one parameter's spheres lie: its sphere axes, their radius, and the
-    ``(outer, size, inner)`` view of :func:`spheretorch.sphere.layout.sphere_layout`.
+    ``(outer, size, inner)`` view of ``spheretorch.sphere.layout.sphere_layout``.
 
     ``dims``: an int (slices along one axis), a tuple of adjacent axes, or ``None`` (the whole
     tensor is one sphere). ``radius``: every sphere is :math:`\|x\| = r`.
@@ -52,7 +52,7 @@ class SphereGeometry:
 
     dims: SphereDims
     radius: float
-    layout: SphereLayout
+    layout: Any  #: the ``spheretorch.sphere.layout.SphereLayout`` of the parameter
 
     @property
     def axis(self) -> int:

@@ -42,7 +42,8 @@ NonfinitePolicy = Literal["skip", "raise", "ignore"]
 NONFINITE_POLICIES: tuple[str, ...] = ("skip", "raise", "ignore")
 #: warn again each time this many steps in a row were skipped for non-finite gradients
 WARN_AFTER_CONSECUTIVE_SKIPS = 10
-#: device-side skips (fused/capturable): the host reads the skip counters every this many steps
+#: where the skip is decided on the device, the host reads the skip counters every this many
+#: steps
 SKIP_CHECK_EVERY = 50
 
 

@@ -260,7 +260,7 @@ def renorm_adam(
     project_grad: bool = False,
 ) -> None:
     r"""Functional RenormAdam: torch's functional Adam, then every sphere renormalised,
-    :math:`x \leftarrow r\,x / \|x\|` (:func:`renormalize`).
+    :math:`x \leftarrow r\,x / \|x\|` (``renormalize`` of this module).
 
     Lists as for :func:`torch.optim.adam.adam` plus ``sphere_dims`` (entries as for
     :func:`~spheretorch.optim.riemannian_adam.riemannian_adam`). ``found_inf`` (fused only) is
