@@ -9,9 +9,9 @@ Skipped steps are never silent: ``nonfinite="skip"`` warns (``NonfiniteGradientW
 the first skipped step and again when :data:`WARN_AFTER_CONSECUTIVE_SKIPS` steps in a row
 have been skipped (every parameter frozen), then each time that run has doubled. Where the
 skip is decided on the device (fused or capturable steps) the host learns of skips without
-an extra synchronisation per step: it reads the device-side counters every :data:`SKIP_CHECK_EVERY` steps (one small read, never
-while a CUDA graph is being captured or under ``torch.compile``) and whenever
-:attr:`SphereOptimizer.skipped_steps` is read.
+an extra synchronisation per step: it reads the device-side counters every
+:data:`SKIP_CHECK_EVERY` steps (one small read, never while a CUDA graph is being captured or
+under ``torch.compile``) and whenever :attr:`SphereOptimizer.skipped_steps` is read.
 """
 
 from __future__ import annotations
