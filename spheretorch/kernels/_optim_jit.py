@@ -215,7 +215,7 @@ def _renorm_kernel(
         tl.store(x_ptr, y.to(X.dtype.element_ty), mask=wmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["PROGRAMS"])  # a runtime int even when it is 1
 def _nonfinite_kernel(G, INFO, FLAG, PROGRAMS, BLOCK: tl.constexpr):
     """FLAG <- 1 if some element of a gradient is NaN or infinite (each read once)."""
     t = tl.program_id(0).to(tl.int64)
@@ -224,7 +224,8 @@ def _nonfinite_kernel(G, INFO, FLAG, PROGRAMS, BLOCK: tl.constexpr):
     base = G + tl.load(INFO + 2 * t + 1)
     idx = tl.arange(0, BLOCK).to(tl.int64)
     bad = tl.full((BLOCK,), 0, tl.int32)
-    for start in range(p * BLOCK, numel, PROGRAMS * BLOCK):
+    stride = (PROGRAMS * BLOCK).to(tl.int64)
+    for start in range(p * BLOCK, numel, stride):
         g = tl.load(base + start + idx, mask=start + idx < numel, other=0.0)
         a = tl.abs(g)
         # NaN: g != g; an infinity: the one nonzero value with a + a == a (comparisons and

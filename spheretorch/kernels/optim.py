@@ -277,6 +277,8 @@ def sphere_adam_(
     amsgrad = bool(vmaxs)
     device = xs[0].device
     lr_tensor = isinstance(lr, Tensor)
+    if lr_tensor and lr.device != device:  # type: ignore[union-attr]
+        lr = lr.to(device)  # type: ignore[union-attr]  # the kernel reads it there
     dummy = _dummy(xs[0])
     for size, idx in _by_size(layouts).items():
         block_r, block_n, warps = _blocks(size, device)
@@ -327,6 +329,8 @@ def sphere_sgd_(
     cd = _compute_dtype(xs[0].dtype)
     device = xs[0].device
     lr_tensor = isinstance(lr, Tensor)
+    if lr_tensor and lr.device != device:  # type: ignore[union-attr]
+        lr = lr.to(device)  # type: ignore[union-attr]  # the kernel reads it there
     dummy = _dummy(xs[0])
     for size, idx in _by_size(layouts).items():
         block_r, block_n, warps = _blocks(size, device)
