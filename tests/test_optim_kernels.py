@@ -1,5 +1,7 @@
 """One harness: every implementation of every sphere update against its one reference.
 
+(And the Triton kernels compiled, not interpreted, for an sm_90 target: no GPU needed.)
+
 The reference of each optimizer is its single-tensor loop (``foreach=False``), written with
 :mod:`spheretorch.sphere`. The implementations checked against it, over options x sphere
 layouts (rows, columns, a middle axis, adjacent axes, the whole tensor of radius != 1) x
@@ -287,3 +289,51 @@ def test_fused_accepts_every_layout_quietly(cls, case, monkeypatch):
     tol = 1e-2 if dtype == torch.bfloat16 else 1e-12
     for p, q in zip(a, b):
         torch.testing.assert_close(q.detach(), p.detach(), rtol=tol, atol=tol)
+
+
+def _signature(types: dict, constexprs: dict):
+    sig = {**types, **{k: "constexpr" for k in constexprs}}
+    names = list(sig)
+    return sig, {(names.index(k),): v for k, v in constexprs.items()}
+
+
+@triton_missing
+def test_kernels_compile_for_a_cuda_target():
+    """The kernels in compiled mode (not the interpreter) down to PTX for sm_90 (H100/H200),
+    without a GPU: no interpreter-only construct, every dtype path type-checks."""
+    import triton
+
+    pytest.importorskip("triton.backends.nvidia", reason="triton without its CUDA backend")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from spheretorch.kernels import optim as kernels
+
+    mod = kernels._jit(torch.device("cuda"))
+    target = GPUTarget("cuda", 90, 32)
+    tiles = {"TILES": "*i64", "INFO": "*i64"}
+    block = {"N_INFO": 8, "BLOCK_R": 2, "BLOCK_N": 1024}
+    cases = []
+    for xdt, cd, row, exp in (("bf16", "fp32", True, True), ("fp64", "fp64", False, False)):
+        types = {"X": f"*{xdt}", "G": f"*{xdt}", "M": f"*{cd}", "V": f"*{cd}", "VMAX": f"*{cd}"}
+        types |= {"STEP": "*fp32", **tiles, "HYPER": "*fp64", "LR": "*fp32"}
+        types |= {"FOUND_INF": "*fp32", "SIZE": "i32"}
+        flags = dict(MAXIMIZE=True, ROW=row, EXP=exp, AMSGRAD=True, LR_TENSOR=True)
+        flags |= dict(STEP_TENSOR=True, HAS_FOUND_INF=True)
+        cases.append((mod._adam_kernel, types, {**block, **flags}))
+    types = {"X": "*bf16", "G": "*bf16", "B": "*fp32", **tiles, "HYPER": "*fp32", "LR": "*fp32"}
+    types |= {"FOUND_INF": "*fp32", "SIZE": "i32"}
+    flags = dict(MAXIMIZE=False, EXP=True, MOMENTUM=True, FIRST=False, NESTEROV=True)
+    cases.append((mod._sgd_kernel, types, {**block, **flags, "LR_TENSOR": False,
+                                           "HAS_FOUND_INF": True}))  # fmt: skip
+    types = {"X": "*fp32", "G": "*fp32", "OUT": "*fp32", **tiles, "HYPER": "*fp32"}
+    types |= {"FOUND_INF": "*fp32", "SIZE": "i32"}
+    for project in (True, False):
+        cases.append((mod._renorm_kernel, types, {**block, "PROJECT": project,
+                                                  "HAS_FOUND_INF": True}))  # fmt: skip
+    types = {"G": "*fp16", "INFO": "*i64", "FLAG": "*i32", "PROGRAMS": "i32"}
+    cases.append((mod._nonfinite_kernel, types, {"BLOCK": 1024}))
+    for fn, types, consts in cases:
+        sig, constexprs = _signature(types, consts)
+        out = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=target)
+        assert "ptx" in out.asm
