@@ -6,8 +6,9 @@ r"""Optimizers for parameters on the sphere.
   renormalised (the nGPT recipe); :class:`RenormAdamW`, the same with AdamW's defaults.
 * :class:`RiemannianSGD` -- SGD with (Nesterov) momentum on the sphere, torch's conventions.
 
-A parameter is on the sphere when it has a ``sphere_dim`` (a :class:`~spheretorch.SphereParameter`
-or any tensor with that attribute, see :func:`spheretorch.parameter.sphere_dim_of`); the others
+A parameter is on the sphere when :func:`spheretorch.optim._functional.sphere_of` says so (a
+:class:`~spheretorch.SphereParameter`, or any tensor with a ``sphere_dim``: one axis, adjacent
+axes, or the whole tensor, of radius ``sphere_radius``, default 1); the others
 get exactly torch's Adam/AdamW/SGD step in the same optimizer. Each optimizer is a thin
 :class:`torch.optim.Optimizer` over a functional core
 (:func:`spheretorch.optim.riemannian_adam.riemannian_adam`,

@@ -25,9 +25,15 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ..parameter import sphere_dim_of
 from ..sphere import UPCAST_DTYPES, compute_dtype, global_value, is_dtensor
-from ._functional import compiling, new_step, nonfinite_flag, really_nonfinite, run_masked
+from ._functional import (
+    compiling,
+    new_step,
+    nonfinite_flag,
+    really_nonfinite,
+    run_masked,
+    sphere_of,
+)
 
 __all__ = [
     "NONFINITE_POLICIES",
@@ -395,7 +401,7 @@ class SphereOptimizer(Optimizer):
 
     def _state_dtype(self, p: Tensor) -> torch.dtype:
         """dtype of the floating state of ``p``: compute dtype for sphere parameters."""
-        if sphere_dim_of(p) is not None:
+        if sphere_of(p) is not None:
             return compute_dtype(p.dtype)
         return p.dtype
 
@@ -419,7 +425,7 @@ class SphereOptimizer(Optimizer):
         params = chain.from_iterable(g["params"] for g in self.param_groups)
         for pid, p in zip(saved_ids, params):
             saved = state_dict["state"].get(pid)
-            if saved is None or sphere_dim_of(p) is None or p.dtype not in UPCAST_DTYPES:
+            if saved is None or sphere_of(p) is None or p.dtype not in UPCAST_DTYPES:
                 continue
             for key in self._compute_dtype_state:
                 value = saved.get(key)

@@ -71,7 +71,7 @@ class RiemannianAdam(SphereOptimizer):
 
     Args:
         params: parameters or parameter groups. Parameters with a ``sphere_dim`` (see
-            :func:`spheretorch.parameter.sphere_dim_of`) are updated on the sphere along that
+            :func:`spheretorch.optim._functional.sphere_of`) are updated on the sphere along that
             axis; all others get torch's Adam/AdamW step.
         lr: learning rate :math:`\gamma` (a float, or a one-element tensor).
         betas: :math:`(\beta_1, \beta_2)`.
