@@ -302,8 +302,11 @@ def renorm_adam(
     # bitwise Adam(fused=True)); it runs once per tensor anyway.
     multi = foreach or fused
     keys = None
-    if foreach and not fused and not compiling() and all(s.is_cpu for s in state_steps):
-        # stack only parameters renormalised along one axis on the unit sphere
+    on_cpu = bool(params) and params[0].is_cpu
+    if foreach and not fused and not compiling() and on_cpu and all(s.is_cpu for s in state_steps):
+        # CPU only (on CUDA torch's foreach Adam and the Triton renormalisation take every
+        # tensor in a few launches already); stack only parameters renormalised along one
+        # axis on the unit sphere
         keys = [
             (d if _simple(d) else object(), scalar_value(s))
             for d, s in zip(sphere_dims, state_steps)
