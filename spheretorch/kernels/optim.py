@@ -182,30 +182,27 @@ def _plan(
     block_r: int,
 ) -> tuple[list[Tensor | None], Tensor, Tensor]:
     """Bases of ``lists``, the INFO table (count, inner, offsets...) and the TILES table, on
-    the device, cached by the tensors' addresses and shapes."""
+    the device. TILES depends on the shapes only (cached by them: it is the large one, one
+    entry per program); INFO, one small row per tensor, is cached by the tensors' addresses
+    (rebuilt when gradients move: a few microseconds and one small copy)."""
     device = lists[0][0].device  # type: ignore[union-attr]
-    key = (
-        device,
-        block_r,
-        tuple(tuple(0 if t is None else t.data_ptr() for t in ts) for ts in lists),
-        tuple((lay.outer, lay.size, lay.inner) for lay in layouts),
-    )
+    shapes = tuple((lay.outer, lay.size, lay.inner) for lay in layouts)
 
-    def make() -> tuple[list[Tensor | None], Tensor, Tensor]:
+    def make_tiles() -> Tensor:
+        tiles = [v for i, lay in enumerate(layouts) for s in range(0, lay.count, block_r)
+                 for v in (i, s)]  # fmt: skip
+        return torch.tensor(tiles, dtype=torch.int64).to(device)
+
+    def make_info() -> tuple[list[int | None], Tensor]:
         bases, offs = zip(*(_offsets(ts) for ts in lists))
-        info = []
-        tiles = []
-        for i, lay in enumerate(layouts):
-            info.append([lay.count, lay.inner, *(o[i] for o in offs)])
-            tiles.extend(v for s in range(0, lay.count, block_r) for v in (i, s))
-        width = max(len(row) for row in info)
-        info = [row + [0] * (width - len(row)) for row in info]
-        info_t = torch.tensor(info, dtype=torch.int64).to(device)
-        tiles_t = torch.tensor(tiles, dtype=torch.int64).to(device)
-        # the bases are kept only as addresses' owners for this launch; hold no reference
-        return [None if b is None else b.data_ptr() for b in bases], info_t, tiles_t
+        info = [[lay.count, lay.inner, *(o[i] for o in offs)] for i, lay in enumerate(layouts)]
+        # the bases are kept as addresses, not references (no tensor kept alive by the cache)
+        ptrs = [None if base is None else base.data_ptr() for base in bases]
+        return ptrs, torch.tensor(info, dtype=torch.int64).to(device)
 
-    ptrs, info_t, tiles_t = _cached(key, make)
+    tiles_t = _cached(("tiles", device, block_r, shapes), make_tiles)
+    addresses = tuple(tuple(0 if t is None else t.data_ptr() for t in ts) for ts in lists)
+    ptrs, info_t = _cached(("info", device, addresses, shapes), make_info)
     bases = []
     for ts, ptr in zip(lists, ptrs):
         bases.append(next((t for t in ts if t is not None and t.data_ptr() == ptr), None))
