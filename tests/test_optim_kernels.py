@@ -331,8 +331,8 @@ def test_kernels_compile_for_a_cuda_target():
     for project in (True, False):
         cases.append((mod._renorm_kernel, types, {**block, "PROJECT": project,
                                                   "HAS_FOUND_INF": True}))  # fmt: skip
-    types = {"G": "*fp16", "INFO": "*i64", "FLAG": "*i32", "PROGRAMS": "i32"}
-    cases.append((mod._nonfinite_kernel, types, {"BLOCK": 1024}))
+    types = {"G": "*fp16", "INFO": "*i64", "TILES": "*i64", "FLAG": "*i32"}
+    cases.append((mod._nonfinite_kernel, types, {"BLOCK": 4096}))
     for fn, types, consts in cases:
         sig, constexprs = _signature(types, consts)
         out = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=target)

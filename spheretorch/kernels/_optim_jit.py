@@ -215,20 +215,19 @@ def _renorm_kernel(
         tl.store(x_ptr, y.to(X.dtype.element_ty), mask=wmask)
 
 
-@triton.jit(do_not_specialize=["PROGRAMS"])  # a runtime int even when it is 1
-def _nonfinite_kernel(G, INFO, FLAG, PROGRAMS, BLOCK: tl.constexpr):
-    """FLAG <- 1 if some element of a gradient is NaN or infinite (each read once)."""
-    t = tl.program_id(0).to(tl.int64)
-    p = tl.program_id(1).to(tl.int64)
+@triton.jit
+def _nonfinite_kernel(G, INFO, TILES, FLAG, BLOCK: tl.constexpr):
+    """FLAG <- 1 if some element of a gradient is NaN or infinite (each read once); one
+    program per ``BLOCK`` values of one gradient (TILES: gradient, first value)."""
+    pid = tl.program_id(0).to(tl.int64)
+    t = tl.load(TILES + 2 * pid)
+    start = tl.load(TILES + 2 * pid + 1)
     numel = tl.load(INFO + 2 * t)
     base = G + tl.load(INFO + 2 * t + 1)
-    idx = tl.arange(0, BLOCK).to(tl.int64)
-    bad = tl.full((BLOCK,), 0, tl.int32)
-    stride = (PROGRAMS * BLOCK).to(tl.int64)
-    for start in range(p * BLOCK, numel, stride):
-        g = tl.load(base + start + idx, mask=start + idx < numel, other=0.0)
-        a = tl.abs(g)
-        # NaN: g != g; an infinity: the one nonzero value with a + a == a (comparisons and
-        # one addition in the gradient's own dtype: no cast can turn a finite value infinite)
-        bad = bad | ((g != g) | ((a == a + a) & (a != 0))).to(tl.int32)
+    idx = start + tl.arange(0, BLOCK).to(tl.int64)
+    g = tl.load(base + idx, mask=idx < numel, other=0.0)
+    a = tl.abs(g)
+    # NaN: g != g; an infinity: the one nonzero value with a + a == a (comparisons and one
+    # addition in the gradient's own dtype: no cast can turn a finite value infinite)
+    bad = ((g != g) | ((a == a + a) & (a != 0))).to(tl.int32)
     tl.atomic_max(FLAG, tl.reduce(bad, 0, tl.standard._elementwise_max))

@@ -41,7 +41,6 @@ moments and step counters stay bitwise unchanged without a host synchronisation.
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 import sys
 from collections import OrderedDict
@@ -414,19 +413,24 @@ def nonfinite_flag(grads: Sequence[Tensor]) -> Tensor:
     by_dtype: dict[torch.dtype, list[Tensor]] = {}
     for g in grads:
         by_dtype.setdefault(g.dtype, []).append(g)
+    block = 4096 if device.type == "cuda" else 1024
     for gs in by_dtype.values():
-        key = ("scan", device, tuple((g.data_ptr(), g.numel()) for g in gs))
+        numels = tuple(g.numel() for g in gs)
 
-        def make(gs: list[Tensor] = gs) -> tuple[int, Tensor]:
+        def make_tiles(numels: tuple[int, ...] = numels) -> Tensor:
+            tiles = [v for i, n in enumerate(numels) for s in range(0, n, block) for v in (i, s)]
+            return torch.tensor(tiles, dtype=torch.int64).to(device)
+
+        def make_info(gs: list[Tensor] = gs) -> tuple[int, Tensor]:
             base, offs = _offsets(gs)
-            rows = [v for g, o in zip(gs, offs) for v in (g.numel(), o)]
             assert base is not None
+            rows = [v for g, o in zip(gs, offs) for v in (g.numel(), o)]
             return base.data_ptr(), torch.tensor(rows, dtype=torch.int64).to(device)
 
-        ptr, info = _cached(key, make)
+        tiles = _cached(("scan-tiles", device, block, numels), make_tiles)
+        if tiles.numel() == 0:
+            continue  # empty gradients only
+        ptr, info = _cached(("scan", device, tuple(g.data_ptr() for g in gs)), make_info)
         base = next(g for g in gs if g.data_ptr() == ptr)
-        block = 1024
-        most = max(math.ceil(g.numel() / block) for g in gs)
-        programs = min(64, most)
-        _jit(device)._nonfinite_kernel[(len(gs), programs)](base, info, flag, programs, BLOCK=block)
+        _jit(device)._nonfinite_kernel[(tiles.shape[0] // 2,)](base, info, tiles, flag, BLOCK=block)
     return flag.to(torch.float32)
