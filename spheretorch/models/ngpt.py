@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..geodesic import geodesic_update
+from ..kernels.residual import nlerp_residual
+from ..kernels.rope import rope_unit
 from ..parameter import renormalize_, sphere_, sphere_dim_of
 from ..sphere import unit
 from .base import LanguageModel
@@ -74,12 +76,12 @@ class NormalizedAttention(CausalSelfAttention):
         self.s_qk = ScaledVector(cfg.d_model, cfg.sqk_init, cfg.sqk_scale)
 
     def query_key(self, qk: Tensor) -> tuple[Tensor, Tensor, float | None]:
-        qk = unit(qk)
         s = self.s_qk().view(self.n_head, self.head_dim)
         # q.k = sum_i s_i^2 qhat_i khat_i: s_qk^2 and sqrt(d_k) go on q alone (one multiply
-        # instead of three; same function, same gradients).
-        q = qk[:, :, : self.n_head] * (s * s * math.sqrt(self.head_dim)).to(qk.dtype)
-        return q, qk[:, :, self.n_head :], 1.0
+        # instead of three; same function, same gradients). RoPE, the per-head norm and this
+        # scale are one fused op (spheretorch::rope_unit).
+        qk = rope_unit(qk, *self.rotary.tables(qk.shape[1]), s * s * math.sqrt(self.head_dim))
+        return qk[:, :, : self.n_head], qk[:, :, self.n_head :], 1.0
 
 
 class NormalizedMLP(MLP):
@@ -113,7 +115,10 @@ class NBlock(nn.Module):
             # The step starts from Norm(h), as in the reference's Block.forward: equal values
             # (h is unit), but the first attention sees the raw embedding row and keeps the
             # radial part of its gradient. |alpha|: a step size is non-negative (reference).
-            h = geodesic_update(unit(h), unit(f(h)), alpha().abs().to(h.dtype), self.rule)
+            if self.rule == "nlerp":  # one fused op: both norms, the step, the final norm
+                h = nlerp_residual(h, f(h), alpha().abs())
+            else:
+                h = geodesic_update(unit(h), unit(f(h)), alpha().abs().to(h.dtype), self.rule)
             if record is not None:
                 record.append(h)
         return h

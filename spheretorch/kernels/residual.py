@@ -1,0 +1,262 @@
+r"""``spheretorch::nlerp_residual``: nGPT's residual step as one op, forward and backward.
+
+.. math::
+
+    a = \mathrm{Norm}(h),\quad b = \mathrm{Norm}(f),\quad y = a + \alpha \odot (b - a),\quad
+    h' = \begin{cases} y / \|y\| & \|y\| > 16\,\epsilon \\ a & \text{otherwise}\end{cases}
+
+for states ``h`` and block outputs ``f`` of shape ``(..., d)`` (normalized along the last axis)
+and a step-size vector ``alpha`` of shape ``(d,)`` (nGPT's eigen learning rates, already
+``|alpha_param * init / scale|``). Both inputs are normalized inside, as NVIDIA's reference does
+(``justnorm(h)``, ``justnorm(h_att)``), so the gradient keeps the radial part that ``h`` and
+``f`` have before normalization. ``epsilon`` is the compute dtype's machine epsilon; a chord
+through the origin (``alpha == 1/2`` and ``f == -h``) leaves ``Norm(h)``.
+
+Backward, with :math:`\bar y = (\bar h' - h' \langle \bar h', h'\rangle)/\|y\|` (zero in the
+degenerate case, where :math:`\bar a` gets :math:`\bar h'` instead):
+:math:`\bar a = (1-\alpha)\odot\bar y`, :math:`\bar b = \alpha\odot\bar y`,
+:math:`\bar\alpha = \sum_{rows} \bar y \odot (b - a)`, and the :mod:`.unit` backward for
+:math:`\bar h, \bar f`. Float32 math for half inputs; results in the inputs' dtypes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..sphere.checks import compute_dtype, upcast
+from .backend import triton_available
+from .rowwise import (
+    as_rows,
+    block_and_warps,
+    jit,
+    reduce_programs,
+    reference_vjp,
+    use_triton,
+)
+from .unit import _inv_norm
+
+__all__ = ["nlerp_residual", "nlerp_residual_backward_reference", "nlerp_residual_reference"]
+
+
+def _degenerate_bound(dtype: torch.dtype) -> float:
+    return 16 * torch.finfo(dtype).eps
+
+
+def nlerp_residual_reference(h: Tensor, f: Tensor, alpha: Tensor) -> Tensor:
+    """The definition (module docstring), differentiable by autograd."""
+    hf, ff = upcast(h), upcast(f)
+    a, b = hf * _inv_norm(hf), ff * _inv_norm(ff)
+    y = a + alpha.to(a.dtype) * (b - a)
+    n = torch.linalg.vector_norm(y, dim=-1, keepdim=True)
+    degenerate = n <= _degenerate_bound(n.dtype)
+    out = torch.where(degenerate, a, y / torch.where(degenerate, torch.ones_like(n), n))
+    return out.to(h.dtype)
+
+
+def nlerp_residual_backward_reference(
+    grad: Tensor, h: Tensor, f: Tensor, alpha: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dh, df, dalpha)`` of :func:`nlerp_residual_reference` (formulas in the module
+    docstring)."""
+    hf, ff = upcast(h), upcast(f)
+    rh, rf = _inv_norm(hf), _inv_norm(ff)
+    a, b = hf * rh, ff * rf
+    al = alpha.to(a.dtype)
+    y = a + al * (b - a)
+    n = torch.linalg.vector_norm(y, dim=-1, keepdim=True)
+    degenerate = n <= _degenerate_bound(n.dtype)
+    rn = 1 / torch.where(degenerate, torch.ones_like(n), n)
+    out, g = y * rn, grad.to(a.dtype)
+    dy = torch.where(degenerate, 0.0, (g - out * (g * out).sum(-1, keepdim=True)) * rn)
+    da = dy * (1 - al) + torch.where(degenerate, g, 0.0)
+    db = dy * al
+    dalpha = (dy * (b - a)).reshape(-1, y.shape[-1]).sum(0)
+    dh = rh * (da - a * (da * a).sum(-1, keepdim=True))
+    df = rf * (db - b * (db * b).sum(-1, keepdim=True))
+    return dh.to(h.dtype), df.to(f.dtype), dalpha.to(alpha.dtype)
+
+
+# ----------------------------------------------------------------------------- Triton
+
+if triton_available():
+    import triton.language as tl
+
+    def _nlerp_fwd_kernel(
+        H, F, A, OUT, stride_h, stride_f, d, BLOCK: tl.constexpr, F64: tl.constexpr
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < d
+        h = tl.load(H + row * stride_h + cols, mask=mask, other=0.0)
+        f = tl.load(F + row * stride_f + cols, mask=mask, other=0.0)
+        al = tl.load(A + cols, mask=mask, other=0.0)
+        if F64:
+            h, f, al = h.to(tl.float64), f.to(tl.float64), al.to(tl.float64)
+            rh = 1.0 / tl.sqrt(tl.maximum(tl.sum(h * h, axis=0), 2.2250738585072014e-308))
+            rf = 1.0 / tl.sqrt(tl.maximum(tl.sum(f * f, axis=0), 2.2250738585072014e-308))
+            bound = 3.552713678800501e-15
+        else:
+            h, f, al = h.to(tl.float32), f.to(tl.float32), al.to(tl.float32)
+            rh = 1.0 / tl.sqrt_rn(tl.maximum(tl.sum(h * h, axis=0), 1.1754943508222875e-38))
+            rf = 1.0 / tl.sqrt_rn(tl.maximum(tl.sum(f * f, axis=0), 1.1754943508222875e-38))
+            bound = 1.9073486328125e-06
+        a = h * rh
+        y = a + al * (f * rf - a)
+        n = tl.sqrt(tl.sum(y * y, axis=0))
+        degenerate = n <= bound
+        out = tl.where(degenerate, a, y / tl.where(degenerate, 1.0, n))
+        tl.store(OUT + row * d + cols, out.to(OUT.dtype.element_ty), mask=mask)
+
+    def _nlerp_bwd_kernel(
+        G, H, F, A, DH, DF, DA_PART, stride_g, stride_h, stride_f, n_rows, d,
+        BLOCK: tl.constexpr, F64: tl.constexpr,
+    ):  # fmt: skip
+        # Each program loops over rows pid, pid + P, ... and writes one partial dalpha row.
+        pid = tl.program_id(0)
+        n_prog = tl.num_programs(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < d
+        al = tl.load(A + cols, mask=mask, other=0.0)
+        al = al.to(tl.float64 if F64 else tl.float32)
+        acc = al * 0.0
+        for row32 in range(pid, n_rows, n_prog):
+            row = tl.cast(row32, tl.int64)
+            h = tl.load(H + row * stride_h + cols, mask=mask, other=0.0)
+            f = tl.load(F + row * stride_f + cols, mask=mask, other=0.0)
+            g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0)
+            if F64:
+                h, f, g = h.to(tl.float64), f.to(tl.float64), g.to(tl.float64)
+                rh = 1.0 / tl.sqrt(tl.maximum(tl.sum(h * h, axis=0), 2.2250738585072014e-308))
+                rf = 1.0 / tl.sqrt(tl.maximum(tl.sum(f * f, axis=0), 2.2250738585072014e-308))
+                bound = 3.552713678800501e-15
+            else:
+                h, f, g = h.to(tl.float32), f.to(tl.float32), g.to(tl.float32)
+                rh = 1.0 / tl.sqrt_rn(tl.maximum(tl.sum(h * h, axis=0), 1.1754943508222875e-38))
+                rf = 1.0 / tl.sqrt_rn(tl.maximum(tl.sum(f * f, axis=0), 1.1754943508222875e-38))
+                bound = 1.9073486328125e-06
+            a, b = h * rh, f * rf
+            y = a + al * (b - a)
+            n = tl.sqrt(tl.sum(y * y, axis=0))
+            degenerate = n <= bound
+            rn = 1.0 / tl.where(degenerate, 1.0, n)
+            out = y * rn
+            dy = tl.where(degenerate, 0.0, (g - out * tl.sum(g * out, axis=0)) * rn)
+            da = dy * (1.0 - al) + tl.where(degenerate, g, 0.0)
+            db = dy * al
+            acc += dy * (b - a)
+            dh = rh * (da - a * tl.sum(da * a, axis=0))
+            df = rf * (db - b * tl.sum(db * b, axis=0))
+            tl.store(DH + row * d + cols, dh.to(DH.dtype.element_ty), mask=mask)
+            tl.store(DF + row * d + cols, df.to(DF.dtype.element_ty), mask=mask)
+        tl.store(DA_PART + pid.to(tl.int64) * d + cols, acc, mask=mask)
+
+
+def _wide(h: Tensor, f: Tensor) -> torch.dtype:
+    return torch.promote_types(compute_dtype(h.dtype), compute_dtype(f.dtype))
+
+
+def _nlerp_triton(h: Tensor, f: Tensor, alpha: Tensor) -> Tensor:
+    h2, f2 = as_rows(h), as_rows(f)
+    out = torch.empty(h2.shape, dtype=h.dtype, device=h.device)
+    if out.numel():
+        block, warps = block_and_warps(h2.shape[1])
+        jit(_nlerp_fwd_kernel)[(h2.shape[0],)](
+            h2, f2, alpha.contiguous(), out, h2.stride(0), f2.stride(0), h2.shape[1],
+            BLOCK=block, F64=_wide(h, f) == torch.float64, num_warps=warps,
+        )  # fmt: skip
+    return out.view(h.shape)
+
+
+def _nlerp_backward_triton(
+    grad: Tensor, h: Tensor, f: Tensor, alpha: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    g2, h2, f2 = as_rows(grad), as_rows(h), as_rows(f)
+    rows, d = h2.shape
+    dh = torch.empty(h2.shape, dtype=h.dtype, device=h.device)
+    df = torch.empty(f2.shape, dtype=f.dtype, device=f.device)
+    ct = _wide(h, f)
+    programs = reduce_programs(rows, h.device)
+    partial = torch.zeros(programs, d, dtype=ct, device=h.device)
+    if rows and d:
+        block, warps = block_and_warps(d)
+        jit(_nlerp_bwd_kernel)[(programs,)](
+            g2, h2, f2, alpha.contiguous(), dh, df, partial, g2.stride(0), h2.stride(0),
+            f2.stride(0), rows, d, BLOCK=block, F64=ct == torch.float64, num_warps=warps,
+        )  # fmt: skip
+    return dh.view(h.shape), df.view(f.shape), partial.sum(0).to(alpha.dtype)
+
+
+# ----------------------------------------------------------------------------- the ops
+
+
+@torch.library.custom_op("spheretorch::nlerp_residual", mutates_args=())
+def _nlerp_op(h: Tensor, f: Tensor, alpha: Tensor) -> Tensor:
+    if use_triton(h):
+        return _nlerp_triton(h, f, alpha)
+    return nlerp_residual_reference(h, f, alpha).contiguous()
+
+
+@_nlerp_op.register_fake
+def _(h: Tensor, f: Tensor, alpha: Tensor) -> Tensor:
+    return torch.empty_like(h, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("spheretorch::nlerp_residual_backward", mutates_args=())
+def _nlerp_backward_op(
+    grad: Tensor, h: Tensor, f: Tensor, alpha: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    if use_triton(h):
+        return _nlerp_backward_triton(grad, h, f, alpha)
+    dh, df, dalpha = nlerp_residual_backward_reference(grad, h, f, alpha)
+    return dh.contiguous(), df.contiguous(), dalpha
+
+
+@_nlerp_backward_op.register_fake
+def _(grad: Tensor, h: Tensor, f: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    fmt = torch.contiguous_format
+    return (
+        torch.empty_like(h, memory_format=fmt),
+        torch.empty_like(f, memory_format=fmt),
+        torch.empty_like(alpha),
+    )
+
+
+def _setup(ctx: Any, inputs: tuple[Tensor, Tensor, Tensor], output: Tensor) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+    h, f, alpha = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph: differentiable again through the reference
+        return reference_vjp(nlerp_residual_reference, (h, f, alpha), grad)
+    return _nlerp_backward_op(grad, h, f, alpha)
+
+
+_nlerp_op.register_autograd(_backward, setup_context=_setup)
+
+
+def nlerp_residual(h: Tensor, f: Tensor, alpha: Tensor) -> Tensor:
+    """``Norm(Norm(h) + alpha * (Norm(f) - Norm(h)))`` along the last axis (module docstring).
+
+    Args:
+        h: states ``(..., d)``, any norm (normalized inside).
+        f: block outputs, same shape as ``h`` (normalized inside); its dtype may differ
+            (bf16 autocast outputs with float32 states): the math runs in the wider one.
+        alpha: step sizes, shape ``(d,)``, floating point.
+
+    Returns:
+        Unit rows, shaped and typed like ``h``.
+    """
+    if h.shape != f.shape:
+        raise ValueError(
+            f"h and f must have the same shape, got {tuple(h.shape)} and {tuple(f.shape)}"
+        )
+    if alpha.shape != h.shape[-1:]:
+        raise ValueError(
+            f"alpha must have shape ({h.shape[-1]},) (one step size per coordinate), got "
+            f"{tuple(alpha.shape)}"
+        )
+    return _nlerp_op(h, f, alpha)

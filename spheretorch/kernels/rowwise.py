@@ -1,0 +1,91 @@
+"""Launch geometry shared by the row-wise model kernels (one program per row of ``d`` values).
+
+The model's sphere operations (:mod:`.unit`, :mod:`.residual`, :mod:`.rope`,
+:mod:`.geodesic_step`) all act on the last axis of ``(..., d)`` tensors. Each is a custom op
+(``spheretorch::``) whose PyTorch reference runs on CPU and whose Triton kernel runs on CUDA
+(:func:`~spheretorch.kernels.backend_for`). This module holds what they share: the 2-D row view,
+the block size and warp count, the lazy ``triton.jit`` (so that ``TRITON_INTERPRET`` is read
+when a kernel first runs, not when spheretorch is imported), and the double-backward rule.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .backend import Backend, backend_for
+
+__all__ = ["as_rows", "block_and_warps", "jit", "reduce_programs", "reference_vjp", "use_triton"]
+
+
+def use_triton(x: Tensor) -> bool:
+    """Whether the op on ``x`` runs its Triton kernel (else the PyTorch reference)."""
+    return backend_for(x.device) is Backend.TRITON
+
+
+def as_rows(x: Tensor) -> Tensor:
+    """``x`` ``(..., d)`` as a 2-D ``(rows, d)`` tensor with unit stride along ``d`` (a view
+    when the layout allows, else a copy)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 or x2.shape[-1] == 1 else x2.contiguous()
+
+
+def block_and_warps(d: int) -> tuple[int, int]:
+    """``(BLOCK, num_warps)`` for rows of ``d`` values: the whole row in one block."""
+    block = max(16, 1 << (d - 1).bit_length())
+    return block, 1 if block <= 256 else 4 if block <= 2048 else 8 if block <= 8192 else 16
+
+
+def reduce_programs(rows: int, device: torch.device) -> int:
+    """Programs for a kernel that also sums a per-row quantity over rows (a gradient of a
+    shared vector): a few per multiprocessor, each looping over its rows, writing one partial."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return max(1, min(rows, 4 * sms))
+    return max(1, min(rows, 4))
+
+
+def _interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.cache
+def _jitted(fn: Callable[..., Any], interpret: bool) -> Any:
+    import triton
+
+    return triton.jit(fn)
+
+
+def jit(fn: Callable[..., Any]) -> Any:
+    """``triton.jit(fn)``, built on first use: Triton fixes interpreter-or-compiler when it
+    decorates, and the tests turn the interpreter on after spheretorch is imported."""
+    return _jitted(fn, _interpreter_on())
+
+
+def reference_vjp(
+    reference: Callable[..., Tensor], inputs: Sequence[Tensor | None], grad: Tensor
+) -> tuple[Tensor | None, ...]:
+    """Vector-Jacobian product through the readable reference, differentiable again.
+
+    Used by the ops' backward under ``create_graph=True`` (higher derivatives), where the
+    fused backward (a custom op without a backward of its own) would cut the graph.
+    """
+    present = [i for i, t in enumerate(inputs) if t is not None]
+
+    def fn(*ts: Tensor) -> Tensor:
+        full = list(inputs)
+        for i, t in zip(present, ts):
+            full[i] = t
+        return reference(*full)
+
+    _, pull = torch.func.vjp(fn, *[inputs[i] for i in present])
+    grads = pull(grad)
+    out: list[Tensor | None] = [None] * len(inputs)
+    for i, gi in zip(present, grads):
+        out[i] = gi
+    return tuple(out)
