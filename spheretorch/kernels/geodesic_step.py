@@ -1,0 +1,561 @@
+r"""``spheretorch::geonorm_step``: GeoNorm's residual update as one op, forward and backward.
+
+For states ``x`` and block outputs ``g`` ``(..., d)`` and the scalars ``a``, ``b``
+(:mod:`spheretorch.models.geonorm` explains each line):
+
+.. math::
+
+    r &= \|x\|,\ \hat x = x/r,\ v = g - \langle \hat x, g\rangle \hat x,\
+        \rho = r \text{ or a fixed radius},\ z = \|v\|/\rho \\
+    P &= \min(\phi(z), c)/z \quad (\phi(z) = z \text{ or } \arctan z),\qquad
+    T = \min(\delta\,(a P + b/z)\, z,\ c)/z \\
+    \theta &= T z,\qquad x' = r\,\mathrm{Norm}\big(\cos\theta\ \hat x +
+        \mathrm{sinc}\,\theta\ (T/\rho)\, v\big)
+
+(the bias term is dropped where ``|v|`` is at round-off, ``|v| <= 16 eps |g|``). The
+backward is the chain rule through those lines (:func:`geonorm_step_backward_reference`,
+written out so that the op saves only ``x`` and ``g``); ``a`` and ``b`` get the sums over rows.
+:func:`geonorm_step_reference` is the readable definition and the autograd oracle of the tests.
+The Triton kernels cover the linear angle (the model's default); ``angle="atan"`` runs the
+reference inside the op on every device (Triton's interpreter has no ``atan``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import sphere
+from ..sphere.checks import compute_dtype
+from .backend import triton_available
+from .rowwise import as_rows, block_and_warps, jit, reduce_programs, reference_vjp, use_triton
+
+__all__ = ["geonorm_step", "geonorm_step_backward_reference", "geonorm_step_reference"]
+
+
+def _series_small(dtype: torch.dtype) -> float:
+    # the threshold of spheretorch.sphere.series, below which the Taylor series are used
+    return 1e-2 if dtype == torch.float64 else 0.25
+
+
+def geonorm_step_reference(
+    x: Tensor,
+    g: Tensor,
+    a: Tensor | float,
+    b: Tensor | float = 0.0,
+    *,
+    decay: float = 1.0,
+    clamp: float | None = None,
+    angle: str = "linear",
+    radius: float | None = None,
+) -> Tensor:
+    r"""One GeoNorm update of the states ``x`` ``(..., d)`` by the block outputs ``g``.
+
+    ``x' = |x| exp_xhat(theta v / |v|)`` with ``theta`` as in the module docstring;
+    ``radius=None`` compares ``g`` at the state's own norm, a float at that fixed radius.
+    Written as ``expmap(xhat, (theta / z) (v / rho))``, ``z = |v| / rho``, with ``theta / z``
+    smooth at ``z = 0``: finite values and gradients there, even with a bias; the step's norm
+    ``|theta|`` is handed to :func:`~spheretorch.sphere.expmap` (``norm_u``). Computed in
+    float32 for half types; returns ``x``'s dtype, norm ``|x|``.
+    """
+    dt = compute_dtype(x.dtype)
+    xf, gf = x.to(dt), g.to(dt)
+    a = a.to(dt) if isinstance(a, Tensor) else a
+    b = b.to(dt) if isinstance(b, Tensor) else b
+    r = sphere.norm(xf)
+    xhat = sphere.unit(xf)
+    v = sphere.project(xhat, gf)
+    vn = sphere.norm(v)
+    rho = r.clamp_min(torch.finfo(dt).tiny) if radius is None else radius
+    z = vn / rho
+    # v at round-off level (a radial g) has no direction: the bias's move is dropped there.
+    pos = vn > 16 * torch.finfo(dt).eps * sphere.norm(gf.detach())
+    zs = torch.where(pos, z, 1.0)
+    per_z = sphere.atanc_sq(z * z) if angle == "atan" else 1.0  # phi(z) / z, smooth at 0
+    if clamp is not None:  # theta0 = min(phi(z), c)
+        per_z = torch.where(per_z * z > clamp, clamp / zs, per_z)
+    # theta / z = delta (a theta0 / z + b / z): smooth at z = 0 but for the bias's part
+    theta_per_z = decay * (a * per_z + torch.where(pos, b / zs, 0.0))
+    if clamp is not None:  # theta = min(delta (a theta0 + b), c)
+        theta_per_z = torch.where(theta_per_z * z > clamp, clamp / zs, theta_per_z)
+    # |u| = |theta| is known: expmap skips the reduction and the squared-norm series
+    u = (theta_per_z / rho) * v
+    return (sphere.expmap(xhat, u, norm_u=theta_per_z * z) * r).to(x.dtype)
+
+
+def _rows_dot(p: Tensor, q: Tensor) -> Tensor:
+    return (p * q).sum(-1, keepdim=True)
+
+
+def geonorm_step_backward_reference(
+    grad: Tensor,
+    x: Tensor,
+    g: Tensor,
+    a: Tensor,
+    b: Tensor,
+    decay: float,
+    clamp: float | None,
+    atan: bool,
+    radius: float | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(dx, dg, da, db)`` of :func:`geonorm_step_reference` for scalar ``a``, ``b``: the
+    chain rule through its lines, in reverse (``a``, ``b`` of shape ``(1,)``)."""
+    dt = compute_dtype(x.dtype)
+    tiny, eps, small = torch.finfo(dt).tiny, torch.finfo(dt).eps, _series_small(dt)
+    xf, gf, G = x.to(dt), g.to(dt), grad.to(dt)
+    av, bv = a.to(dt), b.to(dt)
+    # ---- forward, keeping what the backward needs
+    s2 = _rows_dot(xf, xf)
+    r = torch.sqrt(s2)
+    rinv = torch.rsqrt(s2.clamp_min(tiny))
+    xh = xf * rinv
+    c = _rows_dot(xh, gf)
+    v = gf - c * xh
+    vn = torch.sqrt(_rows_dot(v, v))
+    rho = r.clamp_min(tiny) if radius is None else torch.full_like(r, radius)
+    z = vn / rho
+    pos = vn > 16 * eps * torch.sqrt(_rows_dot(gf, gf))
+    zs = torch.where(pos, z, 1.0)
+    w = z * z
+    w_small = w < small * small
+    if atan:
+        zz = torch.sqrt(torch.where(w_small, 1.0, w))
+        series = 1 - w * (1 / 3 - w * (1 / 5 - w * (1 / 7 - w * (1 / 9 - w / 11))))
+        p0 = torch.where(w_small, series, torch.atan(zz) / zz)
+    else:
+        p0 = torch.ones_like(z)
+    clamp1 = (p0 * z > clamp) if clamp is not None else torch.zeros_like(pos)
+    p = torch.where(clamp1, clamp / zs, p0) if clamp is not None else p0
+    t0 = decay * (av * p + torch.where(pos, bv / zs, 0.0))
+    clamp2 = (t0 * z > clamp) if clamp is not None else torch.zeros_like(pos)
+    t = torch.where(clamp2, clamp / zs, t0) if clamp is not None else t0
+    k = t / rho
+    theta = t * z
+    th_small = theta.abs() < small
+    th2 = theta * theta
+    th_safe = torch.where(th_small, 1.0, theta)
+    cos_t = torch.cos(theta)
+    sinc_t = torch.where(
+        th_small, 1 - th2 / 6 * (1 - th2 / 20 * (1 - th2 / 42)), torch.sin(th_safe) / th_safe
+    )
+    y = cos_t * xh + (sinc_t * k) * v
+    ry = torch.rsqrt(_rows_dot(y, y).clamp_min(tiny))
+    yh = y * ry
+    # ---- backward
+    dr = _rows_dot(G, yh)  # out = r yh
+    gy = G * r
+    dy = ry * (gy - yh * _rows_dot(gy, yh))
+    dxh = cos_t * dy
+    dcos = _rows_dot(dy, xh)
+    dyv = _rows_dot(dy, v)
+    dv = (sinc_t * k) * dy
+    dsinc, dk = k * dyv, sinc_t * dyv
+    dsinc_dth = torch.where(
+        th_small,
+        theta * (-1 / 3 + th2 / 30 - th2 * th2 / 840),
+        (cos_t - sinc_t) / th_safe,
+    )
+    dth = -torch.sin(theta) * dcos + dsinc_dth * dsinc
+    dt_ = z * dth + dk / rho
+    dz = t * dth
+    drho = -k / rho * dk
+    zs2 = zs * zs
+    if clamp is not None:
+        dz = dz + torch.where(clamp2 & pos, -clamp / zs2 * dt_, 0.0)
+        dt0 = torch.where(clamp2, 0.0, dt_)
+    else:
+        dt0 = dt_
+    da = (decay * p * dt0).sum()
+    db = torch.where(pos, decay / zs * dt0, 0.0).sum()
+    dp = decay * av * dt0
+    dz = dz + torch.where(pos, -decay * bv / zs2 * dt0, 0.0)
+    if clamp is not None:
+        dz = dz + torch.where(clamp1 & pos, -clamp / zs2 * dp, 0.0)
+        dp0 = torch.where(clamp1, 0.0, dp)
+    else:
+        dp0 = dp
+    if atan:  # d/dz atan(z)/z, via the series in w = z^2 below the threshold
+        dseries = -1 / 3 + w * (2 / 5 - w * (3 / 7 - w * (4 / 9 - w * 5 / 11)))
+        dz = dz + dp0 * torch.where(w_small, 2 * z * dseries, (1 / (1 + w) - p0) / zz)
+    dvn = dz / rho
+    if radius is None:
+        drho = drho - z / rho * dz
+        dr = dr + torch.where(r >= tiny, drho, 0.0)
+    dv = dv + dvn * torch.where(vn > 0, v / torch.where(vn > 0, vn, 1.0), 0.0)
+    dc = -_rows_dot(dv, xh)
+    dxh = dxh - c * dv + dc * gf
+    dg = dv + dc * xh
+    dx = dr * torch.where(r > 0, xf / torch.where(r > 0, r, 1.0), 0.0)
+    dx = dx + rinv * (dxh - xh * _rows_dot(dxh, xh))
+    return (
+        dx.to(x.dtype),
+        dg.to(g.dtype),
+        da.reshape(a.shape).to(a.dtype),
+        db.reshape(b.shape).to(b.dtype),
+    )
+
+
+# ----------------------------------------------------------------------------- Triton
+# The linear angle only (the model's default). DECAY, CLAMP and RADIUS are compile-time
+# constants: Triton passes Python floats as float32 scalars, and the float64 kernels (the
+# tests' oracle runs) need them exact; a model compiles one variant per layer's decay.
+
+if triton_available():
+    import triton.language as tl
+
+    def _geo_fwd_kernel(
+        X, GG, AB, OUT, stride_x, stride_g, d,
+        DECAY: tl.constexpr, CLAMP: tl.constexpr, HAS_CLAMP: tl.constexpr,
+        RADIUS: tl.constexpr, OWN: tl.constexpr, BLOCK: tl.constexpr, F64: tl.constexpr,
+    ):  # fmt: skip
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < d
+        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+        g = tl.load(GG + row * stride_g + cols, mask=mask, other=0.0)
+        a = tl.load(AB)
+        b = tl.load(AB + 1)
+        if F64:
+            x, g, a, b = x.to(tl.float64), g.to(tl.float64), a.to(tl.float64), b.to(tl.float64)
+            tiny = 2.2250738585072014e-308
+            eps16 = 3.552713678800501e-15
+            small = 0.01
+            dec = tl.full((), DECAY, tl.float64)
+            cl = tl.full((), CLAMP, tl.float64)
+            rad = tl.full((), RADIUS, tl.float64)
+        else:
+            x, g, a, b = x.to(tl.float32), g.to(tl.float32), a.to(tl.float32), b.to(tl.float32)
+            tiny = 1.1754943508222875e-38
+            eps16 = 1.9073486328125e-06
+            small = 0.25
+            dec = tl.full((), DECAY, tl.float32)
+            cl = tl.full((), CLAMP, tl.float32)
+            rad = tl.full((), RADIUS, tl.float32)
+        s2 = tl.sum(x * x, axis=0)
+        r = tl.sqrt(s2)
+        xh = x / tl.sqrt(tl.maximum(s2, tiny))
+        c = tl.sum(xh * g, axis=0)
+        v = g - c * xh
+        vn = tl.sqrt(tl.sum(v * v, axis=0))
+        rho = tl.maximum(r, tiny) if OWN else rad
+        z = vn / rho
+        pos = vn > eps16 * tl.sqrt(tl.sum(g * g, axis=0))
+        zs = tl.where(pos, z, 1.0)
+        p = tl.where(z > cl, cl / zs, 1.0) if HAS_CLAMP else 1.0
+        t = dec * (a * p + tl.where(pos, b / zs, 0.0))
+        if HAS_CLAMP:
+            t = tl.where(t * z > cl, cl / zs, t)
+        k = t / rho
+        th = t * z
+        th2 = th * th
+        th_small = tl.abs(th) < small
+        th_safe = tl.where(th_small, 1.0, th)
+        cos_t = tl.cos(th)
+        sinc_t = tl.where(
+            th_small, 1.0 - th2 / 6.0 * (1.0 - th2 / 20.0 * (1.0 - th2 / 42.0)),
+            tl.sin(th_safe) / th_safe,
+        )  # fmt: skip
+        y = cos_t * xh + (sinc_t * k) * v
+        yh = y / tl.sqrt(tl.maximum(tl.sum(y * y, axis=0), tiny))
+        tl.store(OUT + row * d + cols, (yh * r).to(OUT.dtype.element_ty), mask=mask)
+
+    def _geo_bwd_kernel(
+        GR, X, GG, AB, DX, DG, DAB_PART, stride_gr, stride_x, stride_g, n_rows, d,
+        DECAY: tl.constexpr, CLAMP: tl.constexpr, HAS_CLAMP: tl.constexpr,
+        RADIUS: tl.constexpr, OWN: tl.constexpr, BLOCK: tl.constexpr, F64: tl.constexpr,
+    ):  # fmt: skip
+        # Rows pid, pid + P, ...; each program writes one partial (da, db).
+        pid = tl.program_id(0)
+        n_prog = tl.num_programs(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < d
+        a = tl.load(AB)
+        b = tl.load(AB + 1)
+        if F64:
+            a, b = a.to(tl.float64), b.to(tl.float64)
+            tiny = 2.2250738585072014e-308
+            eps16 = 3.552713678800501e-15
+            small = 0.01
+            dec = tl.full((), DECAY, tl.float64)
+            cl = tl.full((), CLAMP, tl.float64)
+            rad = tl.full((), RADIUS, tl.float64)
+        else:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+            tiny = 1.1754943508222875e-38
+            eps16 = 1.9073486328125e-06
+            small = 0.25
+            dec = tl.full((), DECAY, tl.float32)
+            cl = tl.full((), CLAMP, tl.float32)
+            rad = tl.full((), RADIUS, tl.float32)
+        da = a * 0.0
+        db = a * 0.0
+        for row32 in range(pid, n_rows, n_prog):
+            row = tl.cast(row32, tl.int64)
+            x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+            g = tl.load(GG + row * stride_g + cols, mask=mask, other=0.0)
+            gr = tl.load(GR + row * stride_gr + cols, mask=mask, other=0.0)
+            if F64:
+                x, g, gr = x.to(tl.float64), g.to(tl.float64), gr.to(tl.float64)
+            else:
+                x, g, gr = x.to(tl.float32), g.to(tl.float32), gr.to(tl.float32)
+            # forward, as in _geo_fwd_kernel
+            s2 = tl.sum(x * x, axis=0)
+            r = tl.sqrt(s2)
+            rinv = 1.0 / tl.sqrt(tl.maximum(s2, tiny))
+            xh = x * rinv
+            c = tl.sum(xh * g, axis=0)
+            v = g - c * xh
+            vn = tl.sqrt(tl.sum(v * v, axis=0))
+            rho = tl.maximum(r, tiny) if OWN else rad
+            z = vn / rho
+            pos = vn > eps16 * tl.sqrt(tl.sum(g * g, axis=0))
+            zs = tl.where(pos, z, 1.0)
+            if HAS_CLAMP:
+                clamp1 = z > cl
+                p = tl.where(clamp1, cl / zs, 1.0)
+            else:
+                p = 1.0
+            t = dec * (a * p + tl.where(pos, b / zs, 0.0))
+            if HAS_CLAMP:
+                clamp2 = t * z > cl
+                t = tl.where(clamp2, cl / zs, t)
+            k = t / rho
+            th = t * z
+            th2 = th * th
+            th_small = tl.abs(th) < small
+            th_safe = tl.where(th_small, 1.0, th)
+            cos_t = tl.cos(th)
+            sin_t = tl.sin(th)
+            sinc_t = tl.where(
+                th_small, 1.0 - th2 / 6.0 * (1.0 - th2 / 20.0 * (1.0 - th2 / 42.0)),
+                tl.sin(th_safe) / th_safe,
+            )  # fmt: skip
+            y = cos_t * xh + (sinc_t * k) * v
+            ry = 1.0 / tl.sqrt(tl.maximum(tl.sum(y * y, axis=0), tiny))
+            yh = y * ry
+            # backward (geonorm_step_backward_reference, line by line)
+            dr = tl.sum(gr * yh, axis=0)
+            gy = gr * r
+            dy = ry * (gy - yh * tl.sum(gy * yh, axis=0))
+            dxh = cos_t * dy
+            dcos = tl.sum(dy * xh, axis=0)
+            dyv = tl.sum(dy * v, axis=0)
+            dv = (sinc_t * k) * dy
+            dsinc = k * dyv
+            dk = sinc_t * dyv
+            dsinc_dth = tl.where(
+                th_small, -th / 3.0 + th * th2 / 30.0 - th * th2 * th2 / 840.0,
+                (cos_t - sinc_t) / th_safe,
+            )  # fmt: skip
+            dth = -sin_t * dcos + dsinc_dth * dsinc
+            dt_ = z * dth + dk / rho
+            dz = t * dth
+            drho = -k / rho * dk
+            zs2 = zs * zs
+            if HAS_CLAMP:
+                dz += tl.where(clamp2 & pos, -cl / zs2 * dt_, 0.0)
+                dt0 = tl.where(clamp2, 0.0, dt_)
+            else:
+                dt0 = dt_
+            da += dec * p * dt0
+            db += tl.where(pos, dec / zs * dt0, 0.0)
+            dp = dec * a * dt0
+            dz += tl.where(pos, -dec * b / zs2 * dt0, 0.0)
+            if HAS_CLAMP:
+                dz += tl.where(clamp1 & pos, -cl / zs2 * dp, 0.0)
+            dvn = dz / rho
+            if OWN:
+                drho = drho - z / rho * dz
+                dr += tl.where(r >= tiny, drho, 0.0)
+            dv += dvn * tl.where(vn > 0, v / tl.where(vn > 0, vn, 1.0), 0.0)
+            dc = -tl.sum(dv * xh, axis=0)
+            dxh = dxh - c * dv + dc * g
+            dg = dv + dc * xh
+            dx = dr * tl.where(r > 0, x / tl.where(r > 0, r, 1.0), 0.0)
+            dx += rinv * (dxh - xh * tl.sum(dxh * xh, axis=0))
+            tl.store(DX + row * d + cols, dx.to(DX.dtype.element_ty), mask=mask)
+            tl.store(DG + row * d + cols, dg.to(DG.dtype.element_ty), mask=mask)
+        tl.store(DAB_PART + 2 * pid.to(tl.int64), da)
+        tl.store(DAB_PART + 2 * pid.to(tl.int64) + 1, db)
+
+
+def _consts(decay: float, clamp: float | None, radius: float | None) -> dict[str, Any]:
+    return {
+        "DECAY": float(decay),
+        "CLAMP": 0.0 if clamp is None else float(clamp),
+        "HAS_CLAMP": clamp is not None,
+        "RADIUS": 1.0 if radius is None else float(radius),
+        "OWN": radius is None,
+    }
+
+
+def _geo_triton(
+    x: Tensor, g: Tensor, ab: Tensor, decay: float, clamp: float | None, radius: float | None
+) -> Tensor:
+    x2, g2 = as_rows(x), as_rows(g)
+    out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    if out.numel():
+        block, warps = block_and_warps(x2.shape[1])
+        jit(_geo_fwd_kernel)[(x2.shape[0],)](
+            x2, g2, ab, out, x2.stride(0), g2.stride(0), x2.shape[1],
+            BLOCK=block, F64=ab.dtype == torch.float64, num_warps=warps,
+            **_consts(decay, clamp, radius),
+        )  # fmt: skip
+    return out.view(x.shape)
+
+
+def _geo_backward_triton(
+    grad: Tensor,
+    x: Tensor,
+    g: Tensor,
+    ab: Tensor,
+    decay: float,
+    clamp: float | None,
+    radius: float | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    gr2, x2, g2 = as_rows(grad), as_rows(x), as_rows(g)
+    rows, d = x2.shape
+    dx = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    dg = torch.empty(g2.shape, dtype=g.dtype, device=g.device)
+    programs = reduce_programs(rows, x.device)
+    partial = torch.zeros(programs, 2, dtype=ab.dtype, device=x.device)
+    if rows and d:
+        block, warps = block_and_warps(d)
+        jit(_geo_bwd_kernel)[(programs,)](
+            gr2, x2, g2, ab, dx, dg, partial, gr2.stride(0), x2.stride(0), g2.stride(0),
+            rows, d, BLOCK=block, F64=ab.dtype == torch.float64, num_warps=warps,
+            **_consts(decay, clamp, radius),
+        )  # fmt: skip
+    return dx.view(x.shape), dg.view(g.shape), partial.sum(0)
+
+
+# ----------------------------------------------------------------------------- the ops
+
+
+def _pack(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``[a, b]`` in the compute dtype (a device tensor: no host round trip)."""
+    return torch.cat((a.reshape(1), b.reshape(1))).to(compute_dtype(x.dtype))
+
+
+@torch.library.custom_op("spheretorch::geonorm_step", mutates_args=())
+def _geo_op(
+    x: Tensor,
+    g: Tensor,
+    a: Tensor,
+    b: Tensor,
+    decay: float,
+    clamp: float | None,
+    atan: bool,
+    radius: float | None,
+) -> Tensor:
+    if use_triton(x) and not atan:
+        return _geo_triton(x, g, _pack(x, a, b), decay, clamp, radius)
+    angle = "atan" if atan else "linear"
+    out = geonorm_step_reference(x, g, a, b, decay=decay, clamp=clamp, angle=angle, radius=radius)
+    return out.contiguous()
+
+
+@_geo_op.register_fake
+def _(x, g, a, b, decay, clamp, atan, radius):  # type: ignore[no-untyped-def]
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("spheretorch::geonorm_step_backward", mutates_args=())
+def _geo_backward_op(
+    grad: Tensor,
+    x: Tensor,
+    g: Tensor,
+    a: Tensor,
+    b: Tensor,
+    decay: float,
+    clamp: float | None,
+    atan: bool,
+    radius: float | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if use_triton(x) and not atan:
+        dx, dg, dab = _geo_backward_triton(grad, x, g, _pack(x, a, b), decay, clamp, radius)
+        da = dab[0].to(a.dtype).reshape(a.shape).clone()  # outputs may not alias each other
+        return dx, dg, da, dab[1].to(b.dtype).reshape(b.shape).clone()
+    dx, dg, da, db = geonorm_step_backward_reference(grad, x, g, a, b, decay, clamp, atan, radius)
+    return dx.contiguous(), dg.contiguous(), da, db
+
+
+@_geo_backward_op.register_fake
+def _(grad, x, g, a, b, decay, clamp, atan, radius):  # type: ignore[no-untyped-def]
+    fmt = torch.contiguous_format
+    return (
+        torch.empty_like(x, memory_format=fmt),
+        torch.empty_like(g, memory_format=fmt),
+        torch.empty_like(a),
+        torch.empty_like(b),
+    )
+
+
+def _setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    x, g, a, b, decay, clamp, atan, radius = inputs
+    ctx.save_for_backward(x, g, a, b)
+    ctx.options = (decay, clamp, atan, radius)
+
+
+def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+    x, g, a, b = ctx.saved_tensors
+    decay, clamp, atan, radius = ctx.options
+    if torch.is_grad_enabled():  # create_graph: differentiable again through the reference
+
+        def ref(x_: Tensor, g_: Tensor, a_: Tensor, b_: Tensor) -> Tensor:
+            angle = "atan" if atan else "linear"
+            return geonorm_step_reference(
+                x_, g_, a_, b_, decay=decay, clamp=clamp, angle=angle, radius=radius
+            )
+
+        grads = reference_vjp(ref, (x, g, a, b), grad)
+    else:
+        grads = _geo_backward_op(grad, x, g, a, b, decay, clamp, atan, radius)
+    return (*grads, None, None, None, None)
+
+
+_geo_op.register_autograd(_backward, setup_context=_setup)
+
+
+def _scalar(t: Tensor | float, like: Tensor) -> Tensor | None:
+    if isinstance(t, Tensor):
+        return t if t.numel() == 1 else None
+    return torch.full((1,), float(t), dtype=compute_dtype(like.dtype), device=like.device)
+
+
+def geonorm_step(
+    x: Tensor,
+    g: Tensor,
+    a: Tensor | float,
+    b: Tensor | float = 0.0,
+    *,
+    decay: float = 1.0,
+    clamp: float | None = None,
+    angle: str = "linear",
+    radius: float | None = None,
+) -> Tensor:
+    r"""One GeoNorm update of the states ``x`` ``(..., d)`` by the block outputs ``g``
+    (:func:`geonorm_step_reference`'s contract), as the fused op ``spheretorch::geonorm_step``
+    when ``a`` and ``b`` are scalars (floats or one-element tensors); otherwise (per-row or
+    per-coordinate ``a``, ``b``) the reference with autograd.
+    """
+    if angle not in ("linear", "atan"):
+        raise ValueError(f"angle must be 'linear' or 'atan', got {angle!r}")
+    if x.shape != g.shape:
+        raise ValueError(
+            f"x and g must have the same shape, got {tuple(x.shape)} and {tuple(g.shape)}"
+        )
+    at, bt = _scalar(a, x), _scalar(b, x)
+    if at is None or bt is None or x.dim() == 0:
+        return geonorm_step_reference(
+            x, g, a, b, decay=decay, clamp=clamp, angle=angle, radius=radius
+        )
+    opt = (
+        float(decay),
+        None if clamp is None else float(clamp),
+        angle == "atan",
+        None if radius is None else float(radius),
+    )
+    return _geo_op(x, g, at, bt, *opt)
