@@ -68,24 +68,23 @@ def jit(fn: Callable[..., Any]) -> Any:
 
 
 def reference_vjp(
-    reference: Callable[..., Tensor], inputs: Sequence[Tensor | None], grad: Tensor
+    reference: Callable[..., Tensor], inputs: Sequence[Tensor], grad: Tensor
 ) -> tuple[Tensor | None, ...]:
     """Vector-Jacobian product through the readable reference, differentiable again.
 
     Used by the ops' backward under ``create_graph=True`` (higher derivatives), where the
-    fused backward (a custom op without a backward of its own) would cut the graph.
+    fused backward (a custom op without a backward of its own) would cut the graph. The
+    ``inputs`` are the op's saved inputs, still attached to the caller's graph.
     """
-    present = [i for i, t in enumerate(inputs) if t is not None]
-
-    def fn(*ts: Tensor) -> Tensor:
-        full = list(inputs)
-        for i, t in zip(present, ts):
-            full[i] = t
-        return reference(*full)
-
-    _, pull = torch.func.vjp(fn, *[inputs[i] for i in present])
-    grads = pull(grad)
+    wrt = [i for i, t in enumerate(inputs) if t.requires_grad]
     out: list[Tensor | None] = [None] * len(inputs)
-    for i, gi in zip(present, grads):
+    if not wrt:
+        return tuple(out)
+    with torch.enable_grad():
+        y = reference(*inputs)
+        grads = torch.autograd.grad(
+            y, [inputs[i] for i in wrt], grad, create_graph=True, allow_unused=True
+        )
+    for i, gi in zip(wrt, grads):
         out[i] = gi
     return tuple(out)
