@@ -22,6 +22,7 @@ reference inside the op on every device (Triton's interpreter has no ``atan``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ from .. import sphere
 from ..sphere.checks import compute_dtype
 from .backend import triton_available
 from .rowwise import as_rows, block_and_warps, jit, reduce_programs, reference_vjp, use_triton
+from .unit import project_rows_
 
 __all__ = ["geonorm_step", "geonorm_step_backward_reference", "geonorm_step_reference"]
 
@@ -85,8 +87,119 @@ def geonorm_step_reference(
     return (sphere.expmap(xhat, u, norm_u=theta_per_z * z) * r).to(x.dtype)
 
 
-def _rows_dot(p: Tensor, q: Tensor) -> Tensor:
-    return (p * q).sum(-1, keepdim=True)
+def _dot(p: Tensor, q: Tensor) -> Tensor:
+    return torch.linalg.vecdot(p, q, dim=-1).unsqueeze(-1)
+
+
+@dataclass
+class _Parts:
+    """The forward's intermediates (per-row scalars keep the last axis, size 1)."""
+
+    xf: Tensor
+    gf: Tensor
+    r: Tensor
+    rinv: Tensor
+    xh: Tensor
+    c: Tensor
+    v: Tensor
+    vn: Tensor
+    rho: Tensor
+    z: Tensor
+    pos: Tensor
+    zs: Tensor
+    w: Tensor
+    w_small: Tensor
+    zz: Tensor | None
+    p0: Tensor
+    clamp1: Tensor | None
+    p: Tensor
+    clamp2: Tensor | None
+    t: Tensor
+    k: Tensor
+    theta: Tensor
+    cos_t: Tensor
+    sinc_t: Tensor
+    th_small: Tensor
+    ry: Tensor
+    yh: Tensor
+
+
+def _forward_parts(
+    x: Tensor,
+    g: Tensor,
+    av: Tensor,
+    bv: Tensor,
+    decay: float,
+    clamp: float | None,
+    atan: bool,
+    radius: float | None,
+) -> _Parts:
+    """The lines of :func:`geonorm_step_reference` with fused PyTorch calls (one pass over
+    the rows each), keeping what the backward needs. ``av``, ``bv``: ``a``, ``b`` in the
+    compute dtype."""
+    dt = compute_dtype(x.dtype)
+    tiny, eps, small = torch.finfo(dt).tiny, torch.finfo(dt).eps, _series_small(dt)
+    xf, gf = x.to(dt), g.to(dt)
+    s2 = _dot(xf, xf)
+    r = torch.sqrt(s2)
+    rinv = torch.rsqrt(s2.clamp_min(tiny))
+    xh = xf * rinv
+    c = _dot(xh, gf)
+    v = torch.addcmul(gf, c, xh, value=-1)
+    vn = torch.linalg.vector_norm(v, dim=-1, keepdim=True)
+    rho = r.clamp_min(tiny) if radius is None else torch.full_like(r, radius)
+    z = vn / rho
+    pos = vn > 16 * eps * torch.linalg.vector_norm(gf, dim=-1, keepdim=True)
+    zs = torch.where(pos, z, 1.0)
+    w = z * z
+    w_small = w < small * small
+    zz = None
+    if atan:
+        zz = torch.sqrt(torch.where(w_small, 1.0, w))
+        series = 1 - w * (1 / 3 - w * (1 / 5 - w * (1 / 7 - w * (1 / 9 - w / 11))))
+        p0 = torch.where(w_small, series, torch.atan(zz) / zz)
+    else:
+        p0 = torch.ones_like(z)
+    clamp1 = clamp2 = None
+    p = p0
+    if clamp is not None:
+        clamp1 = p0 * z > clamp
+        p = torch.where(clamp1, clamp / zs, p0)
+    t = decay * (av * p + torch.where(pos, bv / zs, 0.0))
+    if clamp is not None:
+        clamp2 = t * z > clamp
+        t = torch.where(clamp2, clamp / zs, t)
+    k = t / rho
+    theta = t * z
+    th_small = theta.abs() < small
+    th2 = theta * theta
+    th_safe = torch.where(th_small, 1.0, theta)
+    cos_t = torch.cos(theta)
+    sinc_t = torch.where(
+        th_small, 1 - th2 / 6 * (1 - th2 / 20 * (1 - th2 / 42)), torch.sin(th_safe) / th_safe
+    )
+    y = torch.addcmul(cos_t * xh, sinc_t * k, v)
+    ry = torch.rsqrt(_dot(y, y).clamp_min(tiny))
+    return _Parts(
+        xf, gf, r, rinv, xh, c, v, vn, rho, z, pos, zs, w, w_small, zz, p0, clamp1, p, clamp2,
+        t, k, theta, cos_t, sinc_t, th_small, ry, y.mul_(ry),
+    )  # fmt: skip
+
+
+def _geo_torch(
+    x: Tensor,
+    g: Tensor,
+    a: Tensor,
+    b: Tensor,
+    decay: float,
+    clamp: float | None,
+    atan: bool,
+    radius: float | None,
+) -> Tensor:
+    """The op's PyTorch implementation of :func:`geonorm_step_reference` (scalar a, b)."""
+    dt = compute_dtype(x.dtype)
+    q = _forward_parts(x, g, a.to(dt), b.to(dt), decay, clamp, atan, radius)
+    return q.yh.mul_(q.r).to(x.dtype)
 
 
 def geonorm_step_backward_reference(
@@ -103,92 +216,62 @@ def geonorm_step_backward_reference(
     """``(dx, dg, da, db)`` of :func:`geonorm_step_reference` for scalar ``a``, ``b``: the
     chain rule through its lines, in reverse (``a``, ``b`` of shape ``(1,)``)."""
     dt = compute_dtype(x.dtype)
-    tiny, eps, small = torch.finfo(dt).tiny, torch.finfo(dt).eps, _series_small(dt)
-    xf, gf, G = x.to(dt), g.to(dt), grad.to(dt)
+    tiny = torch.finfo(dt).tiny
     av, bv = a.to(dt), b.to(dt)
-    # ---- forward, keeping what the backward needs
-    s2 = _rows_dot(xf, xf)
-    r = torch.sqrt(s2)
-    rinv = torch.rsqrt(s2.clamp_min(tiny))
-    xh = xf * rinv
-    c = _rows_dot(xh, gf)
-    v = gf - c * xh
-    vn = torch.sqrt(_rows_dot(v, v))
-    rho = r.clamp_min(tiny) if radius is None else torch.full_like(r, radius)
-    z = vn / rho
-    pos = vn > 16 * eps * torch.sqrt(_rows_dot(gf, gf))
-    zs = torch.where(pos, z, 1.0)
-    w = z * z
-    w_small = w < small * small
-    if atan:
-        zz = torch.sqrt(torch.where(w_small, 1.0, w))
-        series = 1 - w * (1 / 3 - w * (1 / 5 - w * (1 / 7 - w * (1 / 9 - w / 11))))
-        p0 = torch.where(w_small, series, torch.atan(zz) / zz)
-    else:
-        p0 = torch.ones_like(z)
-    clamp1 = (p0 * z > clamp) if clamp is not None else torch.zeros_like(pos)
-    p = torch.where(clamp1, clamp / zs, p0) if clamp is not None else p0
-    t0 = decay * (av * p + torch.where(pos, bv / zs, 0.0))
-    clamp2 = (t0 * z > clamp) if clamp is not None else torch.zeros_like(pos)
-    t = torch.where(clamp2, clamp / zs, t0) if clamp is not None else t0
-    k = t / rho
-    theta = t * z
-    th_small = theta.abs() < small
-    th2 = theta * theta
-    th_safe = torch.where(th_small, 1.0, theta)
-    cos_t = torch.cos(theta)
-    sinc_t = torch.where(
-        th_small, 1 - th2 / 6 * (1 - th2 / 20 * (1 - th2 / 42)), torch.sin(th_safe) / th_safe
-    )
-    y = cos_t * xh + (sinc_t * k) * v
-    ry = torch.rsqrt(_rows_dot(y, y).clamp_min(tiny))
-    yh = y * ry
-    # ---- backward
-    dr = _rows_dot(G, yh)  # out = r yh
-    gy = G * r
-    dy = ry * (gy - yh * _rows_dot(gy, yh))
-    dxh = cos_t * dy
-    dcos = _rows_dot(dy, xh)
-    dyv = _rows_dot(dy, v)
-    dv = (sinc_t * k) * dy
-    dsinc, dk = k * dyv, sinc_t * dyv
+    q = _forward_parts(x, g, av, bv, decay, clamp, atan, radius)
+    G = grad.to(dt)
+    # out = r yh, yh = Norm(y): <G r, yh> = r dr, so dy = (r / |y|) (G - yh dr)
+    dr = _dot(G, q.yh)
+    dy = torch.addcmul(G, q.yh, dr, value=-1).mul_(q.r * q.ry)
+    # y = cos(theta) xh + sinc(theta) k v
+    dxh = q.cos_t * dy
+    dcos, dyv = _dot(dy, q.xh), _dot(dy, q.v)
+    dv = dy.mul_(q.sinc_t * q.k)
+    dsinc, dk = q.k * dyv, q.sinc_t * dyv
+    theta, th2 = q.theta, q.theta * q.theta
     dsinc_dth = torch.where(
-        th_small,
+        q.th_small,
         theta * (-1 / 3 + th2 / 30 - th2 * th2 / 840),
-        (cos_t - sinc_t) / th_safe,
+        (q.cos_t - q.sinc_t) / torch.where(q.th_small, 1.0, theta),
     )
     dth = -torch.sin(theta) * dcos + dsinc_dth * dsinc
-    dt_ = z * dth + dk / rho
-    dz = t * dth
-    drho = -k / rho * dk
-    zs2 = zs * zs
-    if clamp is not None:
-        dz = dz + torch.where(clamp2 & pos, -clamp / zs2 * dt_, 0.0)
-        dt0 = torch.where(clamp2, 0.0, dt_)
-    else:
-        dt0 = dt_
-    da = (decay * p * dt0).sum()
-    db = torch.where(pos, decay / zs * dt0, 0.0).sum()
+    # theta = t z, k = t / rho
+    dt_ = q.z * dth + dk / q.rho
+    dz = q.t * dth
+    drho = -q.k / q.rho * dk
+    zs2 = q.zs * q.zs
+    dt0 = dt_
+    if q.clamp2 is not None:  # t = c / z where clamped
+        dz = dz + torch.where(q.clamp2 & q.pos, -clamp / zs2 * dt_, 0.0)
+        dt0 = torch.where(q.clamp2, 0.0, dt_)
+    # t = decay (a p + b / z)
+    da = (decay * q.p * dt0).sum()
+    db = torch.where(q.pos, decay / q.zs * dt0, 0.0).sum()
     dp = decay * av * dt0
-    dz = dz + torch.where(pos, -decay * bv / zs2 * dt0, 0.0)
-    if clamp is not None:
-        dz = dz + torch.where(clamp1 & pos, -clamp / zs2 * dp, 0.0)
-        dp0 = torch.where(clamp1, 0.0, dp)
-    else:
-        dp0 = dp
-    if atan:  # d/dz atan(z)/z, via the series in w = z^2 below the threshold
+    dz = dz + torch.where(q.pos, -decay * bv / zs2 * dt0, 0.0)
+    dp0 = dp
+    if q.clamp1 is not None:  # p = c / z where clamped
+        dz = dz + torch.where(q.clamp1 & q.pos, -clamp / zs2 * dp, 0.0)
+        dp0 = torch.where(q.clamp1, 0.0, dp)
+    if q.zz is not None:  # d/dz atan(z)/z, via the series in w = z^2 below the threshold
+        w = q.w
         dseries = -1 / 3 + w * (2 / 5 - w * (3 / 7 - w * (4 / 9 - w * 5 / 11)))
-        dz = dz + dp0 * torch.where(w_small, 2 * z * dseries, (1 / (1 + w) - p0) / zz)
-    dvn = dz / rho
+        dz = dz + dp0 * torch.where(q.w_small, 2 * q.z * dseries, (1 / (1 + w) - q.p0) / q.zz)
+    # z = |v| / rho, rho = max(|x|, tiny) (own radius)
+    dvn = dz / q.rho
     if radius is None:
-        drho = drho - z / rho * dz
-        dr = dr + torch.where(r >= tiny, drho, 0.0)
-    dv = dv + dvn * torch.where(vn > 0, v / torch.where(vn > 0, vn, 1.0), 0.0)
-    dc = -_rows_dot(dv, xh)
-    dxh = dxh - c * dv + dc * gf
-    dg = dv + dc * xh
-    dx = dr * torch.where(r > 0, xf / torch.where(r > 0, r, 1.0), 0.0)
-    dx = dx + rinv * (dxh - xh * _rows_dot(dxh, xh))
+        drho = drho - q.z / q.rho * dz
+        dr = dr + torch.where(q.r >= tiny, drho, 0.0)
+    pos_vn = q.vn > 0
+    dv.addcmul_(q.v, torch.where(pos_vn, dvn / torch.where(pos_vn, q.vn, 1.0), 0.0))
+    # v = g - <xh, g> xh
+    dc = -_dot(dv, q.xh)
+    dxh.addcmul_(dv, q.c, value=-1).addcmul_(q.gf, dc)
+    dg = dv.addcmul_(q.xh, dc)
+    # r = |x|, xh = x / |x|
+    dx = project_rows_(dxh, q.xh, q.rinv)
+    pos_r = q.r > 0
+    dx.addcmul_(q.xf, torch.where(pos_r, dr / torch.where(pos_r, q.r, 1.0), 0.0))
     return (
         dx.to(x.dtype),
         dg.to(g.dtype),
@@ -452,9 +535,7 @@ def _geo_op(
 ) -> Tensor:
     if use_triton(x) and not atan:
         return _geo_triton(x, g, _pack(x, a, b), decay, clamp, radius)
-    angle = "atan" if atan else "linear"
-    out = geonorm_step_reference(x, g, a, b, decay=decay, clamp=clamp, angle=angle, radius=radius)
-    return out.contiguous()
+    return _geo_torch(x, g, a, b, decay, clamp, atan, radius).contiguous()
 
 
 @_geo_op.register_fake

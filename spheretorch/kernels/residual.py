@@ -36,7 +36,7 @@ from .rowwise import (
     reference_vjp,
     use_triton,
 )
-from .unit import _inv_norm
+from .unit import _inv_norm, inv_norm_rows, project_rows_
 
 __all__ = ["nlerp_residual", "nlerp_residual_backward_reference", "nlerp_residual_reference"]
 
@@ -56,26 +56,39 @@ def nlerp_residual_reference(h: Tensor, f: Tensor, alpha: Tensor) -> Tensor:
     return out.to(h.dtype)
 
 
+def _nlerp_torch(h: Tensor, f: Tensor, alpha: Tensor) -> Tensor:
+    """The op's PyTorch implementation (one pass per line of the definition)."""
+    hf, ff = upcast(h), upcast(f)
+    a, b = hf * inv_norm_rows(hf), ff * inv_norm_rows(ff)
+    ct = torch.promote_types(a.dtype, b.dtype)
+    y = torch.lerp(a.to(ct), b.to(ct), alpha.to(ct))
+    n = torch.linalg.vector_norm(y, dim=-1, keepdim=True)
+    degenerate = n <= _degenerate_bound(ct)
+    y.mul_(torch.where(degenerate, 0.0, n.reciprocal()))
+    return y.addcmul_(a, degenerate.to(ct)).to(h.dtype)  # Norm(h) where the chord is ~0
+
+
 def nlerp_residual_backward_reference(
     grad: Tensor, h: Tensor, f: Tensor, alpha: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dh, df, dalpha)`` of :func:`nlerp_residual_reference` (formulas in the module
-    docstring)."""
+    docstring), with in-place updates."""
     hf, ff = upcast(h), upcast(f)
-    rh, rf = _inv_norm(hf), _inv_norm(ff)
-    a, b = hf * rh, ff * rf
-    al = alpha.to(a.dtype)
-    y = a + al * (b - a)
+    rh, rf = inv_norm_rows(hf), inv_norm_rows(ff)
+    ct = torch.promote_types(rh.dtype, rf.dtype)
+    a, b, al = (hf * rh).to(ct), (ff * rf).to(ct), alpha.to(ct)
+    y = torch.lerp(a, b, al)
     n = torch.linalg.vector_norm(y, dim=-1, keepdim=True)
-    degenerate = n <= _degenerate_bound(n.dtype)
-    rn = 1 / torch.where(degenerate, torch.ones_like(n), n)
-    out, g = y * rn, grad.to(a.dtype)
-    dy = torch.where(degenerate, 0.0, (g - out * (g * out).sum(-1, keepdim=True)) * rn)
-    da = dy * (1 - al) + torch.where(degenerate, g, 0.0)
-    db = dy * al
-    dalpha = (dy * (b - a)).reshape(-1, y.shape[-1]).sum(0)
-    dh = rh * (da - a * (da * a).sum(-1, keepdim=True))
-    df = rf * (db - b * (db * b).sum(-1, keepdim=True))
+    degenerate = n <= _degenerate_bound(ct)
+    rn = torch.where(degenerate, 0.0, n.reciprocal())
+    out, g = y.mul_(rn), grad.to(ct)
+    dy = project_rows_(g.clone(), out, rn)  # zero on degenerate rows (rn = 0)
+    d = y.shape[-1]
+    dalpha = (out.copy_(b).sub_(a).mul_(dy)).reshape(-1, d).sum(0)  # out's memory reused
+    da = torch.addcmul(dy * (1 - al), g, degenerate.to(ct))  # there h' = Norm(h): da = g
+    db = dy.mul_(al)
+    dh = project_rows_(da, a, rh)
+    df = project_rows_(db, b, rf)
     return dh.to(h.dtype), df.to(f.dtype), dalpha.to(alpha.dtype)
 
 
@@ -196,7 +209,7 @@ def _nlerp_backward_triton(
 def _nlerp_op(h: Tensor, f: Tensor, alpha: Tensor) -> Tensor:
     if use_triton(h):
         return _nlerp_triton(h, f, alpha)
-    return nlerp_residual_reference(h, f, alpha).contiguous()
+    return _nlerp_torch(h, f, alpha).contiguous()
 
 
 @_nlerp_op.register_fake

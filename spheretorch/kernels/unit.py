@@ -30,6 +30,18 @@ def _inv_norm(xf: Tensor) -> Tensor:
     return torch.rsqrt((xf * xf).sum(-1, keepdim=True).clamp_min(torch.finfo(xf.dtype).tiny))
 
 
+def inv_norm_rows(xf: Tensor) -> Tensor:
+    """``1 / max(|x|, sqrt(tiny))`` per row (last axis, kept): the reference's
+    ``rsqrt(max(sum x^2, tiny))`` in one pass over ``x`` (the CPU implementations' form)."""
+    tiny = torch.finfo(xf.dtype).tiny
+    return torch.linalg.vector_norm(xf, dim=-1, keepdim=True).clamp_min_(tiny**0.5).reciprocal_()
+
+
+def project_rows_(grad: Tensor, y: Tensor, r: Tensor) -> Tensor:
+    """``grad <- r (grad - y <grad, y>)`` in place: the backward of ``y = x r``, ``|y| = 1``."""
+    return grad.addcmul_(y, torch.linalg.vecdot(grad, y, dim=-1).unsqueeze(-1), value=-1).mul_(r)
+
+
 def unit_reference(x: Tensor) -> Tensor:
     """The definition: ``x / ||x||`` (last axis), zero rows kept, fp32 math for half types."""
     xf = upcast(x)
@@ -39,9 +51,13 @@ def unit_reference(x: Tensor) -> Tensor:
 def unit_backward_reference(grad: Tensor, x: Tensor) -> Tensor:
     """``r (g - y <g, y>)``: the gradient of :func:`unit_reference` with respect to ``x``."""
     xf = upcast(x)
-    r = _inv_norm(xf)
-    y, gf = xf * r, grad.to(xf.dtype)
-    return ((gf - y * (gf * y).sum(-1, keepdim=True)) * r).to(x.dtype)
+    r = inv_norm_rows(xf)
+    return project_rows_(grad.to(xf.dtype, copy=True), xf * r, r).to(x.dtype)
+
+
+def _unit_torch(x: Tensor) -> Tensor:
+    xf = upcast(x)
+    return (xf * inv_norm_rows(xf)).to(x.dtype)
 
 
 # ----------------------------------------------------------------------------- Triton
@@ -110,7 +126,7 @@ def _unit_backward_triton(grad: Tensor, x: Tensor) -> Tensor:
 @torch.library.custom_op("spheretorch::unit", mutates_args=())
 def _unit_op(x: Tensor) -> Tensor:
     # contiguous: the fake's layout whatever x's strides (a no-op for the models' tensors)
-    return _unit_triton(x) if use_triton(x) else unit_reference(x).contiguous()
+    return _unit_triton(x) if use_triton(x) else _unit_torch(x).contiguous()
 
 
 @_unit_op.register_fake
