@@ -345,15 +345,16 @@ if triton_available():
         tl.store(OUT + row * d + cols, (yh * r).to(OUT.dtype.element_ty), mask=mask)
 
     def _geo_bwd_kernel(
-        GR, X, GG, AB, DX, DG, DAB_PART, stride_gr, stride_x, stride_g, n_rows, d,
+        GR, X, GG, AB, DX, DG, DAB_PART, stride_gr, stride_x, stride_g, n_rows,
+        PER: tl.constexpr, d,
         DECAY: tl.constexpr, CLAMP: tl.constexpr, HAS_CLAMP: tl.constexpr,
         RADIUS: tl.constexpr, OWN: tl.constexpr, BLOCK: tl.constexpr, F64: tl.constexpr,
     ):  # fmt: skip
-        # Rows pid, pid + P, ...; each program writes one partial (da, db).
+        # Each program takes rows pid * PER ... pid * PER + PER - 1 and writes one partial
+        # (da, db).
         pid = tl.program_id(0)
-        n_prog = tl.num_programs(0)
         cols = tl.arange(0, BLOCK)
-        mask = cols < d
+        col_mask = cols < d
         a = tl.load(AB)
         b = tl.load(AB + 1)
         if F64:
@@ -374,8 +375,10 @@ if triton_available():
             rad = tl.full((), RADIUS, tl.float32)
         da = a * 0.0
         db = a * 0.0
-        for row32 in range(pid, n_rows, n_prog):
-            row = tl.cast(row32, tl.int64)
+        for i in range(0, PER):
+            row = pid.to(tl.int64) * PER + i
+            valid = row < n_rows
+            mask = col_mask & ((cols * 0 + row) < n_rows)  # a vector: older interpreters
             x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
             g = tl.load(GG + row * stride_g + cols, mask=mask, other=0.0)
             gr = tl.load(GR + row * stride_gr + cols, mask=mask, other=0.0)
@@ -442,8 +445,8 @@ if triton_available():
                 dt0 = tl.where(clamp2, 0.0, dt_)
             else:
                 dt0 = dt_
-            da += dec * p * dt0
-            db += tl.where(pos, dec / zs * dt0, 0.0)
+            da += tl.where(valid, dec * p * dt0, 0.0)  # padding rows may be NaN: masked
+            db += tl.where(valid & pos, dec / zs * dt0, 0.0)
             dp = dec * a * dt0
             dz += tl.where(pos, -dec * b / zs2 * dt0, 0.0)
             if HAS_CLAMP:
@@ -502,13 +505,13 @@ def _geo_backward_triton(
     rows, d = x2.shape
     dx = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     dg = torch.empty(g2.shape, dtype=g.dtype, device=g.device)
-    programs = reduce_programs(rows, x.device)
+    programs, per = reduce_programs(rows, x.device)
     partial = torch.zeros(programs, 2, dtype=ab.dtype, device=x.device)
     if rows and d:
         block, warps = block_and_warps(d)
         jit(_geo_bwd_kernel)[(programs,)](
             gr2, x2, g2, ab, dx, dg, partial, gr2.stride(0), x2.stride(0), g2.stride(0),
-            rows, d, BLOCK=block, F64=ab.dtype == torch.float64, num_warps=warps,
+            rows, per, d, BLOCK=block, F64=ab.dtype == torch.float64, num_warps=warps,
             **_consts(decay, clamp, radius),
         )  # fmt: skip
     return dx.view(x.shape), dg.view(g.shape), partial.sum(0)

@@ -124,19 +124,21 @@ if triton_available():
         tl.store(OUT + row * d + cols, out.to(OUT.dtype.element_ty), mask=mask)
 
     def _nlerp_bwd_kernel(
-        G, H, F, A, DH, DF, DA_PART, stride_g, stride_h, stride_f, n_rows, d,
+        G, H, F, A, DH, DF, DA_PART, stride_g, stride_h, stride_f, n_rows, PER: tl.constexpr, d,
         BLOCK: tl.constexpr, F64: tl.constexpr,
     ):  # fmt: skip
-        # Each program loops over rows pid, pid + P, ... and writes one partial dalpha row.
+        # Each program takes rows pid * PER ... pid * PER + PER - 1 and writes one partial
+        # dalpha row.
         pid = tl.program_id(0)
-        n_prog = tl.num_programs(0)
         cols = tl.arange(0, BLOCK)
-        mask = cols < d
-        al = tl.load(A + cols, mask=mask, other=0.0)
+        col_mask = cols < d
+        al = tl.load(A + cols, mask=col_mask, other=0.0)
         al = al.to(tl.float64 if F64 else tl.float32)
         acc = al * 0.0
-        for row32 in range(pid, n_rows, n_prog):
-            row = tl.cast(row32, tl.int64)
+        for i in range(0, PER):
+            row = pid.to(tl.int64) * PER + i
+            valid = (cols * 0 + row) < n_rows  # as a vector: older interpreters need it so
+            mask = col_mask & valid
             h = tl.load(H + row * stride_h + cols, mask=mask, other=0.0)
             f = tl.load(F + row * stride_f + cols, mask=mask, other=0.0)
             g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0)
@@ -159,12 +161,12 @@ if triton_available():
             dy = tl.where(degenerate, 0.0, (g - out * tl.sum(g * out, axis=0)) * rn)
             da = dy * (1.0 - al) + tl.where(degenerate, g, 0.0)
             db = dy * al
-            acc += dy * (b - a)
+            acc += tl.where(valid, dy * (b - a), 0.0)
             dh = rh * (da - a * tl.sum(da * a, axis=0))
             df = rf * (db - b * tl.sum(db * b, axis=0))
             tl.store(DH + row * d + cols, dh.to(DH.dtype.element_ty), mask=mask)
             tl.store(DF + row * d + cols, df.to(DF.dtype.element_ty), mask=mask)
-        tl.store(DA_PART + pid.to(tl.int64) * d + cols, acc, mask=mask)
+        tl.store(DA_PART + pid.to(tl.int64) * d + cols, acc, mask=col_mask)
 
 
 def _wide(h: Tensor, f: Tensor) -> torch.dtype:
@@ -191,13 +193,13 @@ def _nlerp_backward_triton(
     dh = torch.empty(h2.shape, dtype=h.dtype, device=h.device)
     df = torch.empty(f2.shape, dtype=f.dtype, device=f.device)
     ct = _wide(h, f)
-    programs = reduce_programs(rows, h.device)
+    programs, per = reduce_programs(rows, h.device)
     partial = torch.zeros(programs, d, dtype=ct, device=h.device)
     if rows and d:
         block, warps = block_and_warps(d)
         jit(_nlerp_bwd_kernel)[(programs,)](
             g2, h2, f2, alpha.contiguous(), dh, df, partial, g2.stride(0), h2.stride(0),
-            f2.stride(0), rows, d, BLOCK=block, F64=ct == torch.float64, num_warps=warps,
+            f2.stride(0), rows, per, d, BLOCK=block, F64=ct == torch.float64, num_warps=warps,
         )  # fmt: skip
     return dh.view(h.shape), df.view(f.shape), partial.sum(0).to(alpha.dtype)
 

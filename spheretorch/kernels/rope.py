@@ -141,15 +141,16 @@ if triton_available():
         tl.store(dst + half, (z2 * r * s2).to(OUT.dtype.element_ty), mask=m)
 
     def _rope_bwd_kernel(
-        G, X, COS, SIN, QS, DX, DQS_PART, stride_g, stride_tok, n_tok, T, n_heads, hq, half,
+        G, X, COS, SIN, QS, DX, DQS_PART, stride_g, stride_tok, n_tok, PER: tl.constexpr,
+        T, n_heads, hq, half,
         HEADS: tl.constexpr, HALF: tl.constexpr, F64: tl.constexpr,
     ):  # fmt: skip
-        # Programs loop over tokens pid, pid + P, ...; each writes one partial dq_scale.
+        # Each program takes tokens pid * PER ... pid * PER + PER - 1 and writes one partial
+        # dq_scale.
         pid = tl.program_id(0)
-        n_prog = tl.num_programs(0)
         heads = tl.arange(0, HEADS)[:, None]
         cols = tl.arange(0, HALF)[None, :]
-        m = (heads < n_heads) & (cols < half)
+        m_heads = (heads < n_heads) & (cols < half)
         mq = (heads < hq) & (cols < half)
         d_k = 2 * half
         s1 = tl.load(QS + heads * d_k + cols, mask=mq, other=1.0)
@@ -160,8 +161,10 @@ if triton_available():
             s1, s2 = s1.to(tl.float32), s2.to(tl.float32)
         acc1 = s1 * 0.0
         acc2 = s2 * 0.0
-        for tok32 in range(pid, n_tok, n_prog):
-            tok = tl.cast(tok32, tl.int64)
+        for i in range(0, PER):
+            tok = pid.to(tl.int64) * PER + i
+            valid = (heads * 0 + cols * 0 + tok) < n_tok  # a vector: older interpreters
+            m = m_heads & valid
             t = tok % T
             src = X + tok * stride_tok + heads * d_k + cols
             gsrc = G + tok * stride_g + heads * d_k + cols
@@ -195,8 +198,8 @@ if triton_available():
             else:
                 r = 1.0 / tl.sqrt_rn(tl.maximum(ss, 1.1754943508222875e-38))
             u1, u2 = z1 * r, z2 * r
-            acc1 += g1 * u1
-            acc2 += g2 * u2
+            acc1 += tl.where(valid, g1 * u1, 0.0)
+            acc2 += tl.where(valid, g2 * u2, 0.0)
             gu1, gu2 = g1 * s1, g2 * s2
             dot = tl.sum(gu1 * u1 + gu2 * u2, axis=1)[:, None]
             dz1 = r * (gu1 - u1 * dot)
@@ -244,13 +247,13 @@ def _rope_backward_triton(
     x3, g3 = _tokens(x), _tokens(grad)
     dx = torch.empty(x3.shape, dtype=x.dtype, device=x.device)
     ct = compute_dtype(x.dtype)
-    programs = reduce_programs(x3.shape[0], x.device)
+    programs, per = reduce_programs(x3.shape[0], x.device)
     partial = torch.zeros(programs, *q_scale.shape, dtype=ct, device=x.device)
     if dx.numel():
         heads, half, warps = _launch(x)
         jit(_rope_bwd_kernel)[(programs,)](
             g3, x3, cos.to(ct).contiguous(), sin.to(ct).contiguous(), q_scale.contiguous(),
-            dx, partial, g3.stride(0), x3.stride(0), x3.shape[0], x.shape[1], x.shape[2],
+            dx, partial, g3.stride(0), x3.stride(0), x3.shape[0], per, x.shape[1], x.shape[2],
             q_scale.shape[0], x.shape[3] // 2,
             HEADS=heads, HALF=half, F64=ct == torch.float64, num_warps=warps,
         )  # fmt: skip

@@ -41,13 +41,18 @@ def block_and_warps(d: int) -> tuple[int, int]:
     return block, 1 if block <= 256 else 4 if block <= 2048 else 8 if block <= 8192 else 16
 
 
-def reduce_programs(rows: int, device: torch.device) -> int:
-    """Programs for a kernel that also sums a per-row quantity over rows (a gradient of a
-    shared vector): a few per multiprocessor, each looping over its rows, writing one partial."""
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(rows, 4 * sms))
-    return max(1, min(rows, 4))
+def reduce_programs(rows: int, device: torch.device) -> tuple[int, int]:
+    """``(programs, rows_per_program)`` for a kernel that also sums a per-row quantity over
+    rows (the gradient of a shared vector): a few programs per multiprocessor, each taking a
+    contiguous block of rows and writing one partial sum. ``rows_per_program`` is a Triton
+    compile-time constant (one variant per training shape)."""
+    target = (
+        4 * torch.cuda.get_device_properties(device).multi_processor_count
+        if (device.type == "cuda")
+        else 4
+    )
+    per = max(1, -(-rows // target))
+    return max(1, -(-rows // per)), per
 
 
 def _interpreter_on() -> bool:
