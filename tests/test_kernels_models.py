@@ -23,6 +23,7 @@ from spheretorch.models import NGPT, GeoNormGPT, make_config
 from spheretorch.models.layers import Rotary
 
 CLAMP = math.pi / 4
+TABLES = (4, 4)  # the RoPE case's cos/sin tables (T, d_k / 2): inputs never differentiated
 # float32/bfloat16 tolerance: a few ulps of the compute dtype (float32) on unit-size values,
 # plus the output rounding for bfloat16
 TOL = {torch.float64: 1e-13, torch.float32: 2e-6, torch.bfloat16: 1e-2}
@@ -45,9 +46,9 @@ def _cases(dtype: torch.dtype, seed: int = 0) -> dict[str, tuple]:
     h[1, 0], f[1, 0] = 1.0, -1.0  # antipodal with alpha = 1/2 below: the chord's zero
     alpha = torch.rand(12, generator=gen, dtype=torch.float64).to(wide)
     alpha_half = torch.full((12,), 0.5, dtype=wide)
-    rot = Rotary(8, 5).to(wide)
-    qk = rnd(2, 5, 6, 8)
-    q_scale = (torch.rand(3, 8, generator=gen, dtype=torch.float64) + 0.5).to(wide)
+    rot = Rotary(8, 4).to(wide)
+    qk = rnd(2, 4, 4, 8)
+    q_scale = (torch.rand(2, 8, generator=gen, dtype=torch.float64) + 0.5).to(wide)
     xs, gs = rnd(3, 4, 12) * 0.3, rnd(3, 4, 12) * 0.1
     gs[0, 0] = 0.7 * xs[0, 0]  # radial update: v = 0
     gs[0, 1] = xs[0, 1] + 1e-4 * rnd(12)  # a tiny step
@@ -57,7 +58,7 @@ def _cases(dtype: torch.dtype, seed: int = 0) -> dict[str, tuple]:
         "unit": (x,),
         "nlerp": (h, f, alpha),
         "nlerp_half": (h, f, alpha_half),
-        "rope": (qk, rot.cos[:5], rot.sin[:5], q_scale),
+        "rope": (qk, rot.cos, rot.sin, q_scale),
         "geonorm": (xs, gs, *ab),
     }
 
@@ -86,8 +87,9 @@ def _fused_and_reference(name: str, options: dict | None = None):
 def _run(fn, args, grad_seed: int = 1):
     args = [a.detach().clone().requires_grad_(a.is_floating_point()) for a in args]
     out = fn(*args)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed)).to(out.dtype)
-    wrt = [a for a in args if a.requires_grad and a.dim() and a.shape != (5, 4)]
+    gen = torch.Generator().manual_seed(grad_seed)
+    g = torch.randn(out.shape, generator=gen).to(out.device, out.dtype)
+    wrt = [a for a in args if a.requires_grad and a.dim() and a.shape != TABLES]
     grads = torch.autograd.grad(out, wrt, g, allow_unused=True)
     return out.detach(), grads
 
@@ -99,12 +101,14 @@ def _assert_close(got, want, tol: float, what: str) -> None:
     assert err <= tol * scale, f"{what}: max error {err:.3g} (scale {scale:.3g})"
 
 
-def _compare(name: str, dtype: torch.dtype, options: dict | None = None) -> None:
+def _compare(
+    name: str, dtype: torch.dtype, options: dict | None = None, device: str = "cpu"
+) -> None:
     """The fused path is as accurate as the reference: both against the reference in float64
     on the same inputs, the fused error at most twice the reference's plus a few ulps (some
     rows are ill-conditioned on purpose: a tiny step's direction, the clamp edges)."""
     fused, ref = _fused_and_reference(name, options)
-    args = _cases(dtype)[name]
+    args = [a.to(device) for a in _cases(dtype)[name]]
     out, grads = _run(fused, args)
     out_ref, grads_ref = _run(ref, args)
     exact, grads_exact = _run(ref, [a.double() for a in args])
@@ -145,7 +149,7 @@ def test_triton_kernels_in_an_interpreter_process() -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     cmd = [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider"]
     run = subprocess.run(
-        [*cmd, __file__, "-k", "triton and not interpreter_process"],
+        [*cmd, __file__, "-k", "triton and not interpreter_process and not cuda"],
         env=env,
         capture_output=True,
         text=True,
@@ -162,6 +166,15 @@ def test_triton_kernel_equals_the_reference(monkeypatch, name: str, dtype: torch
     monkeypatch.setenv(BACKEND_ENV, "triton")
     for options in GEO_OPTIONS[:2] if name == "geonorm" else [None]:
         _compare(name, dtype, options)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not triton_available(), reason="no CUDA")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", OPS)
+def test_triton_kernel_on_cuda_equals_the_reference(name: str, dtype: torch.dtype) -> None:
+    """The compiled Triton kernels on a real GPU (the default backend on CUDA tensors)."""
+    for options in GEO_OPTIONS if name == "geonorm" else [None]:
+        _compare(name, dtype, options, device="cuda")
 
 
 def test_unit_zero_rows_and_dtypes() -> None:
@@ -183,7 +196,7 @@ def test_float64_gradcheck_of_the_op(name: str) -> None:
     if name == "geonorm":  # no bias: its move is switched off at v = 0 (test_geonorm.py
         args[3] = torch.zeros_like(args[3])  # checks the bias near v = 0 through this op)
     fused, _ = _fused_and_reference(name, GEO_OPTIONS[0])
-    inputs = [a.detach().clone().requires_grad_(a.dim() > 0 and a.shape != (5, 4)) for a in args]
+    inputs = [a.detach().clone().requires_grad_(a.dim() > 0 and a.shape != TABLES) for a in args]
     assert torch.autograd.gradcheck(fused, inputs)
     if name == "geonorm":  # second order: the rows away from v = 0 (the bias's switch)
         inputs = [t[1:] if t.dim() == 3 else t for t in inputs]
@@ -195,7 +208,7 @@ def test_opcheck(name: str) -> None:
     """torch.library.opcheck: schema, fake (meta) implementation, autograd registration."""
     args = [a.detach().clone() for a in _cases(torch.float32)[name]]
     for a in args:
-        if a.shape != (5, 4):
+        if a.shape != TABLES:
             a.requires_grad_()
     if name == "unit":
         op, call = torch.ops.spheretorch.unit.default, (args[0],)
@@ -253,10 +266,23 @@ def test_compiled_gradients_equal_eager_per_parameter(cls) -> None:
     """torch.compile treats the ops as opaque: same gradients, parameter by parameter."""
     name = "ngpt" if cls is NGPT else "geonorm"
     torch.manual_seed(0)
-    model = cls(make_config(name, **TINY))
+    model = cls(make_config(name, **{**TINY, "n_layer": 1}))  # one layer: compiles in half
     idx = torch.randint(0, 13, (2, 8))
     eager = _grads(model, idx)
     got = _grads(model, idx, torch.compile(model))
     for n in eager:
         torch.testing.assert_close(got[n], eager[n], rtol=1e-4, atol=1e-6, msg=n)
         assert got[n].abs().max() > 0 or eager[n].abs().max() == 0, n
+
+
+@pytest.mark.parametrize("name", ["unit", "nlerp", "rope", "geonorm"])
+def test_autocast_does_not_lower_the_ops_precision(name: str) -> None:
+    """Under bf16 autocast the ops still compute in float32 (their dot products included)."""
+    fused, _ = _fused_and_reference(name, GEO_OPTIONS[0])
+    args = _cases(torch.float32)[name]
+    want, want_grads = _run(fused, args)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, got_grads = _run(fused, args)
+    torch.testing.assert_close(got, want)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w)

@@ -31,7 +31,16 @@ from torch import Tensor
 from .. import sphere
 from ..sphere.checks import compute_dtype
 from .backend import triton_available
-from .rowwise import as_rows, block_and_warps, jit, reduce_programs, reference_vjp, use_triton
+from .rowwise import (
+    as_rows,
+    autocast_off,
+    backward_entry,
+    block_and_warps,
+    jit,
+    reduce_programs,
+    reference_vjp,
+    use_triton,
+)
 from .unit import project_rows_
 
 __all__ = ["geonorm_step", "geonorm_step_backward_reference", "geonorm_step_reference"]
@@ -538,7 +547,8 @@ def _geo_op(
 ) -> Tensor:
     if use_triton(x) and not atan:
         return _geo_triton(x, g, _pack(x, a, b), decay, clamp, radius)
-    return _geo_torch(x, g, a, b, decay, clamp, atan, radius).contiguous()
+    with autocast_off(x):
+        return _geo_torch(x, g, a, b, decay, clamp, atan, radius).contiguous()
 
 
 @_geo_op.register_fake
@@ -546,8 +556,7 @@ def _(x, g, a, b, decay, clamp, atan, radius):  # type: ignore[no-untyped-def]
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("spheretorch::geonorm_step_backward", mutates_args=())
-def _geo_backward_op(
+def _geo_backward_impl(
     grad: Tensor,
     x: Tensor,
     g: Tensor,
@@ -562,8 +571,26 @@ def _geo_backward_op(
         dx, dg, dab = _geo_backward_triton(grad, x, g, _pack(x, a, b), decay, clamp, radius)
         da = dab[0].to(a.dtype).reshape(a.shape).clone()  # outputs may not alias each other
         return dx, dg, da, dab[1].to(b.dtype).reshape(b.shape).clone()
-    dx, dg, da, db = geonorm_step_backward_reference(grad, x, g, a, b, decay, clamp, atan, radius)
+    with autocast_off(x):
+        dx, dg, da, db = geonorm_step_backward_reference(
+            grad, x, g, a, b, decay, clamp, atan, radius
+        )
     return dx.contiguous(), dg.contiguous(), da, db
+
+
+@torch.library.custom_op("spheretorch::geonorm_step_backward", mutates_args=())
+def _geo_backward_op(
+    grad: Tensor,
+    x: Tensor,
+    g: Tensor,
+    a: Tensor,
+    b: Tensor,
+    decay: float,
+    clamp: float | None,
+    atan: bool,
+    radius: float | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _geo_backward_impl(grad, x, g, a, b, decay, clamp, atan, radius)
 
 
 @_geo_backward_op.register_fake
@@ -596,7 +623,8 @@ def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
 
         grads = reference_vjp(ref, (x, g, a, b), grad)
     else:
-        grads = _geo_backward_op(grad, x, g, a, b, decay, clamp, atan, radius)
+        bwd = backward_entry(_geo_backward_op, _geo_backward_impl)
+        grads = bwd(grad, x, g, a, b, decay, clamp, atan, radius)
     return (*grads, None, None, None, None)
 
 

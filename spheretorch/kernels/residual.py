@@ -30,6 +30,8 @@ from ..sphere.checks import compute_dtype, upcast
 from .backend import triton_available
 from .rowwise import (
     as_rows,
+    autocast_off,
+    backward_entry,
     block_and_warps,
     jit,
     reduce_programs,
@@ -211,7 +213,8 @@ def _nlerp_backward_triton(
 def _nlerp_op(h: Tensor, f: Tensor, alpha: Tensor) -> Tensor:
     if use_triton(h):
         return _nlerp_triton(h, f, alpha)
-    return _nlerp_torch(h, f, alpha).contiguous()
+    with autocast_off(h):
+        return _nlerp_torch(h, f, alpha).contiguous()
 
 
 @_nlerp_op.register_fake
@@ -219,14 +222,21 @@ def _(h: Tensor, f: Tensor, alpha: Tensor) -> Tensor:
     return torch.empty_like(h, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("spheretorch::nlerp_residual_backward", mutates_args=())
-def _nlerp_backward_op(
+def _nlerp_backward_impl(
     grad: Tensor, h: Tensor, f: Tensor, alpha: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
     if use_triton(h):
         return _nlerp_backward_triton(grad, h, f, alpha)
-    dh, df, dalpha = nlerp_residual_backward_reference(grad, h, f, alpha)
+    with autocast_off(h):
+        dh, df, dalpha = nlerp_residual_backward_reference(grad, h, f, alpha)
     return dh.contiguous(), df.contiguous(), dalpha
+
+
+@torch.library.custom_op("spheretorch::nlerp_residual_backward", mutates_args=())
+def _nlerp_backward_op(
+    grad: Tensor, h: Tensor, f: Tensor, alpha: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _nlerp_backward_impl(grad, h, f, alpha)
 
 
 @_nlerp_backward_op.register_fake
@@ -247,7 +257,7 @@ def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
     h, f, alpha = ctx.saved_tensors
     if torch.is_grad_enabled():  # create_graph: differentiable again through the reference
         return reference_vjp(nlerp_residual_reference, (h, f, alpha), grad)
-    return _nlerp_backward_op(grad, h, f, alpha)
+    return backward_entry(_nlerp_backward_op, _nlerp_backward_impl)(grad, h, f, alpha)
 
 
 _nlerp_op.register_autograd(_backward, setup_context=_setup)

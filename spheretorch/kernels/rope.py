@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ..sphere.checks import compute_dtype, upcast
 from .backend import triton_available
-from .rowwise import jit, reduce_programs, reference_vjp, use_triton
+from .rowwise import autocast_off, backward_entry, jit, reduce_programs, reference_vjp, use_triton
 from .unit import _inv_norm, inv_norm_rows, project_rows_
 
 __all__ = ["rope_unit", "rope_unit_reference"]
@@ -267,7 +267,8 @@ def _rope_backward_triton(
 def _rope_op(x: Tensor, cos: Tensor, sin: Tensor, q_scale: Tensor) -> Tensor:
     if use_triton(x):
         return _rope_triton(x, cos, sin, q_scale)
-    return _rope_torch(x, cos, sin, q_scale)
+    with autocast_off(x):
+        return _rope_torch(x, cos, sin, q_scale)
 
 
 @_rope_op.register_fake
@@ -275,13 +276,20 @@ def _(x: Tensor, cos: Tensor, sin: Tensor, q_scale: Tensor) -> Tensor:
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("spheretorch::rope_unit_backward", mutates_args=())
-def _rope_backward_op(
+def _rope_backward_impl(
     grad: Tensor, x: Tensor, cos: Tensor, sin: Tensor, q_scale: Tensor
 ) -> tuple[Tensor, Tensor]:
     if use_triton(x):
         return _rope_backward_triton(grad, x, cos, sin, q_scale)
-    return _rope_backward_torch(grad, x, cos, sin, q_scale)
+    with autocast_off(x):
+        return _rope_backward_torch(grad, x, cos, sin, q_scale)
+
+
+@torch.library.custom_op("spheretorch::rope_unit_backward", mutates_args=())
+def _rope_backward_op(
+    grad: Tensor, x: Tensor, cos: Tensor, sin: Tensor, q_scale: Tensor
+) -> tuple[Tensor, Tensor]:
+    return _rope_backward_impl(grad, x, cos, sin, q_scale)
 
 
 @_rope_backward_op.register_fake
@@ -300,7 +308,8 @@ def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
             lambda x_, q_: rope_unit_reference(x_, cos, sin, q_), (x, q_scale), grad
         )
     else:
-        dx, dq = _rope_backward_op(grad, x, cos, sin, q_scale)
+        bwd = backward_entry(_rope_backward_op, _rope_backward_impl)
+        dx, dq = bwd(grad, x, cos, sin, q_scale)
     return dx, None, None, dq
 
 

@@ -21,7 +21,15 @@ from torch import Tensor
 
 from ..sphere.checks import upcast
 from .backend import triton_available
-from .rowwise import as_rows, block_and_warps, jit, reference_vjp, use_triton
+from .rowwise import (
+    as_rows,
+    autocast_off,
+    backward_entry,
+    block_and_warps,
+    jit,
+    reference_vjp,
+    use_triton,
+)
 
 __all__ = ["unit", "unit_backward_reference", "unit_reference"]
 
@@ -126,7 +134,10 @@ def _unit_backward_triton(grad: Tensor, x: Tensor) -> Tensor:
 @torch.library.custom_op("spheretorch::unit", mutates_args=())
 def _unit_op(x: Tensor) -> Tensor:
     # contiguous: the fake's layout whatever x's strides (a no-op for the models' tensors)
-    return _unit_triton(x) if use_triton(x) else _unit_torch(x).contiguous()
+    if use_triton(x):
+        return _unit_triton(x)
+    with autocast_off(x):
+        return _unit_torch(x).contiguous()
 
 
 @_unit_op.register_fake
@@ -134,11 +145,16 @@ def _(x: Tensor) -> Tensor:
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("spheretorch::unit_backward", mutates_args=())
-def _unit_backward_op(grad: Tensor, x: Tensor) -> Tensor:
+def _unit_backward_impl(grad: Tensor, x: Tensor) -> Tensor:
     if use_triton(x):
         return _unit_backward_triton(grad, x)
-    return unit_backward_reference(grad, x).contiguous()
+    with autocast_off(x):
+        return unit_backward_reference(grad, x).contiguous()
+
+
+@torch.library.custom_op("spheretorch::unit_backward", mutates_args=())
+def _unit_backward_op(grad: Tensor, x: Tensor) -> Tensor:
+    return _unit_backward_impl(grad, x)
 
 
 @_unit_backward_op.register_fake
@@ -154,7 +170,7 @@ def _backward(ctx: Any, grad: Tensor) -> Tensor:
     (x,) = ctx.saved_tensors
     if torch.is_grad_enabled():  # create_graph: a backward that is differentiable again
         return reference_vjp(unit_reference, (x,), grad)[0]
-    return _unit_backward_op(grad, x)
+    return backward_entry(_unit_backward_op, _unit_backward_impl)(grad, x)
 
 
 _unit_op.register_autograd(_backward, setup_context=_setup)

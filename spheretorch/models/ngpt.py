@@ -8,8 +8,10 @@ block proposes a point on the sphere and the hidden state moves part of the way 
     logits = s_z * (E_out h)
 
 so ``L`` layers are ``2L`` steps of an optimizer on the sphere with trained per-coordinate step
-sizes ``alpha`` ("eigen learning rates"). The residual step is
-:func:`spheretorch.geodesic.geodesic_update` (``nlerp`` as published, ``slerp`` as an option).
+sizes ``alpha`` ("eigen learning rates"). The residual step is the fused op
+:func:`spheretorch.kernels.residual.nlerp_residual` (``nlerp`` as published) or
+:func:`spheretorch.geodesic.geodesic_update` (``slerp``, an option); RoPE, the per-head norm
+and ``s_qk`` are :func:`spheretorch.kernels.rope.rope_unit`.
 Forward and gradients equal NVIDIA's reference code (with its RoPE repaired, see
 docs/transformers.md) to float64 round-off.
 """
