@@ -1,7 +1,7 @@
 r"""``spheretorch::geonorm_step``: GeoNorm's residual update as one op, forward and backward.
 
 For states ``x`` and block outputs ``g`` ``(..., d)`` and the scalars ``a``, ``b``
-(:mod:`spheretorch.models.geonorm` explains each line):
+(``spheretorch/models/geonorm.py`` explains each line):
 
 .. math::
 
@@ -648,10 +648,11 @@ def geonorm_step(
     angle: str = "linear",
     radius: float | None = None,
 ) -> Tensor:
-    r"""One GeoNorm update of the states ``x`` ``(..., d)`` by the block outputs ``g``
-    (:func:`geonorm_step_reference`'s contract), as the fused op ``spheretorch::geonorm_step``
-    when ``a`` and ``b`` are scalars (floats or one-element tensors); otherwise (per-row or
-    per-coordinate ``a``, ``b``) the reference with autograd.
+    r"""One GeoNorm update of the states ``x`` ``(..., d)`` by the block outputs ``g``, with
+    the contract of :func:`~spheretorch.kernels.geodesic_step.geonorm_step_reference`: the
+    fused op ``spheretorch::geonorm_step`` when ``a`` and ``b`` are scalars (floats or
+    one-element tensors); otherwise (per-row or per-coordinate ``a``, ``b``) the reference with
+    autograd.
     """
     if angle not in ("linear", "atan"):
         raise ValueError(f"angle must be 'linear' or 'atan', got {angle!r}")

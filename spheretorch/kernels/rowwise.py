@@ -41,7 +41,7 @@ def use_triton(x: Tensor) -> bool:
 def as_rows(x: Tensor) -> Tensor:
     """``x`` ``(..., d)`` as a 2-D ``(rows, d)`` tensor with unit stride along ``d`` (a view
     when the layout allows, else a copy)."""
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.reshape(x.numel() // max(1, x.shape[-1]), x.shape[-1])
     return x2 if x2.stride(-1) == 1 or x2.shape[-1] == 1 else x2.contiguous()
 
 
