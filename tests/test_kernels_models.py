@@ -286,3 +286,29 @@ def test_autocast_does_not_lower_the_ops_precision(name: str) -> None:
     torch.testing.assert_close(got, want)
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize(
+    ("name", "op"),
+    [
+        ("unit", "unit"),
+        ("nlerp", "nlerp_residual"),
+        ("rope", "rope_unit"),
+        ("geonorm", "geonorm_step"),
+    ],
+)
+def test_compile_keeps_the_ops_opaque_in_both_graphs(name: str, op: str) -> None:
+    """Under torch.compile the forward graph calls the op and the backward graph its backward
+    op (so inductor cannot re-fuse the normalizations in low precision)."""
+    from torch._dynamo.testing import AotEagerAndRecordGraphs
+
+    backend = AotEagerAndRecordGraphs()
+    fused, _ = _fused_and_reference(name, GEO_OPTIONS[0])
+    args = [a.detach().clone() for a in _cases(torch.float32)[name]]
+    for a in args:
+        a.requires_grad_(a.shape != TABLES)
+    torch.compile(fused, backend=backend, fullgraph=True)(*args).sum().backward()
+    fw = "".join(g.code for g in backend.fw_graphs)
+    bw = "".join(g.code for g in backend.bw_graphs)
+    assert f"spheretorch.{op}.default" in fw
+    assert f"spheretorch.{op}_backward.default" in bw

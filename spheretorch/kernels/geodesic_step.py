@@ -623,7 +623,7 @@ def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
 
         grads = reference_vjp(ref, (x, g, a, b), grad)
     else:
-        bwd = backward_entry(_geo_backward_op, _geo_backward_impl)
+        bwd = backward_entry(_geo_backward_op, _geo_backward_impl, grad)
         grads = bwd(grad, x, g, a, b, decay, clamp, atan, radius)
     return (*grads, None, None, None, None)
 

@@ -257,7 +257,7 @@ def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
     h, f, alpha = ctx.saved_tensors
     if torch.is_grad_enabled():  # create_graph: differentiable again through the reference
         return reference_vjp(nlerp_residual_reference, (h, f, alpha), grad)
-    return backward_entry(_nlerp_backward_op, _nlerp_backward_impl)(grad, h, f, alpha)
+    return backward_entry(_nlerp_backward_op, _nlerp_backward_impl, grad)(grad, h, f, alpha)
 
 
 _nlerp_op.register_autograd(_backward, setup_context=_setup)

@@ -308,7 +308,7 @@ def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
             lambda x_, q_: rope_unit_reference(x_, cos, sin, q_), (x, q_scale), grad
         )
     else:
-        bwd = backward_entry(_rope_backward_op, _rope_backward_impl)
+        bwd = backward_entry(_rope_backward_op, _rope_backward_impl, grad)
         dx, dq = bwd(grad, x, cos, sin, q_scale)
     return dx, None, None, dq
 

@@ -105,11 +105,22 @@ def reference_vjp(
     return tuple(out)
 
 
-def backward_entry(op: Callable[..., Any], impl: Callable[..., Any]) -> Callable[..., Any]:
-    """What an op's backward calls: the backward custom op while ``torch.compile`` traces
-    (opaque in the compiled backward graph), its implementation directly in eager (the same
-    code without a second trip through the dispatcher, about 50 us a call on CPU)."""
-    return op if torch.compiler.is_compiling() else impl
+def backward_entry(
+    op: Callable[..., Any], impl: Callable[..., Any], grad: Tensor
+) -> Callable[..., Any]:
+    """What an op's backward calls: the backward custom op while anything traces (opaque in a
+    compiled backward graph), its implementation directly in plain eager (the same code
+    without a second trip through the dispatcher, about 50 us a call on CPU).
+
+    Tracing is recognized by any of: dynamo compiling, a tensor subclass as the gradient
+    (AOTAutograd's functional/fake tensors; torch 2.11 traces the backward outside dynamo), an
+    active dispatch mode (``make_fx``)."""
+    tracing = (
+        torch.compiler.is_compiling()
+        or type(grad) is not torch.Tensor
+        or torch._C._len_torch_dispatch_stack() > 0
+    )
+    return op if tracing else impl
 
 
 def autocast_off(x: Tensor) -> contextlib.AbstractContextManager[Any]:

@@ -170,7 +170,7 @@ def _backward(ctx: Any, grad: Tensor) -> Tensor:
     (x,) = ctx.saved_tensors
     if torch.is_grad_enabled():  # create_graph: a backward that is differentiable again
         return reference_vjp(unit_reference, (x,), grad)[0]
-    return backward_entry(_unit_backward_op, _unit_backward_impl)(grad, x)
+    return backward_entry(_unit_backward_op, _unit_backward_impl, grad)(grad, x)
 
 
 _unit_op.register_autograd(_backward, setup_context=_setup)
