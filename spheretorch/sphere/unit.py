@@ -27,7 +27,10 @@ class _Unit(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor) -> Tensor:
         y, r = _unit_parts(upcast(x))
         ctx.save_for_backward(x, y, r)
-        return y.to(x.dtype)
+        # Never return ``y.to(x.dtype)`` when the dtypes agree: that no-op conversion hands
+        # back ``y`` itself, and torch 2.11's compiler then gives the Function's input a zero
+        # gradient (docs/transformers.md, "torch.compile and custom autograd Functions").
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> Tensor:
@@ -35,7 +38,8 @@ class _Unit(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph: y and r must be functions of x
             y, r = _unit_parts(upcast(x))
         gf = g.to(y.dtype)
-        return ((gf - y * (gf * y).sum(-1, keepdim=True)) * r).to(g.dtype)
+        gx = (gf - y * (gf * y).sum(-1, keepdim=True)) * r
+        return gx if gx.dtype == g.dtype else gx.to(g.dtype)
 
 
 def _unit_parts(xf: Tensor) -> tuple[Tensor, Tensor]:
