@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .distributed import MODES
     from .models import MODELS
+    from .train.compile_check import COMPILE_CHECKS
     from .train.config import OPTIMIZERS, RESUME_OVERRIDES, flag_of
     from .train.presets import PRESETS
 
@@ -195,6 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument(
         "--compile", action="store_true", help="torch.compile the model (inductor: CUDA or CPU)"
+    )
+    t.add_argument(
+        "--compile-check",
+        choices=list(COMPILE_CHECKS),
+        help="with --compile: compare compiled and eager gradients on the first batch and "
+        "stop (error: exit 2), train eager with a warning (eager), or not check (off) "
+        "(default: error)",
     )
     t.add_argument(
         "--max-bad-steps",
@@ -337,6 +345,7 @@ def _train(args: argparse.Namespace) -> int:
             # a fresh run's default; on resume only what was given is compared
             preset=args.preset or (None if args.resume else "cpu-small"),
             compile=args.compile or None,
+            compile_check=args.compile_check,
             max_bad_steps=args.max_bad_steps,
             check_memory=False if args.no_memory_check else None,
             model_options=dict(args.options),
@@ -391,6 +400,11 @@ def _run_training(trainer: Any, resumed: bool) -> int:
                 f"MFU {100 * summary['mfu']:.1f}%"
                 if summary["mfu"] is not None
                 else f"{summary['tflops_per_s']:.3g} TFLOP/s ({summary['peak_source']})"
+            )
+            + (
+                f" (steady state; {summary['warmup_s']:.1f} s of warm-up not counted)"
+                if summary["steady"]
+                else " (warm-up steps only: the run is too short for a steady state)"
             )
             + (f", {skipped} non-finite steps skipped" if skipped else "")
             + f"; wrote {trainer.out_dir / 'metrics.jsonl'}"
