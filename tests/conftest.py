@@ -63,3 +63,10 @@ def cuda() -> torch.device:
     if not torch.cuda.is_available():
         pytest.skip("CUDA is not available")
     return torch.device("cuda")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that take the ``cuda`` fixture belong to the CUDA lane (``-m cuda``) too."""
+    for item in items:
+        if "cuda" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.cuda)
