@@ -542,10 +542,14 @@ class Trainer:
                 while self.step < end and not self.diverged:
                     warm = self._warmup_left > 0
                     t0 = self._sync_time() if warm else time.perf_counter()
-                    # no device sync for timing steady steps: the host waits for the device
-                    # every step (its loss) or every HOST_READ_INTERVAL steps, so over many
-                    # steps the mean time per step is right
                     self.train_step(*self.batch(self.step))
+                    evaluating = self.step % c.eval_interval == 0 or self.step == c.steps
+                    read = evaluating or self.step % HOST_READ_INTERVAL == 0 or self.step == end
+                    if read:  # (device_skip) timed: the host waits here for the queued steps
+                        self.read_host_state()
+                    # no device sync for timing steady steps: the host waits for the device
+                    # every step (its loss) or at every read (device_skip), so over many steps
+                    # the mean time per step is right
                     if warm:  # compilation, the compile check, first-use costs
                         self._warmup_left -= 1
                         self.warmup_s += self._sync_time() - t0
@@ -553,15 +557,12 @@ class Trainer:
                     else:
                         self.train_time_s += time.perf_counter() - t0
                         self.timed_steps += 1
-                    read = self.step % HOST_READ_INTERVAL == 0 or self.step == end
-                    if read:
-                        self.read_host_state()
                     if bar is not None:
                         bar.update(1)
                         if read:
                             bar.set_postfix(loss=f"{self.last_loss:.4f}", refresh=False)
                     stop = self.parallel.stop_now(self._signals.received is not None, self._stop)
-                    if self.step % c.eval_interval == 0 or self.step == c.steps:
+                    if evaluating:
                         self._eval_and_save(start, bar)
                     elif stop:
                         self.elapsed_s = time.perf_counter() - start
