@@ -146,10 +146,13 @@ def grad_parity(
     """Run ``eager()`` and then ``compiled()`` (each returns the loss of the same batch), each
     with its backward, and compare the gradients of ``model``'s parameters.
 
-    ``model`` starts with no gradients; the compiled gradients are left in ``.grad`` (a
-    trainer's first step uses them: the check costs one eager forward and backward).
+    Gradients already in ``.grad`` are dropped first (they would be added to one side only);
+    the compiled gradients are left in ``.grad`` (a trainer's first step uses them: the check
+    costs one eager forward and backward).
     """
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    for _, p in params:
+        p.grad = None
     loss_e = eager()
     loss_e.backward()
     grads_e = [None if p.grad is None else p.grad.detach().clone() for _, p in params]
