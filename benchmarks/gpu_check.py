@@ -79,6 +79,7 @@ class Plan:
     converge_steps: int
     converge_shape: dict[str, int]
     compiled_models: tuple[str, ...] = MODELS  # the CPU's C++ compiles take ~30 s each
+    lr: dict[str, float] | None = None  # the throughput runs' LRs (None: the smoke preset's)
     #: the whole check's budget: the parts that loop (parity, throughput, convergence) leave
     #: out their remaining rows, saying so, once it is spent
     budget_s: float = 470.0
@@ -113,6 +114,7 @@ class Plan:
                 steps=15,
                 converge_steps=60,
                 converge_shape=dict(n_layer=4, n_head=4, d_model=256, seq_len=256),
+                lr=dict(p.lr),  # the preset's, for its shape
             )
         return cls(
             device,
@@ -461,6 +463,7 @@ def throughput(plan: Plan, workdir: Path) -> Part:
                     eval_interval=steps,
                     eval_batches=1,
                     batch_size=plan.batch,
+                    lr=plan.lr[model] if plan.lr else None,
                     dtype=dtype,
                     compile=compiled,
                     model_options=dict(plan.shape),
