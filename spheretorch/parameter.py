@@ -47,6 +47,8 @@ class SphereParameter(nn.Parameter):
         dim: the sphere axis; stored as the non-negative int ``.sphere_dim``
             (``.dim()`` stays torch's method).
         requires_grad: as for ``nn.Parameter``.
+        on_zero: a slice of zero norm raises (``"raise"``) or becomes the fixed point
+            :math:`e_0` (``"fixed"``, e.g. an embedding's all-zero padding row).
 
     Raises:
         TypeError: non-floating dtype or non-int ``dim``.
@@ -72,15 +74,18 @@ class SphereParameter(nn.Parameter):
         dim: int = -1,
         requires_grad: bool = True,
         *,
+        on_zero: str = "raise",
         _project: bool = True,
     ) -> SphereParameter:
         if data is None:
             raise TypeError("SphereParameter needs data: a floating-point tensor")
         sphere.check_floating(data, "data")
         sphere_dim = sphere.check_sphere_dim(data, dim, "dim", min_size=2)
+        if on_zero not in ("raise", "fixed"):  # "keep" would leave a zero slice off the sphere
+            raise ValueError(f"on_zero must be 'raise' or 'fixed', got {on_zero!r}")
         if _project and not data.is_meta:  # a meta tensor has no values to project
             with torch.no_grad():
-                data = sphere.normalize(data.detach(), sphere_dim, on_zero="raise")
+                data = sphere.normalize(data.detach(), sphere_dim, on_zero=on_zero)
         self = torch.Tensor._make_subclass(cls, data, requires_grad)
         self.sphere_dim = sphere_dim
         return self
@@ -114,11 +119,15 @@ def sphere_dim_of(p: Tensor) -> int | None:
     return d % p.dim()
 
 
-def sphere_(module: nn.Module, name: str = "weight", dim: int = -1) -> nn.Module:
+def sphere_(
+    module: nn.Module, name: str = "weight", dim: int = -1, *, on_zero: str = "raise"
+) -> nn.Module:
     """Turn ``module.<name>`` into a :class:`SphereParameter` along ``dim``, in place.
 
-    The data are projected onto the sphere (same storage is not kept: the parameter object is
-    replaced, so build optimizers after calling this). Returns ``module`` for chaining, e.g.
+    The parameter object is kept: its class becomes :class:`SphereParameter` and its data
+    are projected onto the sphere in place, so a weight tied to another module (e.g. an LM
+    head sharing the embedding) stays tied, and an optimizer built before holds it still.
+    ``on_zero`` as for :class:`SphereParameter`. Returns ``module`` for chaining, e.g.
     ``sphere_(nn.Linear(8, 4), dim=1)`` makes each output neuron's weight row a unit vector.
     """
     if not isinstance(module, nn.Module):
@@ -130,7 +139,19 @@ def sphere_(module: nn.Module, name: str = "weight", dim: int = -1) -> nn.Module
             f"{type(module).__name__} has no registered parameter {name!r} "
             f"(its direct parameters: {available})"
         )
-    setattr(module, name, SphereParameter(param.data, dim, param.requires_grad))
+    if type(param) not in (nn.Parameter, SphereParameter):  # e.g. a lazy module's
+        raise TypeError(
+            f"sphere_ converts an nn.Parameter; {type(module).__name__}.{name} is of type "
+            f"{type(param).__name__}"
+        )
+    # validate and project on a new object, then move its data and attributes into `param`
+    # (class assignment keeps the identity the tie and the optimizer hold)
+    made = SphereParameter(param.detach(), dim, param.requires_grad, on_zero=on_zero)
+    with torch.no_grad():
+        param.copy_(made)
+    param.__class__ = SphereParameter
+    param.__dict__.update(made.__dict__)
+    setattr(module, name, param)  # registers the load_state_dict check on the module
     return module
 
 
