@@ -113,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .distributed import MODES
     from .models import MODELS
+    from .train.compile_check import COMPILE_CHECKS
     from .train.config import OPTIMIZERS, RESUME_OVERRIDES, flag_of
     from .train.presets import DEFAULT_PRESET, PRESETS
     from .train.specs import DEFAULT_MODELS, DEFAULT_SWEEP_BOUNDS
@@ -232,6 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
         "total (the LR at the checkpoint's step changes; refused without this flag)",
     )
     t.add_argument("--param-dtype", **_PARAM_DTYPE)
+    t.add_argument(
+        "--compile-check",
+        choices=list(COMPILE_CHECKS),
+        help="with --compile: compare compiled and eager gradients on the first batch and "
+        "stop (error: exit 2), train eager with a warning (eager), or not check (off) "
+        "(default: error)",
+    )
     t.add_argument(
         "--max-bad-steps",
         type=_positive_int,
@@ -400,6 +408,7 @@ def _train(args: argparse.Namespace) -> int:
             # None: the default preset (a fresh run), the checkpoint's (on resume)
             preset=args.preset,
             compile=args.compile or None,
+            compile_check=args.compile_check,
             max_bad_steps=args.max_bad_steps,
             check_memory=False if args.no_memory_check else None,
             param_dtype=args.param_dtype,
@@ -458,6 +467,11 @@ def _run_training(trainer: Any, resumed: bool) -> int:
                 f"MFU {100 * summary['mfu']:.1f}%"
                 if summary["mfu"] is not None
                 else f"{summary['tflops_per_s']:.3g} TFLOP/s ({summary['peak_source']})"
+            )
+            + (
+                f" (steady state; {summary['warmup_s']:.1f} s of warm-up not counted)"
+                if summary["steady"]
+                else " (warm-up steps only: the run is too short for a steady state)"
             )
             + (f", {count(skipped, 'non-finite step')} skipped" if skipped else "")
             + f"; wrote {trainer.out_dir / 'metrics.jsonl'}"

@@ -68,7 +68,10 @@ def test_help_shows_every_option_with_its_default(capsys) -> None:
     train = " ".join(subs["train"].format_help().split())
     assert "(default: cpu-small)" in train and "cpu-small (800 steps)" in train
     resume = subs["train"]._option_string_actions["--resume"].help
-    assert "--steps, --device, --compile, --max-bad-steps, --no-memory-check" in resume
+    assert (
+        "--steps, --device, --compile, --compile-check, --max-bad-steps, --no-memory-check"
+        in resume
+    )
     assert "--stretch-schedule" in resume
     with pytest.raises(SystemExit) as exc:
         main(["--version"])

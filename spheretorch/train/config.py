@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ..models import MODELS, LanguageModel, TransformerConfig, make_config
+from .compile_check import COMPILE_CHECKS
 from .errors import UserError
 from .presets import DEFAULT_PRESET, get_preset
 from .text import count
@@ -37,8 +38,15 @@ OPTIMIZERS = ("renorm", "riemannian", "adamw")
 
 
 #: what ``resume`` may change; every other field given must equal the checkpoint's
-RESUME_OVERRIDES = ("steps", "device", "compile", "max_bad_steps", "check_memory")
-RESUME_OVERRIDES += ("stretch_schedule",)
+RESUME_OVERRIDES = (
+    "steps",
+    "device",
+    "compile",
+    "compile_check",
+    "max_bad_steps",
+    "check_memory",
+    "stretch_schedule",
+)
 logger = logging.getLogger(__name__)
 _SEEDS = (-(2**63), 2**64 - 1)  # what torch.manual_seed accepts
 
@@ -82,6 +90,8 @@ class TrainConfig:
     device: str | None = None  # auto
     dtype: str | None = None  # auto
     compile: bool | None = None  # False
+    # with compile: compiled vs eager gradients on the first batch (train.compile_check)
+    compile_check: str | None = None  # error
     max_bad_steps: int | None = None  # 5
     check_memory: bool | None = None  # True: refuse a run that cannot fit in memory
     param_dtype: str | None = None  # float32: fp32 master weights; bfloat16: bf16 weights
@@ -103,6 +113,7 @@ class TrainConfig:
         defaults = dict(preset=DEFAULT_PRESET, min_lr_ratio=0.0, seed=0, param_dtype="float32")
         defaults.update(stretch_schedule=False)
         defaults.update(device="auto", dtype="auto", compile=False, max_bad_steps=5)
+        defaults.update(compile_check="error")
         for name, value in {**defaults, "check_memory": True}.items():
             if getattr(c, name) is None:
                 setattr(c, name, value)
@@ -158,6 +169,10 @@ class TrainConfig:
             or not (_SEEDS[0] <= c.seed <= _SEEDS[1])
         ):
             raise UserError(f"seed must be an integer in [-2**63, 2**64 - 1], got {c.seed}")
+        if c.compile_check not in COMPILE_CHECKS:
+            raise UserError(
+                f"unknown compile-check {c.compile_check!r}; choose {', '.join(COMPILE_CHECKS)}"
+            )
         if c.dtype not in ("auto", "float32", "bfloat16"):
             raise UserError(f"unknown dtype {c.dtype!r}; choose auto, float32 or bfloat16")
         if c.param_dtype not in ("float32", "bfloat16"):
