@@ -22,9 +22,12 @@ from spheretorch.train.trainer import HOST_READ_INTERVAL
 from .test_train import _HostReads, poison_loss, quick
 
 
-def device_trainer(device: torch.device, out: Path | None = None, **kw: object) -> Trainer:
-    t = Trainer(quick("gpt", device=device.type, **kw), out)
-    assert getattr(t.optimizer, "_step_supports_amp_scaling", False)  # fused AdamW
+def device_trainer(
+    device: torch.device, out: Path | None = None, model: str = "gpt", **kw: object
+) -> Trainer:
+    t = Trainer(quick(model, device=device.type, **kw), out)
+    # fused AdamW, and spheretorch's optimizers (tests/test_optim_gradscaler.py)
+    assert getattr(t.optimizer, "_step_supports_amp_scaling", False)
     assert t.device_skip == (device.type == "cuda")
     t.device_skip = True
     return t

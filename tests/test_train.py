@@ -339,8 +339,7 @@ def test_host_syncs_per_step_zero_on_cuda_one_on_cpu_and_the_trainer_alone_check
     """CPU: one host read per step (the decision). CUDA: none (the decision and the skip stay
     on the device, tests/test_device_skip.py), with an optimizer that takes ``found_inf``."""
     t = Trainer(quick(model, optim=optim, steps=10, device=device.type))
-    if device.type == "cuda" and not t.device_skip:
-        pytest.xfail(f"{type(t.optimizer).__name__} takes no device-side found_inf yet")
+    assert t.device_skip == (device.type == "cuda")  # every recipe's optimizer takes found_inf
     assert getattr(t.optimizer, "nonfinite", "ignore") == "ignore"  # no second owner
     t.train_step(*t.batch(0))  # creates the optimizer state
     tolist = torch.Tensor.tolist  # bypasses the dispatcher: counted separately

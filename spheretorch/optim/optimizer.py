@@ -277,6 +277,40 @@ class SphereOptimizer(Optimizer):
             self._last_run_warned = 0
         self._warn_run(run)
 
+    #: torch's GradScaler hands this optimizer ``found_inf`` (and ``grad_scale``) instead of
+    #: unscaling, checking and skipping on the host (the protocol of torch's fused Adam)
+    _step_supports_amp_scaling = True
+
+    def _unscale(self, grads: list[Tensor]) -> None:
+        """Divide the gradients by ``self.grad_scale`` in place (GradScaler's protocol: set when
+        the gradients are still scaled, ``None`` once ``unscale_`` ran)."""
+        scale = getattr(self, "grad_scale", None)
+        if scale is None:
+            return
+        by_device: dict[torch.device, list[Tensor]] = {}
+        for g in grads:
+            by_device.setdefault(g.device, []).append(g)
+        for device, gs in by_device.items():
+            s = scale.to(device=device, dtype=torch.float32)
+            for g in gs:  # dense, sparse and half-type gradients alike (a 0-d divisor)
+                g.div_(s)
+
+    def _count_device_skip(self, found_inf: Tensor) -> Tensor:
+        """Add a device-side skip decision (float32 0-d, 1.0 = skip) to the device counters
+        (total, current run of consecutive skips) without a host read; return it."""
+        counter = self._skipped_on_device
+        if counter.device != found_inf.device and not compiling():
+            counter = self._skipped_on_device = counter.to(found_inf.device)
+            self._consecutive_on_device = self._consecutive_on_device.to(found_inf.device)
+        counter.add_(found_inf)
+        # the run of consecutive skips: +1 on a skipped step, back to 0 otherwise
+        self._consecutive_on_device.add_(1).mul_(found_inf)
+        if not compiling():
+            self._steps_since_check += 1
+            if self._steps_since_check >= SKIP_CHECK_EVERY:
+                self._check_device_skips()
+        return found_inf
+
     def step(self, closure: Any = None) -> Any:
         """Perform one optimisation step (with autograd recording it when the optimizer was
         built with ``differentiable=True``, as torch's optimizers do).
@@ -303,7 +337,15 @@ class SphereOptimizer(Optimizer):
             self._init_group(group, *lists)
             collected.append(lists)
         found_inf = None
-        if self.nonfinite != "ignore":
+        external = getattr(self, "found_inf", None)
+        if external is not None:
+            # torch's GradScaler protocol (``_step_supports_amp_scaling``), also the trainer's
+            # device-side decision: the caller has decided and counts (as with torch's fused
+            # Adam, no warning, no ``skipped_steps``); unscale if it says so, and skip on the
+            # device where ``found_inf`` is nonzero, whatever ``nonfinite`` says.
+            self._unscale([g for lists in collected for g in lists[1]])
+            found_inf = external.to(torch.float32)
+        elif self.nonfinite != "ignore":
             # a sparse gradient (torch's SGD takes them) is checked through its values
             grads = [
                 g.coalesce().values() if g.is_sparse else g for lists in collected for g in lists[1]
@@ -311,24 +353,11 @@ class SphereOptimizer(Optimizer):
             if grads:
                 flag = nonfinite_flag(grads)
                 if self.nonfinite == "skip" and self._uses_device_side_skip():
-                    found_inf = (
+                    found_inf = self._count_device_skip(
                         torch.tensor(float(flag))
                         if isinstance(flag, bool)
                         else flag.to(torch.float32)
                     )
-                    counter = self._skipped_on_device
-                    if counter.device != found_inf.device and not compiling():
-                        counter = self._skipped_on_device = counter.to(found_inf.device)
-                        self._consecutive_on_device = self._consecutive_on_device.to(
-                            found_inf.device
-                        )
-                    counter.add_(found_inf)
-                    # the run of consecutive skips: +1 on a skipped step, back to 0 otherwise
-                    self._consecutive_on_device.add_(1).mul_(found_inf)
-                    if not compiling():
-                        self._steps_since_check += 1
-                        if self._steps_since_check >= SKIP_CHECK_EVERY:
-                            self._check_device_skips()
                 elif bool(flag) and really_nonfinite(grads):  # the one host sync
                     if self.nonfinite == "raise":
                         self._raise_nonfinite()

@@ -671,8 +671,8 @@ class _Point:
                             f"{self.prefix}full  {spec.label:8s} lr={chosen[spec.label]:<8g} "
                             f"seed={s} budget={b:g} val_loss="
                             + (f"{v:.4f}" if v is not None else "diverged")
-                            + f" ({run.steps} steps, {run.ms_per_step or math.nan:.1f} ms/step "
-                            "in its own run)"
+                            + f" ({count(run.steps, 'step')}, "
+                            f"{run.ms_per_step or math.nan:.1f} ms/step in its own run)"
                         )
         finally:
             if bar is not None:

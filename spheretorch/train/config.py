@@ -339,12 +339,12 @@ def build_optimizer(
     betas: tuple[float, float],
 ) -> torch.optim.Optimizer:
     """The optimizer for ``--optim name`` over ``model.param_groups(weight_decay)``."""
+    from torch.distributed.tensor import DTensor
+
     groups = model.param_groups(weight_decay)
     if name == "adamw":
         # torch's fused kernel where it has one (CPU, CUDA): RenormAdam uses it too.
         # (not on FSDP2's DTensor parameters, which the fused kernel does not accept).
-        from torch.distributed.tensor import DTensor
-
         fused = (
             all(p.device.type in ("cpu", "cuda") for p in model.parameters())
             and not any(isinstance(p, DTensor) for p in model.parameters())
@@ -355,6 +355,11 @@ def build_optimizer(
     # The trainer owns the non-finite policy (one check, one host sync per step): the
     # optimizers must not check again.
     kw: dict[str, Any] = dict(lr=lr, betas=betas, eps=1e-8, decoupled_weight_decay=True)
+    # On CUDA the fused kernels take the trainer's device-side skip decision (found_inf) as
+    # an input; other paths would snapshot and restore every tensor they write each step.
+    params = list(model.parameters())
+    if all(p.device.type == "cuda" and not isinstance(p, DTensor) for p in params):
+        kw["fused"] = True
     if name == "renorm":
         return sphere_optim.RenormAdam(groups, nonfinite="ignore", **kw)
     if name == "riemannian":

@@ -102,7 +102,8 @@ class Trainer:
     :class:`~spheretorch.train.errors.TrainingDiverged`; a non-finite validation loss stops the
     run (``diverged``). The trainer alone decides (optimizers get ``nonfinite="ignore"``).
     On CUDA, with an optimizer that takes a device-side ``found_inf`` (torch's GradScaler
-    protocol: ``_step_supports_amp_scaling``, e.g. fused AdamW), the decision and the skip stay
+    protocol: ``_step_supports_amp_scaling``: fused AdamW and every spheretorch optimizer),
+    the decision and the skip stay
     on the device and the host reads the loss, the counters and the ranks' agreement only
     every ``HOST_READ_INTERVAL`` steps and at evaluations (``device_skip``; divergence is then
     raised at the next read, naming the same steps). Otherwise one host sync per step carries
