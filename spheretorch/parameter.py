@@ -80,7 +80,9 @@ class SphereParameter(nn.Parameter):
     tolerance (:func:`spheretorch.sphere.check_unit`), they are renormalized and a
     ``UserWarning`` names the key; slices with zero or non-finite norm fail the load
     (torch's ``RuntimeError``, naming the key). Values within the tolerance are copied
-    bitwise (a resumed run stays exact). A module's ``state_dict``
+    bitwise (a resumed run stays exact). A parameter that is one sphere of radius other than
+    1 (``dim=None``) takes the norm of the loaded tensor as its ``sphere_radius`` (the radius
+    is part of the weights; a state dict stores only tensors). A module's ``state_dict``
     holds plain tensors, so ``torch.load(..., weights_only=True)`` reads it. (Only
     ``load_state_dict(..., assign=True)`` loses the class: torch then replaces every parameter
     object with a plain ``nn.Parameter``; load without ``assign`` to copy into the existing one.)
@@ -266,7 +268,15 @@ def _renormalize_on_load(
             continue
         dim = p.sphere_dim
         r = p.sphere_radius
-        off = float((sphere.norm(value.detach(), dim) / r - 1).abs().amax())
+        n = sphere.norm(value.detach(), dim)
+        if r != 1.0 and n.numel() == 1:
+            # one sphere whose radius is not 1 (SphereParameter(x, dim=None)): the radius is a
+            # property of the weights, so the loaded tensor's norm becomes the radius
+            adopted = float(n)
+            if 0 < adopted < float("inf"):
+                p.sphere_radius = adopted
+                continue
+        off = float((n / r - 1).abs().amax())
         if off <= sphere.unit_atol(value.dtype):
             continue  # on the sphere to rounding: copied bitwise
         try:
