@@ -10,8 +10,9 @@ from torch import Tensor
 from torch.optim.optimizer import _get_scalar_dtype
 
 from .. import sphere
+from ..parameter import sphere_dim_of
 from ._hybrid import HybridOptimizer, check_betas, check_hyper, check_lr, sphere_info
-from .sphere_steps import adam_direction, from_rows, rows, sphere_step
+from .sphere_steps import ORDERINGS, adam_direction, from_rows, rows, sphere_step
 
 __all__ = ["AdamH"]
 
@@ -31,9 +32,20 @@ class AdamH(HybridOptimizer):
     (``ordering="renorm"``, the hyperball recipe of modded-nanogpt's AdamH: :math:`\|u\| =
     \eta\|x\|`). ``ordering="oblique"`` projects :math:`D` onto the tangent space first
     (NVIDIA Emerging-Optimizers' ObliqueAdam ordering), so that every sphere turns by exactly
-    :math:`\arctan\eta`. ``angular=True``: the step turns every sphere by exactly :math:`\eta`
-    radians along the tangent part of :math:`D` (the exponential map; ``angle_per="tensor"``:
-    the RMS angle over a tensor's spheres is :math:`\eta`). The angle turned is kept in
+    :math:`\arctan\eta`. ``ordering="riemannian"`` projects the *gradient* before the moments
+    (and moves the first moment to the current point by projection), then the direction too.
+
+    Which ordering has the right fixed points: with per-coordinate second moments, ``"renorm"``
+    and ``"oblique"`` stop where the tangent part of the *preconditioned* direction vanishes,
+    not the gradient's. Maximizing :math:`\mathrm{tr}(W^\top A)` on the Frobenius sphere, a
+    constant gradient makes :math:`D = -\mathrm{sign}(A)` and they converge to
+    :math:`r\,\mathrm{sign}(A)/\|\mathrm{sign}(A)\|` instead of :math:`r A/\|A\|_F` (the
+    radial bias measured in RenormAdam); ``"riemannian"`` reaches :math:`rA/\|A\|_F` (tests:
+    tests/test_sphere_muon.py).
+
+    ``angular=True``: the step turns every sphere by exactly :math:`\eta` radians along the
+    tangent part of :math:`D` (the exponential map; ``angle_per="tensor"``: the RMS angle over a
+    tensor's spheres is :math:`\eta`). The angle turned is kept in
     ``state["angle"]`` (shape ``(k,)``, one per sphere) with ``measure_angle=True``. Formulas:
     :mod:`spheretorch.optim.sphere_steps`.
 
@@ -46,7 +58,8 @@ class AdamH(HybridOptimizer):
             ``angular=True``) and AdamW's learning rate (Euclidean parameters).
         betas, eps: Adam's.
         weight_decay: AdamW's decoupled weight decay (Euclidean parameters).
-        ordering: ``"renorm"`` (default) or ``"oblique"``.
+        ordering: ``"renorm"`` (default, the hyperball recipe), ``"oblique"`` or
+            ``"riemannian"``.
         angular, angle_per, measure_angle: as above.
         maximize, foreach: as torch's Adam.
         nonfinite: ``"skip"`` (default), ``"raise"`` or ``"ignore"`` non-finite gradients.
@@ -61,7 +74,7 @@ class AdamH(HybridOptimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         *,
-        ordering: Literal["renorm", "oblique"] = "renorm",
+        ordering: Literal["renorm", "oblique", "riemannian"] = "renorm",
         angular: bool = False,
         angle_per: Literal["sphere", "tensor"] = "sphere",
         measure_angle: bool = False,
@@ -76,8 +89,10 @@ class AdamH(HybridOptimizer):
         check_hyper("epsilon value", eps)
         check_hyper("weight_decay value", weight_decay)
         check_betas(betas)
-        if ordering not in ("renorm", "oblique"):
-            raise ValueError(f"ordering must be 'renorm' or 'oblique', got {ordering!r}")
+        if ordering not in ORDERINGS:
+            raise ValueError(
+                f"ordering must be one of {', '.join(map(repr, ORDERINGS))}, got {ordering!r}"
+            )
         if angle_per not in ("tensor", "sphere"):
             raise ValueError(f"angle_per must be 'sphere' or 'tensor', got {angle_per!r}")
         defaults = dict(
@@ -127,7 +142,14 @@ class AdamH(HybridOptimizer):
                 state["exp_avg"] = torch.zeros_like(p, dtype=cdt)
                 state["exp_avg_sq"] = torch.zeros_like(p, dtype=cdt)
             state["step"] += 1
-            grads.append(self._grad_of(group, p).to(cdt))
+            g = self._grad_of(group, p).to(cdt)
+            if group["ordering"] == "riemannian":
+                # moments of the Riemannian gradient; the first moment moved to the current
+                # point (transport by projection)
+                dims, r = sphere_dim_of(p), float(getattr(p, "sphere_radius", 1.0))
+                g = sphere.project(p.detach(), g, dims, radius=r)
+                state["exp_avg"].copy_(sphere.project(p.detach(), state["exp_avg"], dims, radius=r))
+            grads.append(g)
             avgs.append(state["exp_avg"])
             sqs.append(state["exp_avg_sq"])
         foreach = group.get("foreach")
@@ -159,7 +181,7 @@ class AdamH(HybridOptimizer):
                 lr,
                 radius=info.radius,
                 whole=info.whole,
-                project=group["ordering"] == "oblique",
+                project=group["ordering"] != "renorm",
                 rule=rule,
                 angle_per=group["angle_per"],
                 measure=bool(group["measure_angle"]),

@@ -3,12 +3,14 @@ with steps whose angle is the learning rate; plain Muon and AdamW for the rest."
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from .. import sphere
+from ..parameter import sphere_dim_of
 from ._hybrid import HybridOptimizer, check_betas, check_hyper, check_lr, sphere_info
 from .sphere_steps import (
     NS_COEFFICIENTS,
@@ -32,6 +34,13 @@ def _adjusted_lr(lr: float, fn: str | None, shape: torch.Size) -> float:
     return lr * 0.2 * max(a, b) ** 0.5
 
 
+def st_dims(p: Tensor) -> tuple[int | tuple[int, ...], float]:
+    """A sphere parameter's axes and radius."""
+    dims = sphere_dim_of(p)
+    assert dims is not None
+    return dims, float(getattr(p, "sphere_radius", 1.0))
+
+
 class SphereMuon(HybridOptimizer):
     r"""Muon on the sphere: momentum, tangent projection, Newton-Schulz orthogonalization, a
     step whose angle is ``lr``, retraction. Euclidean matrices get torch.optim.Muon's step,
@@ -41,12 +50,13 @@ class SphereMuon(HybridOptimizer):
     :math:`r`) with momentum buffer :math:`B`, Euclidean gradient :math:`G`:
 
     .. math::
-        B &\leftarrow \mu B + (1 - \mu) G, \qquad
-        \tilde B = (1-\mu) G + \mu B \text{ (nesterov) or } B \\
+        B &\leftarrow \mu P_X B + (1 - \mu) P_X G, \qquad
+        \tilde B = (1-\mu) P_X G + \mu B \text{ (nesterov) or } B \\
         O &= P_X\big(\mathrm{NS}(P_X \tilde B)\big), \qquad
         X \leftarrow \exp_X(-\theta\, O / \|O\|) \text{ per sphere}
 
-    where :math:`P_X` is the tangent projection and :math:`\mathrm{NS}` Muon's quintic
+    where :math:`P_X` is the tangent projection (also moving the buffer to the current point:
+    transport by projection) and :math:`\mathrm{NS}` Muon's quintic
     Newton-Schulz iteration (coefficients ``(3.4445, -4.7750, 2.0315)``,
     :func:`~spheretorch.optim.sphere_steps.newton_schulz`). *What is orthogonalized*:
 
@@ -208,11 +218,20 @@ class SphereMuon(HybridOptimizer):
         mu = float(group["momentum"])
         grads = [self._grad_of(group, p) for p in params]
         bufs = []
-        for p in params:
+        for i, p in enumerate(params):
             state = self.state[p]
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            bufs.append(state["momentum_buffer"])
+            buf = state["momentum_buffer"]
+            if kinds[i] == "sphere":
+                # Riemannian momentum: the gradient's tangent part, and the buffer moved to the
+                # current point (transport by projection). Momentum of Euclidean gradients
+                # would drag each point back towards its past positions (their radial parts
+                # projected at the new point), a bias of the order of the step itself.
+                dims, r = st_dims(p)
+                grads[i] = sphere.project(p.detach(), grads[i], dims, radius=r)
+                buf.copy_(sphere.project(p.detach(), buf, dims, radius=r))
+            bufs.append(buf)
         foreach = group.get("foreach")
         if foreach is None:
             foreach = all(p.device.type in ("cpu", "cuda") for p in params)
@@ -235,7 +254,7 @@ class SphereMuon(HybridOptimizer):
                 d = matrix_of(u, info.layout).to(sphere.compute_dtype(p.dtype))
                 mats.append(project_rows(z, d, info.radius, info.whole))
             else:
-                mats.append(u.reshape(u.shape[0], -1))
+                mats.append(u.reshape(u.shape[0], math.prod(u.shape[1:])))
         dtype = group["ns_dtype"]
         keep = [i for i, m in enumerate(mats) if m.numel()]
         outs = orthogonalize(
