@@ -98,6 +98,7 @@ INFOS = [
             {"ns_dtype": None, "weight_decay": 0.1, "adamw_weight_decay": 0.1},
             {"ns_dtype": None, "angle_per": "sphere", "measure_angle": True, "batch_ns": False},
             {"ns_dtype": None, "adjust_lr_fn": "match_rms_adamw", "maximize": True},
+            {"ns_dtype": None, "ordering": "renorm"},
         ),
         _errors(
             *_HYBRID_ERRORS,

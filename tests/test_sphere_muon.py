@@ -11,6 +11,7 @@ References (ports written here from the published formulas, float64):
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -411,3 +412,58 @@ def test_loaded_whole_tensor_radius_is_kept_by_the_optimizers():
     opt.step()
     assert abs(float(m.w.detach().norm()) - 5.0) < 1e-5
     assert st.sphere_dim_of(m.w) == (0, 1)
+
+
+def test_renorm_ordering_is_torch_muon_then_renormalization():
+    x = torch.randn(6, 5, generator=gen(90))
+    ours = SphereParameter(x, dim=1)
+    ref = torch.nn.Parameter(ours.detach().clone())
+    opt = SphereMuon([ours], lr=0.02, ordering="renorm", weight_decay=0.1)
+    opt_ref = torch.optim.Muon([ref], lr=0.02, weight_decay=0.1)
+    for t in range(3):
+        ours.grad = torch.randn(6, 5, generator=gen(91 + t))
+        ref.grad = ours.grad.clone()
+        opt.step()
+        opt_ref.step()
+        with torch.no_grad():
+            ref.copy_(S.normalize(ref, 1))
+        assert torch.equal(ours.detach(), ref.detach())
+
+
+# ----------------------------------------------------------------------------- train recipes
+
+
+@pytest.mark.parametrize("recipe", ["muon", "sphere_muon", "adamh"])
+@pytest.mark.parametrize("model_name", ["gpt", "ngpt"])
+def test_train_recipes_build_step_and_resume_bitwise(recipe, model_name):
+    from spheretorch.models import build_model, make_config
+    from spheretorch.train.config import MUON_LR_SCALE, build_optimizer
+
+    cfg = make_config(model_name, vocab_size=17, seq_len=8, n_layer=1, n_head=2, d_model=16)
+    torch.manual_seed(0)
+    model = build_model(model_name, cfg)
+    opt = build_optimizer(model, recipe, 4e-3, 0.1, (0.9, 0.95))
+    assert isinstance(opt, AdamH if recipe == "adamh" else SphereMuon)
+    if recipe != "adamh":
+        lrs = {g["lr"] for g in opt.param_groups}
+        assert 4e-3 * MUON_LR_SCALE in lrs
+        embeddings = [g for g in opt.param_groups if g.get("use_muon") is False]
+        on_adamw = {id(p) for g in embeddings for p in g["params"]}
+        assert (id(model.tok_emb.weight) in on_adamw) == (model_name == "gpt")
+    idx = torch.randint(0, 17, (2, 8), generator=gen(0))
+
+    def step(m, o):
+        torch.manual_seed(1)  # the same dropout masks for both models
+        o.zero_grad()
+        m(idx, idx)[1].backward()
+        o.step()
+
+    step(model, opt)
+    twin = build_model(model_name, cfg)
+    twin.load_state_dict(model.state_dict())
+    opt2 = build_optimizer(twin, recipe, 4e-3, 0.1, (0.9, 0.95))
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))  # (a state dict holds references)
+    step(model, opt)
+    step(twin, opt2)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)

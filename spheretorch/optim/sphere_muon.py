@@ -83,8 +83,9 @@ class SphereMuon(HybridOptimizer):
     (same momentum, bfloat16 Newton-Schulz, ``adjust_lr_fn``, decoupled ``weight_decay``),
     step for step. **Other parameters** (1-D, 0-D, >2-D Euclidean, or any group with
     ``use_muon=False``, e.g. embeddings and the output head): torch's AdamW with
-    ``adamw_lr``, ``adamw_betas``, ``adamw_eps``, ``adamw_weight_decay`` (``maximize`` too).
-    Every option may be overridden per param group.
+    ``adamw_lr`` (default: the group's ``lr``, so that a group of AdamW parameters with its
+    own ``lr`` follows LR schedulers), ``adamw_betas``, ``adamw_eps``, ``adamw_weight_decay``
+    (``maximize`` too). Every option may be overridden per param group.
 
     Args:
         params: parameters or param groups (a group may set ``use_muon``: True sends
@@ -97,6 +98,10 @@ class SphereMuon(HybridOptimizer):
         ns_dtype: its matmul dtype (bfloat16 as Muon; ``None``: the parameter's dtype).
         weight_decay: Muon's decoupled weight decay on Euclidean matrices.
         adjust_lr_fn: ``None``/``"original"`` or ``"match_rms_adamw"`` (torch.optim.Muon's).
+        ordering: ``"riemannian"`` (default: the sphere step above) or ``"renorm"``: sphere
+            parameters get torch.optim.Muon's Euclidean step (on ``reshape(shape[0], -1)``,
+            with ``weight_decay`` and ``adjust_lr_fn``), then are renormalized to their radius
+            (the Muon analogue of :class:`.RenormAdam`, a baseline for studies).
         angle_per: ``"tensor"`` or ``"sphere"`` (above).
         batch_ns: iterate same-shape matrices together (``torch.bmm`` on a stack).
         foreach: the momentum and AdamW updates as ``_foreach`` ops (default on CPU/CUDA).
@@ -118,10 +123,11 @@ class SphereMuon(HybridOptimizer):
         eps: float = 1e-7,
         ns_dtype: torch.dtype | None = torch.bfloat16,
         adjust_lr_fn: str | None = None,
+        ordering: Literal["riemannian", "renorm"] = "riemannian",
         angle_per: Literal["tensor", "sphere"] = "tensor",
         measure_angle: bool = False,
         batch_ns: bool = True,
-        adamw_lr: float | Tensor = 3e-4,
+        adamw_lr: float | Tensor | None = None,
         adamw_betas: tuple[float, float] = (0.9, 0.95),
         adamw_eps: float = 1e-8,
         adamw_weight_decay: float = 0.0,
@@ -133,7 +139,8 @@ class SphereMuon(HybridOptimizer):
         nonfinite: str = "skip",
     ) -> None:
         check_lr(lr)
-        check_lr(adamw_lr)
+        if adamw_lr is not None:
+            check_lr(adamw_lr)
         check_hyper("momentum value", momentum, upper=1.0)
         check_hyper("weight_decay value", weight_decay)
         check_hyper("weight_decay value", adamw_weight_decay)
@@ -150,6 +157,8 @@ class SphereMuon(HybridOptimizer):
             )
         if angle_per not in ("tensor", "sphere"):
             raise ValueError(f"angle_per must be 'tensor' or 'sphere', got {angle_per!r}")
+        if ordering not in ("riemannian", "renorm"):
+            raise ValueError(f"ordering must be 'riemannian' or 'renorm', got {ordering!r}")
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -160,6 +169,7 @@ class SphereMuon(HybridOptimizer):
             eps=eps,
             ns_dtype=ns_dtype,
             adjust_lr_fn=adjust_lr_fn,
+            ordering=ordering,
             angle_per=angle_per,
             measure_angle=measure_angle,
             batch_ns=batch_ns,
@@ -176,9 +186,10 @@ class SphereMuon(HybridOptimizer):
         super().__init__(params, defaults, nonfinite)
 
     def _route(self, group: dict[str, Any], p: Tensor) -> str:
-        """``"sphere"``, ``"muon"`` or ``"adamw"`` for ``p``."""
+        """``"sphere"``, ``"renorm"`` (a sphere parameter, ``ordering="renorm"``), ``"muon"``
+        or ``"adamw"`` for ``p``."""
         if sphere_info(p) is not None:
-            return "sphere"
+            return "renorm" if group["ordering"] == "renorm" else "sphere"
         use = group.get("use_muon")
         if use is None:
             return "muon" if p.dim() == 2 and not torch.is_complex(p) else "adamw"
@@ -203,10 +214,11 @@ class SphereMuon(HybridOptimizer):
                 continue
             ours.append(p)
             kinds.append(kind)
+        adamw_lr = group["adamw_lr"]
         self._adamw(
             group,
             adamw,
-            lr=group["adamw_lr"],
+            lr=group["lr"] if adamw_lr is None else adamw_lr,
             betas=group["adamw_betas"],
             eps=group["adamw_eps"],
             weight_decay=group["adamw_weight_decay"],
@@ -269,11 +281,14 @@ class SphereMuon(HybridOptimizer):
         lr = float(lr) if isinstance(lr, Tensor) else lr
         for i, o in zip(keep, outs):
             p, kind, info = params[i], kinds[i], infos[i]
-            if kind == "muon":
+            if kind in ("muon", "renorm"):
                 # torch.optim.Muon's update, operation for operation
                 adjusted = _adjusted_lr(lr, group["adjust_lr_fn"], mats[i].shape)
                 p.mul_(1 - lr * group["weight_decay"])
                 p.add_(o.reshape(p.shape), alpha=-adjusted)
+                if kind == "renorm":  # then back on the sphere (as RenormAdam after Adam)
+                    dims, r = st_dims(p)
+                    p.copy_(sphere.normalize(p, dims, on_zero="keep", radius=r))
                 continue
             assert info is not None
             z = matrix_of(p.detach(), info.layout)
