@@ -68,7 +68,8 @@ def sphere_info(p: Tensor) -> SphereInfo | None:
 
 
 class HybridOptimizer(Optimizer):
-    """Shared machinery; subclasses implement :meth:`_group_step`."""
+    """Shared machinery of :class:`.SphereMuon` and :class:`.AdamH`; a subclass implements
+    ``_group_step(group)`` (one param group's update)."""
 
     def __init__(self, params: Any, defaults: dict[str, Any], nonfinite: str) -> None:
         if nonfinite not in NONFINITE_POLICIES:

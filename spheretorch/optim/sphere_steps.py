@@ -67,12 +67,14 @@ __all__ = [
     "step_angle",
 ]
 
-#: Muon's quintic Newton-Schulz coefficients (Keller Jordan): slope 3.4445 at zero
+#: Muon's quintic Newton-Schulz coefficients (Keller Jordan's; slope 3.4445 at zero)
 NS_COEFFICIENTS: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
 
 Ordering = Literal["renorm", "oblique", "riemannian"]
+#: the orderings of an Adam-type step on a sphere (module docstring)
 ORDERINGS: tuple[str, ...] = ("renorm", "oblique", "riemannian")
 StepRule = Literal["adam", "hyperball", "angular"]
+#: the step sizes of :func:`sphere_step` (module docstring)
 STEP_RULES: tuple[str, ...] = ("adam", "hyperball", "angular")
 
 
