@@ -26,6 +26,7 @@ from spheretorch.optim.sphere_steps import (
     newton_schulz,
     orthogonalize,
     sphere_step,
+    sphere_step_,
 )
 
 F64 = torch.float64
@@ -233,6 +234,7 @@ def test_frobenius_sphere_orthogonalizes_the_matrix_not_its_rows():
 def test_oblique_ordering_equals_emerging_optimizers_with_fixed_bias_correction(dim, wd):
     x0 = S.normalize(torch.randn(6, 5, dtype=F64, generator=gen(11)), dim)
     ours, ref, buggy = x0.clone(), x0.clone(), x0.clone()
+    param = SphereParameter(x0.clone(), dim=dim)  # the one-call form, sphere_step_
     m, v = torch.zeros_like(x0), torch.zeros_like(x0)
     s_ref, s_bug = {}, {}
     betas, lr, eps = (0.9, 0.99), 0.01, 1e-8
@@ -246,7 +248,9 @@ def test_oblique_ordering_equals_emerging_optimizers_with_fixed_bias_correction(
         z, dz = (ours, d) if dim == 1 else (ours.T, d.T)
         new, _ = sphere_step(z, dz, lr, project=True, rule="adam", weight_decay=wd)
         ours = new if dim == 1 else new.T
+        sphere_step_(param, d, lr, project=True, rule="adam", weight_decay=wd)
     torch.testing.assert_close(ours, ref, atol=1e-14, rtol=0)
+    torch.testing.assert_close(param.detach(), ref, atol=1e-14, rtol=0)
     assert float((ours - buggy).abs().max()) > 1e-4  # the bug is not a rounding matter
 
 
@@ -467,3 +471,34 @@ def test_train_recipes_build_step_and_resume_bitwise(recipe, model_name):
     step(twin, opt2)
     for a, b in zip(model.parameters(), twin.parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("cls", [SphereMuon, AdamH])
+def test_half_precision_spheres_keep_float32_math(cls):
+    """bfloat16 sphere parameters: norms and angles computed in float32, state in float32
+    for AdamH's moments, the result stored back in bfloat16 on the sphere."""
+    p = SphereParameter(torch.randn(8, 16).bfloat16(), dim=1)
+    q = SphereParameter(torch.randn(4, 4).bfloat16(), dim=None)
+    opt = cls([p, q], lr=0.05, measure_angle=True)
+    for t in range(2):
+        for x in (p, q):
+            x.grad = torch.randn(x.shape, generator=gen(t)).bfloat16()
+        opt.step()
+    assert p.dtype == torch.bfloat16 and opt.state[p]["angle"].dtype == torch.float32
+    n = S.norm(p.detach(), 1)
+    torch.testing.assert_close(n, torch.ones_like(n), atol=1e-2, rtol=0)
+    if cls is AdamH:
+        assert opt.state[p]["exp_avg"].dtype == torch.float32
+
+
+def test_muon_step_benchmark_runs(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "muon_step.py"
+    spec = importlib.util.spec_from_file_location("muon_step", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main(["--set", "small", "--rounds", "1"])
+    out = capsys.readouterr().out
+    assert "SphereMuon frobenius" in out and "vs torch Muon" in out

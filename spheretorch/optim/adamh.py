@@ -12,7 +12,7 @@ from torch.optim.optimizer import _get_scalar_dtype
 from .. import sphere
 from ..parameter import sphere_dim_of
 from ._hybrid import HybridOptimizer, check_betas, check_hyper, check_lr, sphere_info
-from .sphere_steps import ORDERINGS, adam_direction, from_rows, rows, sphere_step
+from .sphere_steps import ORDERINGS, adam_direction, sphere_step_
 
 __all__ = ["AdamH"]
 
@@ -167,25 +167,16 @@ class AdamH(HybridOptimizer):
         lr = float(lr) if isinstance(lr, Tensor) else lr
         rule = "angular" if group["angular"] else "hyperball"
         for p, m, v in zip(params, avgs, sqs):
-            info = sphere_info(p)
-            assert info is not None
             step = float(self.state[p]["step"])
             d = adam_direction(m, v, step, (b1, b2), group["eps"])
-            if info.whole:
-                z, dz = p.detach(), d
-            else:
-                z, dz = rows(p.detach(), info.layout), rows(d, info.layout)
-            new, angle = sphere_step(
-                z,
-                dz,
+            angle = sphere_step_(
+                p,
+                d,
                 lr,
-                radius=info.radius,
-                whole=info.whole,
                 project=group["ordering"] != "renorm",
                 rule=rule,
                 angle_per=group["angle_per"],
                 measure=bool(group["measure_angle"]),
             )
-            p.copy_(new if info.whole else from_rows(new, info.layout, p.shape))
             if angle is not None:
                 self.state[p]["angle"] = angle

@@ -64,6 +64,7 @@ __all__ = [
     "project_rows",
     "rows",
     "sphere_step",
+    "sphere_step_",
     "step_angle",
 ]
 
@@ -286,3 +287,48 @@ def sphere_step(
     if measure:
         angle = step_angle(zu, new, r)
     return new.reshape(shape).to(z.dtype), angle
+
+
+@torch.no_grad()
+def sphere_step_(
+    p: Tensor,
+    d: Tensor,
+    lr: float,
+    *,
+    project: bool = True,
+    rule: StepRule = "angular",
+    angle_per: Literal["sphere", "tensor"] = "sphere",
+    weight_decay: float = 0.0,
+    measure: bool = False,
+) -> Tensor | None:
+    """:func:`sphere_step` on a sphere parameter ``p`` in place, along its own spheres
+    (``sphere_dim``: one axis, adjacent axes or the whole tensor) and radius
+    (``sphere_radius``, default 1). ``d``: the direction, shaped like ``p``. Returns the angle
+    each sphere turned (``(k,)``, in the order of :func:`rows`) with ``measure``.
+
+    The one call an optimizer needs for the ``"oblique"`` ordering (``rule="adam",
+    project=True`` on the Adam direction) or angular steps (``rule="angular"``).
+    """
+    from ..parameter import sphere_dim_of
+
+    dims = sphere_dim_of(p)
+    if dims is None:
+        raise ValueError("sphere_step_ needs a sphere parameter (a tensor with sphere_dim)")
+    layout = sphere.sphere_layout(p.shape, dims)
+    radius = float(getattr(p, "sphere_radius", 1.0))
+    whole = layout.count == 1
+    z, dz = (p, d) if whole else (rows(p, layout), rows(d, layout))
+    new, angle = sphere_step(
+        z,
+        dz,
+        lr,
+        radius=radius,
+        whole=whole,
+        project=project,
+        rule=rule,
+        angle_per=angle_per,
+        weight_decay=weight_decay,
+        measure=measure,
+    )
+    p.copy_(new if whole else from_rows(new, layout, p.shape))
+    return angle
