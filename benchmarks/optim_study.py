@@ -33,10 +33,10 @@ from spheretorch.train.trainer import Trainer
 GRIDS: dict[str, tuple[float, ...]] = {
     "adamw": (3e-3, 1e-2, 3e-2),
     "renorm": (3e-3, 1e-2, 3e-2),
-    "riemannian": (3e-3, 1e-2, 3e-2),
-    "muon": (1e-3, 3e-3, 1e-2),
-    "sphere_muon": (1e-3, 3e-3, 1e-2),
-    "adamh": (1e-2, 3e-2, 1e-1),
+    "riemannian": (1e-2, 3e-2, 1e-1),
+    "muon": (3e-3, 1e-2, 3e-2),
+    "sphere_muon": (3e-3, 1e-2, 3e-2),
+    "adamh": (3e-3, 1e-2, 3e-2),
 }
 
 
@@ -73,9 +73,11 @@ def table(runs: list[dict]) -> str:
             lines.append(f"| {optim} | {lr:g} | {mean:.4f} | {spread:.4f} | {ms:.1f} |")
             if optim not in best or mean < best[optim][1]:
                 best[optim] = (lr, mean)
-    lines += ["", "| optimizer | best lr | final val loss |", "|---|---|---|"]
+    lines += ["", "| optimizer | best lr | final val loss | best lr at the grid's edge |"]
+    lines.append("|---|---|---|---|")
     for optim, (lr, loss) in sorted(best.items(), key=lambda kv: kv[1][1]):
-        lines.append(f"| {optim} | {lr:g} | {loss:.4f} |")
+        edge = "yes" if lr in (min(GRIDS[optim]), max(GRIDS[optim])) else "no"
+        lines.append(f"| {optim} | {lr:g} | {loss:.4f} | {edge} |")
     return "\n".join(lines)
 
 

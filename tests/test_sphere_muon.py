@@ -16,6 +16,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as hs
 
 import spheretorch as st
 from spheretorch import SphereParameter
@@ -502,3 +504,41 @@ def test_muon_step_benchmark_runs(capsys):
     mod.main(["--set", "small", "--rounds", "1"])
     out = capsys.readouterr().out
     assert "SphereMuon frobenius" in out and "vs torch Muon" in out
+
+
+# ----------------------------------------------------------------------------- properties
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    hs.sampled_from([(5, 4), (3, 2, 2), (6,), (2, 3, 4)]),
+    hs.sampled_from(["int", "tuple", "none"]),
+    hs.sampled_from([1.0, 0.5, 7.0]),
+    hs.sampled_from(["adam", "hyperball", "angular"]),
+    hs.floats(1e-6, 1.0),
+    hs.integers(0, 2**31 - 1),
+)
+def test_sphere_step_keeps_the_radius_and_its_angle(shape, kind, r, rule, lr, seed):
+    dims = {"int": -1, "tuple": tuple(range(1, len(shape))) or 0, "none": None}[kind]
+    g = gen(seed)
+    p = SphereParameter(torch.randn(shape, dtype=F64, generator=g), dim=dims, radius=r)
+    d = torch.randn(shape, dtype=F64, generator=g)
+    before = p.detach().clone()
+    angle = sphere_step_(p, d, lr, rule=rule, project=rule != "adam", measure=True)
+    n = S.norm(p.detach(), p.sphere_dim)
+    torch.testing.assert_close(n, torch.full_like(n, r), atol=1e-12 * r, rtol=0)
+    measured = S.angle(before, p.detach(), p.sphere_dim, radius=r).reshape(-1)
+    torch.testing.assert_close(angle, measured, atol=1e-12, rtol=0)
+    if rule == "angular":
+        torch.testing.assert_close(angle, torch.full_like(angle, lr), atol=1e-12, rtol=0)
+    elif rule == "hyperball":  # tangent u of norm lr * r: exactly atan(lr)
+        torch.testing.assert_close(angle, torch.full_like(angle, math.atan(lr)), atol=1e-12, rtol=0)
+
+
+def test_two_dimensional_newton_schulz_is_torch_muons():
+    from torch.optim._muon import _zeropower_via_newtonschulz
+
+    for shape in [(7, 3), (3, 7), (5, 5)]:
+        x = torch.randn(shape, generator=gen(sum(shape)))
+        want = _zeropower_via_newtonschulz(x, (3.4445, -4.7750, 2.0315), 5, 1e-7)
+        assert torch.equal(newton_schulz(x), want)
