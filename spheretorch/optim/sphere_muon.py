@@ -34,6 +34,15 @@ def _adjusted_lr(lr: float, fn: str | None, shape: torch.Size) -> float:
     return lr * 0.2 * max(a, b) ** 0.5
 
 
+def _project_(x: Tensor, d: Tensor, dims: int | tuple[int, ...], r: float) -> None:
+    """``d <- P_x d`` in place (two passes: the inner products, then one ``addcmul_``)."""
+    c = sphere.inner(x, d, dims) / (r * r)
+    if d.dtype == c.dtype and x.dtype == c.dtype:
+        d.addcmul_(x, c, value=-1)
+    else:  # half precision: the projection in float32, stored back
+        d.copy_(sphere.project(x, d, dims, radius=r))
+
+
 def st_dims(p: Tensor) -> tuple[int | tuple[int, ...], float]:
     """A sphere parameter's axes and radius."""
     dims = sphere_dim_of(p)
@@ -230,20 +239,11 @@ class SphereMuon(HybridOptimizer):
         mu = float(group["momentum"])
         grads = [self._grad_of(group, p) for p in params]
         bufs = []
-        for i, p in enumerate(params):
+        for p in params:
             state = self.state[p]
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            buf = state["momentum_buffer"]
-            if kinds[i] == "sphere":
-                # Riemannian momentum: the gradient's tangent part, and the buffer moved to the
-                # current point (transport by projection). Momentum of Euclidean gradients
-                # would drag each point back towards its past positions (their radial parts
-                # projected at the new point), a bias of the order of the step itself.
-                dims, r = st_dims(p)
-                grads[i] = sphere.project(p.detach(), grads[i], dims, radius=r)
-                buf.copy_(sphere.project(p.detach(), buf, dims, radius=r))
-            bufs.append(buf)
+            bufs.append(state["momentum_buffer"])
         foreach = group.get("foreach")
         if foreach is None:
             foreach = all(p.device.type in ("cpu", "cuda") for p in params)
@@ -255,16 +255,25 @@ class SphereMuon(HybridOptimizer):
             for b, g in zip(bufs, grads):
                 b.lerp_(g, 1 - mu)
                 updates.append(g.lerp(b, mu) if group["nesterov"] else b)
+        for i, p in enumerate(params):
+            if kinds[i] == "sphere":
+                # Riemannian momentum: the buffer projected at the current point after every
+                # update, i.e. B = mu P(B_old) + (1 - mu) P(g) (transport by projection; P is
+                # linear), and so is the Nesterov update. Momentum of Euclidean gradients
+                # would drag each point back towards its past positions (their radial parts
+                # projected at the new point), a bias of the order of the step itself.
+                dims, r = st_dims(p)
+                _project_(p.detach(), bufs[i], dims, r)
+                if group["nesterov"]:
+                    _project_(p.detach(), updates[i], dims, r)
 
         # the matrices to orthogonalize: tangent parts of sphere updates, Euclidean updates
         infos = [sphere_info(p) for p in params]
         mats: list[Tensor] = []
         for p, u, kind, info in zip(params, updates, kinds, infos):
-            if kind == "sphere":
+            if kind == "sphere":  # tangent already (projected above)
                 assert info is not None
-                z = matrix_of(p.detach(), info.layout)
-                d = matrix_of(u, info.layout).to(sphere.compute_dtype(p.dtype))
-                mats.append(project_rows(z, d, info.radius, info.whole))
+                mats.append(matrix_of(u, info.layout).to(sphere.compute_dtype(p.dtype)))
             else:
                 mats.append(u.reshape(u.shape[0], math.prod(u.shape[1:])))
         dtype = group["ns_dtype"]
