@@ -542,3 +542,28 @@ def test_two_dimensional_newton_schulz_is_torch_muons():
         x = torch.randn(shape, generator=gen(sum(shape)))
         want = _zeropower_via_newtonschulz(x, (3.4445, -4.7750, 2.0315), 5, 1e-7)
         assert torch.equal(newton_schulz(x), want)
+
+
+@pytest.mark.parametrize(
+    "shape,dim,to_rows",
+    [
+        ((5, 7), 1, lambda t: t),
+        ((9, 4), 0, lambda t: t.T),  # column spheres: the transposed matrix's rows
+        ((4, 3, 2, 2), (1, 2, 3), lambda t: t.reshape(4, -1)),  # one sphere per filter
+    ],
+)
+@pytest.mark.parametrize("angle_per", ["sphere", "tensor"])
+def test_row_spheres_orthogonalize_the_matrix_of_spheres(shape, dim, to_rows, angle_per):
+    """The definition in SphereMuon's docstring, step by step: O = P(NS(P G)) on the matrix
+    whose rows are the spheres, then each row turns along -o_i by lr (or lr |o_i| / rms)."""
+    w = SphereParameter(torch.randn(shape, dtype=F64, generator=gen(12)), dim=dim)
+    g = torch.randn(shape, dtype=F64, generator=gen(13))
+    z = to_rows(w.detach().clone())
+    opt = SphereMuon([w], lr=0.05, momentum=0.0, nesterov=False, ns_dtype=None, angle_per=angle_per)
+    w.grad = g
+    opt.step()
+    o = S.project(z, newton_schulz(S.project(z, to_rows(g), 1), dtype=None), 1)
+    n = o.norm(dim=1, keepdim=True)
+    theta = 0.05 * (torch.ones_like(n) if angle_per == "sphere" else n / n.square().mean().sqrt())
+    want = torch.cos(theta) * z - torch.sin(theta) * o / n
+    torch.testing.assert_close(to_rows(w.detach()), want, atol=1e-12, rtol=0)

@@ -12,7 +12,7 @@ from torch.optim.optimizer import _get_scalar_dtype
 from .. import sphere
 from ..parameter import sphere_dim_of
 from ._hybrid import HybridOptimizer, check_betas, check_hyper, check_lr, sphere_info
-from .sphere_steps import ORDERINGS, adam_direction, sphere_step_
+from .sphere_steps import ORDERINGS, adam_direction, adam_directions, sphere_step_
 
 __all__ = ["AdamH"]
 
@@ -166,9 +166,14 @@ class AdamH(HybridOptimizer):
         lr = group["lr"]
         lr = float(lr) if isinstance(lr, Tensor) else lr
         rule = "angular" if group["angular"] else "hyperball"
-        for p, m, v in zip(params, avgs, sqs):
-            step = float(self.state[p]["step"])
-            d = adam_direction(m, v, step, (b1, b2), group["eps"])
+        steps = [float(self.state[p]["step"]) for p in params]
+        if foreach:
+            dirs = adam_directions(avgs, sqs, steps, (b1, b2), group["eps"])
+        else:
+            dirs = [
+                adam_direction(m, v, t, (b1, b2), group["eps"]) for m, v, t in zip(avgs, sqs, steps)
+            ]
+        for p, d in zip(params, dirs):
             angle = sphere_step_(
                 p,
                 d,

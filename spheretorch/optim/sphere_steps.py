@@ -57,6 +57,7 @@ __all__ = [
     "Ordering",
     "StepRule",
     "adam_direction",
+    "adam_directions",
     "from_rows",
     "matrix_of",
     "newton_schulz",
@@ -209,6 +210,25 @@ def adam_direction(
     bc1 = 1 - betas[0] ** step
     bc2_sqrt = math.sqrt(1 - betas[1] ** step)
     return (exp_avg / bc1) / (exp_avg_sq.sqrt() / bc2_sqrt + eps)
+
+
+def adam_directions(
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[float],
+    betas: tuple[float, float],
+    eps: float,
+) -> list[Tensor]:
+    """:func:`adam_direction` of every tensor of the lists, as ``_foreach`` ops (the same
+    operations in the same order: equal bit for bit)."""
+    bc1 = [1 - betas[0] ** t for t in steps]
+    bc2_sqrt = [math.sqrt(1 - betas[1] ** t) for t in steps]
+    num = torch._foreach_div(exp_avgs, bc1)
+    den = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(den, bc2_sqrt)
+    torch._foreach_add_(den, eps)
+    torch._foreach_div_(num, den)
+    return list(num)
 
 
 # ----------------------------------------------------------------------------- steps
