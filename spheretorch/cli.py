@@ -3,10 +3,10 @@
 Exit status: 0 done; 1 the run diverged (non-finite validation loss, or ``--max-bad-steps``
 non-finite steps in a row); 2 a user error (bad flag or value, missing or unreadable file, a
 directory that holds another run or is in use, a run that cannot fit in memory: one line on
-stderr, no traceback); ``128 + N`` stopped by signal ``N`` after saving a checkpoint (130 for
-SIGINT, 143 for SIGTERM; continue with ``--resume``); 70 an unexpected failure (a bug, or the
-system: one line naming the exception; ``--debug`` shows the traceback). Every case and its
-message: ``docs/errors.md``.
+stderr, no traceback); ``128 + N`` stopped by signal ``N`` (130 for SIGINT, 143 for SIGTERM;
+train and compare save a checkpoint first: continue with ``--resume``); 70 an unexpected
+failure (a bug, or the system: one line naming the exception; ``--debug`` shows the
+traceback). Every case and its message: ``docs/errors.md``.
 """
 
 from __future__ import annotations
@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import signal
 import sys
+import threading
 from typing import Any, NoReturn
 
 __all__ = ["EXIT_INTERNAL", "main"]
@@ -35,7 +37,9 @@ class _Help(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        shown = action.default not in (None, False, [], argparse.SUPPRESS)
+        # by identity: 0 == False, and a default of 0 (--seed) is shown
+        default = action.default
+        shown = not any(default is v for v in (None, False, argparse.SUPPRESS)) and default != []
         if shown and "default" not in text:
             text += " (default: %(default)s)"
         return text
@@ -82,12 +86,19 @@ def _option(text: str) -> tuple[str, Any]:
     return key.replace("-", "_"), value
 
 
+_THREADS_HELP = (
+    "CPU threads (default: the idle cores, i.e. torch's default less the 1-minute load "
+    "average, at least 1; see docs/quickstart.md)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .distributed import MODES
     from .models import MODELS
     from .train.config import OPTIMIZERS, RESUME_OVERRIDES, flag_of
     from .train.presets import PRESETS
+    from .train.text import count
 
     parser = _Parser(
         prog="spheretorch",
@@ -104,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--debug", action="store_true", help="show the traceback of an unexpected error"
     )
     common = _Parser(add_help=False, parents=[debug])
-    presets = ", ".join(f"{p.name} ({p.steps} steps)" for p in PRESETS.values())
+    presets = ", ".join(f"{p.name} ({count(p.steps, 'step')})" for p in PRESETS.values())
     common.add_argument("--preset", help=f"one of {presets} (default: cpu-small)")
     common.add_argument(
         "--data",
@@ -117,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common.add_argument("--no-progress", action="store_true", help="no progress bar")
     common.add_argument(
-        "--threads", type=_positive_int, help="CPU threads (default: the preset's, else torch's)"
+        "--threads", type=_positive_int, help=_THREADS_HELP + " (a preset may fix it)"
     )
     common.add_argument(
         "--set",
@@ -286,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pr.add_argument("--force", action="store_true", help="overwrite a corpus in --out")
     pr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pr.add_argument("--threads", type=_positive_int, help=_THREADS_HELP)
 
     s = sub.add_parser("sample", parents=[debug], help="generate text from a checkpoint", **fmt)
     s.add_argument(
@@ -309,18 +321,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--seed", type=_seed, default=0, help="sampling seed")
     s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+    s.add_argument("--threads", type=_positive_int, help=_THREADS_HELP)
     s.add_argument("--data", help="check the checkpoint's tokenizer against this corpus")
     return parser
 
 
 def _set_threads(args: argparse.Namespace) -> None:
-    import torch
-
     from .train.presets import get_preset
+    from .train.threads import set_threads
 
-    threads = args.threads or get_preset(args.preset or "cpu-small").threads
-    if threads:
-        torch.set_num_threads(threads)
+    set_threads(args.threads, get_preset(args.preset or "cpu-small").threads)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -357,12 +367,14 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _run_training(trainer: Any, resumed: bool) -> int:
+    from .train.text import count
+
     c = trainer.config
     say = trainer.is_main  # only rank 0 talks
     if say:
         print(
             f"{c.model}: {trainer.model.num_parameters():,} parameters, preset {c.preset}, "
-            f"optim {c.optim}, lr {c.lr:g}, {c.steps} steps on {trainer.device} "
+            f"optim {c.optim}, lr {c.lr:g}, {count(c.steps, 'step')} on {trainer.device} "
             f"({trainer.data.name}, {trainer.tokenizer.kind} vocab "
             f"{trainer.tokenizer.vocab_size})"
             + (f", {trainer.parallel}" if trainer.parallel.world_size > 1 else "")
@@ -392,7 +404,7 @@ def _run_training(trainer: Any, resumed: bool) -> int:
                 if summary["mfu"] is not None
                 else f"{summary['tflops_per_s']:.3g} TFLOP/s ({summary['peak_source']})"
             )
-            + (f", {skipped} non-finite steps skipped" if skipped else "")
+            + (f", {count(skipped, 'non-finite step')} skipped" if skipped else "")
             + f"; wrote {trainer.out_dir / 'metrics.jsonl'}"
             + (
                 f", {trainer.checkpoint_path}"
@@ -443,7 +455,9 @@ def _prepare(args: argparse.Namespace) -> int:
     import time
 
     from .train.prepare import describe, prepare
+    from .train.threads import set_threads
 
+    set_threads(args.threads)
     start = time.perf_counter()
     meta = prepare(
         args.inputs,
@@ -460,13 +474,28 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+#: the most tokens one ``sample`` call generates (hours of CPU time even for small models)
+MAX_SAMPLE_TOKENS = 1_000_000
+
+
+class _Stopped(Exception):
+    """SIGTERM while sampling (SIGINT is Python's KeyboardInterrupt)."""
+
+
 def _sample(args: argparse.Namespace) -> int:
     import torch
 
     from .train.checkpoints import load_model
     from .train.errors import UserError
+    from .train.threads import set_threads
 
-    model, tokenizer, _ = load_model(args.checkpoint, args.device)
+    if args.tokens > MAX_SAMPLE_TOKENS:
+        raise UserError(
+            f"--tokens {args.tokens} is more than the {MAX_SAMPLE_TOKENS:,} one call generates; "
+            f"ask for fewer (the output streams, Ctrl-C stops it)"
+        )
+    set_threads(args.threads)
+    model, tokenizer, ckpt = load_model(args.checkpoint, args.device)
     if args.data is not None:  # the corpus must be the one the model was trained on
         from .train.data import load_data
 
@@ -477,8 +506,35 @@ def _sample(args: argparse.Namespace) -> int:
     ids = tokenizer.encode(prompt)
     idx = torch.tensor([ids], dtype=torch.long, device=next(model.parameters()).device)
     generator = torch.Generator(device=idx.device).manual_seed(args.seed)
-    out = model.generate(idx, args.tokens, args.temperature, args.top_k, generator=generator)
-    sys.stdout.write(tokenizer.decode(out[0].tolist()) + "\n")
+    tokens = model.generate_stream(
+        idx, args.tokens, args.temperature, args.top_k, generator, ckpt["vocab_limit"]
+    )
+
+    def stop(signum: int, frame: Any) -> None:
+        raise _Stopped
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, stop) if main_thread else None
+    out = sys.stdout
+    try:  # the prompt, then the text as it comes (a token may end mid-character: held back)
+        out.write(tokenizer.decode(ids))
+        out.flush()
+        for text in tokenizer.decode_stream(int(t) for t in tokens):
+            out.write(text)
+            out.flush()
+    except (_Stopped, KeyboardInterrupt) as e:
+        out.write("\n")
+        out.flush()
+        name = "SIGINT" if isinstance(e, KeyboardInterrupt) else "SIGTERM"
+        print(f"spheretorch: sampling interrupted by {name}", file=sys.stderr)
+        return 128 + int(getattr(signal, name))
+    except BrokenPipeError:  # the reader left (`| head`): as much text as it wanted, done
+        os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())  # no error at exit's flush
+        return 0
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+    out.write("\n")
     return 0
 
 

@@ -65,6 +65,8 @@ class SphereParameter(nn.Parameter):
               direction learned); ``.sphere_dim`` is the tuple of every axis (the int 0 for a
               1-D tensor) and ``.sphere_radius`` the norm.
         requires_grad: as for ``nn.Parameter``.
+        on_zero: a slice of zero norm raises (``"raise"``) or becomes the fixed point
+            :math:`e_0` (``"fixed"``, e.g. an embedding's all-zero padding row).
         radius: keyword, the radius of every sphere (``.sphere_radius``, a float): default 1,
             and :math:`\|x\|_F` at construction for ``dim=None``. The optimizers keep it.
 
@@ -97,6 +99,7 @@ class SphereParameter(nn.Parameter):
         dim: int | tuple[int, ...] | None = -1,
         requires_grad: bool = True,
         *,
+        on_zero: str = "raise",
         radius: float | None = None,
         _project: bool = True,
     ) -> SphereParameter:
@@ -104,6 +107,8 @@ class SphereParameter(nn.Parameter):
             raise TypeError("SphereParameter needs data: a floating-point tensor")
         sphere.check_floating(data, "data")
         sphere_dim = sphere.check_sphere_dims(data, dim, "dim", min_size=2)
+        if on_zero not in ("raise", "fixed"):  # "keep" would leave a zero slice off the sphere
+            raise ValueError(f"on_zero must be 'raise' or 'fixed', got {on_zero!r}")
         if radius is not None:
             radius = sphere.check_radius(radius)
         elif dim is None and data.is_meta:
@@ -120,7 +125,7 @@ class SphereParameter(nn.Parameter):
             radius = 1.0
         if _project and not data.is_meta:  # a meta tensor has no values to project
             with torch.no_grad():
-                data = sphere.normalize(data.detach(), sphere_dim, on_zero="raise", radius=radius)
+                data = sphere.normalize(data.detach(), sphere_dim, on_zero=on_zero, radius=radius)
         self = torch.Tensor._make_subclass(cls, data, requires_grad)
         self.sphere_dim = sphere_dim
         self.sphere_radius = radius
@@ -167,11 +172,19 @@ def sphere_dim_of(p: Tensor) -> int | tuple[int, ...] | None:
     return sphere.canonical_sphere_dims(p.dim(), d, "sphere_dim")
 
 
-def sphere_(module: nn.Module, name: str = "weight", dim: int = -1) -> nn.Module:
+def sphere_(
+    module: nn.Module,
+    name: str = "weight",
+    dim: int | tuple[int, ...] | None = -1,
+    *,
+    on_zero: str = "raise",
+) -> nn.Module:
     """Turn ``module.<name>`` into a :class:`SphereParameter` along ``dim``, in place.
 
-    The data are projected onto the sphere (same storage is not kept: the parameter object is
-    replaced, so build optimizers after calling this). Returns ``module`` for chaining, e.g.
+    The parameter object is kept: its class becomes :class:`SphereParameter` and its data
+    are projected onto the sphere in place, so a weight tied to another module (e.g. an LM
+    head sharing the embedding) stays tied, and an optimizer built before holds it still.
+    ``on_zero`` as for :class:`SphereParameter`. Returns ``module`` for chaining, e.g.
     ``sphere_(nn.Linear(8, 4), dim=1)`` makes each output neuron's weight row a unit vector.
     """
     if not isinstance(module, nn.Module):
@@ -183,7 +196,19 @@ def sphere_(module: nn.Module, name: str = "weight", dim: int = -1) -> nn.Module
             f"{type(module).__name__} has no registered parameter {name!r} "
             f"(its direct parameters: {available})"
         )
-    setattr(module, name, SphereParameter(param.data, dim, param.requires_grad))
+    if type(param) not in (nn.Parameter, SphereParameter):  # e.g. a lazy module's
+        raise TypeError(
+            f"sphere_ converts an nn.Parameter; {type(module).__name__}.{name} is of type "
+            f"{type(param).__name__}"
+        )
+    # validate and project on a new object, then move its data and attributes into `param`
+    # (class assignment keeps the identity the tie and the optimizer hold)
+    made = SphereParameter(param.detach(), dim, param.requires_grad, on_zero=on_zero)
+    with torch.no_grad():
+        param.copy_(made)
+    param.__class__ = SphereParameter
+    param.__dict__.update(made.__dict__)
+    setattr(module, name, param)  # registers the load_state_dict check on the module
     return module
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -117,12 +118,31 @@ class Parallel:
 
     def resume_file(self, out_dir: Path) -> Path | None:
         """The file holding a run's resume state (``checkpoint.pt``, or the ``extra.pt`` of
-        ``checkpoint.dcp`` or of its ``.old``), or ``None`` when there is nothing to resume."""
-        if self.mode != "fsdp":
-            path = self.checkpoint_path(out_dir)
-            return path if path.is_file() else None
-        found = find_sharded(self.checkpoint_path(out_dir))
-        return None if found is None else found / EXTRA_FILE
+        ``checkpoint.dcp`` or of its ``.old``), or ``None`` when there is nothing to resume.
+        One process also resumes an FSDP2 run's sharded checkpoint (DCP reshards it)."""
+        sharded = find_sharded(out_dir / SHARDED_CHECKPOINT)
+        if self.mode == "fsdp":
+            return None if sharded is None else sharded / EXTRA_FILE
+        path = out_dir / CHECKPOINT_FILE
+        if path.is_file():
+            return path
+        return sharded / EXTRA_FILE if sharded is not None and self.mode == "none" else None
+
+    def missing_checkpoint(self, out_dir: Path) -> str:
+        """Why :meth:`resume_file` found nothing, and the command that would resume."""
+        if self.mode == "fsdp" and (out_dir / CHECKPOINT_FILE).is_file():
+            return (
+                f"{out_dir / CHECKPOINT_FILE} is a single-file checkpoint (a one-process or ddp "
+                f"run), which --distributed fsdp cannot resume: resume it in one process or "
+                f"with --distributed ddp"
+            )
+        if self.mode == "ddp" and find_sharded(out_dir / SHARDED_CHECKPOINT) is not None:
+            return (
+                f"{out_dir / SHARDED_CHECKPOINT} is an FSDP2 (sharded) checkpoint: resume it "
+                f"with --distributed fsdp, or in one process (without torchrun)"
+            )
+        path = self.checkpoint_path(out_dir)
+        return f"checkpoint not found, nothing to resume: {path} does not exist"
 
     @staticmethod
     def full_state(model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict) -> dict:
@@ -145,6 +165,9 @@ class Parallel:
             return
         if self.is_main:
             save_atomic(self.full_state(model, optimizer, extra), path)
+            # an FSDP2 run continued in one process: its shards are now older than the file
+            for stale in (SHARDED_CHECKPOINT, SHARDED_CHECKPOINT + ".old"):
+                shutil.rmtree(out_dir / stale, ignore_errors=True)
         _barrier()  # nobody runs ahead (or exits) before the checkpoint is on disk
 
     def load(
@@ -152,8 +175,15 @@ class Parallel:
     ) -> None:
         """Load model and optimizer tensors: from ``state`` (read from :meth:`resume_file`),
         or under FSDP2 from the shards beside it."""
-        if self.mode == "fsdp":
-            load_sharded(self.checkpoint_path(out_dir), model, optimizer)
-        else:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
+        try:
+            if self.mode == "fsdp" or "model" not in state:  # the latter: an FSDP2 run's
+                load_sharded(out_dir / SHARDED_CHECKPOINT, model, optimizer)
+            else:
+                model.load_state_dict(state["model"])
+                optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:  # torch's message spans lines
+            lines = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+            raise ValueError(
+                f"the checkpoint in {out_dir} does not fit this run's model and optimizer: "
+                f"{lines[:300]}"
+            ) from None

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -15,6 +17,24 @@ from ..sphere import compute_dtype
 from .config import TransformerConfig
 
 __all__ = ["LanguageModel"]
+
+
+def _next_token(
+    logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
+) -> Tensor:
+    """(B, V) logits -> (B, 1) token ids: greedy at ``temperature == 0``, else drawn from
+    ``softmax((logits - max) / temperature)`` over the ``top_k`` largest."""
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    # shifted first: the largest is exactly 0 and stays 0 (even where the temperature rounds
+    # to 0 in float32), the others go to -inf at worst, so at least one probability is
+    # exp(0) = 1 and none is NaN
+    shifted = logits - logits.amax(-1, keepdim=True)
+    z = torch.where(shifted == 0, 0.0, shifted / temperature)
+    return torch.multinomial(torch.softmax(z, dim=-1), 1, generator=generator)
 
 
 class LanguageModel(nn.Module):
@@ -52,6 +72,16 @@ class LanguageModel(nn.Module):
     def init_weights(self) -> None:
         """Initialise the model's matrices (the small parts reset themselves)."""
         raise NotImplementedError
+
+    @staticmethod
+    def _rng_untouched() -> contextlib.AbstractContextManager[Any]:
+        """Restores the random state of the CPU (and of the default CUDA device) on exit: the
+        layers' own default initializations, which :meth:`reset_parameters` overwrites, then
+        draw nothing, so an eager build consumes the generator exactly as a meta-device build
+        followed by ``reset_parameters()`` does (same seed, same weights)."""
+        device = torch.get_default_device()
+        cuda = [device] if device.type == "cuda" else []
+        return torch.random.fork_rng(devices=cuda, device_type="cuda")
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -140,10 +170,39 @@ class LanguageModel(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
+        vocab_limit: int | None = None,
     ) -> Tensor:
-        """Append ``max_new_tokens`` sampled tokens to ``idx`` (B, T), T >= 1; context cropped to
-        ``seq_len``. ``temperature == 0`` means greedy decoding; ``top_k`` keeps the k most
-        likely tokens (``None``: all)."""
+        """Append ``max_new_tokens`` sampled tokens to ``idx`` (B, T), T >= 1: returns
+        (B, T + max_new_tokens). Options as for :meth:`generate_stream`."""
+        tokens = self.generate_stream(
+            idx, max_new_tokens, temperature, top_k, generator, vocab_limit
+        )
+        out = idx.new_empty(idx.shape[0], idx.shape[1] + max_new_tokens)  # no cat per token
+        out[:, : idx.shape[1]] = idx
+        for t, nxt in enumerate(tokens, start=idx.shape[1]):
+            out[:, t : t + 1] = nxt
+        return out
+
+    def generate_stream(
+        self,
+        idx: Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+        vocab_limit: int | None = None,
+    ) -> Iterator[Tensor]:
+        r"""Yield ``max_new_tokens`` sampled tokens after ``idx`` (B, T), T >= 1, one (B, 1)
+        tensor at a time; the context is the last ``seq_len`` tokens.
+
+        ``temperature == 0`` is greedy decoding; otherwise tokens are drawn from
+        :math:`\mathrm{softmax}((z - \max z) / \tau)` in float64 (float32 on MPS, which has
+        none), the largest logit kept at exactly 0: any temperature from the smallest positive
+        double (effectively greedy) to huge ones (effectively uniform) gives a valid
+        distribution. ``top_k`` keeps the k most likely tokens (``None`` or k >= vocabulary:
+        all; ties at the k-th logit are kept).
+        ``vocab_limit`` samples only ids below it (a tokenizer smaller than the embedding).
+        """
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
             raise TypeError(f"max_new_tokens must be an int, got {type(max_new_tokens).__name__}")
         if max_new_tokens < 0:
@@ -152,35 +211,42 @@ class LanguageModel(nn.Module):
             temperature < 0
         ):
             raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
-        if top_k is not None and (
-            isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1
-        ):
-            raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+        for name, value in (("top_k", top_k), ("vocab_limit", vocab_limit)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
         self._check_token_tensor(idx)
         if idx.shape[1] == 0:
             raise ValueError(
                 f"generate needs a prompt of at least one token per row, got shape "
                 f"{tuple(idx.shape)}"
             )
+        return self._stream(idx, max_new_tokens, float(temperature), top_k, generator, vocab_limit)
+
+    def _stream(
+        self,
+        idx: Tensor,
+        n: int,
+        temperature: float,
+        top_k: int | None,
+        generator: torch.Generator | None,
+        vocab_limit: int | None,
+    ) -> Iterator[Tensor]:
         was_training = self.training
         self.eval()
+        ctx = idx[:, -self.config.seq_len :]
+        wide = torch.float32 if idx.device.type == "mps" else torch.float64  # MPS: no float64
         try:
-            for _ in range(max_new_tokens):
-                ctx = idx[:, -self.config.seq_len :]
-                logits = self(ctx)[0][:, -1, :].float()
-                if temperature == 0:
-                    nxt = logits.argmax(-1, keepdim=True)
-                else:
-                    logits = logits / temperature
-                    if top_k is not None and top_k < logits.shape[-1]:
-                        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-                        logits = logits.masked_fill(logits < kth, float("-inf"))
-                    probs = torch.softmax(logits, dim=-1)
-                    nxt = torch.multinomial(probs, 1, generator=generator)
-                idx = torch.cat((idx, nxt), dim=1)
+            for _ in range(n):
+                with torch.no_grad():
+                    logits = self(ctx)[0][:, -1, :vocab_limit].to(wide)
+                nxt = _next_token(logits, temperature, top_k, generator)
+                keep = max(ctx.shape[1] + 1 - self.config.seq_len, 0)
+                ctx = torch.cat((ctx[:, keep:], nxt), dim=1)
+                yield nxt
         finally:
             self.train(was_training)
-        return idx
 
     def extra_repr(self) -> str:
         c = self.config

@@ -75,14 +75,18 @@ class GPT(LanguageModel):
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__(config)
         c = self.config
-        self.tok_emb = nn.Embedding(c.vocab_size, c.d_model)
-        self.drop = nn.Dropout(c.dropout)
-        self.blocks = nn.ModuleList(self.make_block(layer) for layer in range(c.n_layer))
-        self.norm_f = self.make_final_norm()
-        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        with self._rng_untouched():  # reset_parameters alone draws, as after a meta build
+            self.tok_emb = nn.Embedding(c.vocab_size, c.d_model)
+            self.drop = nn.Dropout(c.dropout)
+            self.blocks = nn.ModuleList(self.make_block(layer) for layer in range(c.n_layer))
+            self.norm_f = self.make_final_norm()
+            self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         self.reset_parameters()
-        if c.tie_embeddings:
+
+    def reset_parameters(self) -> None:
+        if self.config.tie_embeddings:  # (again after to_empty, which unties)
             self.lm_head.weight = self.tok_emb.weight
+        super().reset_parameters()
 
     def make_block(self, layer: int) -> nn.Module:
         return Block(self.config)

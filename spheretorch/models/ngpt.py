@@ -138,10 +138,11 @@ class NGPT(LanguageModel):
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__(config)
         c = self.config
-        self.tok_emb = nn.Embedding(c.vocab_size, c.d_model)
-        self.blocks = nn.ModuleList(NBlock(c) for _ in range(c.n_layer))
-        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
-        self.s_z = ScaledVector(c.vocab_size, c.sz_init, c.sz_scale)
+        with self._rng_untouched():  # reset_parameters alone draws, as after a meta build
+            self.tok_emb = nn.Embedding(c.vocab_size, c.d_model)
+            self.blocks = nn.ModuleList(NBlock(c) for _ in range(c.n_layer))
+            self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+            self.s_z = ScaledVector(c.vocab_size, c.sz_init, c.sz_scale)
         self.reset_parameters()
 
     def sphere_weights(self) -> list[tuple[nn.Module, int]]:

@@ -55,11 +55,14 @@ def check_sphere_dim(x: Tensor, dim: int, name: str = "dim", min_size: int = 1) 
     ``min_size``: the least size of the axis. 2 where a sphere is made or its geodesics are
     used: :math:`S^0` (size 1) is two isolated points, with no tangent directions.
     """
-    if isinstance(dim, bool) or not isinstance(dim, int):
-        if hasattr(dim, "__index__") and not isinstance(dim, bool):
-            dim = operator.index(dim)  # a NumPy int, as torch accepts
-        else:
-            raise TypeError(f"{name} must be an int, got {type(dim).__name__}")
+    # any integer with __index__ (NumPy ints, 0-d integer tensors), as torch accepts; bool
+    # and float are refused even though bool has __index__: dim=True is a mistake
+    try:
+        if isinstance(dim, bool):
+            raise TypeError
+        dim = operator.index(dim)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(dim).__name__}") from None
     if x.dim() == 0:
         raise ValueError(
             f"a point on the sphere needs at least one axis; got a 0-d tensor ({name})"

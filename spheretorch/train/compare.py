@@ -41,6 +41,7 @@ from . import study
 from .errors import TrainingDiverged, UserError
 from .presets import get_preset
 from .report import grid_table, markdown_table, plot_curves, plot_grid, sort_key, write_plots
+from .text import count
 from .trainer import CHECKPOINT, TrainConfig, Trainer
 
 __all__ = [
@@ -554,7 +555,7 @@ def _compare_point(
                 say(
                     f"{prefix}sweep {spec.label:8s} lr={lr:<8g} val_loss="
                     + (f"{v:.4f}" if v is not None else "diverged")
-                    + f" ({sweep_steps} steps)"
+                    + f" ({count(sweep_steps, 'step')})"
                 )
             finite = {lr: v for lr, v in losses.items() if v is not None}
             default_lr = p.lr.get(spec.model, next(iter(p.lr.values())))
@@ -586,8 +587,8 @@ def _compare_point(
                         f"{prefix}full  {spec.label:8s} lr={chosen[spec.label]:<8g} seed={s} "
                         f"budget={b:g} val_loss="
                         + (f"{v:.4f}" if v is not None else "diverged")
-                        + f" ({row['steps']} steps, {row['ms_per_step'] or math.nan:.1f} ms/step "
-                        "in its own run)"
+                        + f" ({count(row['steps'], 'step')}, "
+                        f"{row['ms_per_step'] or math.nan:.1f} ms/step in its own run)"
                     )
     finally:
         if bar is not None:
@@ -623,8 +624,9 @@ def _timing_phase(
         if bar is not None:
             bar.close()
     say(
-        f"{prefix}timing (interleaved, median of {p.timing_rounds} rounds x {p.timing_steps} "
-        "steps): " + ", ".join(f"{k} {v:.1f} ms/step" for k, v in timing.items())
+        f"{prefix}timing (interleaved, median of {count(p.timing_rounds, 'round')} x "
+        f"{count(p.timing_steps, 'step')}): "
+        + ", ".join(f"{k} {v:.1f} ms/step" for k, v in timing.items())
     )
     return timing
 

@@ -28,6 +28,7 @@ import torch
 from ..models import MODELS, LanguageModel, TransformerConfig, make_config
 from .errors import UserError
 from .presets import get_preset
+from .text import count
 
 __all__ = [
     "OPTIMIZERS",
@@ -212,10 +213,13 @@ class TrainConfig:
         return c
 
     def model_config(self, vocab_size: int) -> TransformerConfig:
-        kwargs = get_preset(self.preset).model_config_kwargs()
+        """The model's config for a corpus of ``vocab_size`` tokens: the preset's sizes, then
+        ``model_options`` (which may set any field, ``vocab_size`` included: a larger one pads
+        the embedding, a smaller one is refused by ``TextData.check_vocab``)."""
+        kwargs = {**get_preset(self.preset).model_config_kwargs(), "vocab_size": vocab_size}
         kwargs.update(self.model_options)
         try:
-            return make_config(self.model, vocab_size=vocab_size, **kwargs)
+            return make_config(self.model, **kwargs)
         except (TypeError, ValueError) as e:
             raise UserError(f"bad model options: {e}") from None
 
@@ -288,7 +292,9 @@ def resolve_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("device cuda requested but CUDA is not available")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise UserError(f"device {name} requested but only {torch.cuda.device_count()} GPUs exist")
+        n = torch.cuda.device_count()
+        exist = "exists" if n == 1 else "exist"
+        raise UserError(f"device {name} requested but only {count(n, 'GPU')} {exist}")
     if device.type == "mps" and not (
         getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
     ):

@@ -18,6 +18,7 @@ from torch import Tensor
 from ..distributed import shard_rows
 from .corpus import Corpus, TokenFile, is_corpus
 from .errors import UserError
+from .text import count
 from .tokenizer import KINDS, Kind, Tokenizer
 
 __all__ = ["BUILTIN", "TextData", "eval_batches", "get_batch", "load_data", "read_text"]
@@ -79,8 +80,8 @@ class TextData:
             n = len(getattr(self, split))
             if n < seq_len + 2:
                 raise UserError(
-                    f"{self.name} is too short: its {split} split has {n} tokens, fewer than "
-                    f"the context length {seq_len} + 2"
+                    f"{self.name} is too short: its {split} split has {count(n, 'token')}, "
+                    f"fewer than the context length {seq_len} + 2"
                 )
         windows = len(self.train) - seq_len
         if batch_size is not None and batch_size > windows:
@@ -169,11 +170,17 @@ def get_batch(
     return _windows(data, starts[shard_rows(batch_size, rank, world_size)], seq_len)
 
 
+def max_eval_batches(n_tokens: int, batch_size: int, seq_len: int) -> int:
+    """Batches of distinct windows a split of ``n_tokens`` holds (at least 1)."""
+    return max(1, (n_tokens - seq_len) // batch_size)
+
+
 def eval_batches(
     data: Tensor, n_batches: int, batch_size: int, seq_len: int
 ) -> list[tuple[Tensor, Tensor]]:
     """Fixed evaluation batches: ``n_batches * batch_size`` windows evenly spaced over ``data``
-    (no randomness: every model and every run sees the same ones)."""
-    n = n_batches * batch_size
+    (no randomness: every model and every run sees the same ones). At most
+    ``max_eval_batches`` batches: more would only repeat windows."""
+    n = min(n_batches, max_eval_batches(len(data), batch_size, seq_len)) * batch_size
     starts = torch.linspace(0, len(data) - seq_len - 1, n).long()
     return [_windows(data, s, seq_len) for s in starts.split(batch_size)]

@@ -77,11 +77,16 @@ def available_bytes(device: torch.device) -> int | None:
 
 
 def check(
-    model_config: TransformerConfig, config: Any, device: torch.device, enforce: bool = True
+    model_config: TransformerConfig,
+    config: Any,
+    device: torch.device,
+    enforce: bool = True,
+    eval_batches: int | None = None,
 ) -> None:
     """Warn when a GPU preset is about to run without a GPU; with ``enforce``, refuse
     (``UserError``, before anything is allocated) a run of the resolved ``config`` whose
-    estimated memory exceeds what is free on ``device``."""
+    estimated memory exceeds what is free on ``device``. ``eval_batches``: the batches
+    actually evaluated (``config.eval_batches`` capped by the split), if known."""
     if config.preset.startswith("gpu") and device.type != "cuda":
         logger.warning(
             "warning: preset %s is sized for a GPU; on %s it will be very slow (try "
@@ -92,11 +97,11 @@ def check(
     if not enforce:
         return
     half = device.type == "cuda" and config.dtype in ("auto", "bfloat16")
-    need = estimate(model_config, config.batch_size, config.eval_batches, half)
+    need = estimate(model_config, config.batch_size, eval_batches or config.eval_batches, half)
     free = available_bytes(device)
     if free is not None and need.total > free:
         raise UserError(
             f"this run needs about {need.describe()} of {device.type} memory, but "
             f"{free / GiB:.1f} GiB is available; lower --batch-size or --eval-batches, or "
-            f"pass --no-memory-check to try anyway"
+            f"pass --no-memory-check (train) to try anyway"
         )

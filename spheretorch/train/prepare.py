@@ -24,6 +24,8 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from .errors import UserError
+from .rundir import RunDir, check_out
+from .text import count
 from .tokenizer import KINDS, Tokenizer
 
 __all__ = ["FORMAT", "META", "SPLITS", "describe", "dtype_for", "find_inputs", "prepare"]
@@ -276,6 +278,30 @@ def _build_tokenizer(
         return Tokenizer.train_bpe(sample(), vocab_size or BPE_VOCAB)
 
 
+def _guard(out: Path, force: bool) -> None:
+    """A corpus gets a directory of its own, as a run does (``spheretorch.train.rundir``):
+    ``--out`` is new, empty, or holds a corpus (replaced with ``--force``); never a run's
+    directory or one with other files."""
+    if not out.is_dir():
+        return
+    ours = {META, *SPLITS.values(), ".train.bin.tmp", ".val.bin.tmp"}
+    others = sorted(p.name for p in out.iterdir() if p.name not in ours)
+    kind = RunDir(out).kind() if others else None
+    if kind is not None:
+        raise UserError(
+            f"{out} holds a {kind} run; prepare writes a corpus into a directory of its own: "
+            f"choose another --out"
+        )
+    if others:
+        raise UserError(
+            f"{out} holds other files ({others[0]!r}"
+            + (f" and {len(others) - 1} more" if len(others) > 1 else "")
+            + "); prepare writes a corpus into a new or empty directory: choose another --out"
+        )
+    if not force and any((out / name).exists() for name in ours):
+        raise UserError(f"{out} already holds a prepared corpus; pass --force to overwrite it")
+
+
 def prepare(
     inputs: Sequence[str | Path],
     out: str | Path,
@@ -302,12 +328,8 @@ def prepare(
         raise UserError(f"--vocab-size applies to --tokenizer bpe only, not {tokenizer}")
     if not 0 < val_fraction < 1:
         raise UserError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}")
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a directory")
-    targets = [out / META, *(out / name for name in SPLITS.values())]
-    if not force and any(t.exists() for t in targets):
-        raise UserError(f"{out} already holds a prepared corpus; pass --force to overwrite it")
+    out = check_out(out)
+    _guard(out, force)
     files = find_inputs(inputs)
     tok = _build_tokenizer(tokenizer, files, vocab_size, bpe_train_bytes, text_field, progress)
 
@@ -335,7 +357,7 @@ def prepare(
         n_val = int(total * val_fraction)
         if n_val < 1 or total - n_val < 1:
             raise UserError(
-                f"the inputs give {total} tokens: too few for a train and a val split "
+                f"the inputs give {count(total, 'token')}: too few for a train and a val split "
                 f"with --val-fraction {val_fraction}"
             )
         _split_tail(tmp_train, tmp_val, total - n_val, writer.dtype)
@@ -371,8 +393,8 @@ def describe(meta: dict[str, Any], out: str | Path, seconds: float) -> str:
     mib = meta["bytes"] / 2**20
     return (
         f"{out}: {n['train']:,} train + {n['val']:,} val tokens ({tok['kind']} vocab "
-        f"{meta['vocab_size']:,}, {meta['dtype']}) from {meta['files']} file(s), "
-        f"{meta['documents']:,} document(s), {mib:.1f} MiB in {seconds:.1f} s "
+        f"{meta['vocab_size']:,}, {meta['dtype']}) from {count(meta['files'], 'file')}, "
+        f"{count(meta['documents'], 'document', fmt=',')}, {mib:.1f} MiB in {seconds:.1f} s "
         f"({mib / max(seconds, 1e-9):.1f} MiB/s)"
     )
 

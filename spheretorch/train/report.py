@@ -6,6 +6,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from .text import count
+
 __all__ = [
     "grid_table",
     "log_ticks",
@@ -72,10 +74,12 @@ def markdown_table(results: dict[str, Any], preset: str = "", point: str | None 
         per_seed = r.get("steps_to_target_per_seed") or []
         missing = sum(v is None for v in per_seed)
         if missing and steps is not None:
-            steps_txt += f" (not reached in {missing} of {len(per_seed)} seeds)"
+            steps_txt += f" (not reached in {missing} of {count(len(per_seed), 'seed')})"
         n_first = r.get("steps_to_target_at_first_eval", 0) if name != base else 0
         if n_first:
-            steps_txt += f" (at the first evaluation in {n_first} seeds: speedup a lower bound)"
+            steps_txt += (
+                f" (at the first evaluation in {count(n_first, 'seed')}: speedup a lower bound)"
+            )
         loss = _ci(r["final_val_loss"], r.get("final_val_loss_ci"), ".4f")
         speed = _ci(r["speedup"], r.get("speedup_ci"), ".2f", "x")
         line = f"| {name} | {r['lr']:g} | {loss} | {steps_txt} | {speed} |"
@@ -200,7 +204,9 @@ def plot_curves(results: dict[str, Any], path: str | Path, title: str = "") -> N
             if not pts:
                 continue
             st, m, lo, hi = zip(*pts)
-            ax.plot(st, m, color=color, label=f"{name} (lr {r['lr']:g}, mean of {n} seeds)")
+            ax.plot(
+                st, m, color=color, label=f"{name} (lr {r['lr']:g}, mean of {count(n, 'seed')})"
+            )
             if all(v is not None for v in lo + hi):
                 ax.fill_between(st, lo, hi, color=color, alpha=0.2, lw=0)
             all_steps += list(st)

@@ -208,6 +208,13 @@ class RunDir:
                 f"{self.path} holds a {there} run; {kind} writes into a directory of its own: "
                 f"choose another --out"
             )
+        from .prepare import META  # (prepare imports this module)
+
+        if (self.path / META).is_file():
+            raise UserError(
+                f"{self.path} holds a prepared corpus; {kind} writes into a directory of its "
+                f"own: choose another --out"
+            )
         if kind == "compare" and there is None and self._model_runs():
             raise UserError(
                 f"{self.path} holds a train run ({self._model_runs()[0]}); compare writes "

@@ -283,8 +283,8 @@ def _coerce(field: str, raw: str, kind: tuple[type, bool], flag: str = "--grid")
 
 
 def model_fields(model: str | None = None) -> dict[str, tuple[type, bool]]:
-    """``{field: (type, accepts None)}`` of a model's config (every model's with ``None``),
-    without ``vocab_size`` (the data sets it)."""
+    """``{field: (type, accepts None)}`` of a model's config (every model's with ``None``);
+    ``vocab_size`` defaults to the data's, and a larger one may be set (padding)."""
     from .. import models as m
 
     names = [model] if model is not None else list(m.MODELS)
@@ -292,7 +292,7 @@ def model_fields(model: str | None = None) -> dict[str, tuple[type, bool]]:
     for name in names:
         cls = getattr(m.MODELS[name], "config_class", m.TransformerConfig)
         for f in dataclasses.fields(cls):
-            if f.name == "vocab_size" or f.name in out:
+            if f.name in out:
                 continue
             t = str(f.type)
             typ: type = str

@@ -11,13 +11,14 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
 from .errors import UserError
+from .text import count
 
 __all__ = ["EOT", "KINDS", "TIKTOKEN_FILE_ENV", "Tokenizer"]
 
@@ -51,7 +52,8 @@ def _require(module: str, kind: str) -> Any:
     except ImportError:
         package = "tokenizers" if module == "tokenizers" else "tiktoken"
         raise UserError(
-            f"--tokenizer {kind} needs the {package!r} package: pip install 'spheretorch[data]'"
+            f"--tokenizer {kind} needs the {package!r} package: pip install -e '.[data]' in the "
+            f"spheretorch checkout (or pip install {package})"
         ) from None
 
 
@@ -238,7 +240,9 @@ class Tokenizer:
         if self.kind == "bpe":
             out = self._backend.encode_batch(strs, add_special_tokens=False)
             return [np.asarray(e.ids, dtype=np.uint32) for e in out]
-        out = self._gpt2().encode_ordinary_batch(strs, num_threads=os.cpu_count() or 1)
+        import torch  # its thread count: what --threads set (spheretorch.train.threads)
+
+        out = self._gpt2().encode_ordinary_batch(strs, num_threads=torch.get_num_threads())
         return [np.asarray(ids, dtype=np.uint32) for ids in out]
 
     def _encode_chars(self, text: str) -> np.ndarray:
@@ -251,7 +255,8 @@ class Tokenizer:
         if len(ids) and ids.min() < 0:
             c = chr(int(cps[np.argmax(ids < 0)]))
             raise UserError(
-                f"character {c!r} is not in the model's vocabulary of {self.vocab_size} characters"
+                f"character {c!r} is not in the model's vocabulary of "
+                f"{count(self.vocab_size, 'character')}"
             )
         return ids.astype(np.uint32)
 
@@ -264,6 +269,25 @@ class Tokenizer:
         if self.kind == "bpe":
             return self._backend.decode(ids, skip_special_tokens=False)
         return self._gpt2().decode(ids, errors="replace")
+
+    def decode_stream(self, ids: Iterable[int], hold: int = 8) -> Iterator[str]:
+        """``decode`` of ``ids`` as they come, in pieces: a token that ends inside a UTF-8
+        character (byte, bpe, gpt2) is held back until the character is complete (at most
+        ``hold`` tokens), so the pieces join to ``decode(ids)`` for valid UTF-8."""
+        if self.kind == "char":
+            for i in ids:
+                yield self.chars[i]
+            return
+        pending: list[int] = []
+        for i in ids:
+            pending.append(i)
+            text = self.decode(pending)
+            if text.endswith("\ufffd") and len(pending) < hold:
+                continue
+            yield text
+            pending = []
+        if pending:
+            yield self.decode(pending)
 
     # -- (de)serialisation ---------------------------------------------------------------------
 

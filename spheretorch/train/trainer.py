@@ -26,7 +26,13 @@ from torch import Tensor
 from ..distributed import CHECKPOINT_FILE, Parallel
 from ..models import LanguageModel, build_model, config_from_dict
 from . import memory
-from .checkpoints import FORMAT, get_rng_state, load_checkpoint, set_rng_state
+from .checkpoints import (
+    FORMAT,
+    check_checkpoint,
+    get_rng_state,
+    load_checkpoint,
+    set_rng_state,
+)
 from .config import (
     OPTIMIZERS,
     CosineSchedule,
@@ -35,11 +41,12 @@ from .config import (
     build_scheduler,
     resolve_device,
 )
-from .data import eval_batches, get_batch, load_data
+from .data import eval_batches, get_batch, load_data, max_eval_batches
 from .errors import TrainingDiverged, UserError
 from .presets import get_preset
 from .rundir import RunDir
 from .signals import StopSignals
+from .text import count
 from .throughput import flops_per_token, peak_flops, throughput
 from .tokenizer import Tokenizer
 
@@ -64,6 +71,13 @@ def _user_error() -> Any:
         yield
     except ValueError as e:
         raise UserError(str(e)) from None
+
+
+_NOTED: set[tuple[int, int]] = set()  # --eval-batches caps already noted
+
+
+class _EvalStopped(Exception):
+    """A signal arrived during an evaluation (one process)."""
 
 
 def _json_float(x: float) -> float | None:
@@ -119,13 +133,15 @@ class Trainer:
             self.parallel.check_launch()
         ckpt = load_checkpoint(found) if found is not None else None
         if ckpt is not None:
+            check_checkpoint(ckpt, found, resume=True)  # one line naming what does not fit
             config = config.resumed(ckpt["train_config"], ckpt["step"])
         self.config = config.resolve()
         self._setup_data(ckpt)
         self._setup_model()
         self._reset_progress()
         if ckpt is not None:
-            self.load_state_dict(ckpt)
+            with _user_error():  # weights or optimizer state that do not fit the model
+                self.load_state_dict(ckpt)
 
     # -- set-up ------------------------------------------------------------------------------
     def _find_resume_checkpoint(self) -> Path:
@@ -133,8 +149,7 @@ class Trainer:
             raise UserError("--resume needs --out DIR")
         found = self.parallel.resume_file(self.out_dir)
         if found is None:
-            path = self.parallel.checkpoint_path(self.out_dir)
-            raise UserError(f"checkpoint not found, nothing to resume: {path} does not exist")
+            raise UserError(self.parallel.missing_checkpoint(self.out_dir))
         return found
 
     def _setup_data(self, ckpt: dict[str, Any] | None) -> None:
@@ -152,7 +167,8 @@ class Trainer:
         seq_len = self.model_config.seq_len
         self.data.check_vocab(self.model_config.vocab_size)
         self.data.check_fits(seq_len, c.batch_size)
-        memory.check(self.model_config, c, self.device, enforce=c.check_memory)
+        n_eval = min(c.eval_batches, max_eval_batches(len(self.data.val), c.batch_size, seq_len))
+        memory.check(self.model_config, c, self.device, enforce=c.check_memory, eval_batches=n_eval)
 
     def _setup_model(self) -> None:
         c = self.config
@@ -184,6 +200,16 @@ class Trainer:
                 self.data.val, c.eval_batches, c.batch_size, self.model_config.seq_len
             )
         ]
+        noted = (c.eval_batches, len(self.eval_data))  # once per process (compare's runs)
+        if len(self.eval_data) < c.eval_batches and self.is_main and noted not in _NOTED:
+            _NOTED.add(noted)
+            logger.warning(
+                "note: --eval-batches %d: the validation split holds %s of %d distinct windows; "
+                "evaluating those",
+                c.eval_batches,
+                count(len(self.eval_data), "batch", "batches", fmt=","),
+                c.batch_size,
+            )
 
     def _reset_progress(self) -> None:
         self.step = 0
@@ -197,6 +223,8 @@ class Trainer:
         self.bad_in_a_row = 0
         self.last_loss = math.nan  # this rank's loss at the last step, on the host
         self.interrupted: str | None = None
+        self._eval_pending = False  # a signal stopped this step's evaluation: redo on resume
+        self._training = False  # in train(): a signal may stop an evaluation
         self._signals = StopSignals()
         self._stop = False  # some rank got a signal (agreed at the last step)
         self._loss_sum: Tensor = torch.zeros((), device=self.device)
@@ -266,9 +294,9 @@ class Trainer:
             first = self.step - self.bad_in_a_row + 1
             saved = self.checkpoint_path is not None and self.parallel.resume_file(self.out_dir)
             raise TrainingDiverged(
-                f"{self.config.model}: non-finite loss or gradients at {self.bad_in_a_row} "
-                f"steps in a row (steps {first}-{self.step}); stopping. Lower --lr or raise "
-                f"--max-bad-steps; "
+                f"{self.config.model}: non-finite loss or gradients at "
+                f"{count(self.bad_in_a_row, 'step')} in a row (steps {first}-{self.step}); "
+                f"stopping. Lower --lr or raise --max-bad-steps; "
                 + ("the last checkpoint is untouched" if saved else "no checkpoint was written")
             )
         return loss if ok else torch.full((), math.nan, device=loss.device)
@@ -276,10 +304,15 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean loss over the fixed validation batches (every rank scores all of them: the
-        model is the same on every rank, and FSDP2 needs every rank in each forward)."""
+        model is the same on every rank, and FSDP2 needs every rank in each forward).
+        Within :meth:`train`, in one process, a SIGINT/SIGTERM stops it between batches
+        (:meth:`train` checkpoints and evaluates again on resume)."""
+        stoppable = self._training and self.parallel.world_size == 1
         self.model.eval()
         total = torch.zeros((), device=self.device)
         for x, y in self.eval_data:
+            if stoppable and self._signals.received is not None:
+                raise _EvalStopped  # one process stops at once; ranks finish together
             with self.autocast():
                 total += self.eval_model(x, y)[1].float()
         self.model.train()
@@ -307,6 +340,7 @@ class Trainer:
             "loss_count": self._loss_count,
             "skipped_steps": self.skipped_steps,
             "bad_in_a_row": self.bad_in_a_row,
+            "eval_pending": self._eval_pending,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -336,6 +370,7 @@ class Trainer:
             self._loss_count = int(state["loss_count"])
             self.skipped_steps = int(state["skipped_steps"])
             self.bad_in_a_row = int(state["bad_in_a_row"])
+        self._eval_pending = bool(state.get("eval_pending", False))
         set_rng_state(state["rng"])
 
     def save_checkpoint(self) -> None:
@@ -378,7 +413,12 @@ class Trainer:
         start = time.perf_counter() - self.elapsed_s
         try:
             with self._signals.catching(self.handle_signals):
-                while self.step < end and not self.diverged:
+                self._training = True
+                if self._eval_pending:  # the evaluation a signal stopped
+                    self._eval_and_save(start, bar)
+                    if self._eval_pending:  # stopped again
+                        self.interrupted = self._signals.name
+                while self.step < end and not self.diverged and self.interrupted is None:
                     t0 = time.perf_counter()
                     # no device sync for timing: each step already waits for its own loss,
                     # so over many steps the mean time per step is right
@@ -395,6 +435,7 @@ class Trainer:
                     stop = self.parallel.stop_now(self._signals.received is not None, self._stop)
                     if self.step % c.eval_interval == 0 or self.step == c.steps:
                         self._eval_and_save(start, bar)
+                        stop = stop or self._eval_pending
                     elif stop:
                         self.elapsed_s = time.perf_counter() - start
                         self.save_checkpoint()
@@ -402,6 +443,7 @@ class Trainer:
                         self.interrupted = self._signals.name
                         break
         finally:
+            self._training = False
             if bar is not None:
                 bar.close()
         self.elapsed_s = time.perf_counter() - start
@@ -411,11 +453,20 @@ class Trainer:
         return summary
 
     def _eval_and_save(self, start: float, bar: Any) -> None:
+        try:
+            val_loss = self.evaluate()
+        except _EvalStopped:
+            self.model.train()
+            self._eval_pending = True
+            self.elapsed_s = time.perf_counter() - start
+            if self.save_checkpoints:
+                self.save_checkpoint()
+            return
+        self._eval_pending = False
         mean = self._loss_sum / self._loss_count if self._loss_count else self._loss_sum * math.nan
         train_loss = float(self.parallel.mean(mean).item())
         self._loss_sum = torch.zeros((), device=self.device)
         self._loss_count = 0
-        val_loss = self.evaluate()
         self.elapsed_s = time.perf_counter() - start
         row = {
             "step": self.step,
