@@ -14,6 +14,8 @@ Usage::
 
     python benchmarks/optim_study.py --out benchmarks/results/optim_study   # ~10 CPU min
     python benchmarks/optim_study.py --quick --out /tmp/optim-study          # seconds
+    python benchmarks/optim_study.py --device cuda --preset gpu-medium --data data/owt-gpt2 \
+        --steps 2000 --out DIR                                               # the GPU study
 """
 
 from __future__ import annotations
@@ -42,10 +44,22 @@ GRIDS: dict[str, tuple[float, ...]] = {
 }
 
 
-def run(model: str, optim: str, lr: float, seed: int, steps: int, eval_batches: int) -> dict:
+def run(
+    model: str,
+    optim: str,
+    lr: float,
+    seed: int,
+    steps: int,
+    eval_batches: int,
+    preset: str = "smoke",
+    device: str = "cpu",
+    data: str | None = None,
+) -> dict:
     cfg = TrainConfig(
         model=model,
-        preset="smoke",
+        preset=preset,
+        data=data,
+        device=device,
         optim=optim,
         lr=lr,
         seed=seed,
@@ -87,6 +101,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="directory for results.json/results.md")
     parser.add_argument("--model", default="ngpt", choices=("gpt", "ngpt", "geonorm"))
+    parser.add_argument("--preset", default="smoke", help="train preset (e.g. gpu-medium)")
+    parser.add_argument("--data", default=None, help="corpus (default: the preset's)")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, auto")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--eval-batches", type=int, default=16)
@@ -116,13 +133,15 @@ def main(argv: list[str] | None = None) -> None:
     for optim, grid in grids.items():
         for lr in grid:
             for seed in range(seeds):
-                r = run(args.model, optim, lr, seed, steps, evals)
+                r = run(
+                    args.model, optim, lr, seed, steps, evals, args.preset, args.device, args.data
+                )
                 runs.append(r)
                 print(
                     f"{optim:12s} lr={lr:<6g} seed={seed} val={r['final_val_loss']:.4f}", flush=True
                 )
     header = (
-        f"# optimizer study: {args.model}, preset smoke, {steps} steps, {seeds} seed(s), "
+        f"# optimizer study: {args.model}, preset {args.preset}, {steps} steps, {seeds} seed(s), "
         f"{evals} eval batches, torch {torch.__version__}, {args.threads} CPU thread(s)\n\n"
         f"Command: `{command}` ({time.perf_counter() - t0:.0f} s). Final validation loss "
         f"after the run's cosine schedule; spread = max - min over seeds. ms/step is as "
