@@ -567,3 +567,24 @@ def test_row_spheres_orthogonalize_the_matrix_of_spheres(shape, dim, to_rows, an
     theta = 0.05 * (torch.ones_like(n) if angle_per == "sphere" else n / n.square().mean().sqrt())
     want = torch.cos(theta) * z - torch.sin(theta) * o / n
     torch.testing.assert_close(to_rows(w.detach()), want, atol=1e-12, rtol=0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    hs.lists(hs.integers(1, 4), min_size=1, max_size=4),
+    hs.integers(0, 3),
+    hs.integers(0, 3),
+)
+def test_rows_are_the_spheres_and_invert(shape, first, last):
+    from spheretorch.optim.sphere_steps import from_rows, rows
+
+    first, last = sorted((first % len(shape), last % len(shape)))
+    dims = tuple(range(first, last + 1))
+    t = torch.randn(shape, dtype=F64, generator=gen(len(shape)))
+    layout = S.sphere_layout(t.shape, dims)
+    z = rows(t, layout)
+    assert z.shape == (layout.count, layout.size)
+    assert torch.equal(from_rows(z, layout, t.shape), t)
+    torch.testing.assert_close(
+        z.norm(dim=1).sort().values, S.norm(t, dims, keepdim=False).reshape(-1).sort().values
+    )
