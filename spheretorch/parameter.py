@@ -244,6 +244,12 @@ def to_geoopt(p: SphereParameter) -> Any:
     dim = sphere_dim_of(p)
     if dim is None:
         raise TypeError("to_geoopt expects a SphereParameter (a tensor with sphere_dim)")
+    radius = getattr(p, "sphere_radius", 1.0)
+    if not isinstance(dim, int) or radius != 1.0:
+        raise ValueError(
+            f"geoopt.Sphere is the unit sphere along the last axis; this parameter's spheres "
+            f"span dim={dim} with radius {radius:g} (to_geoopt takes one axis, radius 1)"
+        )
     if dim != p.dim() - 1:
         raise ValueError(
             f"geoopt.Sphere works on the last axis; this parameter's sphere_dim is {dim} of "

@@ -266,3 +266,12 @@ def test_sphere_takes_the_new_kinds():
     norm = float(lin.weight.detach().norm())
     sphere_(lin, dim=None)
     assert lin.weight.sphere_radius == pytest.approx(norm)
+
+
+def test_to_geoopt_refuses_the_kinds_geoopt_lacks():
+    pytest.importorskip("geoopt")
+    from spheretorch import to_geoopt
+
+    for p in Conv().parameters():
+        with pytest.raises(ValueError, match=r"geoopt\.Sphere is the unit sphere along the last"):
+            to_geoopt(p)
