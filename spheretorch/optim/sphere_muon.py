@@ -77,8 +77,9 @@ class SphereMuon(HybridOptimizer):
       Orthogonalizing mixes rows, so its result is projected again. The angles:
       ``angle_per="tensor"`` (default) turns row :math:`i` by :math:`\theta_i = \eta\,
       \|o_i\| / \mathrm{rms}_j \|o_j\|` (the RMS angle is :math:`\eta`, the orthogonalized
-      update's shape is kept: equal angles for a wide matrix, whose polar factor has unit
-      rows); ``angle_per="sphere"`` turns every row by exactly :math:`\eta`.
+      update's shape is kept: nearly equal angles for a wide matrix, whose polar factor has
+      unit rows before the second projection); ``angle_per="sphere"`` turns every row by
+      exactly :math:`\eta`.
     * **the Frobenius sphere** (``dim=None``: the whole matrix on one sphere of radius
       :math:`r`): the matrix itself (``reshape(shape[0], -1)`` for more axes, as Muon does for
       conv weights); :math:`P_X \Delta = \Delta - \langle \hat X, \Delta\rangle_F \hat X`.
@@ -89,8 +90,9 @@ class SphereMuon(HybridOptimizer):
     sphere turned is kept in ``state["angle"]`` (shape ``(k,)``) with ``measure_angle=True``.
 
     **Euclidean 2-D parameters** (``use_muon`` true or unset): exactly ``torch.optim.Muon``
-    (same momentum, bfloat16 Newton-Schulz, ``adjust_lr_fn``, decoupled ``weight_decay``),
-    step for step. **Other parameters** (1-D, 0-D, >2-D Euclidean, or any group with
+    with the same settings (same momentum, bfloat16 Newton-Schulz, ``adjust_lr_fn``, decoupled
+    ``weight_decay``; note torch's default ``weight_decay`` is 0.1, ours 0), step for step and
+    bit for bit. **Other parameters** (1-D, 0-D, >2-D Euclidean, or any group with
     ``use_muon=False``, e.g. embeddings and the output head): torch's AdamW with
     ``adamw_lr`` (default: the group's ``lr``, so that a group of AdamW parameters with its
     own ``lr`` follows LR schedulers), ``adamw_betas``, ``adamw_eps``, ``adamw_weight_decay``
@@ -112,6 +114,7 @@ class SphereMuon(HybridOptimizer):
             with ``weight_decay`` and ``adjust_lr_fn``), then are renormalized to their radius
             (the Muon analogue of :class:`.RenormAdam`, a baseline for studies).
         angle_per: ``"tensor"`` or ``"sphere"`` (above).
+        measure_angle: keep the angle each sphere turned in ``state["angle"]``.
         batch_ns: iterate same-shape matrices together (``torch.bmm`` on a stack).
         foreach: the momentum and AdamW updates as ``_foreach`` ops (default on CPU/CUDA).
         nonfinite: ``"skip"`` (default), ``"raise"`` or ``"ignore"`` a step whose gradients
