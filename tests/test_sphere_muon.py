@@ -588,3 +588,32 @@ def test_rows_are_the_spheres_and_invert(shape, first, last):
     torch.testing.assert_close(
         z.norm(dim=1).sort().values, S.norm(t, dims, keepdim=False).reshape(-1).sort().values
     )
+
+
+@pytest.mark.parametrize("angle_per", ["tensor", "sphere"])
+def test_batched_sphere_steps_equal_one_by_one(angle_per):
+    """Same-shape sphere parameters stepped together (stacked rows; whole-tensor spheres of
+    different radii as unit rows) equal the one-by-one steps."""
+
+    def make():
+        g = gen(77)
+        out = [SphereParameter(torch.randn(5, 7, dtype=F64, generator=g), dim=1) for _ in range(3)]
+        out += [
+            SphereParameter(s * torch.randn(4, 6, dtype=F64, generator=g), dim=None) for s in (1, 3)
+        ]
+        return out
+
+    a, b = make(), make()
+    kw = dict(lr=0.05, ns_dtype=None, angle_per=angle_per, measure_angle=True)
+    opt_a, opt_b = SphereMuon(a, batch_ns=True, **kw), SphereMuon(b, batch_ns=False, **kw)
+    for t in range(3):
+        for x, y in zip(a, b):
+            x.grad = torch.randn(x.shape, dtype=F64, generator=gen(300 + t))
+            y.grad = x.grad.clone()
+        opt_a.step()
+        opt_b.step()
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x.detach(), y.detach(), atol=1e-12, rtol=0)
+        torch.testing.assert_close(
+            opt_a.state[x]["angle"], opt_b.state[y]["angle"], atol=1e-12, rtol=0
+        )

@@ -10,14 +10,22 @@ import torch
 from torch import Tensor
 
 from .. import sphere
+from ..sphere.foreach import STACK_MAX_NUMEL
 from ..parameter import sphere_dim_of
-from ._hybrid import HybridOptimizer, check_betas, check_hyper, check_lr, sphere_info
+from ._hybrid import (
+    HybridOptimizer,
+    SphereInfo,
+    check_betas,
+    check_hyper,
+    check_lr,
+    sphere_info,
+)
 from .sphere_steps import (
     NS_COEFFICIENTS,
     from_rows,
     matrix_of,
     orthogonalize,
-    project_rows,
+    rows,
     sphere_step,
 )
 
@@ -291,6 +299,7 @@ class SphereMuon(HybridOptimizer):
         )
         lr = group["lr"]
         lr = float(lr) if isinstance(lr, Tensor) else lr
+        spheres: list[tuple[Tensor, SphereInfo, Tensor]] = []
         for i, o in zip(keep, outs):
             p, kind, info = params[i], kinds[i], infos[i]
             if kind in ("muon", "renorm"):
@@ -303,22 +312,62 @@ class SphereMuon(HybridOptimizer):
                     p.copy_(sphere.normalize(p, dims, on_zero="keep", radius=r))
                 continue
             assert info is not None
-            z = matrix_of(p.detach(), info.layout)
-            o = project_rows(z, o.to(sphere.compute_dtype(p.dtype)), info.radius, info.whole)
+            spheres.append((p, info, o))
+        self._sphere_steps(group, spheres, lr)
+
+    def _sphere_steps(
+        self, group: dict[str, Any], items: list[tuple[Tensor, SphereInfo, Tensor]], lr: float
+    ) -> None:
+        """The angular steps of sphere parameters along their orthogonalized updates ``o``
+        (their :func:`matrix_of` shape): same-shape parameters in one call on their stacked
+        rows (with ``batch_ns``, on CUDA or for tensors of at most ``STACK_MAX_NUMEL``
+        values, as the other optimizers stack), a whole-tensor sphere as one row of unit
+        norm."""
+        batches: dict[tuple, list[int]] = {}
+        for j, (p, info, _) in enumerate(items):
+            # stacking copies; it pays where launches dominate: small tensors, or CUDA
+            small = p.numel() <= STACK_MAX_NUMEL or p.device.type == "cuda"
+            if not (group["batch_ns"] and small):
+                key: tuple = (j,)
+            elif info.whole:
+                key = ("whole", p.numel(), p.dtype, p.device)
+            else:
+                key = ("rows", tuple(p.shape), info.layout, info.radius, p.dtype, p.device)
+            batches.setdefault(key, []).append(j)
+        for idx in batches.values():
+            ps = [items[j][0] for j in idx]
+            info = items[idx[0]][1]
+            cdt = sphere.compute_dtype(ps[0].dtype)
+            if info.whole:  # one row per parameter, scaled to the unit sphere
+                radii = torch.tensor(
+                    [items[j][1].radius for j in idx], dtype=cdt, device=ps[0].device
+                ).unsqueeze(1)
+                z = torch.stack([p.detach().reshape(-1) for p in ps]).to(cdt) / radii
+                r = 1.0
+            else:
+                z = torch.cat([rows(p.detach(), info.layout) for p in ps]).to(cdt)
+                r = info.radius
+            o = torch.cat([items[j][2].reshape(z.shape[0] // len(idx), -1) for j in idx])
+            o = sphere.project(z, o.to(cdt), -1, radius=r)
             new, angle = sphere_step(
                 z,
                 o,
                 lr,
-                radius=info.radius,
-                whole=info.whole,
+                radius=r,
                 project=False,
                 rule="angular",
                 angle_per=group["angle_per"],
                 measure=bool(group["measure_angle"]),
+                blocks=len(idx),
             )
             if info.whole:
-                p.copy_(new.reshape(p.shape))
-            else:
-                p.copy_(from_rows(new, info.layout, p.shape))
-            if angle is not None:
-                self.state[p]["angle"] = angle
+                new = new * radii
+            k = z.shape[0] // len(idx)
+            for b, p in enumerate(ps):
+                block = new[b * k : (b + 1) * k]
+                if info.whole:
+                    p.copy_(block.reshape(p.shape))
+                else:
+                    p.copy_(from_rows(block, info.layout, p.shape))
+                if angle is not None:
+                    self.state[p]["angle"] = angle[b * k : (b + 1) * k].clone()

@@ -254,6 +254,7 @@ def sphere_step(
     angle_per: Literal["sphere", "tensor"] = "sphere",
     weight_decay: float = 0.0,
     measure: bool = False,
+    blocks: int = 1,
 ) -> tuple[Tensor, Tensor | None]:
     r"""One descent step on the spheres of ``z`` along ``-d``: the new points (same shape and
     dtype as ``z``) and, with ``measure``, the angle each sphere turned (``(k,)``, float32 or
@@ -272,6 +273,8 @@ def sphere_step(
             RMS angle over the spheres is ``lr`` (``"tensor"``).
         weight_decay: the ``"adam"`` rule's decoupled decay before the step (then undone by the
             retraction up to the step's relative size, as in Emerging-Optimizers).
+        blocks: ``z`` holds the rows of this many same-shape tensors, stacked (one call for
+            all of them); ``angle_per="tensor"`` takes its RMS per block.
     """
     r = radius
     cdt = compute_dtype(z.dtype)
@@ -290,10 +293,11 @@ def sphere_step(
     elif rule == "angular":
         n = sphere.norm(du, -1)
         moving = n > 0
-        if angle_per == "sphere" or du.shape[0] == 1:
+        if angle_per == "sphere" or du.shape[0] == blocks:
             theta = torch.where(moving, torch.full_like(n, float(lr)), torch.zeros_like(n))
         elif angle_per == "tensor":
-            rms = n.square().mean().sqrt()
+            nb = n.reshape(blocks, -1)
+            rms = nb.square().mean(dim=1, keepdim=True).sqrt().expand_as(nb).reshape(n.shape)
             theta = lr * n / rms.clamp_min(torch.finfo(cdt).tiny)
         else:
             raise ValueError(f"angle_per must be 'sphere' or 'tensor', got {angle_per!r}")
