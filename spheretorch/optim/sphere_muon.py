@@ -10,8 +10,8 @@ import torch
 from torch import Tensor
 
 from .. import sphere
-from ..sphere.foreach import STACK_MAX_NUMEL
 from ..parameter import sphere_dim_of
+from ..sphere.foreach import STACK_MAX_NUMEL
 from ._hybrid import (
     HybridOptimizer,
     SphereInfo,
