@@ -1,16 +1,19 @@
 """Time one GeoNorm step (forward + backward): v0.1's hand-written step, the step as of
-ca33b00 (before issue 10's speed fix) and the current one.
+ca33b00 (before issue 10's speed fix), the readable reference with autograd (the step before
+issue 22) and the fused op ``spheretorch::geonorm_step`` (its CPU implementation here).
 
 * ``v0.1 (38b2f69)``: v0.1's ``geonorm_step``, copied below as the reference (unit states,
   fixed radius sqrt(d), ``atan`` angle, no clamp or bias: less work by design);
-* ``ca33b00``: ``geonorm_step`` as of commit ca33b00: the current step over that commit's
-  ``sphere.expmap`` (copied below: ``|u|^2``, its series and an autograd ``normalize``
-  recomputed);
-* ``current``: :func:`spheretorch.models.geonorm.geonorm_step` of this tree.
+* ``ca33b00``: the reference over that commit's ``sphere.expmap`` (copied below: ``|u|^2``,
+  its series and an autograd ``normalize`` recomputed);
+* ``reference``: :func:`spheretorch.kernels.geodesic_step.geonorm_step_reference`, autograd;
+* ``op``: :func:`spheretorch.models.geonorm.geonorm_step` (the custom op, hand-written
+  backward).
 
-The last two run with the model's defaults (own radius, ``linear`` angle, clamp pi/4, bias).
+The last three run with the model's defaults (own radius, ``linear`` angle, clamp pi/4, bias).
 The candidates run interleaved in one process (one step each per round, the order rotating), on
-one thread by default; the median and best over the rounds are printed.
+one thread by default, timed by the process's CPU clock on one thread (steadier than the wall
+clock on a shared machine) and by the wall clock otherwise; the median and best are printed.
 
 Usage::
 
@@ -31,6 +34,7 @@ import torch
 from torch import Tensor
 
 from spheretorch import sphere
+from spheretorch.kernels.geodesic_step import geonorm_step_reference
 from spheretorch.models.geonorm import geonorm_step
 from spheretorch.sphere import atanc_sq, sinc, unit
 
@@ -60,10 +64,10 @@ def expmap_ca33b00(x: Tensor, u: Tensor, *, norm_u: Tensor | None = None) -> Ten
 
 
 def geonorm_step_ca33b00(*args: object, **kwargs: object) -> Tensor:
-    """The step as of ca33b00: today's ``geonorm_step`` over ca33b00's ``expmap`` (the only
-    difference between the two)."""
+    """The step as of ca33b00: the reference over ca33b00's ``expmap`` (the only difference
+    between the two)."""
     with mock.patch.object(sphere, "expmap", expmap_ca33b00):
-        return geonorm_step(*args, **kwargs)
+        return geonorm_step_reference(*args, **kwargs)
 
 
 # ----------------------------------------------------------------------------- timing
@@ -109,22 +113,25 @@ def main(argv: list[str] | None = None) -> None:
     cases = {
         "v0.1 (38b2f69)": make_case(geonorm_step_v01, True, shape, 0),
         "ca33b00": make_case(geonorm_step_ca33b00, False, shape, 0),
-        "current": make_case(geonorm_step, False, shape, 0),
+        "reference": make_case(geonorm_step_reference, False, shape, 0),
+        "op": make_case(geonorm_step, False, shape, 0),
     }
     names = list(cases)
     for name in names:  # warm up
         for _ in range(5):
             cases[name]()
+    clock = time.process_time if args.threads == 1 else time.perf_counter
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(args.rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
-            t0 = time.perf_counter()
+            t0 = clock()
             cases[name]()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
 
     print(
         f"GeoNorm step fwd+bwd, shape {shape}, float32, {args.threads} thread(s), "
-        f"{args.rounds} interleaved rounds, torch {torch.__version__}"
+        f"{args.rounds} interleaved rounds, {'CPU' if args.threads == 1 else 'wall'} clock, "
+        f"torch {torch.__version__}"
     )
     med0, best0 = statistics.median(times[names[0]]), min(times[names[0]])
     for name in names:

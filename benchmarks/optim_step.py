@@ -2,17 +2,27 @@
 
 Every candidate gets its own copy of the same parameters and fixed gradients; the candidates
 are timed interleaved in one process (one step each per round, the order rotating between
-rounds) and the median over the rounds is reported, with ratios against
-``torch.optim.Adam(foreach=True)`` and geoopt's ``RiemannianAdam``.
+rounds) and the median over the rounds is reported, with ratios against torch's foreach and
+fused peer (``Adam`` for the Adam family, ``SGD`` for the SGD family) and against geoopt's
+``RiemannianAdam``, and the achieved bandwidth: the bytes a step must move (read parameter,
+gradient and state, write parameter and state: 28 bytes per float32 value for Adam, 20 for
+SGD with momentum) over its time, also as a share of the measured copy bandwidth
+(``dst.copy_(src)`` of 256 MiB on CUDA, 64 MiB on CPU).
 
 Parameter sets (``--set``):
 
 * ``default``: 8 x (512, 512) + 4 x (2048, 512) sphere matrices (unit rows) + 20 Euclidean
   vectors of 512 -- the set of the targets in docs/benchmarks.md;
 * ``small``: 64 sphere matrices of shape (4, 8): per-parameter overhead;
+* ``single``: one float64 sphere vector of 200 values: a research problem's fixed cost per
+  step (compare with ``--threads 1``);
 * ``gpt124m``: the parameter shapes of GPT-2 small (124M): token and position embeddings,
   12 blocks of attention/MLP matrices (sphere along d_model = 768, as in nGPT) and their
   Euclidean gains/biases. Meant for ``--device cuda``.
+
+``--quick`` shrinks every shape by 16 along each axis (at least 2) and times 3 rounds after
+one warm-up: seconds on CPU, a smoke test of every candidate (its figures mean nothing).
+``--md-out FILE`` writes the Markdown report there as well as printing it.
 
 The script re-executes itself with glibc's ``MALLOC_MMAP_THRESHOLD_=33554432`` and
 ``MALLOC_TRIM_THRESHOLD_=1073741824`` (stable allocation costs on CPU) unless they are set.
@@ -20,6 +30,7 @@ The script re-executes itself with glibc's ``MALLOC_MMAP_THRESHOLD_=33554432`` a
 Usage::
 
     python benchmarks/optim_step.py                      # CPU, default + small sets
+    python benchmarks/optim_step.py --device cpu --quick --md-out /tmp/optim.md
     python benchmarks/optim_step.py --device cuda --set default small gpt124m
 """
 
@@ -53,6 +64,10 @@ def small_set() -> list[tuple[tuple[int, ...], int | None]]:
     return [((4, 8), 1)] * 64
 
 
+def single_set() -> list[tuple[tuple[int, ...], int | None]]:
+    return [((200,), 0)]
+
+
 def gpt124m_set() -> list[tuple[tuple[int, ...], int | None]]:
     d, vocab, ctx, layers = 768, 50257, 1024, 12
     out: list[tuple[tuple[int, ...], int | None]] = [((vocab, d), 1), ((ctx, d), 1)]
@@ -68,10 +83,22 @@ def gpt124m_set() -> list[tuple[tuple[int, ...], int | None]]:
     return out
 
 
-SETS = {"default": default_set, "small": small_set, "gpt124m": gpt124m_set}
+SETS = {
+    "default": default_set,
+    "small": small_set,
+    "single": single_set,
+    "gpt124m": gpt124m_set,
+}
+#: dtype of each set's parameters (float32 unless named)
+SET_DTYPES = {"single": torch.float64}
 
 
-def make_params(layout, device, *, seed: int = 0, geoopt_layout: bool = False):
+def quick(layout):
+    """Every shape shrunk by 16 per axis (at least 2): the --quick smoke sizes."""
+    return [(tuple(max(2, s // 16) for s in shape), dim) for shape, dim in layout]
+
+
+def make_params(layout, device, *, seed: int = 0, geoopt_layout: bool = False, dtype=torch.float32):
     """Parameters with fixed gradients. ``geoopt_layout``: sphere axis moved last (geoopt)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     params = []
@@ -79,7 +106,7 @@ def make_params(layout, device, *, seed: int = 0, geoopt_layout: bool = False):
         if geoopt_layout and dim is not None and dim != len(shape) - 1:
             shape = (*shape[:dim], *shape[dim + 1 :], shape[dim])
             dim = len(shape) - 1
-        data = torch.randn(shape, generator=g).to(device)
+        data = torch.randn(shape, generator=g, dtype=dtype).to(device)
         if dim is None:
             p = torch.nn.Parameter(data)
         elif geoopt_layout:
@@ -90,7 +117,7 @@ def make_params(layout, device, *, seed: int = 0, geoopt_layout: bool = False):
             )
         else:
             p = st.SphereParameter(data, dim=dim)
-        p.grad = torch.randn(shape, generator=g).to(device) * 1e-2
+        p.grad = torch.randn(shape, generator=g, dtype=dtype).to(device) * 1e-2
         params.append(p)
     return params
 
@@ -101,6 +128,7 @@ def make_params(layout, device, *, seed: int = 0, geoopt_layout: bool = False):
 def candidates(have_geoopt: bool):
     """(name, factory(params) -> optimizer, needs geoopt layout)."""
     out = [
+        ("torch Adam", lambda ps: torch.optim.Adam(ps, lr=1e-3), False),
         ("torch Adam(foreach)", lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=True), False),
         ("torch Adam(fused)", lambda ps: torch.optim.Adam(ps, lr=1e-3, fused=True), False),
         ("RiemannianAdam", lambda ps: RiemannianAdam(ps, lr=1e-3), False),
@@ -111,6 +139,11 @@ def candidates(have_geoopt: bool):
         ),
         ("RiemannianAdam(fused)", lambda ps: RiemannianAdam(ps, lr=1e-3, fused=True), False),
         ("RenormAdam", lambda ps: RenormAdam(ps, lr=1e-3), False),
+        (
+            "RenormAdam(project_grad)",
+            lambda ps: RenormAdam(ps, lr=1e-3, project_grad=True),
+            False,
+        ),
         ("RenormAdam(fused)", lambda ps: RenormAdam(ps, lr=1e-3, fused=True), False),
         # without the non-finite test (torch's Adam has none): the same work as torch's
         (
@@ -123,9 +156,15 @@ def candidates(have_geoopt: bool):
             lambda ps: RenormAdam(ps, lr=1e-3, fused=True, nonfinite="ignore"),
             False,
         ),
+        ("torch SGD(momentum)", lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9), False),
         (
             "torch SGD(momentum, foreach)",
             lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, foreach=True),
+            False,
+        ),
+        (
+            "torch SGD(momentum, fused)",
+            lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, fused=True),
             False,
         ),
         ("RiemannianSGD(momentum)", lambda ps: RiemannianSGD(ps, lr=1e-2, momentum=0.9), False),
@@ -150,9 +189,18 @@ def sync(device: torch.device) -> None:
 
 
 def bench_set(
-    name: str, device: torch.device, reps: int, warmup: int, only=None, clock=time.perf_counter
+    name: str,
+    device: torch.device,
+    reps: int,
+    warmup: int,
+    only=None,
+    clock=time.perf_counter,
+    smoke: bool = False,
 ):
     layout = SETS[name]()
+    if smoke:
+        layout = quick(layout)
+    dtype = SET_DTYPES.get(name, torch.float32)
     try:
         import geoopt  # noqa: F401
 
@@ -163,8 +211,9 @@ def bench_set(
     for cname, factory, geo in candidates(have_geoopt):
         if only and cname not in only:
             continue
-        params = make_params(layout, device, geoopt_layout=geo)
+        params = make_params(layout, device, geoopt_layout=geo, dtype=dtype)
         entries.append([cname, factory(params), []])
+    values = sum(p.numel() for p in entries[0][1].param_groups[0]["params"]) if entries else 0
     for _ in range(warmup):
         for _, opt, _ in entries:
             opt.step()
@@ -177,7 +226,36 @@ def bench_set(
             opt.step()
             sync(device)
             times.append(clock() - t0)
-    return {cname: statistics.median(times) for cname, _, times in entries}
+    out = {cname: statistics.median(times) for cname, _, times in entries}
+    return out, values, torch.empty((), dtype=dtype).element_size()
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes per second of ``dst.copy_(src)`` (read + write), best of 5."""
+    n = (256 if device.type == "cuda" else 64) << 18  # float32 values: 256 / 64 MiB
+    src = torch.ones(n, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(6):
+        sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n * 4 / best
+
+
+def peers(cname: str) -> tuple[str, str]:
+    """torch's (foreach, fused) peer of a candidate."""
+    if "SGD" in cname:
+        return "torch SGD(momentum, foreach)", "torch SGD(momentum, fused)"
+    return "torch Adam(foreach)", "torch Adam(fused)"
+
+
+def bytes_per_value(cname: str, elem: int) -> int:
+    """Values a step must read and write per parameter value, times ``elem`` bytes
+    (Adam: p, g, m, v read, p, m, v written; SGD with momentum: p, g, b read, p, b written)."""
+    return (5 if "SGD" in cname else 7) * elem
 
 
 TARGETS = {
@@ -239,11 +317,61 @@ TARGETS = {
         1.5,
         "max",
     ),
+    "single: RiemannianAdam <= 1.3x torch Adam": (
+        "single",
+        "RiemannianAdam",
+        "torch Adam",
+        1.3,
+        "max",
+    ),
+    "single: RenormAdam <= 1.3x torch Adam": ("single", "RenormAdam", "torch Adam", 1.3, "max"),
+    "single: RiemannianSGD <= 1.3x torch SGD": (
+        "single",
+        "RiemannianSGD(momentum)",
+        "torch SGD(momentum)",
+        1.3,
+        "max",
+    ),
+    "gpt124m: fused RiemannianAdam <= 1.3x torch Adam(fused)": (
+        "gpt124m",
+        "RiemannianAdam(fused)",
+        "torch Adam(fused)",
+        1.3,
+        "max",
+    ),
+    "gpt124m: fused RenormAdam <= 1.15x torch Adam(fused)": (
+        "gpt124m",
+        "RenormAdam(fused)",
+        "torch Adam(fused)",
+        1.15,
+        "max",
+    ),
+    "gpt124m: fused RiemannianSGD <= 1.3x torch SGD(fused)": (
+        "gpt124m",
+        "RiemannianSGD(momentum, fused)",
+        "torch SGD(momentum, fused)",
+        1.3,
+        "max",
+    ),
+    "gpt124m: RiemannianAdam (foreach) <= 1.5x torch Adam(foreach)": (
+        "gpt124m",
+        "RiemannianAdam",
+        "torch Adam(foreach)",
+        1.5,
+        "max",
+    ),
+    "gpt124m: non-finite skip adds <= 10% (fused RiemannianAdam)": (
+        "gpt124m",
+        "RiemannianAdam(fused)",
+        "RiemannianAdam(fused, nonfinite='ignore')",
+        1.1,
+        "max",
+    ),
 }
 
 
-def report(results: dict[str, dict[str, float]], args) -> None:
-    print(f"# optim_step: {' '.join(sys.argv)}")
+def report(results, args, bandwidth: float) -> str:
+    out: list[str] = [f"# optim_step: {' '.join(sys.argv)}\n"]
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -253,38 +381,50 @@ def report(results: dict[str, dict[str, float]], args) -> None:
     dev = args.device
     if args.device.startswith("cuda") and torch.cuda.is_available():
         dev += f" ({torch.cuda.get_device_name()})"
-    print(
+    out.append(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {dev}, CPU {cpu}, "
-        f"{args.reps} rounds (median), {args.clock} clock, load average "
-        f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}\n"
+        f"{args.reps} rounds (median), {args.clock} clock, copy bandwidth "
+        f"{bandwidth / 1e9:.1f} GB/s, load average "
+        f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}"
+        + (" -- --quick: toy sizes, the figures mean nothing" if args.quick else "")
+        + "\n"
     )
-    for set_name, res in results.items():
-        base = res.get("torch Adam(foreach)")
+    for set_name, (res, values, elem) in results.items():
         geo = res.get("geoopt RiemannianAdam")
-        print(f"## set `{set_name}`\n")
-        print("| optimizer | step (ms) | vs torch Adam(foreach) | geoopt / this |")
-        print("| --- | ---: | ---: | ---: |")
+        out.append(f"## set `{set_name}` ({values:,} values)\n")
+        out.append(
+            "| optimizer | step (ms) | vs torch foreach | vs torch fused | geoopt / this "
+            "| GB/s | % of copy |"
+        )
+        out.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
         for cname, t in res.items():
-            r1 = f"{t / base:.2f}x" if base else "-"
-            r2 = f"{geo / t:.2f}x" if geo else "-"
-            print(f"| {cname} | {t * 1e3:.3f} | {r1} | {r2} |")
-        print()
+            foreach_peer, fused_peer = (res.get(k) for k in peers(cname))
+            r1 = f"{t / foreach_peer:.2f}x" if foreach_peer else "-"
+            r2 = f"{t / fused_peer:.2f}x" if fused_peer else "-"
+            r3 = f"{geo / t:.2f}x" if geo else "-"
+            bw = values * bytes_per_value(cname, elem) / t
+            out.append(
+                f"| {cname} | {t * 1e3:.3f} | {r1} | {r2} | {r3} | {bw / 1e9:.1f} "
+                f"| {100 * bw / bandwidth:.0f}% |"
+            )
+        out.append("")
     lines = []
     for label, (set_name, cand, ref, bound, kind) in TARGETS.items():
-        res = results.get(set_name, {})
+        res = results.get(set_name, ({}, 0, 0))[0]
         if cand not in res or ref not in res:
             continue
         ratio = res[cand] / res[ref] if kind == "max" else res[ref] / res[cand]
         ok = ratio <= bound if kind == "max" else ratio >= bound
         lines.append(f"| {label} | {ratio:.2f}x | {'met' if ok else 'MISSED'} |")
     if lines:
-        print("## targets\n\n| target | measured | |\n| --- | ---: | --- |")
-        print("\n".join(lines))
+        out.append("## targets\n\n| target | measured | |\n| --- | ---: | --- |")
+        out.extend(lines)
+    return "\n".join(out) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="default: cpu")
     ap.add_argument(
         "--set",
         nargs="+",
@@ -293,6 +433,10 @@ def main(argv: list[str] | None = None) -> None:
         help="parameter sets to time (default: default small)",
     )
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    ap.add_argument(
+        "--quick", action="store_true", help="toy sizes, 3 rounds: a smoke test (seconds)"
+    )
+    ap.add_argument("--md-out", default=None, help="also write the Markdown report to this file")
     ap.add_argument("--reps", type=int, default=None, help="timed rounds (default 40; 15 gpt)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed rounds first (default 3)")
     ap.add_argument("--only", nargs="*", default=None, help="candidate names to keep")
@@ -313,11 +457,19 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("--device cuda: CUDA is not available here")
     results = {}
     reps = args.reps
+    if args.quick:
+        reps, args.warmup = reps or 3, 1
     for set_name in args.set:
         n = reps if reps is not None else (15 if set_name == "gpt124m" else 40)
         args.reps = n
-        results[set_name] = bench_set(set_name, device, n, args.warmup, args.only, clock)
-    report(results, args)
+        results[set_name] = bench_set(
+            set_name, device, n, args.warmup, args.only, clock, smoke=args.quick
+        )
+    text = report(results, args, copy_bandwidth(device))
+    print(text, end="")
+    if args.md_out:
+        with open(args.md_out, "w") as f:
+            f.write(text)
 
 
 if __name__ == "__main__":

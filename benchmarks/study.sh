@@ -6,6 +6,7 @@
 #   benchmarks/study.sh depth      # GPT pre-/post-norm, nGPT, GeoNorm at 2..16 layers
 #   benchmarks/study.sh geonorm    # GeoNorm's new vs v0.1 defaults (4 layers, context 128)
 #   benchmarks/study.sh collect study_context   # copy the small outputs to benchmarks/results/
+#   benchmarks/study.sh rederive study_context  # its tables with the current statistics (no training)
 #
 # Environment: PY (python, default python3), RUNS (output root, default runs), NICE (default 5).
 # Sizes were chosen for a shared, heavily loaded 2-core CPU machine (about 40 minutes each,
@@ -72,11 +73,17 @@ collect() {
     echo "collected $RUNS/$name -> $dst"
 }
 
+# Re-derive a committed study's tables with the current statistics (no run is repeated).
+rederive() {
+    "$PY" benchmarks/rederive_study.py "benchmarks/results/$1"
+}
+
 case "${1:-}" in
     context | depth | geonorm) "$1" ;;
     collect) collect "$2" ;;
+    rederive) rederive "$2" ;;
     *)
-        echo "usage: $0 context|depth|geonorm | collect study_context|study_depth|geonorm_variants" >&2
+        echo "usage: $0 context|depth|geonorm | collect|rederive study_context|study_depth|geonorm_variants" >&2
         exit 2
         ;;
 esac

@@ -57,7 +57,7 @@ napoleon_numpy_docstring = False
 nitpicky = True
 nitpick_ignore_regex = [
     (r"py:.*", r"(torch|numpy|matplotlib|geoopt)(\..+)?"),
-    (r"py:.*", r"(collections\.abc|typing|os|pathlib)\..+"),
+    (r"py:.*", r"(collections\.abc|typing|os|pathlib|enum|contextlib)\..+"),
 ]
 # The same third-party classes where an annotation that cannot be evaluated stays a string
 # naming them as imported (``Tensor`` from ``from torch import Tensor``; matplotlib's

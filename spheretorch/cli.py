@@ -68,6 +68,16 @@ _nonnegative_float = _number(float, lambda v: v >= 0, "a finite number >= 0")
 _seed = _number(int, lambda v: -(2**63) <= v <= 2**64 - 1, "an integer in [-2**63, 2**64 - 1]")
 
 
+class _Once(argparse.Action):
+    """An option that may be given once: a second occurrence would silently replace the
+    first (e.g. two --grid), so it is an error (exit 2) naming the option."""
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option: Any = None) -> None:
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"{option} given twice; give it once (a list goes in one value: A,B)")
+        setattr(namespace, self.dest, values)
+
+
 def _option(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key:
@@ -92,12 +102,21 @@ _THREADS_HELP = (
 )
 
 
+_PARAM_DTYPE: dict[str, Any] = {
+    "choices": ["fp32", "float32", "bf16", "bfloat16"],
+    "help": "storage dtype of the weights: fp32 (fp32 master weights; bf16 autocast computes) "
+    "or bf16 (the weights themselves in bf16: an ablation that hurts GPT; default: fp32)",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .distributed import MODES
     from .models import MODELS
+    from .train.compile_check import COMPILE_CHECKS
     from .train.config import OPTIMIZERS, RESUME_OVERRIDES, flag_of
-    from .train.presets import PRESETS
+    from .train.presets import DEFAULT_PRESET, PRESETS
+    from .train.specs import DEFAULT_MODELS, DEFAULT_SWEEP_BOUNDS
     from .train.text import count
 
     parser = _Parser(
@@ -116,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common = _Parser(add_help=False, parents=[debug])
     presets = ", ".join(f"{p.name} ({count(p.steps, 'step')})" for p in PRESETS.values())
-    common.add_argument("--preset", help=f"one of {presets} (default: cpu-small)")
+    common.add_argument("--preset", help=f"one of {presets} (default: {DEFAULT_PRESET})")
     common.add_argument(
         "--data",
         help="UTF-8 text file, or a directory made by 'spheretorch prepare' (default: the "
@@ -158,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help=f"continue the run in --out exactly; flags given must match its configuration "
         f"(exit 2 naming the one that does not), except {allowed}, --threads and "
-        f"--no-progress (--steps may extend the run)",
+        f"--no-progress (a different --steps needs --stretch-schedule)",
     )
     t.add_argument(
         "--optim",
@@ -208,6 +227,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile", action="store_true", help="torch.compile the model (inductor: CUDA or CPU)"
     )
     t.add_argument(
+        "--stretch-schedule",
+        action="store_true",
+        help="with --resume and a different --steps: stretch the cosine LR schedule to the new "
+        "total (the LR at the checkpoint's step changes; refused without this flag)",
+    )
+    t.add_argument("--param-dtype", **_PARAM_DTYPE)
+    t.add_argument(
+        "--compile-check",
+        choices=list(COMPILE_CHECKS),
+        help="with --compile: compare compiled and eager gradients on the first batch and "
+        "stop (error: exit 2), train eager with a warning (eager), or not check (off) "
+        "(default: error)",
+    )
+    t.add_argument(
         "--max-bad-steps",
         type=_positive_int,
         help="stop after this many non-finite steps in a row (each is skipped; default: 5)",
@@ -225,7 +258,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     c = sub.add_parser("compare", parents=[common], help="compare models at equal budget", **fmt)
-    c.add_argument("--models", default="gpt,ngpt,geonorm", help="comma-separated model names")
+    c.add_argument(
+        "--models",
+        action=_Once,
+        help="comma-separated [LABEL=]MODEL[:KEY=VALUE...], KEY a model config field or optim "
+        f"(default: {DEFAULT_MODELS})",
+    )
+    c.add_argument(
+        "--optims",
+        action=_Once,
+        help=f"optimizer recipes as an axis, each (model, recipe) pair with its own LR sweep: "
+        f"comma-separated from {', '.join(OPTIMIZERS)} (default: each model's own recipe)",
+    )
     c.add_argument("--out", required=True, help="output directory")
     c.add_argument("--no-sweep", action="store_true", help="use the preset's LRs, no LR sweep")
     c.add_argument(
@@ -233,11 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument(
         "--budgets",
+        action=_Once,
         help="fractions of the steps, each run with its own schedule, e.g. 0.25,0.5,1 "
         "(iso-loss speedups)",
     )
     c.add_argument(
         "--grid",
+        action=_Once,
         metavar="FIELD=V,V,...",
         help="a study over a model field, e.g. seq_len=64,128,256 (tokens per step held "
         "fixed) or n_layer=2,4,8; every point gets its own LR sweep",
@@ -259,7 +305,22 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         help="validation batches per evaluation (default: the preset's)",
     )
-    c.add_argument("--sweep-lrs", help="comma-separated LR candidates (default: the preset's)")
+    c.add_argument(
+        "--sweep-lrs",
+        action=_Once,
+        help="comma-separated LR candidates (default: the preset's); a best LR at either end "
+        "extends the sweep one candidate further (same spacing) until it is interior or "
+        "--sweep-bounds stops it",
+    )
+    c.add_argument(
+        "--sweep-bounds",
+        action=_Once,
+        metavar="LO,HI",
+        help="the LRs an extended sweep may reach (default: "
+        + ",".join(f"{b:g}" for b in DEFAULT_SWEEP_BOUNDS)
+        + ")",
+    )
+    c.add_argument("--param-dtype", **_PARAM_DTYPE)
     c.add_argument(
         "--sweep-fraction",
         type=_positive_float,
@@ -327,10 +388,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _set_threads(args: argparse.Namespace) -> None:
-    from .train.presets import get_preset
+    from .train.presets import DEFAULT_PRESET, get_preset
     from .train.threads import set_threads
 
-    set_threads(args.threads, get_preset(args.preset or "cpu-small").threads)
+    set_threads(args.threads, get_preset(args.preset or DEFAULT_PRESET).threads)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -344,11 +405,14 @@ def _train(args: argparse.Namespace) -> int:
         given += ("warmup_steps", "eval_interval", "eval_batches", "seed", "device", "dtype")
         config = TrainConfig(
             model=args.model,
-            # a fresh run's default; on resume only what was given is compared
-            preset=args.preset or (None if args.resume else "cpu-small"),
+            # None: the default preset (a fresh run), the checkpoint's (on resume)
+            preset=args.preset,
             compile=args.compile or None,
+            compile_check=args.compile_check,
             max_bad_steps=args.max_bad_steps,
             check_memory=False if args.no_memory_check else None,
+            param_dtype=args.param_dtype,
+            stretch_schedule=args.stretch_schedule or None,
             model_options=dict(args.options),
             **{name: getattr(args, name) for name in given},
         )
@@ -404,6 +468,11 @@ def _run_training(trainer: Any, resumed: bool) -> int:
                 if summary["mfu"] is not None
                 else f"{summary['tflops_per_s']:.3g} TFLOP/s ({summary['peak_source']})"
             )
+            + (
+                f" (steady state; {summary['warmup_s']:.1f} s of warm-up not counted)"
+                if summary["steady"]
+                else " (warm-up steps only: the run is too short for a steady state)"
+            )
             + (f", {count(skipped, 'non-finite step')} skipped" if skipped else "")
             + f"; wrote {trainer.out_dir / 'metrics.jsonl'}"
             + (
@@ -416,35 +485,37 @@ def _run_training(trainer: Any, resumed: bool) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from .train.compare import CompareInterrupted, compare
+    from .train.compare import CompareConfig, CompareInterrupted, compare
     from .train.rundir import RunDir
 
+    config = CompareConfig(
+        preset=args.preset,
+        out=args.out,
+        data=args.data,
+        seed=args.seed or 0,
+        device=args.device or "auto",
+        seeds=args.seeds,
+        optims=args.optims,
+        budgets=args.budgets,
+        grid=args.grid,
+        options=dict(args.options),
+        steps=args.steps,
+        batch_size=args.batch_size,
+        eval_interval=args.eval_interval,
+        eval_batches=args.eval_batches,
+        sweep=not args.no_sweep,
+        sweep_lrs=args.sweep_lrs,
+        sweep_fraction=args.sweep_fraction,
+        sweep_bounds=args.sweep_bounds,
+        param_dtype=args.param_dtype,
+        resume=args.resume,
+    )
+    if args.models is not None:
+        config.models = args.models
     with RunDir(args.out).claim("compare", resume=args.resume, force=args.force):
         _set_threads(args)
         try:
-            compare(
-                models=args.models,
-                preset=args.preset or "cpu-small",
-                out=args.out,
-                data=args.data,
-                seed=args.seed or 0,
-                device=args.device or "auto",
-                progress=not args.no_progress,
-                sweep=not args.no_sweep,
-                log=print,
-                seeds=args.seeds,
-                budgets=args.budgets,
-                grid=args.grid,
-                options=dict(args.options),
-                steps=args.steps,
-                batch_size=args.batch_size,
-                eval_interval=args.eval_interval,
-                eval_batches=args.eval_batches,
-                sweep_lrs=args.sweep_lrs,
-                sweep_fraction=args.sweep_fraction,
-                resume=args.resume,
-                handle_signals=True,
-            )
+            compare(config, progress=not args.no_progress, log=print, handle_signals=True)
         except CompareInterrupted as e:
             print(f"spheretorch: {e}; saved; continue with --resume", file=sys.stderr)
             return 128 + int(getattr(signal, e.signal_name))

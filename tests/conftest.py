@@ -35,3 +35,38 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "spheretorch"))
 def _seed_torch():
     """Every test starts from the same global torch RNG state."""
     torch.manual_seed(0)
+
+
+#: the devices a device-parametrized test runs on: the CPU always, CUDA where it is present
+#: (skipped, not failed, elsewhere: CI has no GPU; ``make gpu-check`` runs the CUDA lane)
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.cuda,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available"),
+        ],
+    ),
+]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request: pytest.FixtureRequest) -> torch.device:
+    """Each device present (``DEVICES``); use it to run a test on the CPU and on CUDA."""
+    return torch.device(request.param)
+
+
+@pytest.fixture
+def cuda() -> torch.device:
+    """The GPU, for a test of a CUDA-only path (skipped where CUDA is not available)."""
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA is not available")
+    return torch.device("cuda")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that take the ``cuda`` fixture belong to the CUDA lane (``-m cuda``) too."""
+    for item in items:
+        if "cuda" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.cuda)

@@ -48,7 +48,7 @@ CASES: list[tuple[list[str], str]] = [
     ),
     (
         [*TRAIN[:4], "huge", *TRAIN[5:]],
-        "unknown preset 'huge'; choose from smoke, cpu-small, cpu-bpe, gpu-medium",
+        "unknown preset 'huge'; choose from smoke, cpu-small, cpu-bpe, gpu-quick, gpu-medium",
     ),
     ([*TRAIN, "--data", "missing.txt"], "data file not found: missing.txt"),
     ([*TRAIN, "--data", "adir"], "adir is not a prepared corpus: meta.json is missing"),

@@ -103,7 +103,7 @@ class Stalling:
 
 real_fdopen = os.fdopen
 ck.os.fdopen = lambda fd, mode: Stalling(real_fdopen(fd, mode))
-t = Trainer(TrainConfig(model="gpt", steps=20), sys.argv[1], resume=True)
+t = Trainer(TrainConfig(model="gpt", steps=20, stretch_schedule=True), sys.argv[1], resume=True)
 t.train()
 """
 
@@ -131,7 +131,7 @@ def test_killed_mid_write_leaves_previous_checkpoint(tmp_path: Path) -> None:
     assert path.read_bytes() == before
     assert load_checkpoint(path)["step"] == 10
     # the next run removes the orphaned temp file and resumes from the previous checkpoint
-    t = Trainer(TrainConfig(steps=20), tmp_path, resume=True)
+    t = Trainer(TrainConfig(steps=20, stretch_schedule=True), tmp_path, resume=True)
     assert t.step == 10
     t.train()
     assert not list(tmp_path.glob(".checkpoint.pt.*.tmp"))
@@ -168,7 +168,7 @@ def test_cli_sigterm_saves_and_exits_then_resumes(tmp_path: Path) -> None:
     ckpt = load_checkpoint(out / "checkpoint.pt")
     assert ckpt["step"] >= 5 and ckpt["train_config"]["steps"] == 100000
     stopped = ckpt["step"]
-    assert main([*args, "--resume", "--steps", str(stopped + 5)]) == 0
+    assert main([*args, "--resume", "--steps", str(stopped + 5), "--stretch-schedule"]) == 0
     assert load_checkpoint(out / "checkpoint.pt")["step"] == stopped + 5
 
 

@@ -41,7 +41,9 @@ def test_train_resume_and_sample(tmp_path: Path, capsys: pytest.CaptureFixture[s
     # an existing run is not overwritten without --resume/--force
     assert main([*args, "--steps", "20"]) == 2
     assert "already holds a run" in capsys.readouterr().err
-    assert main([*args, "--steps", "40", "--resume"]) == 0
+    assert main([*args, "--steps", "40", "--resume"]) == 2  # would stretch the schedule
+    assert "pass --stretch-schedule" in capsys.readouterr().err
+    assert main([*args, "--steps", "40", "--resume", "--stretch-schedule"]) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [20, 40]
     capsys.readouterr()
@@ -61,7 +63,9 @@ def test_compare_end_to_end(tmp_path: Path) -> None:
     assert set(results) == {"gpt", "ngpt", "geonorm"}
     for r in results.values():
         assert {"final_val_loss", "steps_to_target", "ms_per_step", "lr"} <= set(r)
-        assert r["lr"] in (3e-3, 1e-2) and r["ms_per_step"] > 0
+        # a swept LR: the candidates, or the ones an edge of the sweep added
+        assert f"{r['lr']:g}" in r["sweep"] and r["ms_per_step"] > 0
+        assert {float(x) for x in r["sweep"]} == {3e-3, 1e-2, *r["sweep_extensions"]}
     assert results["gpt"]["steps_to_target"] is not None  # the baseline reaches its own loss
     assert (out / "loss_curves.png").stat().st_size > 1000
     table = (out / "results.md").read_text()
@@ -133,7 +137,8 @@ def test_torchrun_ddp_and_fsdp_match_one_process(tmp_path: Path) -> None:
 
     cfg = {"model": "ngpt", "preset": "smoke", "eval_interval": 5}
     Trainer(TrainConfig(**cfg, steps=10), tmp_path / "one").train()
-    Trainer(TrainConfig(model="ngpt", steps=20), tmp_path / "one", resume=True).train()
+    resume = TrainConfig(model="ngpt", steps=20, stretch_schedule=True)
+    Trainer(resume, tmp_path / "one", resume=True).train()
     expected = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").open()]
 
     def check(run: Path, n_rows: int) -> None:
@@ -159,7 +164,15 @@ def test_torchrun_ddp_and_fsdp_match_one_process(tmp_path: Path) -> None:
     assert (shards / ".metadata").is_file() and len(list(shards.glob("*.distcp"))) == 2
     assert not (tmp_path / "fsdp" / "checkpoint.pt").exists()
     resumed = torchrun(
-        *args[:-1], "20", "--out", "fsdp", "--distributed", "fsdp", "--resume", cwd=tmp_path
+        *args[:-1],
+        "20",
+        "--out",
+        "fsdp",
+        "--distributed",
+        "fsdp",
+        "--resume",
+        "--stretch-schedule",
+        cwd=tmp_path,
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming at step 10" in resumed.stderr

@@ -68,7 +68,11 @@ def test_help_shows_every_option_with_its_default(capsys) -> None:
     train = " ".join(subs["train"].format_help().split())
     assert "(default: cpu-small)" in train and "cpu-small (800 steps)" in train
     resume = subs["train"]._option_string_actions["--resume"].help
-    assert "--steps, --device, --compile, --max-bad-steps, --no-memory-check" in resume
+    assert (
+        "--steps, --device, --compile, --compile-check, --max-bad-steps, --no-memory-check"
+        in resume
+    )
+    assert "--stretch-schedule" in resume
     with pytest.raises(SystemExit) as exc:
         main(["--version"])
     assert exc.value.code == 0 and capsys.readouterr().out.startswith("spheretorch 0.")
@@ -238,6 +242,7 @@ def test_resume_refuses_conflicting_flags_and_stores_data_absolute(tmp_path, cap
     # the same values, and the allowed overrides, are accepted; from another directory too
     os.chdir("d")
     again = [*TRAIN[:2], "gpt", "--no-progress", "--out", "../r", "--resume", "--steps", "20"]
+    again.append("--stretch-schedule")
     assert run([*again, "--lr", "0.01", "--device", "cpu", "--max-bad-steps", "3"], capsys)[0] == 0
     assert load_checkpoint(Path("../r/checkpoint.pt"))["step"] == 20
 

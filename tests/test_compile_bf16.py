@@ -46,8 +46,12 @@ def test_compiled_equals_eager_and_trains(model: str, optim: str) -> None:
     assert torch.allclose(loss[compiled], loss[eager], rtol=1e-5, atol=1e-6)
     for (name, a), b in zip(compiled.model.named_parameters(), eager.model.parameters()):
         assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6), name
+    for t in (compiled, eager):  # the steps below start from no gradients, as in train()
+        t.optimizer.zero_grad(set_to_none=True)
+    assert compiled.compile_check is None  # the trainer's own check runs at its first step
     # Compiled training (the same graph, now with the optimizer) follows eager training.
     steps = {t: [float(t.train_step(*t.batch(s))) for s in range(3)] for t in (compiled, eager)}
+    assert compiled.compile_check["ok"], compiled.compile_check
     assert steps[compiled] == pytest.approx(steps[eager], rel=1e-3)
     assert steps[compiled][-1] < steps[compiled][0]
     if model == "ngpt":  # evaluation (no_grad, eval mode) is a second graph: compile it once

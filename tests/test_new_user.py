@@ -240,7 +240,18 @@ def test_checkpoint_that_does_not_fit(
     run = _edit(trained, tmp_path, change)
     assert main(["sample", "--checkpoint", str(run), "--tokens", "5"]) == 2
     assert expected in one_error_line(capsys)
-    args = ["train", "--model", "ngpt", *SMOKE, "--steps", "4", "--out", str(run), "--resume"]
+    args = [
+        "train",
+        "--model",
+        "ngpt",
+        *SMOKE,
+        "--steps",
+        "4",
+        "--out",
+        str(run),
+        "--resume",
+        "--stretch-schedule",
+    ]
     assert main(args) == 2  # train --resume (and compare --resume, through the trainer)
     msg = one_error_line(capsys)
     assert expected in msg or "does not match its model_name" in msg
@@ -254,11 +265,22 @@ def test_resume_with_optimizer_state_that_does_not_fit(
         group["params"] = group["params"][:1]
 
     run = _edit(trained, tmp_path, change)
-    args = ["train", "--model", "ngpt", *SMOKE, "--steps", "4", "--out", str(run), "--resume"]
+    args = [
+        "train",
+        "--model",
+        "ngpt",
+        *SMOKE,
+        "--steps",
+        "4",
+        "--out",
+        str(run),
+        "--resume",
+        "--stretch-schedule",
+    ]
     assert main(args) == 2
-    assert "does not fit this run's model and optimizer: loaded state dict" in (
-        one_error_line(capsys)
-    )
+    err = capsys.readouterr().err.strip().splitlines()  # the stretch notice, then the error
+    assert err[-1].startswith("spheretorch: error: ")
+    assert "does not fit this run's model and optimizer: loaded state dict" in err[-1]
 
 
 # -- an FSDP2 (sharded) checkpoint resumed by one process ------------------------------------
@@ -267,7 +289,9 @@ def test_sharded_checkpoint_resumes_in_one_process(tmp_path: Path) -> None:
 
     cfg = {"model": "ngpt", "preset": "smoke", "eval_interval": 5}
     Trainer(TrainConfig(**cfg, steps=10), tmp_path / "one").train()
-    Trainer(TrainConfig(model="ngpt", steps=20), tmp_path / "one", resume=True).train()
+    Trainer(
+        TrainConfig(model="ngpt", steps=20, stretch_schedule=True), tmp_path / "one", resume=True
+    ).train()
     expected = (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()
 
     t = Trainer(TrainConfig(**cfg, steps=10), tmp_path / "fsdp")
@@ -280,7 +304,7 @@ def test_sharded_checkpoint_resumes_in_one_process(tmp_path: Path) -> None:
         "ddp"
     ).missing_checkpoint(tmp_path / "fsdp")
     args = ["train", "--model", "ngpt", *SMOKE, "--out", str(tmp_path / "fsdp"), "--resume"]
-    assert main([*args, "--steps", "20"]) == 0
+    assert main([*args, "--steps", "20", "--stretch-schedule"]) == 0
     got = (tmp_path / "fsdp" / "metrics.jsonl").read_text().splitlines()
     for g, e in zip(got, expected, strict=True):
         g, e = json.loads(g), json.loads(e)

@@ -301,10 +301,12 @@ def test_nonfinite_check_costs_at_most_one_sync_per_step(make, expected, monkeyp
     opt.step()
     calls = _count_syncs(monkeypatch)
     opt.step()
-    assert calls["n"] == expected
+    # at most: on CPU the native scan answers on the host (a Python bool, no tensor read)
+    assert calls["n"] <= expected
 
 
-@pytest.mark.parametrize("cls", [RiemannianAdam, RenormAdam, RiemannianSGD])
+# RiemannianSGD takes sparse gradients, as torch's SGD (test_optim_contract)
+@pytest.mark.parametrize("cls", [RiemannianAdam, RenormAdam])
 def test_sparse_grads_rejected(cls):
     emb = nn.Embedding(10, 4, sparse=True)
     emb.weight = st.SphereParameter(emb.weight.data, dim=1)

@@ -17,7 +17,14 @@ import pytest
 import torch
 
 import spheretorch as st
-from spheretorch.optim import AdamH, RenormAdam, RiemannianAdam, RiemannianSGD, SphereMuon
+from spheretorch.optim import (
+    AdamH,
+    RenormAdam,
+    RenormAdamW,
+    RiemannianAdam,
+    RiemannianSGD,
+    SphereMuon,
+)
 
 common = pytest.importorskip(
     "torch.testing._internal.common_optimizers", reason="needs torch's test helpers (expecttest)"
@@ -33,7 +40,7 @@ def _info(cls, inputs, errors, impls):
         optim_inputs_func=inputs,
         optim_error_inputs_func=errors,
         supported_impls=impls,
-        has_capturable_arg=cls in (RenormAdam, RiemannianAdam),
+        has_capturable_arg=cls not in (RiemannianSGD, SphereMuon, AdamH),
         supports_fused_on=("cpu", "cuda"),
     )
 
@@ -76,6 +83,12 @@ INFOS = [
         RenormAdam,
         common.optim_inputs_func_adam,
         common.optim_error_inputs_func_adam,
+        ("foreach", "differentiable", "fused"),
+    ),
+    _info(
+        RenormAdamW,
+        common.optim_inputs_func_adamw,
+        common.optim_error_inputs_func_adamw,
         ("foreach", "differentiable", "fused"),
     ),
     _info(
@@ -694,17 +707,17 @@ ADAM_EXP = {"lr": 0.05, "second_moment": "coordinate", "retraction": "exp", "ams
     ],
     ids=["adam-f32", "adam-f64", "adam-coordinate-exp-amsgrad-f64", "sgd-nesterov-f32"],
 )
-@pytest.mark.parametrize("path", ["native", "compiled"])
+@pytest.mark.parametrize("path", ["native", "foreach-masked"])
 def test_fused_equals_foreach_and_skips_nonfinite_steps_on_the_device(
     cls, kwargs, dtype_rtol, path, monkeypatch
 ):
-    r"""Both fused implementations: the hand-written CPU kernel (``native``) and the
-    ``torch.compile``\ d one (CUDA's, and the CPU's without a C++ compiler; each variant
-    compiles once per layout, seconds): four variants cover both dtypes, both optimizers,
-    both retractions and second moments (test_optim_native sweeps all options natively)."""
+    r"""Both CPU fused implementations: the hand-written kernel (``native``) and, where no
+    kernel applies, the foreach path masked on the device (``foreach-masked``): four variants
+    cover both dtypes, both optimizers, both retractions and second moments (test_optim_native
+    sweeps all options natively; test_optim_kernels runs the Triton kernels)."""
     from spheretorch.optim import _native
 
-    if path == "compiled":
+    if path == "foreach-masked":
         monkeypatch.setattr(_native, "usable", lambda *a, **k: False)
     elif _native.library() is None:
         pytest.skip("no C++ compiler here")
@@ -726,3 +739,46 @@ def test_fused_equals_foreach_and_skips_nonfinite_steps_on_the_device(
         assert_on_sphere(b, atol=10 * rtol)
     assert opt_b.skipped_steps == 1
     assert all(torch.is_tensor(s.get("step", torch.zeros(()))) for s in opt_b.state.values())
+
+
+def test_renorm_adamw_is_renorm_adam_with_decoupled_decay_and_adamws_defaults():
+    a, b = make_params(), make_params()
+    opt_a = RenormAdamW(a, lr=0.01)
+    opt_b = RenormAdam(b, lr=0.01, weight_decay=1e-2, decoupled_weight_decay=True)
+    for t in range(3):
+        set_grads(a, t)
+        set_grads(b, t)
+        opt_a.step()
+        opt_b.step()
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)
+    assert (
+        opt_a.defaults["weight_decay"]
+        == torch.optim.AdamW([torch.zeros(1)]).defaults["weight_decay"]
+    )
+
+
+def test_riemannian_sgd_takes_sparse_gradients_as_torchs_sgd():
+    """torch's SGD accepts sparse gradients (foreach or not): Euclidean parameters get
+    exactly its step, sphere parameters the step of the dense gradient."""
+    for foreach in (False, True):
+        g = torch.Generator().manual_seed(0)
+        emb = torch.nn.Parameter(torch.randn(10, 4, generator=g, dtype=torch.float64))
+        ref = torch.nn.Parameter(emb.detach().clone())
+        sph = st.SphereParameter(torch.randn(10, 4, generator=g, dtype=torch.float64), dim=1)
+        sph_ref = st.SphereParameter(sph.detach().clone(), dim=1)
+        opt = RiemannianSGD([emb, sph], lr=0.1, momentum=0.9, foreach=foreach)
+        opt_ref = torch.optim.SGD([ref], lr=0.1, momentum=0.9, foreach=foreach)
+        opt_sph = RiemannianSGD([sph_ref], lr=0.1, momentum=0.9, foreach=foreach)
+        for t in range(3):
+            idx = torch.tensor([[t, t + 2, 7]])
+            values = torch.randn(3, 4, generator=g, dtype=torch.float64)
+            grad = torch.sparse_coo_tensor(idx, values, (10, 4))
+            emb.grad, ref.grad = grad.clone(), grad.clone()
+            sph.grad, sph_ref.grad = grad.clone(), grad.to_dense()
+            opt.step()
+            opt_ref.step()
+            opt_sph.step()
+        assert torch.equal(emb, ref)
+        torch.testing.assert_close(sph, sph_ref, rtol=1e-12, atol=1e-12)
+        assert emb.grad.is_sparse  # never densified in place

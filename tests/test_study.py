@@ -54,8 +54,10 @@ def test_budget_to_reach_is_exact_on_a_power_law() -> None:
     # beyond the range: the end segment is extended (still exact on a power law)
     b, how = study.budget_to_reach(budgets, losses, 3 * 2.0**-0.2)
     assert how == "extrapolated" and b == pytest.approx(2.0, rel=1e-12)
-    b, how = study.budget_to_reach(budgets, losses, 3 * 0.1**-0.2)
-    assert how == "extrapolated" and b == pytest.approx(0.1, rel=1e-12)
+    b, how = study.budget_to_reach(budgets, losses, 3 * 0.15**-0.2)
+    assert how == "extrapolated" and b == pytest.approx(0.15, rel=1e-12)
+    # further than 2-fold out: a bound, not a number read off the extended line
+    assert study.budget_to_reach(budgets, losses, 3 * 0.1**-0.2) == (0.25, "at most")
     assert study.budget_to_reach(budgets, losses, losses[1]) == (0.5, "exact")
 
 

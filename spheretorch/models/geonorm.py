@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import sphere
+from ..kernels.geodesic_step import geonorm_step
 from .config import TransformerConfig
 from .gpt import GPT
 from .layers import MLP, CausalSelfAttention, RMSNorm, ScaledVector
@@ -101,49 +102,6 @@ class GeoNormConfig(TransformerConfig):
         if kind == "linear":
             return (n - layer) / n
         return 1.0
-
-
-def geonorm_step(
-    x: Tensor,
-    g: Tensor,
-    a: Tensor | float,
-    b: Tensor | float = 0.0,
-    *,
-    decay: float = 1.0,
-    clamp: float | None = None,
-    angle: str = "linear",
-    radius: float | None = None,
-) -> Tensor:
-    r"""One GeoNorm update of the states ``x`` ``(..., d)`` by the block outputs ``g``.
-
-    ``x' = |x| exp_xhat(theta v / |v|)`` with ``theta`` as in the module docstring;
-    ``radius=None`` compares ``g`` at the state's own norm, a float at that fixed radius.
-    Written as ``expmap(xhat, (theta / z) (v / rho))``, ``z = |v| / rho``, with ``theta / z``
-    smooth at ``z = 0``: finite values and gradients there, even with a bias; the step's norm
-    ``|theta|`` is handed to :func:`~spheretorch.sphere.expmap` (``norm_u``). Computed in
-    float32 for half types; returns ``x``'s dtype, norm ``|x|``.
-    """
-    dt = sphere.compute_dtype(x.dtype)
-    xf, gf = x.to(dt), g.to(dt)
-    r = sphere.norm(xf)
-    xhat = sphere.unit(xf)
-    v = sphere.project(xhat, gf)
-    vn = sphere.norm(v)
-    rho = r.clamp_min(torch.finfo(dt).tiny) if radius is None else radius
-    z = vn / rho
-    # v at round-off level (a radial g) has no direction: the bias's move is dropped there.
-    pos = vn > 16 * torch.finfo(dt).eps * sphere.norm(gf.detach())
-    zs = torch.where(pos, z, 1.0)
-    per_z = sphere.atanc_sq(z * z) if angle == "atan" else 1.0  # phi(z) / z, smooth at 0
-    if clamp is not None:  # theta0 = min(phi(z), c)
-        per_z = torch.where(per_z * z > clamp, clamp / zs, per_z)
-    # theta / z = delta (a theta0 / z + b / z): smooth at z = 0 but for the bias's part
-    theta_per_z = decay * (a * per_z + torch.where(pos, b / zs, 0.0))
-    if clamp is not None:  # theta = min(delta (a theta0 + b), c)
-        theta_per_z = torch.where(theta_per_z * z > clamp, clamp / zs, theta_per_z)
-    # |u| = |theta| is known: expmap skips the reduction and the squared-norm series
-    u = (theta_per_z / rho) * v
-    return (sphere.expmap(xhat, u, norm_u=theta_per_z * z) * r).to(x.dtype)
 
 
 class GeoBlock(nn.Module):

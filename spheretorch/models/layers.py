@@ -90,12 +90,15 @@ class Rotary(nn.Module):
         self.reset_parameters()
         return self
 
+    def tables(self, t: int) -> tuple[Tensor, Tensor]:
+        """``(cos, sin)`` of shape ``(t, head_dim / 2)`` for positions ``0..t-1``."""
+        return self.cos[:t], self.sin[:t]
+
     def forward(self, x: Tensor) -> Tensor:
         """Rotate ``x`` of shape ``(B, T, heads, head_dim)`` by its positions ``0..T-1``."""
         t, half = x.shape[1], x.shape[-1] // 2
         dtype = compute_dtype(x.dtype)
-        cos = self.cos[:t, None, :].to(dtype)
-        sin = self.sin[:t, None, :].to(dtype)
+        cos, sin = (table[:, None, :].to(dtype) for table in self.tables(t))
         xf = x.to(dtype)
         x1, x2 = xf[..., :half], xf[..., half:]
         return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
@@ -117,17 +120,16 @@ class CausalSelfAttention(nn.Module):
         self.rotary = Rotary(cfg.head_dim, cfg.seq_len, cfg.rope_base)
 
     def query_key(self, qk: Tensor) -> tuple[Tensor, Tensor, float | None]:
-        """``(q, k, softmax scale)`` from the rotated ``[q, k]`` heads ``(B, T, 2 heads, d_k)``;
-        ``None`` is SDPA's ``1/sqrt(d_k)``."""
+        """``(q, k, softmax scale)`` from the ``[q, k]`` heads ``(B, T, 2 heads, d_k)`` before
+        RoPE; ``None`` is SDPA's ``1/sqrt(d_k)``."""
+        qk = self.rotary(qk)  # q and k rotated as one tensor: one RoPE call instead of two
         return qk[:, :, : self.n_head], qk[:, :, self.n_head :], None
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, T, d) -> (B, T, d)``."""
         b, t, d = x.shape
         qkv = self.qkv(x).view(b, t, 3, self.n_head, self.head_dim)
-        # q and k rotated as one tensor: one RoPE call instead of two
-        qk = self.rotary(qkv[:, :, :2].reshape(b, t, 2 * self.n_head, self.head_dim))
-        q, k, scale = self.query_key(qk)
+        q, k, scale = self.query_key(qkv[:, :, :2].reshape(b, t, 2 * self.n_head, self.head_dim))
         y = F.scaled_dot_product_attention(
             q.transpose(1, 2),
             k.transpose(1, 2),

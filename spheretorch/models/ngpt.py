@@ -8,8 +8,10 @@ block proposes a point on the sphere and the hidden state moves part of the way 
     logits = s_z * (E_out h)
 
 so ``L`` layers are ``2L`` steps of an optimizer on the sphere with trained per-coordinate step
-sizes ``alpha`` ("eigen learning rates"). The residual step is
-:func:`spheretorch.geodesic.geodesic_update` (``nlerp`` as published, ``slerp`` as an option).
+sizes ``alpha`` ("eigen learning rates"). The residual step is the fused op
+:func:`spheretorch.kernels.residual.nlerp_residual` (``nlerp`` as published) or
+:func:`spheretorch.geodesic.geodesic_update` (``slerp``, an option); RoPE, the per-head norm
+and ``s_qk`` are :func:`spheretorch.kernels.rope.rope_unit`.
 Forward and gradients equal NVIDIA's reference code (with its RoPE repaired, see
 docs/transformers.md) to float64 round-off.
 """
@@ -25,6 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..geodesic import geodesic_update
+from ..kernels.residual import nlerp_residual
+from ..kernels.rope import rope_unit
 from ..parameter import renormalize_, sphere_, sphere_dim_of
 from ..sphere import unit
 from .base import LanguageModel
@@ -74,12 +78,12 @@ class NormalizedAttention(CausalSelfAttention):
         self.s_qk = ScaledVector(cfg.d_model, cfg.sqk_init, cfg.sqk_scale)
 
     def query_key(self, qk: Tensor) -> tuple[Tensor, Tensor, float | None]:
-        qk = unit(qk)
         s = self.s_qk().view(self.n_head, self.head_dim)
         # q.k = sum_i s_i^2 qhat_i khat_i: s_qk^2 and sqrt(d_k) go on q alone (one multiply
-        # instead of three; same function, same gradients).
-        q = qk[:, :, : self.n_head] * (s * s * math.sqrt(self.head_dim)).to(qk.dtype)
-        return q, qk[:, :, self.n_head :], 1.0
+        # instead of three; same function, same gradients). RoPE, the per-head norm and this
+        # scale are one fused op (spheretorch::rope_unit).
+        qk = rope_unit(qk, *self.rotary.tables(qk.shape[1]), s * s * math.sqrt(self.head_dim))
+        return qk[:, :, : self.n_head], qk[:, :, self.n_head :], 1.0
 
 
 class NormalizedMLP(MLP):
@@ -113,7 +117,10 @@ class NBlock(nn.Module):
             # The step starts from Norm(h), as in the reference's Block.forward: equal values
             # (h is unit), but the first attention sees the raw embedding row and keeps the
             # radial part of its gradient. |alpha|: a step size is non-negative (reference).
-            h = geodesic_update(unit(h), unit(f(h)), alpha().abs().to(h.dtype), self.rule)
+            if self.rule == "nlerp":  # one fused op: both norms, the step, the final norm
+                h = nlerp_residual(h, f(h), alpha().abs())
+            else:
+                h = geodesic_update(unit(h), unit(f(h)), alpha().abs().to(h.dtype), self.rule)
             if record is not None:
                 record.append(h)
         return h

@@ -3,11 +3,12 @@ r"""Optimizers for parameters on the sphere.
 * :class:`RiemannianAdam` -- Riemannian gradient, moments in the tangent space, retraction and
   transported momentum; by default step-for-step :class:`geoopt.optim.RiemannianAdam`.
 * :class:`RenormAdam` -- torch's Adam/AdamW on every parameter, then sphere parameters
-  renormalised (the nGPT recipe).
+  renormalised (the nGPT recipe); :class:`RenormAdamW`, the same with AdamW's defaults.
 * :class:`RiemannianSGD` -- SGD with (Nesterov) momentum on the sphere, torch's conventions.
 
-A parameter is on the sphere when it has a ``sphere_dim`` (a :class:`~spheretorch.SphereParameter`
-or any tensor with that attribute, see :func:`spheretorch.parameter.sphere_dim_of`); the others
+A parameter is on the sphere when :func:`spheretorch.optim._functional.sphere_of` says so (a
+:class:`~spheretorch.SphereParameter`, or any tensor with a ``sphere_dim``: one axis, adjacent
+axes, or the whole tensor, of radius ``sphere_radius``, default 1); the others
 get exactly torch's Adam/AdamW/SGD step in the same optimizer. Each optimizer is a thin
 :class:`torch.optim.Optimizer` over a functional core
 (:func:`spheretorch.optim.riemannian_adam.riemannian_adam`,
@@ -26,8 +27,13 @@ Beyond Adam (:mod:`.sphere_steps` holds their formulas, reusable by the classes 
 
 from . import sphere_steps
 from .adamh import AdamH
-from .optimizer import NONFINITE_POLICIES, NonfinitePolicy, SphereOptimizer
-from .renorm_adam import RenormAdam
+from .optimizer import (
+    NONFINITE_POLICIES,
+    NonfiniteGradientWarning,
+    NonfinitePolicy,
+    SphereOptimizer,
+)
+from .renorm_adam import RenormAdam, RenormAdamW
 from .riemannian_adam import RiemannianAdam
 from .riemannian_sgd import RiemannianSGD
 from .sphere_muon import SphereMuon
@@ -35,8 +41,10 @@ from .sphere_muon import SphereMuon
 __all__ = [
     "NONFINITE_POLICIES",
     "AdamH",
+    "NonfiniteGradientWarning",
     "NonfinitePolicy",
     "RenormAdam",
+    "RenormAdamW",
     "RiemannianAdam",
     "RiemannianSGD",
     "SphereMuon",

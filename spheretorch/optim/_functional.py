@@ -11,15 +11,20 @@ as one tensor by :func:`run_stacked`.
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 from collections.abc import Callable, Hashable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from .. import sphere
+from ..kernels.backend import BACKEND_ENV, Backend, backend_for
 from ..sphere.dtensor import global_value, is_dtensor
+from ..sphere.layout import SphereDims, canonical_sphere_dims, sphere_layout
 from . import _native
 
 Retraction = Literal["project", "exp"]
@@ -31,6 +36,138 @@ CPU_BUCKET_BYTES = 1 << 20
 STACK_STEP_MAX_NUMEL = 4096
 _FOREACH_DEVICES = ("cpu", "cuda")
 _BIG = 1 << 16  # gradients with at least this many elements are checked one by one
+
+
+# ---------------------------------------------------------------------- sphere geometry
+
+
+@dataclass(frozen=True)
+class SphereGeometry:
+    r"""Where one parameter's spheres lie: its sphere axes, their radius, and the
+    ``(outer, size, inner)`` view of ``spheretorch.sphere.layout.sphere_layout``.
+
+    ``dims``: an int (slices along one axis), a tuple of adjacent axes, or ``None`` (the whole
+    tensor is one sphere). ``radius``: every sphere is :math:`\|x\| = r`.
+    """
+
+    dims: SphereDims
+    radius: float
+    layout: Any  #: the ``spheretorch.sphere.layout.SphereLayout`` of the parameter
+
+    @property
+    def axis(self) -> int:
+        """The axis the reductions run along in :meth:`rows` views."""
+        return self.dims if isinstance(self.dims, int) else 1
+
+    def rows(self, t: Tensor) -> Tensor:
+        """``t`` itself (one sphere axis) or its ``(outer, size, inner)`` view (no copy; a
+        tensor whose strides forbid the view is copied, so only read such results)."""
+        if isinstance(self.dims, int):
+            return t
+        if t.numel() == self.layout.count:  # a per-sphere statistic (size 1 along the spheres)
+            return t.reshape(self.layout.outer, 1, self.layout.inner)
+        return t.reshape(self.layout.outer, self.layout.size, self.layout.inner)
+
+    def moment_shape(self, shape: Sequence[int]) -> list[int]:
+        """``shape`` with every sphere axis of size 1 (one value per sphere)."""
+        out = list(shape)
+        axes = (
+            range(len(out))
+            if self.dims is None
+            else (self.dims,)
+            if isinstance(self.dims, int)
+            else self.dims
+        )
+        for a in axes:
+            out[a] = 1
+        return out
+
+
+def write_back(t: Tensor, rows: Tensor) -> None:
+    """Store ``rows`` (computed on :meth:`SphereGeometry.rows` of ``t``) into ``t``, unless
+    it already is ``t`` or a view of it (written in place)."""
+    if rows is t:
+        return
+    if rows.shape == t.shape:
+        t.copy_(rows)  # one sphere axis: rows is a new result (DTensors take this path)
+        return
+    if rows.numel() and rows.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
+        return  # a reshape view of t: the in-place updates went to t
+    t.copy_(rows.reshape(t.shape))
+
+
+@functools.lru_cache(maxsize=4096)
+def _geometry(shape: tuple[int, ...], dims: Any, radius: float) -> SphereGeometry:
+    canon = canonical_sphere_dims(len(shape), dims)
+    return SphereGeometry(canon, float(radius), sphere_layout(shape, canon))
+
+
+def sphere_of(p: Tensor) -> SphereGeometry | None:
+    """THE hook the optimizers use to ask "is ``p`` on a sphere, and which": ``None`` for a
+    Euclidean tensor, else its :class:`SphereGeometry`.
+
+    Read from the tensor's attributes: ``sphere_dim`` (an int, a tuple of adjacent axes, or
+    ``None`` = the whole tensor, the latter only on a :class:`~spheretorch.SphereParameter`:
+    on any other tensor a ``None`` or missing ``sphere_dim`` means Euclidean) and
+    ``sphere_radius`` (default 1.0).
+    """
+    dims = getattr(p, "sphere_dim", None)
+    if dims is None:
+        from ..parameter import SphereParameter
+
+        if not isinstance(p, SphereParameter):
+            return None
+    return _geometry(tuple(p.shape), dims, getattr(p, "sphere_radius", 1.0))
+
+
+def geometry_of(p: Tensor, d: Any) -> SphereGeometry | None:
+    """An entry of a functional core's ``sphere_dims`` list as a :class:`SphereGeometry`:
+    ``None`` (Euclidean), a :class:`SphereGeometry`, or sphere axes (radius 1)."""
+    if d is None or isinstance(d, SphereGeometry):
+        return d
+    return _geometry(tuple(p.shape), d, 1.0)
+
+
+def sphere_groups(
+    params: Sequence[Tensor], geoms: Sequence[SphereGeometry | None]
+) -> tuple[list[int], dict[tuple[Any, ...], list[int]]]:
+    """Indices of Euclidean parameters, and of sphere ones keyed by (device, dtype, view kind,
+    reduction axis, radius): the parameters one multi-tensor update handles together."""
+    euclidean: list[int] = []
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, (p, geo) in enumerate(zip(params, geoms)):
+        if geo is None:
+            euclidean.append(i)
+        else:
+            kind = isinstance(geo.dims, int)
+            groups.setdefault((p.device, p.dtype, kind, geo.axis, geo.radius), []).append(i)
+    return euclidean, groups
+
+
+def use_triton(tensors: Sequence[Tensor]) -> bool:
+    """Whether the Triton kernels run these tensors' sphere updates
+    (:func:`spheretorch.kernels.backend.backend_for` of their device: CUDA by default, any
+    device with ``SPHERETORCH_FUSED_BACKEND=triton``); never while compiling or for DTensors."""
+    if not tensors or compiling() or is_dtensor(tensors[0]):
+        return False
+    device = tensors[0].device
+    if device.type == "cpu" and BACKEND_ENV not in os.environ:
+        return False  # the common CPU case without reading the switch (small problems)
+    return backend_for(device) is Backend.TRITON
+
+
+def run_masked(found_inf: Tensor | None, written: Sequence[Tensor], fn: Callable[[], None]) -> None:
+    """Run ``fn`` (which updates ``written`` in place); where ``found_inf`` is nonzero, restore
+    every tensor of ``written`` bitwise, without a host synchronisation. The device-side skip
+    for a path that has no ``found_inf`` input of its own."""
+    if found_inf is None:
+        fn()
+        return
+    saved = [t.clone() for t in written]
+    fn()
+    skip = found_inf.to(torch.bool)
+    for t, old in zip(written, saved):
+        t.copy_(torch.where(skip, old, t))
 
 
 # ---------------------------------------------------------------------- arguments
@@ -259,19 +396,31 @@ def to_dtype(ts: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
 _NATIVE_SCAN_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def nonfinite_flag(grads: Sequence[Tensor]) -> Tensor:
-    """0-d bool tensor, True when some gradient may hold a NaN or an infinity. No sync.
+def nonfinite_flag(grads: Sequence[Tensor]) -> Tensor | bool:
+    """0-d tensor (or a Python bool, when computed on the host), nonzero when some gradient
+    may hold a NaN or an infinity. No sync.
 
+    Where :func:`use_triton` (CUDA) and the gradients are contiguous: an exact scan by one
+    Triton launch per dtype (:func:`spheretorch.kernels.optim.nonfinite_flag`, float32 0/1).
     Contiguous CPU gradients: an exact scan of the exponent bits by the native kernel
-    (``_native.nonfinite``). Otherwise (devices, DTensors):
+    (``_native.nonfinite``). Otherwise (DTensors, strided gradients):
     One full reduction per gradient (in float32 for half types): a sum for large gradients
     (the cheapest; ~1.7x faster than a norm on CPU), one ``_foreach_norm`` for all small ones.
     A finite gradient whose sum (of squares) overflows is flagged too; :func:`really_nonfinite`
     re-checks. Sharded (DTensor) flags are all-reduced, one per mesh, so all ranks agree.
     """
-    if _native.usable(grads, dtypes=_NATIVE_SCAN_DTYPES, same_dtype=False):
-        # exact, and one read of each element at memory speed (CPU: the value is on the host)
-        return torch.tensor(_native.nonfinite(grads))
+    if (
+        use_triton(grads)
+        and all(g.is_contiguous() and g.device == grads[0].device for g in grads)
+        and all(g.dtype in _NATIVE_SCAN_DTYPES for g in grads)
+    ):
+        from ..kernels import optim as kernels
+
+        return kernels.nonfinite_flag(grads)
+    if grads[0].is_cpu and _native.usable(grads, dtypes=_NATIVE_SCAN_DTYPES, same_dtype=False):
+        # exact, and one read of each element at memory speed; the answer is on the host: a
+        # Python bool (no tensor to make for a small problem's step)
+        return _native.nonfinite(grads)
     by_key: dict[tuple[Any, ...], list[Tensor]] = {}
     for g in grads:
         mesh = g.device_mesh if is_dtensor(g) else None  # type: ignore[attr-defined]

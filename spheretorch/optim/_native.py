@@ -11,8 +11,7 @@ has already loaded (one thread pool, ``torch.get_num_threads()`` threads).
 
 When there is no compiler, the compilation fails, or ``SPHERETORCH_NATIVE=0`` is set,
 :func:`library` returns ``None`` (logged once) and the callers take their other path (the
-``torch.compile``\ d kernel of ``_fused.py``, torch's reductions): same results within
-round-off, slower.
+``_foreach`` paths, torch's reductions): same results within round-off, slower.
 
 Each wrapper takes lists of contiguous CPU tensors of one floating dtype; :func:`usable` tells
 whether a list qualifies. The kernels write through raw pointers, so the wrappers bump the
@@ -38,6 +37,7 @@ import torch
 from torch import Tensor
 
 from ..sphere.dtensor import is_dtensor
+from ..sphere.layout import SphereLayout, sphere_layout
 
 __all__ = ["library", "nonfinite", "renormalize", "riemannian_adam", "riemannian_sgd", "usable"]
 
@@ -195,13 +195,12 @@ def _ptrs(ts: Sequence[Tensor]) -> ctypes.Array:
     return (ctypes.c_void_p * len(ts))(*[t.data_ptr() for t in ts])
 
 
-def _shapes(xs: Sequence[Tensor], dims: Sequence[int]) -> ctypes.Array:
-    """``(outer, n, inner)`` of each tensor around its sphere axis."""
+def _shapes(xs: Sequence[Tensor], dims: Sequence[int | SphereLayout]) -> ctypes.Array:
+    """``(outer, n, inner)`` of each tensor: its :class:`SphereLayout`, or around one axis."""
     flat: list[int] = []
     for x, d in zip(xs, dims):
-        d = d % x.dim()
-        shape = x.shape
-        flat += [shape[:d].numel(), shape[d], shape[d + 1 :].numel()]
+        lay = d if isinstance(d, SphereLayout) else sphere_layout(x.shape, d)
+        flat += [lay.outer, lay.size, lay.inner]
     return (ctypes.c_int64 * len(flat))(*flat)
 
 
@@ -219,7 +218,6 @@ def _written(*lists: Sequence[Tensor]) -> None:
         torch.autograd.graph.increment_version(ts)
 
 
-# The keywords of _fused._adam_kernel, on purpose: one option set for both fused kernels.
 def riemannian_adam(
     xs: list[Tensor],
     gs: list[Tensor],
@@ -227,7 +225,7 @@ def riemannian_adam(
     vs: list[Tensor],
     vmaxs: list[Tensor],
     steps: list[Tensor],
-    dims: list[int],
+    dims: Sequence[int | SphereLayout],
     *,
     lr: float,
     beta1: float,
@@ -270,7 +268,7 @@ def riemannian_sgd(
     xs: list[Tensor],
     gs: list[Tensor],
     bufs: list[Tensor],
-    dims: list[int],
+    dims: Sequence[int | SphereLayout],
     *,
     lr: float,
     momentum: float,
@@ -306,7 +304,9 @@ def riemannian_sgd(
     _written(xs, bufs)
 
 
-def renormalize(xs: list[Tensor], dims: list[int], *, keep: Tensor | None = None) -> None:
+def renormalize(
+    xs: list[Tensor], dims: Sequence[int | SphereLayout], *, keep: Tensor | None = None
+) -> None:
     r"""In place :math:`x \leftarrow x / \|x\|` along ``dims``: ``x`` times the reciprocal
     norm, computed from a float64 sum of squares and rounded once, within an ulp of the
     exactly rounded quotient; nothing changes when ``keep`` is nonzero."""

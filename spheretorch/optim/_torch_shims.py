@@ -11,6 +11,20 @@ from torch import Tensor
 from ._functional import compiling, pick
 
 
+def same_strides(params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
+    """``grads``, each one laid out as its parameter (a copy where the strides differ).
+
+    torch's fused Adam/SGD kernels walk a parameter and its gradient in memory order: with a
+    gradient of other strides (e.g. a transposed one) they silently pair the wrong elements
+    (measured: torch 2.11 and 2.13, CPU, ``Adam(fused=True)`` off by ``lr`` per element)."""
+    if all(g.stride() == p.stride() for p, g in zip(params, grads)):
+        return grads
+    return [
+        g if g.stride() == p.stride() else torch.empty_like(p).copy_(g)
+        for p, g in zip(params, grads)
+    ]
+
+
 def _accepts(fn: Any, name: str) -> bool:
     import inspect
 
@@ -53,6 +67,8 @@ def torch_adam(
     from torch.optim.adam import adam
 
     capturable = capturable and not params[0].is_cpu
+    if fused:
+        grads = same_strides(params, grads)
     if compiling():
         # torch's foreach Adam fails to trace on CPU when called outside torch.optim.Adam
         # ("Expected scalars to be on CPU"); the compiler fuses the single-tensor loop anyway
@@ -106,10 +122,15 @@ def torch_sgd(
         return
     from torch.optim.sgd import sgd
 
+    if fused:
+        grads = same_strides(params, grads)
     if compiling():
         foreach = False  # as in torch_adam: the compiler fuses the loop
     elif isinstance(lr, Tensor) and not fused:
         lr = lr.item()
+    extra: dict[str, Any] = {}
+    if _accepts(sgd, "has_sparse_grad"):
+        extra["has_sparse_grad"] = any(g.is_sparse for g in grads)
     sgd(
         params,
         grads,
@@ -123,6 +144,7 @@ def torch_sgd(
         dampening=dampening,
         nesterov=nesterov,
         maximize=maximize,
+        **extra,
     )
 
 

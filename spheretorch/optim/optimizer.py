@@ -4,11 +4,20 @@ r""":class:`SphereOptimizer`, the base class of the three optimizers (as torch's
 none with a device-side skip), sparse-gradient rejection naming the parameter, float32 state
 for half-precision sphere parameters across ``load_state_dict``, and torch's
 ``__setstate__`` defaults for state dicts that lack newer keys. Details: docs/optimizers.md.
+
+Skipped steps are never silent: ``nonfinite="skip"`` warns (``NonfiniteGradientWarning``) on
+the first skipped step and again when :data:`WARN_AFTER_CONSECUTIVE_SKIPS` steps in a row
+have been skipped (every parameter frozen), then each time that run has doubled. Where the
+skip is decided on the device (fused or capturable steps) the host learns of skips without
+an extra synchronisation per step: it reads the device-side counters every
+:data:`SKIP_CHECK_EVERY` steps (one small read, never while a CUDA graph is being captured or
+under ``torch.compile``) and whenever :attr:`SphereOptimizer.skipped_steps` is read.
 """
 
 from __future__ import annotations
 
 import inspect
+import warnings
 from itertools import chain
 from typing import Any, Literal
 
@@ -16,14 +25,36 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ..parameter import sphere_dim_of
 from ..sphere import UPCAST_DTYPES, compute_dtype, global_value, is_dtensor
-from ._functional import new_step, nonfinite_flag, really_nonfinite
+from ._functional import (
+    compiling,
+    new_step,
+    nonfinite_flag,
+    really_nonfinite,
+    run_masked,
+    sphere_of,
+)
 
-__all__ = ["NONFINITE_POLICIES", "NonfinitePolicy", "SphereOptimizer"]
+__all__ = [
+    "NONFINITE_POLICIES",
+    "SKIP_CHECK_EVERY",
+    "WARN_AFTER_CONSECUTIVE_SKIPS",
+    "NonfiniteGradientWarning",
+    "NonfinitePolicy",
+    "SphereOptimizer",
+]
 
 NonfinitePolicy = Literal["skip", "raise", "ignore"]
 NONFINITE_POLICIES: tuple[str, ...] = ("skip", "raise", "ignore")
+#: warn again each time this many steps in a row were skipped for non-finite gradients
+WARN_AFTER_CONSECUTIVE_SKIPS = 10
+#: where the skip is decided on the device, the host reads the skip counters every this many
+#: steps
+SKIP_CHECK_EVERY = 50
+
+
+class NonfiniteGradientWarning(UserWarning):
+    """A step was skipped because a gradient held a NaN or an infinity (``nonfinite="skip"``)."""
 
 
 class SphereOptimizer(Optimizer):
@@ -61,23 +92,46 @@ class SphereOptimizer(Optimizer):
                 "synchronisation); use nonfinite='skip' (skips on the device) or 'ignore'"
             )
         self.nonfinite: NonfinitePolicy = nonfinite
-        self._skipped = 0
-        self._skipped_on_device: Tensor | None = None
         super().__init__(params, defaults)
+        self._reset_skip_counters(0)
 
     # ------------------------------------------------------------------ bookkeeping
+
+    def _reset_skip_counters(self, skipped: int) -> None:
+        """Host and device skip counters. The device ones (total, and the current run of
+        consecutive skips) exist from the start, on the first parameter's device, so that a
+        compiled step only updates them in place (torch.compile cannot create attributes)."""
+        first = next((p for g in self.param_groups for p in g["params"]), None)
+        device = first.device if first is not None and not is_dtensor(first) else "cpu"
+        self._skipped = skipped  # decided on the host
+        self._consecutive = 0  # current run of host-side skips
+        self._skipped_on_device = torch.zeros((), device=device)
+        self._consecutive_on_device = torch.zeros((), device=device)
+        self._seen_on_device = 0.0  # device total at the last host read
+        self._steps_since_check = 0
+        self._warned_first = skipped > 0
+        self._last_run_warned = 0  # the run of consecutive skips last warned about
 
     @property
     def skipped_steps(self) -> int:
         """Steps skipped so far because a gradient was not finite (``nonfinite="skip"``)."""
-        extra = 0 if self._skipped_on_device is None else int(self._skipped_on_device)
-        return self._skipped + extra
+        self._check_device_skips()
+        return self._skipped + int(self._seen_on_device)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state["nonfinite"] = self.nonfinite
         state["_skipped"] = self.skipped_steps
-        state["_skipped_on_device"] = None
+        for key in (
+            "_skipped_on_device",
+            "_consecutive_on_device",
+            "_seen_on_device",
+            "_consecutive",
+            "_steps_since_check",
+            "_warned_first",
+            "_last_run_warned",
+        ):
+            state.pop(key, None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -85,9 +139,13 @@ class SphereOptimizer(Optimizer):
         keys they lack (from this optimizer's defaults), and a ``step`` saved as a number
         becomes a tensor where this optimizer keeps it."""
         state.setdefault("nonfinite", "skip")
-        state.setdefault("_skipped", 0)
-        state.setdefault("_skipped_on_device", None)
+        # a pickled optimizer brings its count; load_state_dict (which also calls this)
+        # keeps the current one
+        skipped = state.pop("_skipped", None)
+        state.pop("_skipped_on_device", None)
         super().__setstate__(state)
+        if skipped is not None or not hasattr(self, "_skipped_on_device"):
+            self._reset_skip_counters(int(skipped or 0))
         fill = {**self._signature_defaults(), **self.defaults}
         for group in self.param_groups:
             for key, value in fill.items():
@@ -164,11 +222,60 @@ class SphereOptimizer(Optimizer):
         """Device-side skip for a path without a ``found_inf`` input (capturable foreach):
         snapshot what the update writes, update, restore where ``found_inf`` is set."""
         written = [t for i, lst in enumerate(lists) if i != 1 for t in lst if torch.is_tensor(t)]
-        saved = [t.clone() for t in written]
-        self._update(group, lists, None)
-        skip = found_inf.to(torch.bool)
-        for t, old in zip(written, saved):
-            t.copy_(torch.where(skip, old, t))
+        run_masked(found_inf, written, lambda: self._update(group, lists, None))
+
+    # ------------------------------------------------------------------ skip warnings
+
+    def _warn_first_skip(self, where: str) -> None:
+        if self._warned_first:
+            return
+        self._warned_first = True
+        warnings.warn(
+            f"{type(self).__name__}: skipped a step because a gradient is not finite (NaN or "
+            f"inf){where}; parameters and state were left unchanged (nonfinite='skip'; pass "
+            f"nonfinite='raise' to stop instead; optimizer.skipped_steps counts them)",
+            NonfiniteGradientWarning,
+            stacklevel=4,
+        )
+
+    def _warn_run(self, run: int) -> None:
+        """Warn about ``run`` consecutive skips once it reaches
+        :data:`WARN_AFTER_CONSECUTIVE_SKIPS`, then each time it has doubled since the last
+        warning (10, 20, 40, ... in a row), so a frozen run is reported without flooding."""
+        if run < WARN_AFTER_CONSECUTIVE_SKIPS or run < 2 * self._last_run_warned:
+            return
+        self._last_run_warned = run
+        warnings.warn(
+            f"{type(self).__name__}: the last {run} steps were all skipped for non-finite "
+            f"gradients: nothing is training",
+            NonfiniteGradientWarning,
+            stacklevel=4,
+        )
+
+    def _where_nonfinite(self) -> str:
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if p.grad is not None and not bool(global_value(torch.isfinite(p.grad).all())):
+                    return f" in param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)})"
+        return ""
+
+    def _check_device_skips(self) -> None:
+        """Read the device-side skip counters (one small host read) and warn about new skips;
+        never while compiling or capturing a CUDA graph."""
+        if compiling() or self._skipped_on_device is None:
+            return
+        if self._skipped_on_device.is_cuda and torch.cuda.is_current_stream_capturing():
+            return
+        self._steps_since_check = 0
+        total = float(self._skipped_on_device)
+        if total == self._seen_on_device:
+            return
+        self._seen_on_device = total
+        self._warn_first_skip("")
+        run = int(self._consecutive_on_device)
+        if run == 0:
+            self._last_run_warned = 0
+        self._warn_run(run)
 
     def step(self, closure: Any = None) -> Any:
         """Perform one optimisation step (with autograd recording it when the optimizer was
@@ -197,19 +304,42 @@ class SphereOptimizer(Optimizer):
             collected.append(lists)
         found_inf = None
         if self.nonfinite != "ignore":
-            grads = [g for lists in collected for g in lists[1]]
+            # a sparse gradient (torch's SGD takes them) is checked through its values
+            grads = [
+                g.coalesce().values() if g.is_sparse else g for lists in collected for g in lists[1]
+            ]
             if grads:
                 flag = nonfinite_flag(grads)
                 if self.nonfinite == "skip" and self._uses_device_side_skip():
-                    found_inf = flag.to(torch.float32)
-                    if self._skipped_on_device is None:
-                        self._skipped_on_device = torch.zeros((), device=flag.device)
-                    self._skipped_on_device.add_(found_inf)
+                    found_inf = (
+                        torch.tensor(float(flag))
+                        if isinstance(flag, bool)
+                        else flag.to(torch.float32)
+                    )
+                    counter = self._skipped_on_device
+                    if counter.device != found_inf.device and not compiling():
+                        counter = self._skipped_on_device = counter.to(found_inf.device)
+                        self._consecutive_on_device = self._consecutive_on_device.to(
+                            found_inf.device
+                        )
+                    counter.add_(found_inf)
+                    # the run of consecutive skips: +1 on a skipped step, back to 0 otherwise
+                    self._consecutive_on_device.add_(1).mul_(found_inf)
+                    if not compiling():
+                        self._steps_since_check += 1
+                        if self._steps_since_check >= SKIP_CHECK_EVERY:
+                            self._check_device_skips()
                 elif bool(flag) and really_nonfinite(grads):  # the one host sync
                     if self.nonfinite == "raise":
                         self._raise_nonfinite()
                     self._skipped += 1
+                    self._consecutive += 1
+                    if not self._warned_first:
+                        self._warn_first_skip(self._where_nonfinite())
+                    self._warn_run(self._consecutive)
                     return loss
+                else:
+                    self._consecutive = self._last_run_warned = 0
 
         for group, lists in zip(self.param_groups, collected):
             if not lists[0]:
@@ -271,7 +401,7 @@ class SphereOptimizer(Optimizer):
 
     def _state_dtype(self, p: Tensor) -> torch.dtype:
         """dtype of the floating state of ``p``: compute dtype for sphere parameters."""
-        if sphere_dim_of(p) is not None:
+        if sphere_of(p) is not None:
             return compute_dtype(p.dtype)
         return p.dtype
 
@@ -295,7 +425,7 @@ class SphereOptimizer(Optimizer):
         params = chain.from_iterable(g["params"] for g in self.param_groups)
         for pid, p in zip(saved_ids, params):
             saved = state_dict["state"].get(pid)
-            if saved is None or sphere_dim_of(p) is None or p.dtype not in UPCAST_DTYPES:
+            if saved is None or sphere_of(p) is None or p.dtype not in UPCAST_DTYPES:
                 continue
             for key in self._compute_dtype_state:
                 value = saved.get(key)

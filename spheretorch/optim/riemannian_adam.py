@@ -28,27 +28,33 @@ import torch
 from torch import Tensor
 
 from .. import sphere
-from ..parameter import sphere_dim_of
+from ..kernels import optim as kernels
 from ..sphere import compute_dtype
+from . import _native
 from ._functional import (
     Retraction,
     SecondMoment,
+    SphereGeometry,
     check_choice,
     check_fused_param,
     check_hyperparameters,
     compiling,
     default_foreach,
-    group_by_axis,
+    geometry_of,
     increment_steps,
     new_step,
     pick,
     retract_,
+    run_masked,
     run_stacked,
     scalar_value,
+    sphere_groups,
+    sphere_of,
     to_dtype,
+    use_triton,
     work_units,
+    write_back,
 )
-from ._fused import fused_riemannian_adam
 from ._torch_shims import torch_adam_on
 from .optimizer import NonfinitePolicy, SphereOptimizer
 
@@ -65,15 +71,17 @@ class RiemannianAdam(SphereOptimizer):
 
     Args:
         params: parameters or parameter groups. Parameters with a ``sphere_dim`` (see
-            :func:`spheretorch.parameter.sphere_dim_of`) are updated on the sphere along that
+            :func:`spheretorch.optim._functional.sphere_of`) are updated on the sphere along that
             axis; all others get torch's Adam/AdamW step.
         lr: learning rate :math:`\gamma` (a float, or a one-element tensor).
         betas: :math:`(\beta_1, \beta_2)`.
         eps: :math:`\epsilon`, added to :math:`\sqrt{\hat v}`.
         weight_decay: L2 penalty for **Euclidean** parameters only (see the module notes).
         amsgrad: use the running maximum of the second moment.
-        foreach: ``None`` (default) picks the multi-tensor implementation for CPU/CUDA tensors;
-            ``False`` runs the single-tensor reference loop.
+        foreach: ``None`` (default): the native CPU kernel where it applies, the Triton
+            kernels on CUDA, else the multi-tensor implementation; ``True``: the
+            multi-tensor implementation (torch ``_foreach`` ops on CPU); ``False``: the
+            single-tensor reference loop.
         maximize: maximise the objective instead of minimising it.
         second_moment: ``"row"`` (default, geoopt: one second moment per slice) or
             ``"coordinate"``.
@@ -86,10 +94,11 @@ class RiemannianAdam(SphereOptimizer):
         differentiable: let autograd record the step (single-tensor path), as torch's flag.
         fused: one pass over memory per group. CPU: a hand-written C++ kernel, compiled
             with the system compiler on first use (2-2.5 s, once per machine: cached on
-            disk; see ``spheretorch.optim._native``); CUDA, DTensors, half types, or no
-            compiler: a ``torch.compile``\ d kernel per parameter (seconds per new layout).
-            Equal to the foreach path within rounding; non-finite steps skipped without a
-            host synchronisation.
+            disk; see ``spheretorch.optim._native``); CUDA: the Triton kernels of
+            :mod:`spheretorch.kernels.optim` (one launch per row length); anything no kernel
+            takes (DTensors, half types on CPU, no compiler): the foreach path, skipped on the
+            device by masking. Equal to the single-tensor reference within rounding; non-finite
+            steps skipped without a host synchronisation.
         nonfinite: ``"skip"`` (default), ``"raise"`` or ``"ignore"``: what a NaN/inf gradient
             does; see :mod:`spheretorch.optim.optimizer`.
 
@@ -151,10 +160,10 @@ class RiemannianAdam(SphereOptimizer):
         return None
 
     def _state_layout(self, p: Tensor, group: dict[str, Any]) -> dict[str, tuple[Any, bool]]:
-        d = sphere_dim_of(p)
+        geo = sphere_of(p)
         moment = list(p.shape)
-        if d is not None and group["second_moment"] == "row":
-            moment[d] = 1
+        if geo is not None and group["second_moment"] == "row":
+            moment = geo.moment_shape(p.shape)
         out: dict[str, tuple[Any, bool]] = {
             "step": ((), True),
             "exp_avg": (p.shape, True),
@@ -173,7 +182,7 @@ class RiemannianAdam(SphereOptimizer):
         exp_avg_sqs: list[Tensor],
         max_exp_avg_sqs: list[Tensor],
         steps: list[Tensor],
-        dims: list[int | None],
+        dims: list[SphereGeometry | None],
     ) -> None:
         state_of = self.state
         amsgrad = group["amsgrad"]
@@ -183,22 +192,23 @@ class RiemannianAdam(SphereOptimizer):
                 continue
             if p.grad.is_sparse:
                 raise self._sparse_error(group, p)
-            d = sphere_dim_of(p)
+            geo = sphere_of(p)
             state = state_of[p]
             if len(state) == 0:
                 if group["fused"]:
                     check_fused_param(p)
                 state["step"] = new_step(p, bool(group["fused"]), group["capturable"])
-                dtype = p.dtype if d is None else compute_dtype(p.dtype)
+                dtype = p.dtype if geo is None else compute_dtype(p.dtype)
                 state["exp_avg"] = torch.zeros_like(p, dtype=dtype)
                 for key in ("exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg_sq",):
                     # one second moment per slice ("row"): replicated across the ranks that
                     # share a slice when FSDP2 shards the sphere axis (see zeros_per_slice)
-                    state[key] = (
-                        sphere.zeros_per_slice(p, d, dtype)
-                        if d is not None and row
-                        else torch.zeros_like(p, dtype=dtype)
-                    )
+                    if geo is None or not row:
+                        state[key] = torch.zeros_like(p, dtype=dtype)
+                    elif isinstance(geo.dims, int):
+                        state[key] = sphere.zeros_per_slice(p, geo.dims, dtype)
+                    else:
+                        state[key] = p.new_zeros(geo.moment_shape(p.shape), dtype=dtype)
             params.append(p)
             grads.append(p.grad)
             exp_avgs.append(state["exp_avg"])
@@ -206,16 +216,16 @@ class RiemannianAdam(SphereOptimizer):
             if amsgrad:
                 max_exp_avg_sqs.append(state["max_exp_avg_sq"])
             steps.append(state["step"])
-            dims.append(d)
+            dims.append(geo)
 
     def _update(self, group: dict[str, Any], lists: Any, found_inf: Tensor | None) -> None:
+        # None stays None: the functional core's "auto" (the native CPU kernel where it
+        # applies, else the multi-tensor path)
         foreach = group["foreach"]
-        if foreach is None:
-            foreach = default_foreach(lists[0])
         beta1, beta2 = group["betas"]
         riemannian_adam(
             *lists,
-            foreach=foreach and not group["differentiable"],
+            foreach=False if group["differentiable"] else foreach,
             fused=bool(group["fused"]),
             found_inf=found_inf,
             capturable=group["capturable"],
@@ -241,7 +251,7 @@ def riemannian_adam(
     exp_avg_sqs: list[Tensor],
     max_exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
-    sphere_dims: list[int | None],
+    sphere_dims: list[Any],
     *,
     foreach: bool | None = None,
     fused: bool = False,
@@ -262,20 +272,27 @@ def riemannian_adam(
     r"""Functional Riemannian Adam: updates ``params`` and the state lists in place.
 
     All lists are aligned with ``params`` (``max_exp_avg_sqs`` is empty unless ``amsgrad``);
-    ``sphere_dims[i]`` is the sphere axis of ``params[i]`` or ``None`` for a Euclidean one.
+    ``sphere_dims[i]`` is ``None`` for a Euclidean ``params[i]``, else its sphere axes (an int,
+    a tuple of adjacent axes) or its :class:`~spheretorch.optim._functional.SphereGeometry`
+    (axes and radius, as :func:`~spheretorch.optim._functional.sphere_of` gives).
     The state of a sphere parameter is in its compute dtype and ``exp_avg_sqs[i]`` has size 1
     along the axis for ``second_moment="row"``. ``fused``/``foreach`` select
-    ``_fused.fused_riemannian_adam``, ``_multi_tensor_riemannian_adam`` or
-    ``_single_tensor_riemannian_adam``, which give the same result up to rounding.
+    ``_multi_tensor_riemannian_adam`` (its kernels) or ``_single_tensor_riemannian_adam`` (the
+    reference), which give the same result up to rounding; ``foreach=None`` on CPU takes the
+    native kernel where it applies.
     ``found_inf`` (fused only): a 0-d tensor, nonzero to skip the step on the device.
     """
     _check_choices(second_moment, retraction)
+    auto = foreach is None
     if foreach is None:
         foreach = default_foreach(params)
+    sphere_dims = [geometry_of(p, d) for p, d in zip(params, sphere_dims)]
     if fused:
-        fn: Any = functools.partial(fused_riemannian_adam, found_inf=found_inf)
+        fn: Any = functools.partial(_multi_tensor_riemannian_adam, fused=True, found_inf=found_inf)
     elif foreach:
-        fn = functools.partial(_multi_tensor_riemannian_adam, capturable=capturable)
+        fn = functools.partial(
+            _multi_tensor_riemannian_adam, capturable=capturable, native=auto and not capturable
+        )
     else:
         fn = functools.partial(
             _single_tensor_riemannian_adam, capturable=capturable, differentiable=differentiable
@@ -348,16 +365,20 @@ def _single_tensor_riemannian_adam(
         capturable=capturable,
         differentiable=differentiable,
     )
-    for i, d in enumerate(sphere_dims):
-        if d is None:
+    for i, geo in enumerate(sphere_dims):
+        if geo is None:
             continue
-        x = params[i]
+        d, r = geo.axis, geo.radius
+        x = geo.rows(params[i])
         cd = compute_dtype(x.dtype)
         xc = x.to(cd, copy=differentiable)
-        g = grads[i].to(cd)
+        if r != 1:  # the update on the sphere of radius r, computed on x / r (unit)
+            xc = xc / r
+        g = geo.rows(grads[i]).to(cd)
         if maximize:
             g = -g
-        m, v = exp_avgs[i], exp_avg_sqs[i]
+        m = geo.rows(exp_avgs[i])
+        v = v_rows = geo.rows(exp_avg_sqs[i])
         step_t = state_steps[i]
         step_t += 1
         # capturable: bias corrections on the device, in float64 as the host-side numbers
@@ -372,15 +393,22 @@ def _single_tensor_riemannian_adam(
         else:
             v.mul_(beta2).addcmul_(rg, rg, value=1 - beta2)
         if amsgrad:
-            vmax = max_exp_avg_sqs[i]
+            vmax = geo.rows(max_exp_avg_sqs[i])
             vmax.copy_(torch.maximum(vmax.clone() if differentiable else vmax, v))
+            write_back(max_exp_avg_sqs[i], vmax)
             v = vmax
         denom = (v.sqrt() / bias_correction2**0.5).add_(eps)
         u = (m.clone() if differentiable else m) / denom * (-lr / bias_correction1)
         if second_moment == "coordinate":
             u = sphere.project(xc, u, d)  # m / denom is not tangent
+        if r != 1:
+            u = u / r
         y = retract_(xc, u, d, retraction, [m], differentiable)
-        x.copy_(y)
+        if r != 1:
+            y = y * r
+        write_back(exp_avgs[i], m)
+        write_back(exp_avg_sqs[i], v_rows)
+        write_back(params[i], y)
 
 
 def _multi_tensor_riemannian_adam(
@@ -390,7 +418,7 @@ def _multi_tensor_riemannian_adam(
     exp_avg_sqs: list[Tensor],
     max_exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
-    sphere_dims: list[int | None],
+    sphere_dims: list[SphereGeometry | None],
     *,
     amsgrad: bool,
     beta1: float,
@@ -403,10 +431,17 @@ def _multi_tensor_riemannian_adam(
     retraction: Retraction,
     decoupled_weight_decay: bool,
     capturable: bool = False,
+    fused: bool = False,
+    found_inf: Tensor | None = None,
+    native: bool = False,
 ) -> None:
-    """``_foreach`` implementation: sphere parameters grouped by (device, dtype, axis), each
-    group cut into cache-sized buckets (CPU); Euclidean ones go to torch's foreach Adam."""
-    euclidean, groups = group_by_axis(params, sphere_dims)
+    """Multi-tensor implementation (``foreach``, and ``fused`` with ``fused=True``): sphere
+    parameters grouped by (device, dtype, layout kind, radius); each group goes to one kernel
+    (the native CPU one for ``fused`` and, with ``native``, for the default ``foreach=None``;
+    the Triton one where :func:`use_triton`), else to
+    ``_foreach`` ops in cache-sized buckets (CPU). Euclidean ones go to torch's foreach or
+    fused Adam. ``found_inf`` (``fused`` only): nonzero skips the step on the device."""
+    euclidean, groups = sphere_groups(params, sphere_dims)
     torch_adam_on(
         euclidean,
         params,
@@ -415,7 +450,9 @@ def _multi_tensor_riemannian_adam(
         exp_avg_sqs,
         max_exp_avg_sqs,
         state_steps,
-        foreach=True,
+        foreach=not fused,
+        fused=fused,
+        found_inf=found_inf if fused else None,
         amsgrad=amsgrad,
         beta1=beta1,
         beta2=beta2,
@@ -424,8 +461,126 @@ def _multi_tensor_riemannian_adam(
         eps=eps,
         maximize=maximize,
         decoupled_weight_decay=decoupled_weight_decay,
-        capturable=capturable,
+        capturable=capturable and not fused,
     )
+    opts = dict(
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        maximize=maximize,
+        row=second_moment == "row",
+        exp=retraction == "exp",
+    )
+    for idx in groups.values():
+        geoms = pick(sphere_dims, idx)
+        xs, steps = pick(params, idx), pick(state_steps, idx)
+        gs = pick(grads, idx)
+        ms, vs = pick(exp_avgs, idx), pick(exp_avg_sqs, idx)
+        vmaxs = pick(max_exp_avg_sqs, idx) if amsgrad else []
+        layouts = [geo.layout for geo in geoms]
+        if use_triton(xs) and kernels.handles(xs, layouts, ms, vs, vmaxs):
+            _triton_adam(xs, gs, ms, vs, vmaxs, steps, geoms, lr, opts, found_inf, fused)
+            continue
+        if (fused or native) and geoms[0].radius == 1:
+            gc = [g.contiguous() for g in gs]  # a strided gradient: one copy, same kernel
+            if _native.usable(xs, gc, ms, vs, vmaxs, host_flags=[*steps, found_inf]):
+                _native.riemannian_adam(
+                    xs, gc, ms, vs, vmaxs, steps, layouts,
+                    lr=scalar_value(lr), found_inf=found_inf, **opts,
+                )  # fmt: skip
+                continue
+        # _foreach ops; fused: device step counters, skipped on the device by masking
+        device_steps = capturable or (fused and not steps[0].is_cpu)
+        written = [*xs, *ms, *vs, *vmaxs, *steps]
+        run_masked(
+            found_inf if fused else None,
+            written,
+            functools.partial(
+                _foreach_group, xs, gs, ms, vs, vmaxs, steps, geoms, lr=lr, amsgrad=amsgrad,
+                capturable=device_steps, **opts,
+            ),
+        )  # fmt: skip
+
+
+def _triton_adam(
+    xs: list[Tensor],
+    gs: list[Tensor],
+    ms: list[Tensor],
+    vs: list[Tensor],
+    vmaxs: list[Tensor],
+    steps: list[Tensor],
+    geoms: list[SphereGeometry],
+    lr: float | Tensor,
+    opts: dict[str, Any],
+    found_inf: Tensor | None,
+    fused: bool,
+) -> None:
+    """One group through :func:`spheretorch.kernels.optim.sphere_adam_` (one launch per row
+    length); step counters on the device are read by the kernel, host ones grouped by value."""
+    gs = [g.contiguous() for g in gs]  # a strided gradient: one copy, same kernel
+    layouts = [geo.layout for geo in geoms]
+    radii = [geo.radius for geo in geoms]
+    if not steps[0].is_cpu or fused:
+        torch._foreach_add_(steps, 1)
+        kernels.sphere_adam_(
+            xs, gs, ms, vs, vmaxs, layouts, radii,
+            steps=steps, step=None, lr=lr, found_inf=found_inf, **opts,
+        )  # fmt: skip
+        if found_inf is not None:
+            torch._foreach_sub_(steps, [found_inf] * len(steps))
+        return
+    increment_steps(steps)
+    by_step: dict[float, list[int]] = {}
+    for j, s in enumerate(steps):
+        by_step.setdefault(float(s), []).append(j)
+    for value, sub in by_step.items():
+        kernels.sphere_adam_(
+            pick(xs, sub), pick(gs, sub), pick(ms, sub), pick(vs, sub),
+            pick(vmaxs, sub) if vmaxs else [], pick(layouts, sub), pick(radii, sub),
+            steps=None, step=value, lr=lr, found_inf=found_inf, **opts,
+        )  # fmt: skip
+
+
+def _foreach_group(
+    xs: list[Tensor],
+    gs: list[Tensor],
+    ms: list[Tensor],
+    vs: list[Tensor],
+    vmaxs: list[Tensor],
+    steps: list[Tensor],
+    geoms: list[SphereGeometry],
+    *,
+    lr: float | Tensor,
+    amsgrad: bool,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    maximize: bool,
+    row: bool,
+    exp: bool,
+    capturable: bool,
+) -> None:
+    """One group (same dtype, layout kind, radius) with ``_foreach`` ops, in cache-sized
+    buckets on CPU, small same-shaped tensors stacked."""
+    geo0 = geoms[0]
+    dim, radius = geo0.axis, geo0.radius
+    if not isinstance(geo0.dims, int):  # (outer, size, inner) views of every list
+        views = [[geo.rows(t) for geo, t in zip(geoms, ts)] for ts in (xs, ms, vs, vmaxs)]
+        if any(
+            v.untyped_storage().data_ptr() != t.untyped_storage().data_ptr()
+            for vl, tl in zip(views, (xs, ms, vs, vmaxs))
+            for v, t in zip(vl, tl)
+        ):  # strides forbid views: the reference loop, one tensor at a time
+            _single_tensor_riemannian_adam(
+                xs, gs, ms, vs, vmaxs, steps, list(geoms), amsgrad=amsgrad, beta1=beta1,
+                beta2=beta2, lr=lr, weight_decay=0.0, eps=eps, maximize=maximize,
+                second_moment="row" if row else "coordinate",
+                retraction="exp" if exp else "project", decoupled_weight_decay=False,
+                capturable=capturable,
+            )  # fmt: skip
+            return
+        xs, ms, vs, vmaxs = views
+        gs = [geo.rows(g) for geo, g in zip(geoms, gs)]
     tensor_lr = isinstance(lr, Tensor)
     hyper = dict(
         lr=lr if tensor_lr else None,
@@ -434,46 +589,38 @@ def _multi_tensor_riemannian_adam(
         beta2=beta2,
         eps=eps,
         maximize=maximize,
-        row=second_moment == "row",
-        exp=retraction == "exp",
+        row=row,
+        exp=exp,
     )
-    for (_, dtype, dim), idx in groups.items():
-        steps = pick(state_steps, idx)
-        increment_steps(steps)
-        # capturable: 0-d device tensors in float64 (no host sync), else Python numbers
-        step_values = [s.to(torch.float64) if capturable else scalar_value(s) for s in steps]
-        bc1 = [1 - beta1**s for s in step_values]
-        bc2_sqrt = [(1 - beta2**s) ** 0.5 for s in step_values]
-        # -lr / bc1, with lr applied separately when it is a tensor
-        neg_step = [(-1 if tensor_lr else -lr) / b for b in bc1]
-        xs_all = pick(params, idx)
-        cd = compute_dtype(dtype)
-        keys = None if compiling() or capturable else step_values
-        for stacked, unit in work_units(xs_all, keys):
-            u_idx = [idx[j] for j in unit]
-            xs = pick(xs_all, unit)
-            ms, vs = pick(exp_avgs, u_idx), pick(exp_avg_sqs, u_idx)
-            vmaxs = pick(max_exp_avg_sqs, u_idx) if amsgrad else []
-            gs = pick(grads, u_idx)
-            if stacked:  # one tensor for many small same-shaped parameters, same step
-                j = unit[0]
-                b = [neg_step[j]], [bc2_sqrt[j]], dim + 1
-                run_stacked([xs, gs, ms, vs, vmaxs], _stacked_bucket, *b, hyper, dtype=cd)
-                continue
-            xc, gs = to_dtype(xs, cd), to_dtype(gs, cd)
-            _sphere_adam_bucket(
-                xc,
-                gs,
-                ms,
-                vs,
-                vmaxs,
-                pick(neg_step, unit),
-                pick(bc2_sqrt, unit),
-                dim,
-                **hyper,
-            )
-            if xc is not xs:
-                torch._foreach_copy_(xs, xc)
+    increment_steps(steps)
+    # capturable: 0-d device tensors in float64 (no host sync), else Python numbers
+    step_values = [s.to(torch.float64) if capturable else scalar_value(s) for s in steps]
+    bc1 = [1 - beta1**s for s in step_values]
+    bc2_sqrt = [(1 - beta2**s) ** 0.5 for s in step_values]
+    # -lr / bc1 / radius (the step in unit-sphere coordinates), lr applied separately when
+    # it is a tensor
+    neg_step = [(-1 if tensor_lr else -lr) / b / radius for b in bc1]
+    cd = compute_dtype(xs[0].dtype)
+    keys = None if compiling() or capturable else step_values
+    for stacked, unit in work_units(xs, keys):
+        ux, ug = pick(xs, unit), pick(gs, unit)
+        ms_u, vs_u = pick(ms, unit), pick(vs, unit)
+        vmaxs_u = pick(vmaxs, unit) if amsgrad else []
+        if stacked and radius == 1:  # one tensor for many small same-shaped parameters
+            j = unit[0]
+            b = [neg_step[j]], [bc2_sqrt[j]], dim + 1
+            run_stacked([ux, ug, ms_u, vs_u, vmaxs_u], _stacked_bucket, *b, hyper, dtype=cd)
+            continue
+        xc, ug = to_dtype(ux, cd), to_dtype(ug, cd)
+        if radius != 1:  # work on x / r, on the unit sphere
+            xc = torch._foreach_div(xc, radius)
+        _sphere_adam_bucket(
+            xc, ug, ms_u, vs_u, vmaxs_u, pick(neg_step, unit), pick(bc2_sqrt, unit), dim, **hyper
+        )
+        if radius != 1:
+            torch._foreach_mul_(xc, radius)
+        if xc is not ux:
+            torch._foreach_copy_(ux, xc)
 
 
 def _stacked_bucket(st: list[Tensor | None], *args: Any) -> None:
@@ -520,15 +667,15 @@ def _sphere_adam_bucket(
     torch._foreach_div_(denom, bc2_sqrt)
     torch._foreach_add_(denom, eps)
     if row:
-        # per-slice coefficient of the momentum: -lr / bc1 / denom (tiny tensors)
+        # per-slice divisor of the momentum: denom * bc1 / -lr (tiny tensors; a division,
+        # not a reciprocal: FSDP2's DTensors have no sharding rule for _foreach_reciprocal)
         torch._foreach_div_(denom, neg_step)
-        coef = torch._foreach_reciprocal(denom)
         if lr is not None:
-            torch._foreach_mul_(coef, lr)
+            torch._foreach_div_(denom, lr)
         if exp:
-            sphere.foreach.expmap_(xs, torch._foreach_mul(ms, coef), red, transported=ms)
+            sphere.foreach.expmap_(xs, torch._foreach_div(ms, denom), red, transported=ms)
             return
-        torch._foreach_addcmul_(xs, ms, coef)  # x + u
+        torch._foreach_addcdiv_(xs, ms, denom)  # x + u
     else:
         # the preconditioned direction m / denom is not tangent: project it
         u = torch._foreach_div(ms, denom)

@@ -28,23 +28,30 @@ import torch
 from torch import Tensor
 
 from .. import sphere
-from ..parameter import sphere_dim_of
+from ..kernels import optim as kernels
 from ..sphere import compute_dtype
+from . import _native
 from ._functional import (
     Retraction,
+    SphereGeometry,
     check_choice,
     check_fused_param,
     check_hyperparameters,
     compiling,
     default_foreach,
-    group_by_axis,
+    geometry_of,
     pick,
     retract_,
+    run_masked,
     run_stacked,
+    scalar_value,
+    sphere_groups,
+    sphere_of,
     to_dtype,
+    use_triton,
     work_units,
+    write_back,
 )
-from ._fused import fused_riemannian_sgd
 from ._torch_shims import torch_sgd_on
 from .optimizer import NonfinitePolicy, SphereOptimizer
 
@@ -64,8 +71,8 @@ class RiemannianSGD(SphereOptimizer):
         foreach: ``None`` (default) picks the multi-tensor implementation on CPU/CUDA.
         differentiable: let autograd record the step (single-tensor path), as torch's flag.
         fused: one pass over memory per group, as the ``fused`` of
-            :class:`~spheretorch.optim.RiemannianAdam` (the native CPU kernel, else a
-            ``torch.compile``\ d one).
+            :class:`~spheretorch.optim.RiemannianAdam` (the native CPU kernel, the Triton
+            kernels on CUDA, else the foreach path masked on the device).
         nonfinite: ``"skip"`` (default), ``"raise"`` or ``"ignore"``; see
             :mod:`spheretorch.optim.optimizer`.
 
@@ -127,23 +134,29 @@ class RiemannianSGD(SphereOptimizer):
         for p in group["params"]:
             if p.grad is None:
                 continue
-            if p.grad.is_sparse:
-                raise self._sparse_error(group, p)
+            geo = sphere_of(p)
+            grad = p.grad
+            if grad.is_sparse:
+                if group["fused"] or group["differentiable"]:
+                    raise self._sparse_error(group, p)  # as torch's SGD
+                # torch's SGD takes sparse gradients; a sphere step needs the dense one
+                if geo is not None:
+                    grad = grad.to_dense()
             if group["fused"] and p not in self.state:
                 check_fused_param(p)
             params.append(p)
-            grads.append(p.grad)
+            grads.append(grad)
             momentum_buffers.append(self.state[p].get("momentum_buffer") if with_momentum else None)
-            dims.append(sphere_dim_of(p))
+            dims.append(geo)
 
     def _update(self, group: dict[str, Any], lists: Any, found_inf: Tensor | None) -> None:
         params, _, momentum_buffers, _ = lists
+        # None stays None: the functional core's "auto" (the native CPU kernel where it
+        # applies, else the multi-tensor path)
         foreach = group["foreach"]
-        if foreach is None:
-            foreach = default_foreach(params)
         riemannian_sgd(
             *lists,
-            foreach=foreach and not group["differentiable"],
+            foreach=False if group["differentiable"] else foreach,
             fused=bool(group["fused"]),
             found_inf=found_inf,
             differentiable=group["differentiable"],
@@ -184,12 +197,14 @@ def riemannian_sgd(
     ``momentum_buffers[i]`` is ``None`` before the first step (it is then created, as in
     :func:`torch.optim.sgd.sgd`); buffers of sphere parameters are in the compute dtype.
     """
+    auto = foreach is None
     if foreach is None:
         foreach = default_foreach(params)
+    sphere_dims = [geometry_of(p, d) for p, d in zip(params, sphere_dims)]
     if fused:
-        fn: Any = functools.partial(fused_riemannian_sgd, found_inf=found_inf)
+        fn: Any = functools.partial(_multi_tensor_riemannian_sgd, fused=True, found_inf=found_inf)
     elif foreach:
-        fn = _multi_tensor_riemannian_sgd
+        fn = functools.partial(_multi_tensor_riemannian_sgd, native=auto)
     else:
         fn = functools.partial(_single_tensor_riemannian_sgd, differentiable=differentiable)
     fn(
@@ -237,13 +252,16 @@ def _single_tensor_riemannian_sgd(
         nesterov=nesterov,
         maximize=maximize,
     )
-    for i, d in enumerate(sphere_dims):
-        if d is None:
+    for i, geo in enumerate(sphere_dims):
+        if geo is None:
             continue
-        x = params[i]
+        d, r = geo.axis, geo.radius
+        x = geo.rows(params[i])
         cd = compute_dtype(x.dtype)
         xc = x.to(cd, copy=differentiable)
-        g = grads[i].to(cd)
+        if r != 1:  # the update on the sphere of radius r, computed on x / r (unit)
+            xc = xc / r
+        g = geo.rows(grads[i]).to(cd)
         if maximize:
             g = -g
         rg = sphere.project(xc, g, d)
@@ -252,20 +270,28 @@ def _single_tensor_riemannian_sgd(
         if momentum != 0:
             buf = momentum_buffers[i]
             if buf is None:
-                buf = momentum_buffers[i] = rg.clone()
+                buf = rg.clone()
+                momentum_buffers[i] = buf.reshape(params[i].shape)
             else:
+                buf = geo.rows(buf)
                 buf.mul_(momentum).add_(rg, alpha=1 - dampening)
             direction = rg.add(buf, alpha=momentum) if nesterov else buf
         u = direction * -lr
+        if r != 1:
+            u = u / r
         y = retract_(xc, u, d, retraction, [] if buf is None else [buf], differentiable)
-        x.copy_(y)
+        if r != 1:
+            y = y * r
+        if buf is not None:
+            write_back(momentum_buffers[i], buf)
+        write_back(params[i], y)
 
 
 def _multi_tensor_riemannian_sgd(
     params: list[Tensor],
     grads: list[Tensor],
     momentum_buffers: list[Tensor | None],
-    sphere_dims: list[int | None],
+    sphere_dims: list[SphereGeometry | None],
     *,
     lr: float | Tensor,
     momentum: float,
@@ -274,15 +300,28 @@ def _multi_tensor_riemannian_sgd(
     nesterov: bool,
     maximize: bool,
     retraction: Retraction,
+    fused: bool = False,
+    found_inf: Tensor | None = None,
+    native: bool = False,
 ) -> None:
-    """``_foreach`` implementation, grouped by (device, dtype, axis) and bucketed on CPU."""
-    euclidean, groups = group_by_axis(params, sphere_dims)
+    """Multi-tensor implementation (``foreach``; ``fused`` with ``fused=True``): groups by
+    (device, dtype, layout kind, radius); each group to the native CPU kernel (``fused``, and
+    the default ``foreach=None`` with ``native``) or
+    the Triton one (:func:`use_triton`), else ``_foreach`` ops bucketed on CPU.
+
+    With ``fused`` a missing momentum buffer is created (zeros) for the kernels, which then
+    write the gradient into it, as torch's SGD. (A first step skipped for a non-finite
+    gradient leaves that zero buffer, so with ``dampening != 0`` the next step dampens it
+    where torch would not.)"""
+    euclidean, groups = sphere_groups(params, sphere_dims)
     torch_sgd_on(
         euclidean,
         params,
         grads,
         momentum_buffers,
-        foreach=True,
+        foreach=not fused,
+        fused=fused,
+        found_inf=found_inf if fused else None,
         lr=lr,
         momentum=momentum,
         dampening=dampening,
@@ -298,30 +337,107 @@ def _multi_tensor_riemannian_sgd(
         maximize=maximize,
         exp=retraction == "exp",
     )
-    for (_, dtype, dim), idx in groups.items():
-        cd = compute_dtype(dtype)
-        xs_all = pick(params, idx)
-        keys = None if compiling() else [momentum_buffers[i] is None for i in idx]
-        for stacked, unit in work_units(xs_all, keys):
-            u_idx = [idx[j] for j in unit]
-            xs = pick(xs_all, unit)
-            gs = pick(grads, u_idx)
-            bufs = pick(momentum_buffers, u_idx)
-            if stacked:  # one tensor for many small same-shaped parameters
-                fresh = bufs[0] is None
-                st = run_stacked(
-                    [xs, gs, [] if fresh else bufs], _stacked_bucket, dim + 1, hyper, dtype=cd
-                )
-                if fresh and momentum != 0:  # torch: the first buffer is the gradient
-                    for i, new in zip(u_idx, st[2].unbind(0)):  # type: ignore[union-attr]
-                        momentum_buffers[i] = new.clone()
+    for idx in groups.values():
+        geoms = pick(sphere_dims, idx)
+        xs, gs = pick(params, idx), pick(grads, idx)
+        layouts = [geo.layout for geo in geoms]
+        first = [momentum_buffers[i] is None for i in idx]
+        kernel_ok = use_triton(xs) and kernels.handles(xs, layouts)
+        if kernel_ok and len(set(first)) == 1:
+            bufs = _new_buffers(momentum_buffers, params, idx) if momentum != 0 else None
+            kernels.sphere_sgd_(
+                xs, [g.contiguous() for g in gs], bufs, layouts, [geo.radius for geo in geoms],
+                first=first[0], found_inf=found_inf, **hyper,
+            )  # fmt: skip
+            continue
+        if (fused or native) and geoms[0].radius == 1 and len(set(first)) == 1 and xs[0].is_cpu:
+            gc = [g.contiguous() for g in gs]
+            have = [b for b in pick(momentum_buffers, idx) if b is not None]
+            if _native.usable(xs, gc, have, host_flags=[found_inf]):
+                bufs = _new_buffers(momentum_buffers, params, idx) if momentum != 0 else []
+                _native.riemannian_sgd(
+                    xs, gc, bufs, layouts, lr=scalar_value(lr), first=first[0],
+                    found_inf=found_inf, **{k: v for k, v in hyper.items() if k != "lr"},
+                )  # fmt: skip
                 continue
-            xc, gs = to_dtype(xs, cd), to_dtype(gs, cd)
-            _sphere_sgd_bucket(xc, gs, bufs, dim, **hyper)
-            for i, b_new in zip(u_idx, bufs):
-                momentum_buffers[i] = b_new
-            if xc is not xs:
-                torch._foreach_copy_(xs, xc)
+        bufs_now = pick(momentum_buffers, idx)
+        written = [*xs, *(b for b in bufs_now if b is not None)]
+
+        def run(idx: list[int] = idx, geoms: list[SphereGeometry] = geoms) -> None:
+            _foreach_group(params, grads, momentum_buffers, idx, geoms, **hyper)
+
+        run_masked(found_inf if fused else None, written, run)
+
+
+def _new_buffers(
+    momentum_buffers: list[Tensor | None], params: list[Tensor], idx: list[int]
+) -> list[Tensor]:
+    """The momentum buffers at ``idx``, zeros created (compute dtype, contiguous) where
+    missing: a kernel writes the first gradient into them."""
+    for i in idx:
+        if momentum_buffers[i] is None:
+            p = params[i]
+            momentum_buffers[i] = torch.zeros(
+                p.shape, dtype=compute_dtype(p.dtype), device=p.device
+            )
+    return pick(momentum_buffers, idx)  # type: ignore[return-value]
+
+
+def _foreach_group(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    idx: list[int],
+    geoms: list[SphereGeometry],
+    *,
+    lr: float | Tensor,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+    exp: bool,
+) -> None:
+    """One group with ``_foreach`` ops, bucketed on CPU, small same-shaped tensors stacked."""
+    hyper = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
+                 maximize=maximize, exp=exp)  # fmt: skip
+    geo0 = geoms[0]
+    dim, radius = geo0.axis, geo0.radius
+    views = not isinstance(geo0.dims, int)
+    if views or radius != 1:
+        # (outer, size, inner) views or a radius: the reference loop, one tensor at a time
+        # (rare layouts; the kernels handle them at speed)
+        sub_bufs = pick(momentum_buffers, idx)
+        _single_tensor_riemannian_sgd(
+            pick(params, idx), pick(grads, idx), sub_bufs, list(geoms),
+            retraction="exp" if exp else "project", weight_decay=0.0, lr=lr,
+            momentum=momentum, dampening=dampening, nesterov=nesterov, maximize=maximize,
+        )  # fmt: skip
+        for i, b in zip(idx, sub_bufs):
+            momentum_buffers[i] = b
+        return
+    cd = compute_dtype(params[idx[0]].dtype)
+    xs_all = pick(params, idx)
+    keys = None if compiling() else [momentum_buffers[i] is None for i in idx]
+    for stacked, unit in work_units(xs_all, keys):
+        u_idx = [idx[j] for j in unit]
+        xs = pick(xs_all, unit)
+        gs = pick(grads, u_idx)
+        bufs = pick(momentum_buffers, u_idx)
+        if stacked:  # one tensor for many small same-shaped parameters
+            fresh = bufs[0] is None
+            st = run_stacked(
+                [xs, gs, [] if fresh else bufs], _stacked_bucket, dim + 1, hyper, dtype=cd
+            )
+            if fresh and momentum != 0:  # torch: the first buffer is the gradient
+                for i, new in zip(u_idx, st[2].unbind(0)):  # type: ignore[union-attr]
+                    momentum_buffers[i] = new.clone()
+            continue
+        xc, gs = to_dtype(xs, cd), to_dtype(gs, cd)
+        _sphere_sgd_bucket(xc, gs, bufs, dim, **hyper)
+        for i, b_new in zip(u_idx, bufs):
+            momentum_buffers[i] = b_new
+        if xc is not xs:
+            torch._foreach_copy_(xs, xc)
 
 
 def _stacked_bucket(st: list[Tensor | None], dim: int, hyper: dict[str, Any]) -> None:

@@ -1,7 +1,7 @@
 """Training on text: data and tokenizers, the trainer, checkpoints, presets and ``compare``."""
 
 from .checkpoints import load_checkpoint, load_model, save_atomic
-from .compare import compare
+from .compare import CompareConfig, compare
 from .config import CosineSchedule, TrainConfig, build_optimizer, build_scheduler
 from .data import TextData, eval_batches, get_batch, load_data
 from .errors import TrainingDiverged, UserError
@@ -11,6 +11,7 @@ from .trainer import Trainer
 
 __all__ = [
     "PRESETS",
+    "CompareConfig",
     "CosineSchedule",
     "Preset",
     "TextData",

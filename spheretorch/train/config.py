@@ -18,6 +18,7 @@ Muon recipes are Muon + AdamW.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +27,9 @@ from typing import Any
 import torch
 
 from ..models import MODELS, LanguageModel, TransformerConfig, make_config
+from .compile_check import COMPILE_CHECKS
 from .errors import UserError
-from .presets import get_preset
+from .presets import DEFAULT_PRESET, get_preset
 from .text import count
 
 __all__ = [
@@ -50,7 +52,16 @@ _MUON_EXCLUDED = ("tok_emb.", "lm_head.")
 
 
 #: what ``resume`` may change; every other field given must equal the checkpoint's
-RESUME_OVERRIDES = ("steps", "device", "compile", "max_bad_steps", "check_memory")
+RESUME_OVERRIDES = (
+    "steps",
+    "device",
+    "compile",
+    "compile_check",
+    "max_bad_steps",
+    "check_memory",
+    "stretch_schedule",
+)
+logger = logging.getLogger(__name__)
 _SEEDS = (-(2**63), 2**64 - 1)  # what torch.manual_seed accepts
 
 
@@ -75,7 +86,7 @@ class TrainConfig:
     given must agree with the checkpoint, see :meth:`resumed`)."""
 
     model: str = "gpt"
-    preset: str | None = None  # smoke
+    preset: str | None = None  # DEFAULT_PRESET
     data: str | None = None  # the built-in tinyshakespeare
     tokenizer: str | None = None  # char for a text file; a prepared corpus has its own
     steps: int | None = None
@@ -93,13 +104,19 @@ class TrainConfig:
     device: str | None = None  # auto
     dtype: str | None = None  # auto
     compile: bool | None = None  # False
+    # with compile: compiled vs eager gradients on the first batch (train.compile_check)
+    compile_check: str | None = None  # error
     max_bad_steps: int | None = None  # 5
     check_memory: bool | None = None  # True: refuse a run that cannot fit in memory
+    param_dtype: str | None = None  # float32: fp32 master weights; bfloat16: bf16 weights
+    stretch_schedule: bool | None = None  # False: a resume may not change steps (see resumed)
     model_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         aliases = {"bf16": "bfloat16", "fp32": "float32"}
         self.dtype = aliases.get(self.dtype, self.dtype) if self.dtype else self.dtype
+        if self.param_dtype:
+            self.param_dtype = aliases.get(self.param_dtype, self.param_dtype)
 
     def resolve(self) -> TrainConfig:
         """A copy with every field concrete and validated (``UserError`` on bad values)."""
@@ -107,8 +124,10 @@ class TrainConfig:
             raise UserError(f"unknown model {self.model!r}; choose from {', '.join(MODELS)}")
         c = dataclasses.replace(self, model_options=dict(self.model_options))
         # tokenizer stays None unless given: char for a text file, a corpus's own otherwise
-        defaults = dict(preset="smoke", min_lr_ratio=0.0, seed=0)
+        defaults = dict(preset=DEFAULT_PRESET, min_lr_ratio=0.0, seed=0, param_dtype="float32")
+        defaults.update(stretch_schedule=False)
         defaults.update(device="auto", dtype="auto", compile=False, max_bad_steps=5)
+        defaults.update(compile_check="error")
         for name, value in {**defaults, "check_memory": True}.items():
             if getattr(c, name) is None:
                 setattr(c, name, value)
@@ -164,8 +183,14 @@ class TrainConfig:
             or not (_SEEDS[0] <= c.seed <= _SEEDS[1])
         ):
             raise UserError(f"seed must be an integer in [-2**63, 2**64 - 1], got {c.seed}")
+        if c.compile_check not in COMPILE_CHECKS:
+            raise UserError(
+                f"unknown compile-check {c.compile_check!r}; choose {', '.join(COMPILE_CHECKS)}"
+            )
         if c.dtype not in ("auto", "float32", "bfloat16"):
             raise UserError(f"unknown dtype {c.dtype!r}; choose auto, float32 or bfloat16")
+        if c.param_dtype not in ("float32", "bfloat16"):
+            raise UserError(f"unknown param-dtype {c.param_dtype!r}; choose float32 or bfloat16")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values for a checkpoint; ``data`` as an absolute path."""
@@ -193,6 +218,24 @@ class TrainConfig:
             raise UserError(f"--model {self.model} does not match the checkpoint's model {c.model}")
         if self.steps is not None and self.steps != c.steps and self.steps < step:
             raise UserError(f"--steps {self.steps} is below the checkpoint's step {step}")
+        if self.steps is not None and self.steps != c.steps:
+            # the cosine schedule is a function of the total: a new total moves the LR at the
+            # checkpoint's step (e.g. from ~0 back up to half the peak)
+            if not self.stretch_schedule:
+                raise UserError(
+                    f"--steps {self.steps} differs from the checkpoint's {c.steps}: it would "
+                    f"stretch the cosine LR schedule (the LR at step {step} jumps from "
+                    f"{CosineSchedule(1.0, c.steps, c.warmup_steps or 0)(step):.3g} to "
+                    f"{CosineSchedule(1.0, self.steps, c.warmup_steps or 0)(step):.3g} of the "
+                    "peak); pass --stretch-schedule to do so anyway"
+                )
+            logger.warning(
+                "resume: the cosine schedule is stretched from %d to %d steps (the LR at step "
+                "%d changes)",
+                c.steps,
+                self.steps,
+                step,
+            )
         for f in dataclasses.fields(self):
             mine, theirs = getattr(self, f.name), getattr(c, f.name)
             if f.name in RESUME_OVERRIDES:

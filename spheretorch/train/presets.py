@@ -9,7 +9,10 @@ from typing import Any
 
 from .errors import UserError
 
-__all__ = ["PRESETS", "Preset", "get_preset"]
+__all__ = ["DEFAULT_PRESET", "PRESETS", "Preset", "get_preset"]
+
+#: the preset of ``train`` and ``compare`` (command line and Python) when none is named
+DEFAULT_PRESET = "cpu-small"
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,27 @@ PRESETS: dict[str, Preset] = {
             description="cpu-small on tinyshakespeare as a prepared 1024-token BPE",
             corpus="spheretorch prepare tinyshakespeare --tokenizer bpe --vocab-size 1024 "
             "--out data/shakespeare-bpe",
+        ),
+        Preset(
+            name="gpu-quick",
+            description="8 layers, d=512, context 1024, byte-level corpus: a GPU study in "
+            "minutes (benchmarks/gpu_study.py)",
+            n_layer=8,
+            n_head=8,
+            d_model=512,
+            seq_len=1024,
+            batch_size=16,
+            steps=600,
+            eval_interval=50,
+            eval_batches=8,
+            lr={"gpt": 1e-3, "ngpt": 4e-3, "geonorm": 2e-3},
+            sweep_lrs=(1e-3, 2e-3, 4e-3),
+            sweep_fraction=0.2,
+            warmup_fraction=0.05,
+            timing_rounds=3,
+            timing_steps=10,
+            corpus="python benchmarks/gpu_study.py (a byte-level corpus of the installed "
+            "packages' Python sources)",
         ),
         Preset(
             name="gpu-medium",

@@ -23,8 +23,9 @@ from torch import nn
 __all__ = ["PEAK_ENV", "TIMING_FIELDS", "flops_per_token", "peak_flops", "throughput"]
 
 PEAK_ENV = "SPHERETORCH_PEAK_TFLOPS"
-#: the fields of a metrics row that depend on the machine's speed, not on the run's numbers
-TIMING_FIELDS = ("elapsed_s", "tokens_per_s", "tflops_per_s", "mfu")
+#: the fields of a metrics row that depend on the machine's speed (and, ``steady``: on where
+#: a process started, its first steps being untimed warm-up), not on the run's numbers
+TIMING_FIELDS = ("elapsed_s", "ms_per_step", "tokens_per_s", "tflops_per_s", "mfu", "steady")
 
 # Dense (no sparsity) peak TFLOP/s from the vendors' data sheets: (bf16/fp16, tf32).
 _GPU_PEAKS = {

@@ -33,6 +33,7 @@ from .checkpoints import (
     load_checkpoint,
     set_rng_state,
 )
+from .compile_check import CompiledGradientMismatch, grad_parity
 from .config import (
     OPTIMIZERS,
     CosineSchedule,
@@ -63,6 +64,14 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT = CHECKPOINT_FILE
 
+#: the first steps of each Trainer are warm-up (compilation, the compile check, allocator and
+#: cuBLAS/inductor autotuning caches): timed apart (``warmup_s``), not in ms/step, tokens/s, MFU
+UNTIMED_WARMUP_STEPS = 2
+
+#: with the non-finite decision on the device (CUDA), the host reads the loss, the skip and
+#: divergence counters and the ranks' stop agreement every this many steps (the bar's cadence)
+HOST_READ_INTERVAL = 10
+
 
 @contextlib.contextmanager
 def _user_error() -> Any:
@@ -91,17 +100,24 @@ class Trainer:
     Faults (``docs/errors.md``): a step with a non-finite loss or gradient norm is skipped
     and counted (``skipped_steps``); ``max_bad_steps`` in a row raise
     :class:`~spheretorch.train.errors.TrainingDiverged`; a non-finite validation loss stops the
-    run (``diverged``). The trainer alone decides (optimizers get ``nonfinite="ignore"``), in
-    one host sync per step that also carries the bar's loss and the ranks' agreement.
+    run (``diverged``). The trainer alone decides (optimizers get ``nonfinite="ignore"``).
+    On CUDA, with an optimizer that takes a device-side ``found_inf`` (torch's GradScaler
+    protocol: ``_step_supports_amp_scaling``, e.g. fused AdamW), the decision and the skip stay
+    on the device and the host reads the loss, the counters and the ranks' agreement only
+    every ``HOST_READ_INTERVAL`` steps and at evaluations (``device_skip``; divergence is then
+    raised at the next read, naming the same steps). Otherwise one host sync per step carries
+    the decision, the bar's loss and the ranks' agreement.
+    With ``compile``, the first step compares compiled and eager gradients
+    (:mod:`~spheretorch.train.compile_check`, ``config.compile_check``).
     SIGINT/SIGTERM (``handle_signals``): the step in flight finishes, a checkpoint is written,
     :meth:`train` returns with ``summary["interrupted"]``; ``resume=True`` continues exactly.
 
     Args:
         config: what to train (resolved against its preset here).
         out_dir: run directory, or ``None`` for an in-memory run (LR sweeps).
-        resume: continue from the checkpoint in ``out_dir``; the saved configuration is used,
-            except ``steps`` when ``config.steps`` is given (extends the run; the cosine
-            schedule is then stretched to the new total).
+        resume: continue from the checkpoint in ``out_dir``; the saved configuration is used.
+            A different ``config.steps`` stretches the cosine schedule to the new total, which
+            is refused unless ``config.stretch_schedule`` (see ``TrainConfig.resumed``).
         progress: show a tqdm progress bar with the live loss.
         save_checkpoints: write a checkpoint at every evaluation.
         distributed: ``"none"``, ``"ddp"`` or ``"fsdp"`` (see
@@ -177,6 +193,8 @@ class Trainer:
         self.device = self.parallel.device
         torch.manual_seed(c.seed)
         self.model: LanguageModel = build_model(c.model, self.model_config).to(self.device)
+        if c.param_dtype == "bfloat16":  # bf16 storage (no fp32 master copy): an ablation
+            self.model.to(torch.bfloat16)
         self.forward_model, self.eval_model = self.parallel.wrap(self.model)
         self.optimizer = build_optimizer(self.model, c.optim, c.lr, c.weight_decay, c.betas)
         self.scheduler = build_scheduler(self.optimizer, c)
@@ -186,6 +204,9 @@ class Trainer:
         cuda = self.device.type == "cuda"
         bf16 = c.dtype == "bfloat16" or (cuda and c.dtype == "auto")
         self.amp_dtype = torch.bfloat16 if bf16 else None
+        self.eager_forward_model = self.forward_model
+        self._compile_check_pending = bool(c.compile) and c.compile_check != "off"
+        self.compile_check: dict[str, Any] | None = None  # the check's outcome (summary)
         if c.compile:  # inductor: Triton kernels on CUDA, C++ on CPU
             compiled = torch.compile(self.forward_model)
             if self.eval_model is self.forward_model:
@@ -194,6 +215,8 @@ class Trainer:
         m = self.model_config
         self.flops_per_token = flops_per_token(self.model, m.n_layer, m.seq_len, m.d_model)
         self.peak_flops, self.peak_source = peak_flops(self.device, self.amp_dtype or torch.float32)
+        #: the non-finite decision and skip on the device (see the class docstring)
+        self.device_skip = cuda and bool(getattr(self.optimizer, "_step_supports_amp_scaling", 0))
         self.eval_data = [
             (x.to(self.device), y.to(self.device))
             for x, y in eval_batches(
@@ -216,7 +239,12 @@ class Trainer:
         self.elapsed_s = 0.0  # wall clock of the training loop, evaluations included
         self.train_time_s = 0.0  # time spent in training steps only
         self.timed_steps = 0
-        self._timed_at_eval = (0.0, 0)  # (train_time_s, timed_steps) at the last evaluation
+        self.warmup_s = 0.0  # wall time of the untimed warm-up steps (all processes)
+        self.warmup_steps = 0
+        self.compile_s: float | None = None  # the first compiled forward+backward (compiling)
+        self._warmup_left = UNTIMED_WARMUP_STEPS  # of this process's Trainer
+        # (train_time_s, timed_steps, warmup_s, warmup_steps) at the last evaluation
+        self._timed_at_eval = (0.0, 0, 0.0, 0)
         self.history: list[dict[str, Any]] = []
         self.diverged = False
         self.skipped_steps = 0  # non-finite steps skipped so far
@@ -228,7 +256,11 @@ class Trainer:
         self._signals = StopSignals()
         self._stop = False  # some rank got a signal (agreed at the last step)
         self._loss_sum: Tensor = torch.zeros((), device=self.device)
-        self._loss_count = 0
+        self._loss_count: Tensor = torch.zeros((), device=self.device)
+        # device-side bookkeeping (device_skip): bad steps in a row, skipped steps, the step
+        # at which max_bad_steps in a row were reached (-1: not yet), the last loss
+        self._dev = torch.tensor([0, 0, -1], device=self.device)
+        self._last_loss_dev = torch.full((), math.nan, device=self.device)
 
     # -- pieces ------------------------------------------------------------------------------
     @property
@@ -250,6 +282,8 @@ class Trainer:
         c, p = self.config, self.parallel
         seq_len = self.model_config.seq_len
         x, y = get_batch(self.data.train, c.seed, step, c.batch_size, seq_len, p.rank, p.world_size)
+        if self.device.type == "cuda":  # a copy from pageable memory would wait for the GPU
+            x, y = x.pin_memory(), y.pin_memory()
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def _grad_norm(self) -> Tensor:
@@ -267,13 +301,23 @@ class Trainer:
         for a skipped step).
 
         A non-finite loss or gradient norm skips the update (see the class docstring) and
-        raises :class:`TrainingDiverged` at the ``max_bad_steps``-th such step in a row.
+        raises :class:`TrainingDiverged` at the ``max_bad_steps``-th such step in a row (with
+        ``device_skip``: at the next host read, naming the same steps).
         """
-        with self.autocast():
-            _, loss = self.forward_model(x, y)
-        loss.backward()
+        if self._compile_check_pending:
+            loss = self._checked_forward_backward(x, y)
+        else:
+            timing = self.config.compile and self.compile_s is None
+            t0 = self._sync_time() if timing else 0.0
+            with self.autocast():
+                _, loss = self.forward_model(x, y)
+            loss.backward()
+            if timing:
+                self.compile_s = self._sync_time() - t0
         loss = loss.detach()
         finite = torch.isfinite(loss) & torch.isfinite(self._grad_norm())
+        if self.device_skip:
+            return self._step_on_device(loss, finite)
         flags = torch.stack((finite, finite.new_tensor(self._signals.received is None))).int()
         flags = self.parallel.all_true(flags)  # every rank takes the same branches
         # the step's one host sync: skip or not, stop or not, and the loss for the bar
@@ -281,25 +325,133 @@ class Trainer:
         if ok:
             self.optimizer.step()
             self.bad_in_a_row = 0
+            self._loss_sum += loss.float()
+            self._loss_count += 1
         else:
             self.skipped_steps += 1
             self.bad_in_a_row += 1
+        self._after_update()
+        self._stop = not no_signal
+        if self.bad_in_a_row >= self.config.max_bad_steps:
+            self._raise_diverged(self.step)
+        return loss if ok else torch.full((), math.nan, device=loss.device)
+
+    def _after_update(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         with warnings.catch_warnings():  # a skipped first step is no misordered scheduler
             warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
             self.scheduler.step()
         self.step += 1
-        self._stop = not no_signal
-        if self.bad_in_a_row >= self.config.max_bad_steps:
-            first = self.step - self.bad_in_a_row + 1
-            saved = self.checkpoint_path is not None and self.parallel.resume_file(self.out_dir)
-            raise TrainingDiverged(
-                f"{self.config.model}: non-finite loss or gradients at "
-                f"{count(self.bad_in_a_row, 'step')} in a row (steps {first}-{self.step}); "
-                f"stopping. Lower --lr or raise --max-bad-steps; "
-                + ("the last checkpoint is untouched" if saved else "no checkpoint was written")
-            )
-        return loss if ok else torch.full((), math.nan, device=loss.device)
+
+    def _step_on_device(self, loss: Tensor, finite: Tensor) -> Tensor:
+        """The step with the decision on the device: the optimizer skips on ``found_inf``
+        (GradScaler's protocol), the counters are tensors, nothing is read by the host."""
+        ok = self.parallel.all_true(finite.view(1).int()).view(()).bool()
+        bad = (~ok).to(self._dev.dtype)
+        self.optimizer.found_inf = bad.float()  # type: ignore[attr-defined]
+        self.optimizer.grad_scale = None  # type: ignore[attr-defined]
+        self.optimizer.step()
+        run = (self._dev[0] + 1) * bad  # bad steps in a row, ending at this one
+        hit = (run >= self.config.max_bad_steps) & (self._dev[2] < 0)
+        at = torch.where(hit, self.step + 1, self._dev[2])
+        self._dev = torch.stack((run, self._dev[1] + bad, at))
+        self._loss_sum += torch.where(ok, loss.float(), 0.0)
+        self._loss_count += ok
+        self._last_loss_dev = loss.float()
+        self._after_update()
+        return torch.where(ok, loss, math.nan)
+
+    def read_host_state(self) -> None:
+        """With ``device_skip``: read the device-side loss, counters and (across ranks) the
+        stop flag into the host attributes; raise :class:`TrainingDiverged` when
+        ``max_bad_steps`` bad steps in a row happened since. One host sync."""
+        if not self.device_skip:
+            return
+        stop = torch.tensor([self._signals.received is None], device=self.device).int()
+        stop = self.parallel.all_true(stop)
+        parts = (self._dev, stop, self._last_loss_dev.view(1))
+        run, skipped, at, no_signal, self.last_loss = torch.cat(
+            [t.double() for t in parts]
+        ).tolist()
+        self.bad_in_a_row, self.skipped_steps = int(run), int(skipped)
+        self._stop, at = not no_signal, int(at)
+        if at >= 0:
+            self._raise_diverged(at)
+
+    def _raise_diverged(self, at: int) -> None:
+        n = self.config.max_bad_steps
+        first = at - n + 1
+        saved = self.checkpoint_path is not None and self.parallel.resume_file(self.out_dir)
+        raise TrainingDiverged(
+            f"{self.config.model}: non-finite loss or gradients at {count(n, 'step')} "
+            f"in a row (steps {first}-{at}); stopping. Lower --lr or raise --max-bad-steps; "
+            + ("the last checkpoint is untouched" if saved else "no checkpoint was written")
+        )
+
+    def _sync_time(self) -> float:
+        """``time.perf_counter()`` once the device has finished its queued work."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def _checked_forward_backward(self, x: Tensor, y: Tensor) -> Tensor:
+        """The first compiled forward and backward, checked against eager ones on the same
+        batch (:mod:`.compile_check`); returns the loss whose gradients are in ``.grad``."""
+        self._compile_check_pending = False
+
+        def loss_of(forward: Any) -> Any:
+            def run() -> Tensor:
+                with self.autocast():
+                    return forward(x, y)[1]
+
+            return run
+
+        dropout = getattr(self.model_config, "dropout", 0.0)
+        if dropout:  # compiled and eager draw different masks: compare without dropout
+            self.model.eval()
+        t0 = self._sync_time()
+        eager_run = loss_of(self.eager_forward_model)
+        t_compiled = [0.0]
+
+        def compiled_run() -> Tensor:
+            t_compiled[0] = self._sync_time()
+            return loss_of(self.forward_model)()
+
+        checked = grad_parity(self.model, eager_run, compiled_run, self.amp_dtype or torch.float32)
+        self.compile_s = self._sync_time() - t_compiled[0]
+        if dropout:  # the step itself, with dropout, compiled
+            self.model.train()
+            for p in self.model.parameters():
+                p.grad = None
+            with self.autocast():
+                loss = self.forward_model(x, y)[1]
+            loss.backward()
+            checked_loss = loss
+        else:
+            checked_loss = checked.compiled_loss
+        parity = checked.parity
+        name, err = parity.worst
+        self.compile_check = {
+            "policy": self.config.compile_check,
+            "ok": parity.ok,
+            "worst_param": name,
+            "worst_error": err,
+            "tolerance": parity.tolerance,
+            "eager_s": round(t_compiled[0] - t0, 3),
+        }
+        if parity.ok:
+            logger.info("compiled gradients equal eager ones (worst: %s, %.2g)", name, err)
+            return checked_loss
+        if self.config.compile_check == "error":
+            for p in self.model.parameters():
+                p.grad = None
+            raise CompiledGradientMismatch(parity.message())
+        warnings.warn(parity.message(fallback=True), RuntimeWarning, stacklevel=2)
+        if self.eval_model is self.forward_model:
+            self.eval_model = self.eager_forward_model
+        self.forward_model = self.eager_forward_model
+        checked.restore_eager_grads(self.model)
+        return checked.eager_loss
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -334,10 +486,13 @@ class Trainer:
             "elapsed_s": self.elapsed_s,
             "train_time_s": self.train_time_s,
             "timed_steps": self.timed_steps,
+            "warmup_s": self.warmup_s,
+            "warmup_steps": self.warmup_steps,
+            "compile_s": self.compile_s,
             "history": self.history,
             # the train-loss accumulator: an interruption between evaluations resumes exactly
             "loss_sum": self._loss_sum.detach().cpu(),
-            "loss_count": self._loss_count,
+            "loss_count": int(self._loss_count),
             "skipped_steps": self.skipped_steps,
             "bad_in_a_row": self.bad_in_a_row,
             "eval_pending": self._eval_pending,
@@ -363,18 +518,25 @@ class Trainer:
         self.elapsed_s = float(state["elapsed_s"])
         self.train_time_s = float(state["train_time_s"])
         self.timed_steps = int(state["timed_steps"])
-        self._timed_at_eval = (self.train_time_s, self.timed_steps)
+        self.warmup_s = float(state.get("warmup_s", 0.0))  # absent before 0.3
+        self.warmup_steps = int(state.get("warmup_steps", 0))
+        self.compile_s = state.get("compile_s")
+        self._timed_at_eval = self._timing_marks()
         self.history = list(state["history"])
         if "loss_sum" in state:  # absent from the first checkpoints of v0.1
             self._loss_sum = state["loss_sum"].to(self.device)
-            self._loss_count = int(state["loss_count"])
+            self._loss_count = torch.tensor(float(state["loss_count"]), device=self.device)
             self.skipped_steps = int(state["skipped_steps"])
             self.bad_in_a_row = int(state["bad_in_a_row"])
+            self._dev = torch.tensor(
+                [self.bad_in_a_row, self.skipped_steps, -1], device=self.device
+            )
         self._eval_pending = bool(state.get("eval_pending", False))
         set_rng_state(state["rng"])
 
     def save_checkpoint(self) -> None:
         """Write the checkpoint atomically (collective under ``distributed``)."""
+        self.read_host_state()  # the counters it saves; a diverged run saves nothing
         if self.out_dir is not None:
             self.parallel.save(self.out_dir, self.model, self.optimizer, self._resume_state())
         if self._files is not None:
@@ -419,21 +581,29 @@ class Trainer:
                     if self._eval_pending:  # stopped again
                         self.interrupted = self._signals.name
                 while self.step < end and not self.diverged and self.interrupted is None:
-                    t0 = time.perf_counter()
-                    # no device sync for timing: each step already waits for its own loss,
-                    # so over many steps the mean time per step is right
-                    loss = self.train_step(*self.batch(self.step))
-                    self.train_time_s += time.perf_counter() - t0
-                    self.timed_steps += 1
-                    if self.bad_in_a_row == 0:
-                        self._loss_sum += loss.float()
-                        self._loss_count += 1
+                    warm = self._warmup_left > 0
+                    t0 = self._sync_time() if warm else time.perf_counter()
+                    self.train_step(*self.batch(self.step))
+                    evaluating = self.step % c.eval_interval == 0 or self.step == c.steps
+                    read = evaluating or self.step % HOST_READ_INTERVAL == 0 or self.step == end
+                    if read:  # (device_skip) timed: the host waits here for the queued steps
+                        self.read_host_state()
+                    # no device sync for timing steady steps: the host waits for the device
+                    # every step (its loss) or at every read (device_skip), so over many steps
+                    # the mean time per step is right
+                    if warm:  # compilation, the compile check, first-use costs
+                        self._warmup_left -= 1
+                        self.warmup_s += self._sync_time() - t0
+                        self.warmup_steps += 1
+                    else:
+                        self.train_time_s += time.perf_counter() - t0
+                        self.timed_steps += 1
                     if bar is not None:
                         bar.update(1)
-                        if self.step % 10 == 0 or self.step == end:
+                        if read:
                             bar.set_postfix(loss=f"{self.last_loss:.4f}", refresh=False)
                     stop = self.parallel.stop_now(self._signals.received is not None, self._stop)
-                    if self.step % c.eval_interval == 0 or self.step == c.steps:
+                    if evaluating:
                         self._eval_and_save(start, bar)
                         stop = stop or self._eval_pending
                     elif stop:
@@ -453,6 +623,7 @@ class Trainer:
         return summary
 
     def _eval_and_save(self, start: float, bar: Any) -> None:
+        self.read_host_state()  # divergence first: no checkpoint of a diverged run
         try:
             val_loss = self.evaluate()
         except _EvalStopped:
@@ -463,10 +634,10 @@ class Trainer:
                 self.save_checkpoint()
             return
         self._eval_pending = False
-        mean = self._loss_sum / self._loss_count if self._loss_count else self._loss_sum * math.nan
+        mean = self._loss_sum / self._loss_count  # NaN when every step was skipped
         train_loss = float(self.parallel.mean(mean).item())
         self._loss_sum = torch.zeros((), device=self.device)
-        self._loss_count = 0
+        self._loss_count = torch.zeros((), device=self.device)
         self.elapsed_s = time.perf_counter() - start
         row = {
             "step": self.step,
@@ -475,12 +646,13 @@ class Trainer:
             "elapsed_s": round(self.elapsed_s, 3),
             **self._throughput(since=self._timed_at_eval),
         }
-        self._timed_at_eval = (self.train_time_s, self.timed_steps)
+        self._timed_at_eval = self._timing_marks()
         self.history.append(row)
         if self._files is not None:
             self._files.append_metrics(row)
         if bar is not None:
             info = {"loss": f"{train_loss:.4f}", "val": f"{val_loss:.4f}"}
+            info["ms/step"] = f"{row['ms_per_step']:.1f}"
             info["tok/s"] = f"{row['tokens_per_s']:.0f}"
             if row["mfu"] is not None:
                 info["MFU"] = f"{100 * row['mfu']:.1f}%"
@@ -502,7 +674,6 @@ class Trainer:
     def summary(self) -> dict[str, Any]:
         c = self.config
         last = self.history[-1] if self.history else {}
-        ms = 1000 * self.train_time_s / self.timed_steps if self.timed_steps else None
         return {
             "model": c.model,
             "preset": c.preset,
@@ -512,8 +683,11 @@ class Trainer:
             "steps": self.step,
             "final_val_loss": last.get("val_loss"),
             "final_train_loss": last.get("train_loss"),
-            "ms_per_step": ms,
             **self._throughput(),
+            "warmup_steps_untimed": self.warmup_steps,
+            "warmup_s": round(self.warmup_s, 3),
+            "compile_s": None if self.compile_s is None else round(self.compile_s, 3),
+            "compile_check": self.compile_check,
             "flops_per_token": self.flops_per_token,
             "peak_flops": self.peak_flops,
             "peak_source": self.peak_source,
@@ -526,12 +700,25 @@ class Trainer:
             "interrupted": self.interrupted,
         }
 
-    def _throughput(self, since: tuple[float, int] = (0.0, 0)) -> dict[str, Any]:
-        """Tokens/s, achieved TFLOP/s and MFU over the training steps timed after ``since``
-        (``(train_time_s, timed_steps)`` then); evaluations are not counted."""
+    def _timing_marks(self) -> tuple[float, int, float, int]:
+        return (self.train_time_s, self.timed_steps, self.warmup_s, self.warmup_steps)
+
+    def _throughput(self, since: tuple[float, int, float, int] = (0.0, 0, 0.0, 0)) -> dict:
+        """``ms_per_step``, tokens/s, achieved TFLOP/s and MFU over the steady training steps
+        timed after ``since`` (:meth:`_timing_marks` then): the warm-up steps
+        (``UNTIMED_WARMUP_STEPS``: compilation, the compile check) and evaluations are not
+        counted. ``steady`` is False when there was no steady step, and the figures are then
+        those of the warm-up steps (a run that short has nothing else to show)."""
         seconds, steps = self.train_time_s - since[0], self.timed_steps - since[1]
+        steady = steps > 0
+        if not steady:
+            seconds, steps = self.warmup_s - since[2], self.warmup_steps - since[3]
         tokens = steps * self.config.batch_size * self.model_config.seq_len
-        return throughput(tokens, seconds, self.flops_per_token, self.peak_flops)
+        return {
+            "ms_per_step": round(1000 * seconds / steps, 4) if steps else None,
+            **throughput(tokens, seconds, self.flops_per_token, self.peak_flops),
+            "steady": steady,
+        }
 
     def close(self) -> None:
         """Leave the process group (under ``torchrun``); nothing to do in one process."""

@@ -1,0 +1,436 @@
+r"""Triton kernels of the sphere optimizers' steps: multi-tensor, one launch per row length.
+
+What each kernel computes is specified by ONE readable reference, the single-tensor loop of its
+optimizer (``_single_tensor_riemannian_adam`` in ``spheretorch/optim/riemannian_adam.py``,
+``_single_tensor_riemannian_sgd`` in ``spheretorch/optim/riemannian_sgd.py``, the
+renormalisation of ``spheretorch/optim/renorm_adam.py``), written with the formulas of
+:mod:`spheretorch.sphere`; ``tests/test_optim_kernels.py`` checks every kernel against it
+(through Triton's interpreter on CPU tensors).
+
+Layout. Every sphere tensor is seen as ``(outer, size, inner)``
+(``spheretorch.sphere.layout.sphere_layout``): ``outer * inner`` spheres of ``size``
+values, sphere ``s`` at element offsets ``(s // inner) * size * inner + s % inner + k * inner``.
+The tensors of one launch share ``size`` (and dtype); a program holds ``BLOCK_R`` whole spheres
+in registers (``[BLOCK_R, BLOCK_N]`` tiles), so every per-sphere reduction (projection, second
+moment, retraction norm, transport) is a register reduction and each value is read and written
+once. Consecutive spheres are consecutive in memory when ``inner == 1`` (rows) and
+interleaved when ``inner > 1`` (columns), so loads coalesce in both cases. Spheres longer than
+``MAX_ROW`` are not handled here (callers take their multi-tensor torch path).
+
+Multi-tensor addressing. A launch gets one base tensor per list (the lowest address) and a
+per-tensor table ``INFO`` of int64 element offsets from those bases (pointer arithmetic in
+int64, valid for any tensor size); ``TILES`` maps each program to ``(tensor, first sphere)``.
+The tables are built on the host once per set of tensors and cached on the device, so a step
+launches: the step-counter increment (one ``_foreach_add_``), one kernel per row length, and
+nothing that synchronises with the host. Scalars (learning rate, betas, ...) travel as a small
+float64 tensor (cached by value) so that float64 parameters get float64 hyper-parameters;
+a tensor ``lr`` and device step counters are read by the kernel (``capturable`` by
+construction: no host read; build the tables before capturing a CUDA graph, i.e. take one
+step first, as for any optimizer).
+
+Radius. Each tensor has a radius :math:`r` (1 for ``SphereParameter``; ``|x|`` at construction
+for a whole-tensor sphere): the kernel works on :math:`x/r`, with the step :math:`u/r`, and
+stores :math:`r\,y`; this is the update on the sphere of radius :math:`r` with the induced
+metric (projection :math:`g - \langle x, g\rangle x / r^2`, retraction
+:math:`r (x+u)/\|x+u\|`).
+
+Non-finite skip: a nonzero ``found_inf`` (a 0-d device tensor) masks every store, so parameters,
+moments and step counters stay bitwise unchanged without a host synchronisation.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .backend import triton_available
+
+__all__ = [
+    "MAX_ROW",
+    "handles",
+    "nonfinite_flag",
+    "project",
+    "renormalize_",
+    "sphere_adam_",
+    "sphere_sgd_",
+]
+
+#: longest sphere (``size``) a kernel keeps in registers
+MAX_ROW = 16384
+#: values per program (``BLOCK_R * BLOCK_N``): enough to hide latency, few enough registers
+_TILE = 2048
+#: the same through Triton's interpreter (CPU tensors, the tests): small tiles waste less
+_TILE_INTERPRETED = 64
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def handles(xs: Sequence[Tensor], layouts: Sequence[Any], *others: Sequence[Any]) -> bool:
+    """Whether these tensors can go through the kernels: contiguous, supported dtypes, spheres
+    of at most ``MAX_ROW`` values, no autograd, not DTensors. ``others``: lists (of
+    gradients, moments, ...) that must be contiguous too (``None`` entries allowed)."""
+    if not triton_available():
+        return False
+    for x, lay in zip(xs, layouts):
+        if x.dtype not in _DTYPES or lay.size > MAX_ROW or not x.is_contiguous():
+            return False
+        if x.requires_grad and torch.is_grad_enabled():
+            return False
+        if type(x) is not torch.Tensor and not isinstance(x, torch.nn.Parameter):
+            return False  # DTensor and other subclasses
+    return all(t is None or t.is_contiguous() for ts in others for t in ts)
+
+
+# ---------------------------------------------------------------------- host side: tables
+
+
+_CACHE: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+_CACHE_SIZE = 64
+
+
+def _cached(key: tuple[Any, ...], make: Any) -> Any:
+    hit = _CACHE.get(key)
+    if hit is None:
+        hit = _CACHE[key] = make()
+        if len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    else:
+        _CACHE.move_to_end(key)
+    return hit
+
+
+def _offsets(ts: Sequence[Tensor | None]) -> tuple[Tensor | None, list[int]]:
+    """The lowest-addressed tensor of ``ts`` and each one's element offset from it."""
+    real = [t for t in ts if t is not None]
+    if not real:
+        return None, [0] * len(ts)
+    base = min(real, key=Tensor.data_ptr)
+    size = base.element_size()
+    out = []
+    for t in ts:
+        if t is None:
+            out.append(0)
+            continue
+        delta = t.data_ptr() - base.data_ptr()
+        if delta % size:  # cannot happen for tensors of one dtype; checked, not assumed
+            raise RuntimeError("spheretorch kernels: misaligned tensor in a multi-tensor launch")
+        out.append(delta // size)
+    return base, out
+
+
+_JIT: dict[bool, Any] = {}
+
+
+def _jit(device: torch.device) -> Any:
+    """The kernels of ``_optim_jit.py``: interpreted for CPU tensors, compiled for CUDA ones.
+
+    Triton decides between its interpreter and its compiler when a function is decorated,
+    from ``TRITON_INTERPRET``; the module is loaded once per mode with that variable set
+    accordingly, so that the choice follows the device whatever the environment held when
+    spheretorch was imported.
+    """
+    interpret = device.type != "cuda"
+    mod = _JIT.get(interpret)
+    if mod is None:
+        # triton itself first, in the process's own mode (its standard library must not
+        # change mode later); only this module's functions are decorated in the device's
+        import triton.language  # noqa: F401
+
+        old = os.environ.get("TRITON_INTERPRET")
+        os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
+        try:
+            name = f"{__package__}._optim_jit_{'interpreted' if interpret else 'compiled'}"
+            spec = importlib.util.spec_from_file_location(
+                name, Path(__file__).with_name("_optim_jit.py")
+            )
+            assert spec is not None and spec.loader is not None
+            mod = importlib.util.module_from_spec(spec)
+            sys.modules[name] = mod  # triton resolves the helpers through the module
+            spec.loader.exec_module(mod)
+        finally:
+            if old is None:
+                del os.environ["TRITON_INTERPRET"]
+            else:
+                os.environ["TRITON_INTERPRET"] = old
+        _JIT[interpret] = mod
+    return mod
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _blocks(size: int, device: torch.device) -> tuple[int, int, int]:
+    """``(BLOCK_R, BLOCK_N, num_warps)`` for spheres of ``size`` values."""
+    block_n = _next_power_of_2(size)
+    block_r = max(1, (_TILE if device.type == "cuda" else _TILE_INTERPRETED) // block_n)
+    num_warps = min(16, max(1, block_n * block_r // 256))
+    return block_r, block_n, num_warps
+
+
+def _plan(
+    lists: Sequence[Sequence[Tensor | None]],
+    layouts: Sequence[Any],
+    block_r: int,
+) -> tuple[list[Tensor | None], Tensor, Tensor]:
+    """Bases of ``lists``, the INFO table (count, inner, offsets...) and the TILES table, on
+    the device. TILES depends on the shapes only (cached by them: it is the large one, one
+    entry per program); INFO, one small row per tensor, is cached by the tensors' addresses
+    (rebuilt when gradients move: a few microseconds and one small copy)."""
+    device = lists[0][0].device  # type: ignore[union-attr]
+    shapes = tuple((lay.outer, lay.size, lay.inner) for lay in layouts)
+
+    def make_tiles() -> Tensor:
+        tiles = [v for i, lay in enumerate(layouts) for s in range(0, lay.count, block_r)
+                 for v in (i, s)]  # fmt: skip
+        return torch.tensor(tiles, dtype=torch.int64).to(device)
+
+    def make_info() -> tuple[list[int | None], Tensor]:
+        bases, offs = zip(*(_offsets(ts) for ts in lists))
+        info = [[lay.count, lay.inner, *(o[i] for o in offs)] for i, lay in enumerate(layouts)]
+        # the bases are kept as addresses, not references (no tensor kept alive by the cache)
+        ptrs = [None if base is None else base.data_ptr() for base in bases]
+        return ptrs, torch.tensor(info, dtype=torch.int64).to(device)
+
+    tiles_t = _cached(("tiles", device, block_r, shapes), make_tiles)
+    addresses = tuple(tuple(0 if t is None else t.data_ptr() for t in ts) for ts in lists)
+    ptrs, info_t = _cached(("info", device, addresses, shapes), make_info)
+    bases = []
+    for ts, ptr in zip(lists, ptrs):
+        bases.append(next((t for t in ts if t is not None and t.data_ptr() == ptr), None))
+    return bases, info_t, tiles_t
+
+
+def _hyper(
+    device: torch.device, dtype: torch.dtype, values: Sequence[float], radii: Sequence[float]
+) -> Tensor:
+    """``[lr, beta1/momentum, beta2/dampening, eps, step, radius_0, radius_1, ...]`` as a
+    tensor of ``dtype`` on ``device`` (cached by value: a constant schedule costs no copy)."""
+    key = ("hyper", device, dtype, tuple(values), tuple(radii))
+    return _cached(key, lambda: torch.tensor([*values, *radii], dtype=dtype).to(device))
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _dummy(like: Tensor) -> Tensor:
+    return torch.empty(1, dtype=torch.float32, device=like.device)
+
+
+def _by_size(layouts: Sequence[Any]) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for i, lay in enumerate(layouts):
+        out.setdefault(lay.size, []).append(i)
+    return out
+
+
+def _pick(ts: Sequence[Any], idx: Sequence[int]) -> list[Any]:
+    return [ts[i] for i in idx]
+
+
+def _value(x: float | Tensor | None) -> float:
+    return 0.0 if x is None or isinstance(x, Tensor) else float(x)
+
+
+# ---------------------------------------------------------------------- host side: launches
+
+
+def sphere_adam_(
+    xs: Sequence[Tensor],
+    gs: Sequence[Tensor],
+    ms: Sequence[Tensor],
+    vs: Sequence[Tensor],
+    vmaxs: Sequence[Tensor],
+    layouts: Sequence[Any],
+    radii: Sequence[float],
+    *,
+    steps: Sequence[Tensor] | None,
+    step: float | None,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    maximize: bool,
+    row: bool,
+    exp: bool,
+    found_inf: Tensor | None,
+) -> None:
+    """One RiemannianAdam step of sphere tensors of one dtype (all contiguous; ``ms``, ``vs``,
+    ``vmaxs`` in the compute dtype, ``vs`` of ``count`` values per tensor for ``row``).
+
+    ``steps``: per-tensor step counters on the device, already incremented (read by the
+    kernel), or ``None`` with the common ``step`` number given. Writes nothing where
+    ``found_inf`` is nonzero.
+    """
+    amsgrad = bool(vmaxs)
+    device = xs[0].device
+    lr_tensor = isinstance(lr, Tensor)
+    if lr_tensor and lr.device != device:  # type: ignore[union-attr]
+        lr = lr.to(device)  # type: ignore[union-attr]  # the kernel reads it there
+    dummy = _dummy(xs[0])
+    for size, idx in _by_size(layouts).items():
+        block_r, block_n, warps = _blocks(size, device)
+        lists = [_pick(xs, idx), _pick(gs, idx), _pick(ms, idx), _pick(vs, idx)]
+        lists.append(_pick(vmaxs, idx) if amsgrad else [None] * len(idx))
+        lists.append(_pick(steps, idx) if steps is not None else [None] * len(idx))
+        bases, info, tiles = _plan(lists, _pick(layouts, idx), block_r)
+        hyper = _hyper(
+            xs[0].device,
+            torch.float64,
+            [_value(lr), beta1, beta2, eps, _value(step)],
+            _pick(radii, idx),
+        )
+        _jit(device)._adam_kernel[(tiles.shape[0] // 2,)](
+            bases[0], bases[1], bases[2], bases[3],
+            bases[4] if amsgrad else dummy,
+            bases[5] if steps is not None else dummy,
+            tiles, info, hyper,
+            lr if lr_tensor else dummy,
+            found_inf if found_inf is not None else dummy,
+            size,
+            N_INFO=info.shape[1], BLOCK_R=block_r, BLOCK_N=block_n,
+            MAXIMIZE=maximize, ROW=row, EXP=exp, AMSGRAD=amsgrad,
+            LR_TENSOR=lr_tensor, STEP_TENSOR=steps is not None,
+            HAS_FOUND_INF=found_inf is not None, num_warps=warps,
+        )  # fmt: skip
+
+
+def sphere_sgd_(
+    xs: Sequence[Tensor],
+    gs: Sequence[Tensor],
+    bufs: Sequence[Tensor] | None,
+    layouts: Sequence[Any],
+    radii: Sequence[float],
+    *,
+    lr: float | Tensor,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+    exp: bool,
+    first: bool,
+    found_inf: Tensor | None,
+) -> None:
+    """One RiemannianSGD step (``bufs=None``: no momentum; ``first``: the buffers are set to
+    the Riemannian gradient, torch's first step). Writes nothing where ``found_inf`` is
+    nonzero."""
+    cd = _compute_dtype(xs[0].dtype)
+    device = xs[0].device
+    lr_tensor = isinstance(lr, Tensor)
+    if lr_tensor and lr.device != device:  # type: ignore[union-attr]
+        lr = lr.to(device)  # type: ignore[union-attr]  # the kernel reads it there
+    dummy = _dummy(xs[0])
+    for size, idx in _by_size(layouts).items():
+        block_r, block_n, warps = _blocks(size, device)
+        lists = [_pick(xs, idx), _pick(gs, idx)]
+        lists.append(_pick(bufs, idx) if bufs is not None else [None] * len(idx))
+        bases, info, tiles = _plan(lists, _pick(layouts, idx), block_r)
+        hyper = _hyper(
+            xs[0].device, cd, [_value(lr), momentum, dampening, 0.0, 0.0], _pick(radii, idx)
+        )
+        _jit(device)._sgd_kernel[(tiles.shape[0] // 2,)](
+            bases[0], bases[1], bases[2] if bufs is not None else dummy,
+            tiles, info, hyper,
+            lr if lr_tensor else dummy,
+            found_inf if found_inf is not None else dummy,
+            size,
+            N_INFO=info.shape[1], BLOCK_R=block_r, BLOCK_N=block_n,
+            MAXIMIZE=maximize, EXP=exp, MOMENTUM=bufs is not None, FIRST=first,
+            NESTEROV=nesterov, LR_TENSOR=lr_tensor, HAS_FOUND_INF=found_inf is not None,
+            num_warps=warps,
+        )  # fmt: skip
+
+
+def _row_op(
+    xs: Sequence[Tensor],
+    gs: Sequence[Tensor] | None,
+    outs: Sequence[Tensor] | None,
+    layouts: Sequence[Any],
+    radii: Sequence[float],
+    found_inf: Tensor | None,
+) -> None:
+    cd = _compute_dtype(xs[0].dtype)
+    device = xs[0].device
+    dummy = _dummy(xs[0])
+    project_ = gs is not None
+    for size, idx in _by_size(layouts).items():
+        block_r, block_n, warps = _blocks(size, device)
+        lists = [_pick(xs, idx)]
+        if project_:
+            lists += [_pick(gs, idx), _pick(outs, idx)]  # type: ignore[arg-type]
+        bases, info, tiles = _plan(lists, _pick(layouts, idx), block_r)
+        hyper = _hyper(xs[0].device, cd, [0.0] * 5, _pick(radii, idx))
+        _jit(device)._renorm_kernel[(tiles.shape[0] // 2,)](
+            bases[0], bases[1] if project_ else dummy, bases[2] if project_ else dummy,
+            tiles, info, hyper,
+            found_inf if found_inf is not None else dummy,
+            size,
+            N_INFO=info.shape[1], BLOCK_R=block_r, BLOCK_N=block_n,
+            PROJECT=project_, HAS_FOUND_INF=found_inf is not None, num_warps=warps,
+        )  # fmt: skip
+
+
+def renormalize_(
+    xs: Sequence[Tensor],
+    layouts: Sequence[Any],
+    radii: Sequence[float],
+    *,
+    keep: Tensor | None = None,
+) -> None:
+    r"""In place :math:`x \leftarrow r\,x / \|x\|` on every sphere; nothing changes where
+    ``keep`` (0-d) is nonzero."""
+    _row_op(xs, None, None, layouts, radii, keep)
+
+
+def project(
+    xs: Sequence[Tensor],
+    gs: Sequence[Tensor],
+    layouts: Sequence[Any],
+    radii: Sequence[float],
+) -> list[Tensor]:
+    r"""New tensors :math:`g - \langle x, g\rangle x / r^2` (the tangent part of ``g`` at
+    ``x``), in ``g``'s dtype."""
+    outs = [torch.empty_like(g, memory_format=torch.contiguous_format) for g in gs]
+    gs = [g.contiguous() for g in gs]
+    _row_op(xs, gs, outs, layouts, radii, None)
+    return outs
+
+
+def nonfinite_flag(grads: Sequence[Tensor]) -> Tensor:
+    """0-d float32 tensor on the gradients' device: 1 when some gradient holds a NaN or an
+    infinity, else 0; one launch per dtype, each element read once, no host synchronisation.
+    Gradients must be contiguous."""
+    device = grads[0].device
+    flag = torch.zeros((), dtype=torch.int32, device=device)
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    block = 4096 if device.type == "cuda" else 1024
+    for gs in by_dtype.values():
+        numels = tuple(g.numel() for g in gs)
+
+        def make_tiles(numels: tuple[int, ...] = numels) -> Tensor:
+            tiles = [v for i, n in enumerate(numels) for s in range(0, n, block) for v in (i, s)]
+            return torch.tensor(tiles, dtype=torch.int64).to(device)
+
+        def make_info(gs: list[Tensor] = gs) -> tuple[int, Tensor]:
+            base, offs = _offsets(gs)
+            assert base is not None
+            rows = [v for g, o in zip(gs, offs) for v in (g.numel(), o)]
+            return base.data_ptr(), torch.tensor(rows, dtype=torch.int64).to(device)
+
+        tiles = _cached(("scan-tiles", device, block, numels), make_tiles)
+        if tiles.numel() == 0:
+            continue  # empty gradients only
+        ptr, info = _cached(("scan", device, tuple(g.data_ptr() for g in gs)), make_info)
+        base = next(g for g in gs if g.data_ptr() == ptr)
+        _jit(device)._nonfinite_kernel[(tiles.shape[0] // 2,)](base, info, tiles, flag, BLOCK=block)
+    return flag.to(torch.float32)
