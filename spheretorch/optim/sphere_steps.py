@@ -58,14 +58,18 @@ __all__ = [
     "StepRule",
     "adam_direction",
     "adam_directions",
+    "adam_sphere_update_",
+    "check_sphere_options",
     "from_rows",
     "matrix_of",
     "newton_schulz",
     "orthogonalize",
     "project_rows",
     "rows",
+    "sphere_option_steps",
     "sphere_step",
     "sphere_step_",
+    "split_sphere_lists",
     "step_angle",
 ]
 
@@ -356,3 +360,124 @@ def sphere_step_(
     )
     p.copy_(new if whole else from_rows(new, layout, p.shape))
     return angle
+
+
+@torch.no_grad()
+def adam_sphere_update_(
+    p: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step: Tensor,
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    ordering: Ordering,
+    angular: bool,
+    weight_decay: float = 0.0,
+    decoupled_weight_decay: bool = False,
+    maximize: bool = False,
+) -> Tensor | None:
+    """One Adam-type step of the sphere parameter ``p`` in the given ``ordering``, in place:
+    the ``ordering=``/``angular=`` options of :class:`.RiemannianAdam` and :class:`.RenormAdam`.
+
+    ``exp_avg_sq`` is per coordinate (``p``'s shape) or one value per sphere (the sphere axes
+    of size 1: RiemannianAdam's ``second_moment="row"``, the sum of squares over the sphere).
+    ``"riemannian"`` projects the gradient (and moves ``exp_avg`` to the current point by
+    projection) first; ``"renorm"``/``"oblique"`` take the Euclidean gradient. The step:
+    ``angular``: turn each sphere by exactly ``lr`` along the tangent part of the Adam
+    direction (returns the angles, ``(k,)``); else Emerging-Optimizers' ObliqueAdam step
+    (tangent part, decoupled decay, step of ``lr`` along it, retraction; returns None).
+    Coupled ``weight_decay`` (L2) is added to the gradient as Adam does.
+    """
+    from ..parameter import sphere_dim_of
+
+    dims = sphere_dim_of(p)
+    radius = float(getattr(p, "sphere_radius", 1.0))
+    step += 1
+    t = float(step)
+    g = (-grad if maximize else grad).to(exp_avg.dtype)
+    if weight_decay and not decoupled_weight_decay:
+        g = g + weight_decay * p.detach().to(g.dtype)
+    if ordering == "riemannian":
+        g = sphere.project(p.detach(), g, dims, radius=radius)
+        exp_avg.copy_(sphere.project(p.detach(), exp_avg, dims, radius=radius))
+    exp_avg.lerp_(g, 1 - betas[0])
+    exp_avg_sq.mul_(betas[1])
+    if exp_avg_sq.shape == p.shape:
+        exp_avg_sq.addcmul_(g, g, value=1 - betas[1])
+    else:
+        exp_avg_sq.add_(sphere.inner(g, g, dims).reshape(exp_avg_sq.shape), alpha=1 - betas[1])
+    d = adam_direction(exp_avg, exp_avg_sq, t, betas, eps)
+    decay = weight_decay if decoupled_weight_decay else 0.0
+    return sphere_step_(
+        p,
+        d,
+        lr,
+        project=True,
+        rule="angular" if angular else "adam",
+        weight_decay=0.0 if angular else decay,
+        measure=angular,
+    )
+
+
+def check_sphere_options(
+    ordering: str, angular: bool, orderings: tuple[str, ...], default: str, flags: dict
+) -> None:
+    """The checks of the ``ordering=``/``angular=`` options of the Adam variants: a known
+    ordering, a bool, and none of the flags their reference path lacks."""
+    if ordering not in orderings:
+        raise ValueError(
+            f"ordering must be one of {', '.join(map(repr, orderings))}, got {ordering!r}"
+        )
+    if not isinstance(angular, bool):
+        raise TypeError(f"angular must be True or False, got {angular!r}")
+    if ordering != default or angular:
+        bad = [k for k in ("fused", "capturable", "differentiable", "amsgrad") if flags.get(k)]
+        if bad:
+            raise ValueError(
+                f"ordering={ordering!r}, angular={angular} take the reference step "
+                f"(spheretorch.optim.sphere_steps); it has no {bad[0]}={flags[bad[0]]!r}"
+            )
+
+
+def split_sphere_lists(lists: tuple[list, ...]) -> tuple[tuple[list, ...], list[int]]:
+    """``(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, dims)`` without the
+    sphere parameters (amsgrad off: ``max_exp_avg_sqs`` empty), and the sphere indices."""
+    params, grads, avgs, sqs, maxs, steps, dims = lists
+    on = [i for i, d in enumerate(dims) if d is not None]
+    off = [i for i, d in enumerate(dims) if d is None]
+    rest = tuple([lst[i] for i in off] for lst in (params, grads, avgs, sqs))
+    return (*rest, maxs, [steps[i] for i in off], [dims[i] for i in off]), on
+
+
+def sphere_option_steps(
+    group: dict, lists: tuple[list, ...], ordering: Ordering, state: dict
+) -> tuple[list, ...]:
+    """Take the sphere parameters of an Adam variant's lists (``params, grads, exp_avgs,
+    exp_avg_sqs, max_exp_avg_sqs, steps, dims``) through :func:`adam_sphere_update_` (angles
+    into ``state[p]["angle"]`` with ``angular``); returns the lists of the others."""
+    rest, on = split_sphere_lists(lists)
+    params, grads, avgs, sqs, _, steps, _ = lists
+    lr = float(group["lr"])
+    b1, b2 = (float(b) for b in group["betas"])
+    for i in on:
+        angle = adam_sphere_update_(
+            params[i],
+            grads[i],
+            avgs[i],
+            sqs[i],
+            steps[i],
+            lr=lr,
+            betas=(b1, b2),
+            eps=group["eps"],
+            ordering=ordering,
+            angular=bool(group["angular"]),
+            weight_decay=group["weight_decay"],
+            decoupled_weight_decay=bool(group.get("decoupled_weight_decay")),
+            maximize=bool(group["maximize"]),
+        )
+        if angle is not None:
+            state[params[i]]["angle"] = angle
+    return rest
