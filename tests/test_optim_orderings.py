@@ -129,3 +129,48 @@ def test_state_dict_round_trip_with_options(cls):
         x.grad = torch.randn(5, 4, dtype=F64, generator=gen(7))
         o.step()
     assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize(
+    "kw", [{}, {"momentum": 0.9}, {"momentum": 0.9, "nesterov": True}, {"weight_decay": 0.1}]
+)
+def test_riemannian_sgd_angular_turns_by_lr_and_leaves_euclidean_params_to_torch(kw):
+    from spheretorch.optim import RiemannianSGD
+
+    ps = [
+        SphereParameter(torch.randn(5, 4, dtype=F64, generator=gen(1)), dim=1),
+        SphereParameter(3 * torch.randn(4, 3, dtype=F64, generator=gen(2)), dim=None),
+    ]
+    e = torch.nn.Parameter(torch.randn(3, dtype=F64, generator=gen(3)))
+    e_ref = torch.nn.Parameter(e.detach().clone())
+    opt = RiemannianSGD([*ps, e], lr=0.03, angular=True, **kw)
+    opt_ref = torch.optim.SGD([e_ref], lr=0.03, **kw)
+    for t in range(3):
+        for p in (*ps, e):
+            p.grad = torch.randn(p.shape, dtype=F64, generator=gen(60 + t))
+        e_ref.grad = e.grad.clone()
+        opt.step()
+        opt_ref.step()
+        for p in ps:
+            a = opt.state[p]["angle"]
+            torch.testing.assert_close(a, torch.full_like(a, 0.03), atol=1e-12, rtol=0)
+    torch.testing.assert_close(e.detach(), e_ref.detach(), atol=1e-15, rtol=0)
+    torch.testing.assert_close(ps[1].detach().norm(), torch.tensor(ps[1].sphere_radius, dtype=F64))
+
+
+def test_riemannian_sgd_angular_reaches_leading_eigenvectors():
+    from spheretorch.optim import RiemannianSGD
+
+    k, n = 4, 6
+    q = torch.linalg.qr(torch.randn(k, n, n, dtype=F64, generator=gen(50)))[0]
+    mats = q @ torch.diag_embed(torch.linspace(1.0, 3.0, n, dtype=F64).expand(k, n)) @ q.mT
+    w = SphereParameter(torch.randn(k, n, dtype=F64, generator=gen(51)), dim=1)
+    opt = RiemannianSGD([w], lr=0.1, momentum=0.9, angular=True)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, 0.975)
+    for _ in range(700):
+        opt.zero_grad()
+        (-torch.einsum("ki,kij,kj->", w, mats, w)).backward()
+        opt.step()
+        sched.step()
+    cos = (w.detach() * q[:, :, -1]).sum(1).abs()
+    assert float((1 - cos).abs().max().sqrt()) < 1e-5

@@ -66,6 +66,7 @@ __all__ = [
     "orthogonalize",
     "project_rows",
     "rows",
+    "sgd_sphere_angular_",
     "sphere_option_steps",
     "sphere_step",
     "sphere_step_",
@@ -481,3 +482,42 @@ def sphere_option_steps(
         if angle is not None:
             state[params[i]]["angle"] = angle
     return rest
+
+
+@torch.no_grad()
+def sgd_sphere_angular_(
+    p: Tensor,
+    grad: Tensor,
+    buf: Tensor | None,
+    *,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+) -> tuple[Tensor | None, Tensor]:
+    """RiemannianSGD's ``angular=True`` step of the sphere parameter ``p``, in place: the
+    Riemannian gradient (L2 ``weight_decay`` added first, as torch's SGD), momentum as torch's
+    SGD on it with the buffer moved to the current point by projection, then a turn of exactly
+    ``lr`` radians along the result. Returns ``(buffer, angles)`` (``buffer`` None without
+    momentum)."""
+    from ..parameter import sphere_dim_of
+
+    dims = sphere_dim_of(p)
+    radius = float(getattr(p, "sphere_radius", 1.0))
+    g = -grad if maximize else grad
+    if weight_decay:
+        g = g + weight_decay * p.detach()
+    r = sphere.project(p.detach(), g, dims, radius=radius)
+    d = r
+    if momentum:
+        if buf is None:
+            buf = r.clone()
+        else:
+            buf.copy_(sphere.project(p.detach(), buf, dims, radius=radius))
+            buf.mul_(momentum).add_(r, alpha=1 - dampening)
+        d = r.add(buf, alpha=momentum) if nesterov else buf
+    angle = sphere_step_(p, d, lr, project=True, rule="angular", measure=True)
+    assert angle is not None
+    return buf, angle
