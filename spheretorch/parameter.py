@@ -27,14 +27,23 @@ __all__ = [
 ]
 
 
-def _rebuild_sphere_parameter(data: Tensor, requires_grad: bool, sphere_dim: int) -> Any:
-    """Unpickling hook: rebuild without re-projecting (the data were saved unit-norm)."""
-    p = SphereParameter.__new__(SphereParameter, data, sphere_dim, requires_grad, _project=False)
+def _rebuild_sphere_parameter(
+    data: Tensor,
+    requires_grad: bool,
+    sphere_dim: int | tuple[int, ...],
+    sphere_radius: float = 1.0,
+) -> Any:
+    """Unpickling hook: rebuild without re-projecting (the data were saved on the sphere).
+    ``sphere_radius`` is absent from files saved before spheres of other radii existed."""
+    p = SphereParameter.__new__(
+        SphereParameter, data, sphere_dim, requires_grad, radius=sphere_radius, _project=False
+    )
     return p
 
 
 class SphereParameter(nn.Parameter):
-    r"""A parameter constrained to the unit sphere along ``dim``.
+    r"""A parameter constrained to the unit sphere along ``dim`` (or to one sphere of radius
+    :math:`\|x\|`: ``dim=None``).
 
     Each slice ``x[..., :, ...]`` along ``dim`` satisfies :math:`\|x\| = 1`. The data are
     projected at construction (:math:`x \leftarrow x / \|x\|`); after that, keeping them on the
@@ -44,50 +53,82 @@ class SphereParameter(nn.Parameter):
 
     Args:
         data: floating-point tensor of any shape with at least one axis.
-        dim: the sphere axis; stored as the non-negative int ``.sphere_dim``
-            (``.dim()`` stays torch's method).
+        dim: the sphere axes (``.dim()`` stays torch's method), stored as ``.sphere_dim``:
+
+            * an int (or NumPy int): the slices along that axis are unit vectors;
+              ``.sphere_dim`` is the non-negative int;
+            * a tuple of adjacent axes, e.g. ``(1, 2, 3)`` for a conv weight ``(out, in, kh,
+              kw)``: each ``x[o]`` (the axes flattened) is one unit vector; ``.sphere_dim`` is
+              the ascending tuple (an int for a one-element tuple);
+            * ``None``: the whole tensor is one point on the sphere of radius
+              :math:`\|x\|_F` (the hyperball recipe: the weight's norm is kept, its
+              direction learned); ``.sphere_dim`` is the tuple of every axis (the int 0 for a
+              1-D tensor) and ``.sphere_radius`` the norm.
         requires_grad: as for ``nn.Parameter``.
         on_zero: a slice of zero norm raises (``"raise"``) or becomes the fixed point
             :math:`e_0` (``"fixed"``, e.g. an embedding's all-zero padding row).
+        radius: keyword, the radius of every sphere (``.sphere_radius``, a float): default 1,
+            and :math:`\|x\|_F` at construction for ``dim=None``. The optimizers keep it.
 
     Raises:
-        TypeError: non-floating dtype or non-int ``dim``.
-        ValueError: ``dim`` out of range, a slice of zero norm, or NaN/inf entries.
+        TypeError: non-floating dtype or ``dim`` not an int, a tuple of ints or None.
+        ValueError: ``dim`` out of range or not adjacent axes, a slice of zero norm, NaN/inf
+            entries, or a non-positive ``radius``.
 
-    The class and ``sphere_dim`` survive ``copy.deepcopy``, ``pickle``, ``torch.save`` /
+    The class, ``sphere_dim`` and ``sphere_radius`` survive ``copy.deepcopy``, ``pickle``,
+    ``torch.save`` /
     ``torch.load``, ``Module.to()`` and ``Module.load_state_dict``. When
     ``Module.load_state_dict`` brings slices whose norm is off 1 by more than the dtype's
     tolerance (:func:`spheretorch.sphere.check_unit`), they are renormalized and a
     ``UserWarning`` names the key; slices with zero or non-finite norm fail the load
     (torch's ``RuntimeError``, naming the key). Values within the tolerance are copied
-    bitwise (a resumed run stays exact). A module's ``state_dict``
+    bitwise (a resumed run stays exact). A parameter that is one sphere of radius other than
+    1 (``dim=None``) takes the norm of the loaded tensor as its ``sphere_radius`` (the radius
+    is part of the weights; a state dict stores only tensors). A module's ``state_dict``
     holds plain tensors, so ``torch.load(..., weights_only=True)`` reads it. (Only
     ``load_state_dict(..., assign=True)`` loses the class: torch then replaces every parameter
     object with a plain ``nn.Parameter``; load without ``assign`` to copy into the existing one.)
     """
 
-    sphere_dim: int
+    sphere_dim: int | tuple[int, ...]
+    sphere_radius: float
 
     def __new__(
         cls,
         data: Tensor | None = None,
-        dim: int = -1,
+        dim: int | tuple[int, ...] | None = -1,
         requires_grad: bool = True,
         *,
         on_zero: str = "raise",
+        radius: float | None = None,
         _project: bool = True,
     ) -> SphereParameter:
         if data is None:
             raise TypeError("SphereParameter needs data: a floating-point tensor")
         sphere.check_floating(data, "data")
-        sphere_dim = sphere.check_sphere_dim(data, dim, "dim", min_size=2)
+        sphere_dim = sphere.check_sphere_dims(data, dim, "dim", min_size=2)
         if on_zero not in ("raise", "fixed"):  # "keep" would leave a zero slice off the sphere
             raise ValueError(f"on_zero must be 'raise' or 'fixed', got {on_zero!r}")
+        if radius is not None:
+            radius = sphere.check_radius(radius)
+        elif dim is None and data.is_meta:
+            radius = 1.0  # no values to measure: a meta build has unit radius
+        elif dim is None:
+            norm = float(sphere.norm(data.detach(), sphere_dim).flatten()[0])
+            if not (0 < norm < float("inf")):
+                raise ValueError(
+                    f"SphereParameter(dim=None) takes its radius from the data's norm, which "
+                    f"is {norm}; pass data with a finite non-zero norm (or radius=)"
+                )
+            radius = norm
+        else:
+            radius = 1.0
         if _project and not data.is_meta:  # a meta tensor has no values to project
             with torch.no_grad():
-                data = sphere.normalize(data.detach(), sphere_dim, on_zero=on_zero)
+                data = sphere.normalize(data.detach(), sphere_dim, on_zero=on_zero, radius=radius)
         self = torch.Tensor._make_subclass(cls, data, requires_grad)
         self.sphere_dim = sphere_dim
+        self.sphere_radius = radius
         return self
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:  # all work happens in __new__
@@ -97,30 +138,46 @@ class SphereParameter(nn.Parameter):
         if id(self) in memo:
             return memo[id(self)]
         data = self.data.clone(memory_format=torch.preserve_format)
-        result = SphereParameter(data, self.sphere_dim, self.requires_grad, _project=False)
+        result = SphereParameter(
+            data,
+            self.sphere_dim,
+            self.requires_grad,
+            radius=self.sphere_radius,
+            _project=False,
+        )
         memo[id(self)] = result
         for key, value in self.__dict__.items():
-            if key != "sphere_dim":
+            if key not in ("sphere_dim", "sphere_radius"):
                 setattr(result, key, copy.deepcopy(value, memo))
         return result
 
     def __reduce_ex__(self, proto: int) -> tuple[Any, ...]:
-        return (_rebuild_sphere_parameter, (self.data, self.requires_grad, self.sphere_dim))
+        args = (self.data, self.requires_grad, self.sphere_dim, self.sphere_radius)
+        return (_rebuild_sphere_parameter, args)
 
     def __repr__(self) -> str:
-        return f"SphereParameter(dim={self.sphere_dim}) containing:\n{self.data!r}"
+        r = getattr(self, "sphere_radius", 1.0)
+        radius = "" if r == 1.0 else f", radius={r:g}"
+        return f"SphereParameter(dim={self.sphere_dim}{radius}) containing:\n{self.data!r}"
 
 
-def sphere_dim_of(p: Tensor) -> int | None:
-    """The sphere axis of ``p`` (a non-negative int) or ``None`` for a Euclidean tensor."""
+def sphere_dim_of(p: Tensor) -> int | tuple[int, ...] | None:
+    """The sphere axes of ``p`` (a non-negative int, or an ascending tuple of adjacent axes) or
+    ``None`` for a Euclidean tensor. Its radius: ``getattr(p, "sphere_radius", 1.0)``."""
     d = getattr(p, "sphere_dim", None)
     if d is None:
         return None
-    return d % p.dim()
+    if isinstance(d, int):
+        return d % p.dim()
+    return sphere.canonical_sphere_dims(p.dim(), d, "sphere_dim")
 
 
 def sphere_(
-    module: nn.Module, name: str = "weight", dim: int = -1, *, on_zero: str = "raise"
+    module: nn.Module,
+    name: str = "weight",
+    dim: int | tuple[int, ...] | None = -1,
+    *,
+    on_zero: str = "raise",
 ) -> nn.Module:
     """Turn ``module.<name>`` into a :class:`SphereParameter` along ``dim``, in place.
 
@@ -170,11 +227,13 @@ def renormalize_(params_or_module: nn.Module | Iterable[Tensor] | Tensor) -> int
     """Re-project every sphere parameter (``sphere_dim`` set) onto the sphere, in place.
 
     Norms are computed in float32 for half types. Zero slices are left as they are (no NaN).
+    Each goes back to its own radius (``sphere_radius``, default 1).
     Returns the number of parameters renormalized.
     """
     params = _sphere_params(params_or_module)
     for p in params:
-        p.copy_(sphere.normalize(p, sphere_dim_of(p), on_zero="keep"))
+        r = getattr(p, "sphere_radius", 1.0)
+        p.copy_(sphere.normalize(p, sphere_dim_of(p), on_zero="keep", radius=r))
     return len(params)
 
 
@@ -185,6 +244,12 @@ def to_geoopt(p: SphereParameter) -> Any:
     dim = sphere_dim_of(p)
     if dim is None:
         raise TypeError("to_geoopt expects a SphereParameter (a tensor with sphere_dim)")
+    radius = getattr(p, "sphere_radius", 1.0)
+    if not isinstance(dim, int) or radius != 1.0:
+        raise ValueError(
+            f"geoopt.Sphere is the unit sphere along the last axis; this parameter's spheres "
+            f"span dim={dim} with radius {radius:g} (to_geoopt takes one axis, radius 1)"
+        )
     if dim != p.dim() - 1:
         raise ValueError(
             f"geoopt.Sphere works on the last axis; this parameter's sphere_dim is {dim} of "
@@ -233,18 +298,28 @@ def _renormalize_on_load(
         ):
             continue
         dim = p.sphere_dim
-        off = float((sphere.norm(value.detach(), dim) - 1).abs().amax())
+        r = p.sphere_radius
+        n = sphere.norm(value.detach(), dim)
+        if r != 1.0 and n.numel() == 1:
+            # one sphere whose radius is not 1 (SphereParameter(x, dim=None)): the radius is a
+            # property of the weights, so the loaded tensor's norm becomes the radius
+            adopted = float(n)
+            if 0 < adopted < float("inf"):
+                p.sphere_radius = adopted
+                continue
+        off = float((n / r - 1).abs().amax())
         if off <= sphere.unit_atol(value.dtype):
             continue  # on the sphere to rounding: copied bitwise
         try:
-            fixed = sphere.normalize(value.detach(), dim, on_zero="raise")
+            fixed = sphere.normalize(value.detach(), dim, on_zero="raise", radius=r)
         except ValueError as bad:
             error_msgs.append(f'While copying the parameter named "{key}": {bad}')
             state_dict[key] = p.detach()  # the load fails: keep the parameter as it was
             continue
         warnings.warn(
-            f"load_state_dict: {key!r} has slices off the unit sphere along dim={dim} "
-            f"(max |norm - 1| = {off:.3g}); loaded them renormalized",
+            f"load_state_dict: {key!r} has slices off the "
+            f"{'unit sphere' if r == 1.0 else f'sphere of radius {r:g}'} along dim={dim} "
+            f"(max |norm / radius - 1| = {off:.3g}); loaded them renormalized",
             UserWarning,
             stacklevel=4,
         )

@@ -17,7 +17,14 @@ import pytest
 import torch
 
 import spheretorch as st
-from spheretorch.optim import RenormAdam, RenormAdamW, RiemannianAdam, RiemannianSGD
+from spheretorch.optim import (
+    AdamH,
+    RenormAdam,
+    RenormAdamW,
+    RiemannianAdam,
+    RiemannianSGD,
+    SphereMuon,
+)
 
 common = pytest.importorskip(
     "torch.testing._internal.common_optimizers", reason="needs torch's test helpers (expecttest)"
@@ -33,9 +40,42 @@ def _info(cls, inputs, errors, impls):
         optim_inputs_func=inputs,
         optim_error_inputs_func=errors,
         supported_impls=impls,
-        has_capturable_arg=cls is not RiemannianSGD,
+        has_capturable_arg=cls not in (RiemannianSGD, SphereMuon, AdamH),
         supports_fused_on=("cpu", "cuda"),
     )
+
+
+def _inputs(*kwargs_list):
+    """An ``optim_inputs_func`` for our own classes: one input per kwargs dict."""
+
+    def func(device, dtype=None):
+        return [common.OptimizerInput(params=None, kwargs=kw, desc=repr(kw)) for kw in kwargs_list]
+
+    return func
+
+
+def _errors(*cases):
+    """An ``optim_error_inputs_func``: (kwargs, error type, regex) construction errors."""
+
+    def func(device, dtype):
+        return [
+            common.ErrorOptimizerInput(
+                common.OptimizerInput(params=None, kwargs=kw, desc=regex),
+                error_type=err,
+                error_regex=regex,
+            )
+            for kw, err, regex in cases
+        ]
+
+    return func
+
+
+_HYBRID_ERRORS = (
+    ({"lr": -1e-3}, ValueError, "Invalid learning rate: -0.001"),
+    ({"lr": 1e-3, "weight_decay": -1.0}, ValueError, "Invalid weight_decay value: -1.0"),
+    ({"lr": 1e-3, "fused": True}, RuntimeError, "`fused` is not supported by"),
+    ({"lr": 1e-3, "capturable": True}, RuntimeError, "`capturable` is not supported by"),
+)
 
 
 INFOS = [
@@ -62,6 +102,40 @@ INFOS = [
         common.optim_inputs_func_sgd,
         common.optim_error_inputs_func_sgd,
         ("foreach", "differentiable", "fused"),
+    ),
+    _info(
+        SphereMuon,
+        _inputs(  # bfloat16 matmuls are slow on CPU: one input keeps the default
+            {},
+            {"ns_dtype": None, "momentum": 0.9, "nesterov": False},
+            {"ns_dtype": None, "weight_decay": 0.1, "adamw_weight_decay": 0.1},
+            {"ns_dtype": None, "angle_per": "sphere", "measure_angle": True, "batch_ns": False},
+            {"ns_dtype": None, "adjust_lr_fn": "match_rms_adamw", "maximize": True},
+            {"ns_dtype": None, "ordering": "renorm"},
+        ),
+        _errors(
+            *_HYBRID_ERRORS,
+            ({"momentum": 1.5}, ValueError, "Invalid momentum value: 1.5"),
+            ({"ns_steps": 100}, ValueError, r"ns_steps must be an int in \[0, 100\)"),
+        ),
+        ("foreach",),
+    ),
+    _info(
+        AdamH,
+        _inputs(
+            {},
+            {"ordering": "oblique"},
+            {"ordering": "riemannian", "angular": True, "measure_angle": True},
+            {"angular": True, "angle_per": "tensor"},
+            {"weight_decay": 0.1, "betas": (0.8, 0.99)},
+            {"maximize": True},
+        ),
+        _errors(
+            *_HYBRID_ERRORS,
+            ({"betas": (0.9, 1.0)}, ValueError, "Invalid beta parameter at index 1: 1.0"),
+            ({"ordering": "x"}, ValueError, "ordering must be one of 'renorm', 'oblique'"),
+        ),
+        ("foreach",),
     ),
 ]
 IDS = [i.name for i in INFOS]
@@ -268,7 +342,9 @@ def test_empty_and_complex_euclidean_params(info):
     empty = torch.nn.Parameter(torch.empty(0, 3, dtype=torch.float64))
     z = torch.nn.Parameter(torch.randn(4, dtype=torch.complex128))
     zr = torch.nn.Parameter(torch.view_as_real(z.detach()).clone())
-    opt_c, opt_r = info.optim_cls([empty, z], lr=0.1), info.optim_cls([zr], lr=0.1)
+    # (use_muon=False: SphereMuon sends the complex vector to AdamW, so its real (4, 2) view too)
+    opt_c = info.optim_cls([empty, z], lr=0.1)
+    opt_r = info.optim_cls([{"params": [zr], "use_muon": False}], lr=0.1)
     for t in range(3):
         g = torch.randn(4, dtype=torch.complex128, generator=torch.Generator().manual_seed(t))
         z.grad, zr.grad, empty.grad = g, torch.view_as_real(g).clone(), torch.zeros_like(empty)

@@ -633,8 +633,10 @@ def test_bad_dims_are_rejected():
         S.expmap(x, x, dim=1.0)
     with pytest.raises(TypeError, match="dim must be an int, got bool"):
         S.normalize(x, dim=True)
-    with pytest.raises(TypeError, match="dim must be an int, got tuple"):
-        S.dist(x, x, dim=(0, 1))
+    with pytest.raises(ValueError, match=r"dim must be adjacent axes \(e\.g\. \(1, 2, 3\)\)"):
+        S.dist(torch.randn(2, 3, 4), torch.randn(2, 3, 4), dim=(0, 2))
+    with pytest.raises(TypeError, match="dim must be an int, a tuple of adjacent ints or None"):
+        S.dist(x, x, dim=(0, 1.0))
     with pytest.raises(ValueError, match="needs at least one axis; got a 0-d tensor"):
         S.normalize(torch.tensor(1.0))
 

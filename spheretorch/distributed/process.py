@@ -143,7 +143,8 @@ def local_batch(batch: Tensor, ctx: DistributedContext) -> Tensor:
 
 
 def fully_shard(module: nn.Module, **kwargs: Any) -> nn.Module:
-    """:func:`torch.distributed.fsdp.fully_shard` that keeps each parameter's ``sphere_dim``.
+    """:func:`torch.distributed.fsdp.fully_shard` that keeps each parameter's ``sphere_dim``
+    (and ``sphere_radius``).
 
     Same arguments and return value as torch's. Call it bottom-up (blocks first, then the
     root) exactly as with torch's; parameters already sharded by an inner call keep their
@@ -152,10 +153,13 @@ def fully_shard(module: nn.Module, **kwargs: Any) -> nn.Module:
     from torch.distributed.fsdp import fully_shard as torch_fully_shard
 
     dims = {name: sphere_dim_of(p) for name, p in module.named_parameters()}
+    radii = {name: getattr(p, "sphere_radius", None) for name, p in module.named_parameters()}
     out = torch_fully_shard(module, **kwargs)
     for name, p in module.named_parameters():
         if dims.get(name) is not None:
             p.sphere_dim = dims[name]
+            if radii.get(name) is not None:  # spheres of other radii (dim=None) keep theirs
+                p.sphere_radius = radii[name]
     return out
 
 

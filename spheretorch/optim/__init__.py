@@ -16,8 +16,17 @@ get exactly torch's Adam/AdamW/SGD step in the same optimizer. Each optimizer is
 :func:`spheretorch.optim.riemannian_sgd.riemannian_sgd`, as ``torch.optim.adam.adam``) with a
 single-tensor and a multi-tensor (``_foreach``) implementation; the latter is the default on
 CPU and CUDA.
+
+Beyond Adam (:mod:`.sphere_steps` holds their formulas, reusable by the classes above):
+
+* :class:`SphereMuon` -- Muon's orthogonalized momentum on sphere parameters (row spheres and
+  the whole-tensor Frobenius sphere), steps whose angle is the learning rate; Euclidean
+  matrices get torch.optim.Muon's step, the rest torch's AdamW;
+* :class:`AdamH` -- hyperball Adam: weight norm and update norm fixed per sphere.
 """
 
+from . import sphere_steps
+from .adamh import AdamH
 from .optimizer import (
     NONFINITE_POLICIES,
     NonfiniteGradientWarning,
@@ -27,14 +36,18 @@ from .optimizer import (
 from .renorm_adam import RenormAdam, RenormAdamW
 from .riemannian_adam import RiemannianAdam
 from .riemannian_sgd import RiemannianSGD
+from .sphere_muon import SphereMuon
 
 __all__ = [
     "NONFINITE_POLICIES",
+    "AdamH",
     "NonfiniteGradientWarning",
     "NonfinitePolicy",
     "RenormAdam",
     "RenormAdamW",
     "RiemannianAdam",
     "RiemannianSGD",
+    "SphereMuon",
     "SphereOptimizer",
+    "sphere_steps",
 ]

@@ -15,7 +15,7 @@ of the same bucket). Details and measurements: docs/optimizers.md, docs/benchmar
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -42,6 +42,7 @@ from ._functional import (
 )
 from ._torch_shims import same_strides, torch_adam
 from .optimizer import NonfinitePolicy, SphereOptimizer
+from .sphere_steps import check_sphere_options, sphere_option_steps
 
 __all__ = ["RenormAdam", "RenormAdamW", "renorm_adam"]
 
@@ -94,11 +95,19 @@ class RenormAdam(SphereOptimizer):
         decoupled_weight_decay: bool = False,
         project_grad: bool = False,
         nonfinite: NonfinitePolicy = "skip",
+        ordering: Literal["renorm", "oblique"] = "renorm",
+        angular: bool = False,
     ) -> None:
         check_hyperparameters(lr, betas, eps, weight_decay)
         if not isinstance(project_grad, bool):
             raise TypeError(f"project_grad must be True or False, got {project_grad!r}")
+        flags = dict(fused=fused, capturable=capturable, differentiable=differentiable)
+        check_sphere_options(
+            ordering, angular, ("renorm", "oblique"), "renorm", {**flags, "amsgrad": amsgrad}
+        )
         defaults = dict(
+            ordering=ordering,
+            angular=angular,
             project_grad=project_grad,
             lr=lr,
             betas=tuple(float(b) for b in betas),
@@ -173,6 +182,12 @@ class RenormAdam(SphereOptimizer):
             dims.append(sphere_of(p))
 
     def _update(self, group: dict[str, Any], lists: Any, found_inf: Tensor | None) -> None:
+        if group.get("ordering", "renorm") != "renorm" or group.get("angular"):
+            # project_grad: the gradient's tangent part first, the "riemannian" ordering
+            ordering = "riemannian" if group.get("project_grad") else group["ordering"]
+            lists = sphere_option_steps(group, lists, ordering, self.state)
+            if not lists[0]:
+                return
         fused, foreach = self._implementation(group)
         beta1, beta2 = group["betas"]
         renorm_adam(

@@ -22,7 +22,7 @@ modified. Derivation and choices: docs/optimizers.md.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -57,6 +57,7 @@ from ._functional import (
 )
 from ._torch_shims import torch_adam_on
 from .optimizer import NonfinitePolicy, SphereOptimizer
+from .sphere_steps import check_sphere_options, sphere_option_steps
 
 __all__ = ["RiemannianAdam", "riemannian_adam"]
 
@@ -128,10 +129,22 @@ class RiemannianAdam(SphereOptimizer):
         differentiable: bool = False,
         fused: bool | None = None,
         nonfinite: NonfinitePolicy = "skip",
+        ordering: Literal["riemannian", "oblique"] = "riemannian",
+        angular: bool = False,
     ) -> None:
         check_hyperparameters(lr, betas, eps, weight_decay)
         _check_choices(second_moment, retraction)
+        flags = dict(fused=fused, capturable=capturable, differentiable=differentiable)
+        check_sphere_options(
+            ordering,
+            angular,
+            ("riemannian", "oblique"),
+            "riemannian",
+            {**flags, "amsgrad": amsgrad},
+        )
         defaults = dict(
+            ordering=ordering,
+            angular=angular,
             lr=lr,
             betas=tuple(float(b) for b in betas),
             eps=eps,
@@ -219,6 +232,11 @@ class RiemannianAdam(SphereOptimizer):
             dims.append(geo)
 
     def _update(self, group: dict[str, Any], lists: Any, found_inf: Tensor | None) -> None:
+        if group.get("ordering", "riemannian") != "riemannian" or group.get("angular"):
+            ordering = group.get("ordering", "riemannian")
+            lists = sphere_option_steps(group, lists, ordering, self.state)
+            if not lists[0]:
+                return
         # None stays None: the functional core's "auto" (the native CPU kernel where it
         # applies, else the multi-tensor path)
         foreach = group["foreach"]

@@ -54,6 +54,7 @@ from ._functional import (
 )
 from ._torch_shims import torch_sgd_on
 from .optimizer import NonfinitePolicy, SphereOptimizer
+from .sphere_steps import check_sphere_options, sgd_sphere_angular_
 
 __all__ = ["RiemannianSGD", "riemannian_sgd"]
 
@@ -98,12 +99,21 @@ class RiemannianSGD(SphereOptimizer):
         fused: bool | None = None,
         retraction: Retraction = "project",
         nonfinite: NonfinitePolicy = "skip",
+        angular: bool = False,
     ) -> None:
         check_hyperparameters(lr, weight_decay=weight_decay, momentum=momentum)
+        check_sphere_options(
+            "riemannian",
+            angular,
+            ("riemannian",),
+            "riemannian",
+            dict(fused=fused, differentiable=differentiable),
+        )
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         check_choice("retraction", retraction, ("project", "exp"))
         defaults = dict(
+            angular=angular,
             lr=lr,
             momentum=momentum,
             dampening=dampening,
@@ -150,6 +160,10 @@ class RiemannianSGD(SphereOptimizer):
             dims.append(geo)
 
     def _update(self, group: dict[str, Any], lists: Any, found_inf: Tensor | None) -> None:
+        if group.get("angular"):
+            lists = self._angular_spheres(group, lists)
+            if not lists[0]:
+                return
         params, _, momentum_buffers, _ = lists
         # None stays None: the functional core's "auto" (the native CPU kernel where it
         # applies, else the multi-tensor path)
@@ -171,6 +185,32 @@ class RiemannianSGD(SphereOptimizer):
         if group["momentum"] != 0:
             for p, buf in zip(params, momentum_buffers):
                 self.state[p]["momentum_buffer"] = buf
+
+    def _angular_spheres(self, group: dict[str, Any], lists: Any) -> Any:
+        """``angular=True``: the sphere parameters turn by exactly ``lr`` radians
+        (:func:`~spheretorch.optim.sphere_steps.sgd_sphere_angular_`, angles in
+        ``state[p]["angle"]``); returns the lists of the Euclidean ones."""
+        params, grads, bufs, dims = lists
+        keep: list[int] = []
+        for i, (p, d) in enumerate(zip(params, dims)):
+            if d is None:
+                keep.append(i)
+                continue
+            buf, angle = sgd_sphere_angular_(
+                p,
+                grads[i],
+                bufs[i],
+                lr=float(group["lr"]),
+                momentum=group["momentum"],
+                dampening=group["dampening"],
+                weight_decay=group["weight_decay"],
+                nesterov=group["nesterov"],
+                maximize=group["maximize"],
+            )
+            if buf is not None:
+                self.state[p]["momentum_buffer"] = buf
+            self.state[p]["angle"] = angle
+        return tuple([lst[i] for i in keep] for lst in lists)
 
 
 # torch's functional signature (lists, then keywords), shared on purpose by every core.

@@ -6,7 +6,12 @@
 * :mod:`.series` -- functions with removable singularities (sinc, cos_sinc_sq, atanc_sq);
 * :mod:`.checks` -- argument checks and the one half-precision policy (:func:`compute_dtype`);
 * :mod:`.foreach` -- the same operations on lists of tensors (``_foreach`` ops);
-* :mod:`.dtensor` -- DTensor-aware reductions (FSDP2).
+* :mod:`.dtensor` -- DTensor-aware reductions (FSDP2);
+* :mod:`.layout` -- sphere axes (one axis, adjacent axes, the whole tensor) as one
+  ``(outer, size, inner)`` view.
+
+Every function of :mod:`.functional` takes ``dim`` as an int, a tuple of adjacent axes or
+``None`` (the whole tensor: the Frobenius sphere), and a ``radius`` keyword.
 
 Models, optimizers, :mod:`spheretorch.geodesic` and :mod:`spheretorch.parameter` use only the
 names exported here (and :mod:`.foreach`).
@@ -18,6 +23,7 @@ from .checks import (
     check_floating,
     check_same_shape,
     check_sphere_dim,
+    check_sphere_dims,
     compute_dtype,
     upcast,
 )
@@ -25,6 +31,7 @@ from .dtensor import global_value, is_dtensor, zeros_per_slice
 from .functional import (
     angle,
     antipodal_direction,
+    check_radius,
     check_unit,
     dist,
     expmap,
@@ -39,6 +46,7 @@ from .functional import (
     transport,
     unit_atol,
 )
+from .layout import SphereLayout, canonical_sphere_dims, sphere_layout
 from .series import atanc_sq, cos_sinc_sq, sinc, sqrt0
 from .unit import unit
 
@@ -49,12 +57,16 @@ _up = upcast
 
 __all__ = [
     "UPCAST_DTYPES",
+    "SphereLayout",
     "angle",
     "antipodal_direction",
     "atanc_sq",
+    "canonical_sphere_dims",
     "check_floating",
+    "check_radius",
     "check_same_shape",
     "check_sphere_dim",
+    "check_sphere_dims",
     "check_unit",
     "compute_dtype",
     "cos_sinc_sq",
@@ -72,6 +84,7 @@ __all__ = [
     "random",
     "retract",
     "sinc",
+    "sphere_layout",
     "sqrt0",
     "transport",
     "unit",

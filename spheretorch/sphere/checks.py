@@ -6,16 +6,20 @@ angle functions of float16/bfloat16 tensors run in :func:`.compute_dtype` and ar
 
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
 from torch import Tensor
+
+from .layout import canonical_sphere_dims
 
 __all__ = [
     "UPCAST_DTYPES",
     "check_floating",
     "check_same_shape",
     "check_sphere_dim",
+    "check_sphere_dims",
     "compute_dtype",
     "upcast",
 ]
@@ -75,6 +79,42 @@ def check_sphere_dim(x: Tensor, dim: int, name: str = "dim", min_size: int = 1) 
             f"{x.shape[dim]}; a sphere needs at least {min_size} coordinates along it"
         )
     return dim
+
+
+def check_sphere_dims(
+    x: Tensor, dims: object, name: str = "dim", min_size: int = 1
+) -> int | tuple[int, ...]:
+    """Sphere axes of ``x`` as given by a user: an int (one axis, as :func:`check_sphere_dim`),
+    a tuple of adjacent axes, or ``None`` (the whole tensor is one sphere).
+
+    Returns a non-negative int where the sphere is one axis (an int, a one-element tuple, or
+    ``None`` for a 1-D tensor) and otherwise the ascending tuple of >= 2 adjacent axes
+    (``None``: every axis). ``min_size``: the least number of coordinates of one sphere.
+    Errors are one line naming ``name`` (see :func:`.layout.canonical_sphere_dims`).
+    """
+    if not isinstance(dims, (tuple, list)) and dims is not None:
+        return check_sphere_dim(x, dims, name, min_size)  # type: ignore[arg-type]
+    if x.dim() == 0:
+        raise ValueError(
+            f"a point on the sphere needs at least one axis; got a 0-d tensor ({name})"
+        )
+    if dims is None:
+        dims = tuple(range(x.dim()))
+    elif any(isinstance(d, bool) or not hasattr(d, "__index__") for d in dims):
+        raise TypeError(f"{name} must be an int, a tuple of adjacent ints or None, got {dims!r}")
+    if not dims:
+        raise ValueError(f"{name} must name at least one axis, got ()")
+    canon = canonical_sphere_dims(x.dim(), tuple(dims), name)
+    if isinstance(canon, int):
+        return check_sphere_dim(x, canon, name, min_size)
+    assert canon is not None
+    size = math.prod(x.shape[d] for d in canon)
+    if size < min_size:
+        raise ValueError(
+            f"the sphere axes {name}={canon} of a tensor of shape {tuple(x.shape)} hold "
+            f"{size} coordinates; a sphere needs at least {min_size}"
+        )
+    return canon
 
 
 def check_same_shape(a: Tensor, b: Tensor, names: str) -> None:

@@ -1,7 +1,12 @@
 r"""Geometry of the unit hypersphere :math:`S^{d-1} = \{x \in \mathbb{R}^d : \|x\| = 1\}`.
 
 Every function takes tensors of any shape; ``dim`` selects the axis holding the :math:`d`
-coordinates of each point, the other axes are batch axes. Points are unit vectors along
+coordinates of each point, the other axes are batch axes. ``dim`` may also be a tuple of
+adjacent axes (flattened into one sphere per index of the other axes, e.g. ``(1, 2, 3)`` puts
+each output filter of a conv weight on one sphere) or ``None`` (the whole tensor is one point:
+the Frobenius sphere), through :func:`.layout.sphere_layout`'s one ``(outer, size, inner)``
+view. ``radius`` (keyword, default 1) makes the sphere :math:`\{\|x\| = r\}`: points,
+tangent vectors and distances scale with :math:`r`, angles do not. Points are unit vectors along
 ``dim`` (:func:`.normalize` puts them there; pass ``check=True`` to the functions of two
 points to have that verified); tangent vectors at ``x`` satisfy :math:`\langle x, u\rangle = 0`.
 Angles come from ``atan2``, removable singularities from series, half types are computed in
@@ -16,14 +21,22 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .checks import check_floating, check_same_shape, check_sphere_dim, compute_dtype
+from .checks import (
+    check_floating,
+    check_same_shape,
+    check_sphere_dim,
+    check_sphere_dims,
+    compute_dtype,
+)
 from .checks import upcast as _up
+from .layout import sphere_layout
 from .series import atanc_sq, cos_sinc_sq, sinc, sqrt0
 from .unit import unit
 
 __all__ = [
     "angle",
     "antipodal_direction",
+    "check_radius",
     "check_unit",
     "dist",
     "expmap",
@@ -40,22 +53,58 @@ __all__ = [
 ]
 
 ZeroPolicy = Literal["raise", "fixed", "keep"]
+#: sphere axes: one axis, a tuple of adjacent axes, or None (the whole tensor)
+Dims = int | tuple[int, ...] | None
 
 
 def _is_tracing() -> bool:
     return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
+# ----------------------------------------------------------------------------- sphere axes
+
+
+def _flat(axes: tuple[int, ...], *ts: Tensor) -> tuple[list[Tensor], torch.Size]:
+    """``ts`` broadcast together and seen as ``(outer, size, inner)`` (sphere axis 1), with the
+    broadcast shape: how every function handles a tuple of axes (``None`` = all axes)."""
+    if len(ts) > 1:
+        ts = tuple(torch.broadcast_tensors(*ts))
+    shape = ts[0].shape
+    lay = sphere_layout(shape, axes)
+    return [t.reshape(lay.outer, lay.size, lay.inner) for t in ts], shape
+
+
+def _reduced(shape: torch.Size, axes: tuple[int, ...], keepdim: bool) -> tuple[int, ...]:
+    """``shape`` with the sphere ``axes`` reduced (kept as size 1 with ``keepdim``)."""
+    if keepdim:
+        return tuple(1 if i in axes else n for i, n in enumerate(shape))
+    return tuple(n for i, n in enumerate(shape) if i not in axes)
+
+
+def check_radius(radius: float, name: str = "radius") -> float:
+    """``radius`` as a positive finite float, or a one-line ``ValueError`` naming it."""
+    if isinstance(radius, bool) or not isinstance(radius, (int, float)):
+        raise TypeError(f"{name} must be a positive float, got {type(radius).__name__}")
+    r = float(radius)
+    if not (r > 0 and r < float("inf")):
+        raise ValueError(f"{name} must be a positive finite float, got {radius!r}")
+    return r
+
+
 # ----------------------------------------------------------------------------- primitives
 
 
-def inner(x: Tensor, y: Tensor, dim: int = -1, keepdim: bool = True) -> Tensor:
+def inner(x: Tensor, y: Tensor, dim: Dims = -1, keepdim: bool = True) -> Tensor:
     r""":math:`\langle x, y \rangle` summed along ``dim``, in the compute dtype."""
+    if dim is None or isinstance(dim, (tuple, list)):
+        dim = check_sphere_dims(torch.broadcast_tensors(x, y)[0], dim)
     return (_up(x) * _up(y)).sum(dim=dim, keepdim=keepdim)
 
 
-def norm(x: Tensor, dim: int = -1, keepdim: bool = True) -> Tensor:
+def norm(x: Tensor, dim: Dims = -1, keepdim: bool = True) -> Tensor:
     r""":math:`\|x\|_2` along ``dim``, accumulated in the compute dtype (float32 for half types)."""
+    if dim is None or isinstance(dim, (tuple, list)):
+        dim = check_sphere_dims(x, dim)
     return torch.linalg.vector_norm(x, dim=dim, keepdim=keepdim, dtype=compute_dtype(x.dtype))
 
 
@@ -110,10 +159,23 @@ def unit_atol(dtype: torch.dtype) -> float:
     return _UNIT_ATOL.get(dtype, 1e-5)
 
 
-def check_unit(x: Tensor, dim: int = -1, name: str = "x", atol: float | None = None) -> None:
+def check_unit(
+    x: Tensor, dim: Dims = -1, name: str = "x", atol: float | None = None, *, radius: float = 1.0
+) -> None:
     """Raise a one-line ``ValueError`` naming the first slice of ``x`` along ``dim`` whose norm
-    is not 1 within ``atol`` (default :func:`unit_atol`). One host sync."""
-    dim = check_sphere_dim(x, dim)
+    is not ``radius`` within ``atol * radius`` (default :func:`unit_atol`). One host sync."""
+    axes = check_sphere_dims(x, dim)
+    r = check_radius(radius)
+    if isinstance(axes, tuple) or r != 1.0:
+        tol = unit_atol(x.dtype) if atol is None else atol
+        off = float((norm(x, axes) / r - 1).abs().amax())
+        if not off <= tol:
+            raise ValueError(
+                f"{name} must lie on the sphere of radius {r:g} along dim={axes}: its norm is "
+                f"off by a factor {off:.3g} (tolerance {tol:g}; normalize it first)"
+            )
+        return
+    dim = axes
     tol = unit_atol(x.dtype) if atol is None else atol
     off = (norm(x, dim) - 1).abs()
     bad = ~(off <= tol)  # NaN counts as bad
@@ -127,10 +189,10 @@ def check_unit(x: Tensor, dim: int = -1, name: str = "x", atol: float | None = N
     )
 
 
-def _check_points(check: bool, dim: int, **points: Tensor) -> None:
+def _check_points(check: bool, dim: Dims, radius: float = 1.0, **points: Tensor) -> None:
     if check:
         for name, x in points.items():
-            check_unit(x, dim, name)
+            check_unit(x, dim, name, radius=radius)
 
 
 def _unit_basis(x: Tensor, dim: int) -> Tensor:
@@ -145,9 +207,10 @@ def _unit_basis(x: Tensor, dim: int) -> Tensor:
 
 def normalize(
     x: Tensor,
-    dim: int = -1,
+    dim: Dims = -1,
     *,
     on_zero: ZeroPolicy = "raise",
+    radius: float = 1.0,
 ) -> Tensor:
     r"""Project onto the sphere: :math:`x / \|x\|` along ``dim``.
 
@@ -167,12 +230,21 @@ def normalize(
             ``"fixed"`` and ``"keep"`` never synchronise and do not rescale: a slice whose
             norm underflows the compute dtype counts as zero there.
 
+        radius: the norm of the result (a sphere of radius :math:`r`: :math:`r x / \|x\|`).
+
     Returns:
-        Tensor of the same shape and dtype with unit norm along ``dim``. The norm is computed in
-        float32 for float16/bfloat16 input.
+        Tensor of the same shape and dtype with norm ``radius`` along ``dim``. The norm is
+        computed in float32 for float16/bfloat16 input.
     """
     check_floating(x, "x")
-    dim = check_sphere_dim(x, dim)
+    axes = check_sphere_dims(x, dim)
+    r = check_radius(radius)
+    if isinstance(axes, tuple):
+        (xv,), shape = _flat(axes, x)
+        return normalize(xv, 1, on_zero=on_zero, radius=r).reshape(shape)
+    if r != 1.0:
+        return (_up(normalize(x, axes, on_zero=on_zero)) * r).to(x.dtype)
+    dim = axes
     n = norm(x, dim)
     if on_zero == "raise":
         if not _is_tracing():
@@ -190,34 +262,54 @@ def normalize(
 # ----------------------------------------------------------------------------- tangent space
 
 
-def project(x: Tensor, u: Tensor, dim: int = -1) -> Tensor:
+def project(x: Tensor, u: Tensor, dim: Dims = -1, *, radius: float = 1.0) -> Tensor:
     r"""Orthogonal projection of ``u`` onto the tangent space at ``x``:
-    :math:`P_x u = u - \langle x, u \rangle x`.
+    :math:`P_x u = u - \langle x, u \rangle x / r^2` (:math:`r` = ``radius``).
 
     Shapes: ``x`` and ``u`` broadcast; the result has ``u``'s dtype. This is also the
     Riemannian gradient of a function whose Euclidean gradient is ``u`` (egrad2rgrad).
     """
     check_floating(x, "x")
     check_floating(u, "u")
-    dim = check_sphere_dim(x, dim)
+    axes = check_sphere_dims(x, dim)
+    r = check_radius(radius)
+    if isinstance(axes, tuple):
+        (xv, uv), shape = _flat(axes, x, u)
+        return project(xv, uv, 1, radius=r).reshape(shape)
+    if r != 1.0:
+        return project(_up(x) / r, u, axes)
+    dim = axes
     xu = _up(x)
     return (_up(u) - inner(xu, u, dim) * xu).to(u.dtype)
 
 
-def retract(x: Tensor, u: Tensor, dim: int = -1) -> Tensor:
-    r"""Projective retraction :math:`R_x(u) = (x + u) / \|x + u\|`.
+def retract(x: Tensor, u: Tensor, dim: Dims = -1, *, radius: float = 1.0) -> Tensor:
+    r"""Projective retraction :math:`R_x(u) = r (x + u) / \|x + u\|` (:math:`r` = ``radius``).
 
     A second-order retraction: :math:`\|R_x(tu) - \exp_x(tu)\| = O(t^3)`. For a tangent ``u``
-    the norm of ``x + u`` is at least 1, so no zero check is needed.
+    the norm of ``x + u`` is at least :math:`r`, so no zero check is needed.
     """
     check_floating(x, "x")
     check_floating(u, "u")
-    dim = check_sphere_dim(x, dim)
+    axes = check_sphere_dims(x, dim)
+    r = check_radius(radius)
+    if isinstance(axes, tuple):
+        (xv, uv), shape = _flat(axes, x, u)
+        return retract(xv, uv, 1, radius=r).reshape(shape)
+    if r != 1.0:
+        return normalize(_up(x) + _up(u), axes, on_zero="keep", radius=r).to(x.dtype)
+    dim = axes
     return normalize(_up(x) + _up(u), dim, on_zero="keep").to(x.dtype)
 
 
 def expmap(
-    x: Tensor, u: Tensor, dim: int = -1, *, check: bool = False, norm_u: Tensor | None = None
+    x: Tensor,
+    u: Tensor,
+    dim: Dims = -1,
+    *,
+    check: bool = False,
+    norm_u: Tensor | None = None,
+    radius: float = 1.0,
 ) -> Tensor:
     r"""Exponential map :math:`\exp_x(u) = \cos(\|u\|)\,x + \mathrm{sinc}(\|u\|)\,u`.
 
@@ -232,10 +324,29 @@ def expmap(
     its sign does not matter (both are even). It must equal :math:`\|u\|` *as a function of
     the inputs* (computed from them, not detached) for the gradients to be those of
     :math:`\exp_x(u)`; it is not checked.
+
+    On the sphere of radius :math:`r`: :math:`\exp_x(u) = r \exp_{x/r}(u/r)` (the angle
+    turned is :math:`\|u\|/r`). With a tuple of axes or ``None``, ``norm_u`` has those axes
+    kept as size 1.
     """
     check_floating(x, "x")
     check_floating(u, "u")
-    dim = check_sphere_dim(x, dim, min_size=2)
+    axes = check_sphere_dims(x, dim, min_size=2)
+    r = check_radius(radius)
+    if isinstance(axes, tuple):
+        _check_points(check, axes, x=x, radius=r)
+        if norm_u is None:
+            (xv, uv), shape = _flat(axes, x, u)
+            return expmap(xv, uv, 1, radius=r).reshape(shape)
+        (xv, uv, nv), shape = _flat(axes, x, u, norm_u)
+        nv = nv[:, :1]  # broadcast back to one value per sphere
+        return expmap(xv, uv, 1, norm_u=nv, radius=r).reshape(shape)
+    if r != 1.0:
+        _check_points(check, axes, x=x, radius=r)
+        n = None if norm_u is None else _up(norm_u) / r
+        y = expmap(_up(x) / r, _up(u) / r, axes, norm_u=n)
+        return (y * r).to(x.dtype)
+    dim = axes
     _check_points(check, dim, x=x)
     xu, uu = _up(x), _up(u)
     if norm_u is None:
@@ -259,17 +370,29 @@ def _angle_parts(x: Tensor, y: Tensor, dim: int) -> tuple[Tensor, Tensor, Tensor
     return c, v, s2, s, torch.atan2(s, c)
 
 
-def angle(x: Tensor, y: Tensor, dim: int = -1, *, check: bool = False) -> Tensor:
+def angle(
+    x: Tensor, y: Tensor, dim: Dims = -1, *, check: bool = False, radius: float = 1.0
+) -> Tensor:
     r"""Angle between unit vectors, in :math:`[0, \pi]`, with ``dim`` kept as size 1:
 
     .. math:: \theta = \mathrm{atan2}(\|y - \langle x,y\rangle x\|, \langle x,y\rangle)
 
     Defined for unit ``x`` and ``y`` only (for others it is not the angle between their
     directions); ``check=True`` raises ``ValueError`` on non-unit input (:func:`check_unit`).
+    On a sphere of radius :math:`r` (``radius``), the angle between :math:`x/r` and :math:`y/r`.
     """
     check_floating(x, "x")
     check_floating(y, "y")
-    dim = check_sphere_dim(x, dim)
+    axes = check_sphere_dims(x, dim)
+    r = check_radius(radius)
+    if isinstance(axes, tuple):
+        _check_points(check, axes, radius=r, x=x, y=y)
+        (xv, yv), shape = _flat(axes, x, y)
+        return angle(xv, yv, 1, radius=r).reshape(_reduced(shape, axes, True))
+    if r != 1.0:
+        _check_points(check, axes, radius=r, x=x, y=y)
+        return angle(_up(x) / r, _up(y) / r, axes).to(x.dtype)
+    dim = axes
     _check_points(check, dim, x=x, y=y)
     return _angle_parts(_up(x), _up(y), dim)[4].to(x.dtype)
 
@@ -316,34 +439,62 @@ def geodesic_frame(x: Tensor, y: Tensor, dim: int) -> tuple[Tensor, Tensor]:
     return theta, torch.where(near, near_log, theta * u_far)
 
 
-def logmap(x: Tensor, y: Tensor, dim: int = -1, *, check: bool = False) -> Tensor:
+def logmap(
+    x: Tensor, y: Tensor, dim: Dims = -1, *, check: bool = False, radius: float = 1.0
+) -> Tensor:
     r"""Logarithmic map :math:`\log_x(y) = \theta v / \|v\|`, :math:`v = y - \langle x,y\rangle x`.
 
     The inverse of :func:`expmap` for :math:`\theta < \pi`; :math:`\|\log_x y\| = d(x, y)`.
     Near :math:`\theta = 0` the factor :math:`\theta/\|v\|` comes from a series, so the map and
     its gradient are smooth at ``x == y``. At ``y == -x`` it returns
     :math:`\pi \cdot` :func:`antipodal_direction`. ``check=True``: verify unit inputs.
+    On a sphere of radius :math:`r`: :math:`r \log_{x/r}(y/r)`.
     """
     check_floating(x, "x")
     check_floating(y, "y")
-    dim = check_sphere_dim(x, dim, min_size=2)
+    axes = check_sphere_dims(x, dim, min_size=2)
     check_same_shape(x, y, "x and y")
+    r = check_radius(radius)
+    if isinstance(axes, tuple):
+        _check_points(check, axes, radius=r, x=x, y=y)
+        (xv, yv), shape = _flat(axes, x, y)
+        return logmap(xv, yv, 1, radius=r).reshape(shape)
+    if r != 1.0:
+        _check_points(check, axes, radius=r, x=x, y=y)
+        return (logmap(_up(x) / r, _up(y) / r, axes) * r).to(y.dtype)
+    dim = axes
     _check_points(check, dim, x=x, y=y)
     return geodesic_frame(x, y, dim)[1].to(y.dtype)
 
 
 def dist(
-    x: Tensor, y: Tensor, dim: int = -1, keepdim: bool = False, *, check: bool = False
+    x: Tensor,
+    y: Tensor,
+    dim: Dims = -1,
+    keepdim: bool = False,
+    *,
+    check: bool = False,
+    radius: float = 1.0,
 ) -> Tensor:
-    r"""Geodesic distance :math:`d(x, y) = \theta \in [0, \pi]` (:func:`angle`), ``dim`` reduced.
+    r"""Geodesic distance :math:`d(x, y) = r\theta`, :math:`\theta \in [0, \pi]`
+    (:func:`angle`, :math:`r` = ``radius``), ``dim`` reduced.
 
-    For unit inputs only; ``check=True`` raises ``ValueError`` on non-unit ones.
+    For points on the sphere only; ``check=True`` raises ``ValueError`` on others.
     """
-    theta = angle(x, y, dim, check=check)
-    return theta if keepdim else theta.squeeze(check_sphere_dim(x, dim))
+    theta = angle(x, y, dim, check=check, radius=radius)
+    if radius != 1.0:
+        theta = theta * float(radius)
+    axes = check_sphere_dims(x, dim)
+    if keepdim:
+        return theta
+    if isinstance(axes, tuple):
+        return theta.reshape(_reduced(theta.shape, axes, False))
+    return theta.squeeze(axes)
 
 
-def transport(x: Tensor, y: Tensor, v: Tensor, dim: int = -1, *, check: bool = False) -> Tensor:
+def transport(
+    x: Tensor, y: Tensor, v: Tensor, dim: Dims = -1, *, check: bool = False, radius: float = 1.0
+) -> Tensor:
     r"""Parallel transport of the tangent vector ``v`` from ``x`` to ``y`` along the geodesic.
 
     .. math:: \Gamma_{x\to y}(v) = v - \frac{\langle y, v\rangle}{1 + \langle x, y\rangle}(x + y)
@@ -357,11 +508,21 @@ def transport(x: Tensor, y: Tensor, v: Tensor, dim: int = -1, *, check: bool = F
     rounding level, the same test :func:`logmap` uses) it transports along the geodesic in the
     :func:`antipodal_direction` :math:`w`: :math:`v - 2\langle w, v\rangle w`. Preserves
     inner products between tangent vectors. ``check=True``: verify unit ``x`` and ``y``.
+    On a sphere of radius :math:`r`: transport from :math:`x/r` to :math:`y/r`.
     """
     check_floating(x, "x")
     check_floating(y, "y")
     check_floating(v, "v")
-    dim = check_sphere_dim(x, dim, min_size=2)
+    axes = check_sphere_dims(x, dim, min_size=2)
+    r = check_radius(radius)
+    if isinstance(axes, tuple):
+        _check_points(check, axes, radius=r, x=x, y=y)
+        (xv, yv, vv), shape = _flat(axes, x, y, v)
+        return transport(xv, yv, vv, 1, radius=r).reshape(shape)
+    if r != 1.0:
+        _check_points(check, axes, radius=r, x=x, y=y)
+        return transport(_up(x) / r, _up(y) / r, v, axes)
+    dim = axes
     _check_points(check, dim, x=x, y=y)
     xu, yu, vu = _up(x), _up(y), _up(v)
     xy = xu + yu
@@ -376,10 +537,11 @@ def transport(x: Tensor, y: Tensor, v: Tensor, dim: int = -1, *, check: bool = F
 
 def random(
     *shape: int,
-    dim: int = -1,
+    dim: Dims = -1,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     generator: torch.Generator | None = None,
+    radius: float = 1.0,
 ) -> Tensor:
     r"""Points drawn uniformly from the sphere along ``dim``: normalised standard Gaussians.
 
@@ -406,6 +568,7 @@ def random(
             f"random() needs a floating-point dtype (float16, bfloat16, float32, float64), "
             f"got {dtype}"
         )
-    check_sphere_dim(torch.empty(shape, device="meta"), dim, min_size=2)
+    check_sphere_dims(torch.empty(shape, device="meta"), dim, min_size=2)
+    r = check_radius(radius)
     x = torch.randn(*shape, dtype=dtype, device=device, generator=generator)
-    return normalize(x, dim, on_zero="fixed")
+    return normalize(x, dim, on_zero="fixed", radius=r)

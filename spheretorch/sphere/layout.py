@@ -25,7 +25,7 @@ from torch import Tensor
 
 __all__ = ["SphereDims", "SphereLayout", "canonical_sphere_dims", "sphere_layout"]
 
-#: sphere axes as users give them: one axis, adjacent axes, or the whole tensor
+# sphere axes as users give them (one axis, adjacent axes, or the whole tensor)
 SphereDims = int | tuple[int, ...] | None
 
 

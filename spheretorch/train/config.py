@@ -5,7 +5,14 @@ GPT and GeoNorm use AdamW (torch's fused kernel), weight decay 0.1 on matrices, 
 nGPT uses :class:`spheretorch.optim.RenormAdam` (Adam, then every sphere matrix renormalized),
 no weight decay, no warmup. ``optim`` swaps the optimizer for any model: ``renorm``,
 ``riemannian`` (:class:`spheretorch.optim.RiemannianAdam`) or ``adamw`` (sphere parameters then
-drift off the sphere, an ablation).
+drift off the sphere, an ablation), and beyond Adam: ``muon`` (torch.optim.Muon's step on
+hidden matrices, sphere parameters then renormalized: :class:`spheretorch.optim.SphereMuon`
+with ``ordering="renorm"``), ``sphere_muon`` (:class:`spheretorch.optim.SphereMuon`: sphere
+parameters turn by an angle along their orthogonalized tangent momentum) and ``adamh``
+(:class:`spheretorch.optim.AdamH`: hyperball Adam on sphere parameters). In the Muon recipes
+Euclidean embeddings, head and vectors get AdamW at ``lr`` and Muon's LR is
+:data:`MUON_LR_SCALE` times ``lr``; on GPT (no sphere parameters) ``adamh`` is AdamW and both
+Muon recipes are Muon + AdamW.
 """
 
 from __future__ import annotations
@@ -34,7 +41,14 @@ __all__ = [
     "resolve_device",
 ]
 
-OPTIMIZERS = ("renorm", "riemannian", "adamw")
+OPTIMIZERS = ("renorm", "riemannian", "adamw", "muon", "sphere_muon", "adamh")
+
+#: ``muon``/``sphere_muon``: Muon's LR (the sphere step's angle) is this times ``lr``; the
+#: parameters Muon users leave to AdamW (embeddings, head, vectors) keep ``lr`` itself, the
+#: presets' Adam LR (4e-3 -> Muon 0.02, Keller Jordan's default)
+MUON_LR_SCALE = 5.0
+#: parameters that Muon recipes give to AdamW when Euclidean (Muon is for hidden matrices)
+_MUON_EXCLUDED = ("tok_emb.", "lm_head.")
 
 
 #: what ``resume`` may change; every other field given must equal the checkpoint's
@@ -331,6 +345,29 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def _muon_groups(model: LanguageModel, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+    """Muon recipes' groups: hidden matrices and sphere parameters (Muon, LR from the
+    optimizer's default), Euclidean embeddings/head (AdamW, decayed) and vectors (AdamW)."""
+    from ..parameter import sphere_dim_of
+
+    muon, decay, other = [], [], []
+    seen: set[int] = set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        if sphere_dim_of(p) is not None or (p.dim() == 2 and not name.startswith(_MUON_EXCLUDED)):
+            muon.append(p)
+        else:
+            (decay if p.dim() >= 2 else other).append(p)
+    groups = [
+        {"params": muon, "weight_decay": 0.0},
+        {"params": decay, "use_muon": False, "lr": lr, "adamw_weight_decay": weight_decay},
+        {"params": other, "use_muon": False, "lr": lr, "adamw_weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
 def build_optimizer(
     model: LanguageModel,
     name: str,
@@ -364,4 +401,14 @@ def build_optimizer(
         return sphere_optim.RenormAdam(groups, nonfinite="ignore", **kw)
     if name == "riemannian":
         return sphere_optim.RiemannianAdam(groups, nonfinite="ignore", **kw)
+    if name == "adamh":
+        return sphere_optim.AdamH(groups, lr=lr, betas=betas, eps=1e-8, nonfinite="ignore")
+    if name in ("muon", "sphere_muon"):
+        return sphere_optim.SphereMuon(
+            _muon_groups(model, lr, weight_decay),
+            lr=lr * MUON_LR_SCALE,
+            ordering="renorm" if name == "muon" else "riemannian",
+            adamw_betas=betas,
+            nonfinite="ignore",
+        )
     raise UserError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")

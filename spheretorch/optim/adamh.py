@@ -1,0 +1,187 @@
+r""":class:`AdamH`: hyperball Adam. Sphere parameters keep their norm and every step has a
+fixed norm relative to it; Euclidean parameters get torch's AdamW."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import _get_scalar_dtype
+
+from .. import sphere
+from ..parameter import sphere_dim_of
+from ._hybrid import HybridOptimizer, check_betas, check_hyper, check_lr, sphere_info
+from .sphere_steps import ORDERINGS, adam_direction, adam_directions, sphere_step_
+
+__all__ = ["AdamH"]
+
+
+class AdamH(HybridOptimizer):
+    r"""Adam on the hyperball: the weight's norm is fixed per sphere, and so is the update's.
+
+    For each sphere parameter (any kind of :class:`~spheretorch.SphereParameter`: one sphere
+    per row/column/filter, or the whole tensor on the sphere of radius :math:`r`, e.g.
+    ``SphereParameter(w, dim=None)``), with Adam's moments :math:`m, v` of the Euclidean
+    gradient (per coordinate, float32 for half types) and the bias-corrected direction
+    :math:`D = \hat m / (\sqrt{\hat v} + \epsilon)`, per sphere :math:`x` (radius :math:`r`):
+
+    .. math::
+        u = \eta\, r\, \frac{D}{\|D\|}, \qquad x \leftarrow r\, \frac{x - u}{\|x - u\|}
+
+    (``ordering="renorm"``, the hyperball recipe of modded-nanogpt's AdamH: :math:`\|u\| =
+    \eta\|x\|`). ``ordering="oblique"`` projects :math:`D` onto the tangent space first
+    (NVIDIA Emerging-Optimizers' ObliqueAdam ordering), so that every sphere turns by exactly
+    :math:`\arctan\eta`. ``ordering="riemannian"`` projects the *gradient* before the moments
+    (and moves the first moment to the current point by projection), then the direction too.
+
+    Which ordering has the right fixed points: with per-coordinate second moments, ``"renorm"``
+    and ``"oblique"`` stop where the tangent part of the *preconditioned* direction vanishes,
+    not the gradient's. Maximizing :math:`\mathrm{tr}(W^\top A)` on the Frobenius sphere, a
+    constant gradient makes :math:`D = -\mathrm{sign}(A)` and they converge to
+    :math:`r\,\mathrm{sign}(A)/\|\mathrm{sign}(A)\|` instead of :math:`r A/\|A\|_F` (the
+    radial bias measured in RenormAdam); ``"riemannian"`` reaches :math:`rA/\|A\|_F` (tests:
+    tests/test_sphere_muon.py).
+
+    ``angular=True``: the step turns every sphere by exactly :math:`\eta` radians along the
+    tangent part of :math:`D` (the exponential map; ``angle_per="tensor"``: the RMS angle over a
+    tensor's spheres is :math:`\eta`). The angle turned is kept in
+    ``state["angle"]`` (shape ``(k,)``, one per sphere) with ``measure_angle=True``. Formulas:
+    :mod:`spheretorch.optim.sphere_steps`.
+
+    ``weight_decay`` applies to Euclidean parameters only (decoupled, as AdamW); a sphere's
+    norm is fixed. Euclidean parameters get exactly ``torch.optim.AdamW``'s step.
+
+    Args:
+        params: parameters or param groups (any option may be overridden per group).
+        lr: the update norm relative to the weight norm (spheres; the angle with
+            ``angular=True``) and AdamW's learning rate (Euclidean parameters).
+        betas, eps: Adam's.
+        weight_decay: AdamW's decoupled weight decay (Euclidean parameters).
+        ordering: ``"renorm"`` (default, the hyperball recipe), ``"oblique"`` or
+            ``"riemannian"``.
+        angular, angle_per, measure_angle: as above.
+        maximize, foreach: as torch's Adam.
+        nonfinite: ``"skip"`` (default), ``"raise"`` or ``"ignore"`` non-finite gradients.
+        fused, capturable, differentiable: not supported (``RuntimeError`` when true).
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        ordering: Literal["renorm", "oblique", "riemannian"] = "renorm",
+        angular: bool = False,
+        angle_per: Literal["sphere", "tensor"] = "sphere",
+        measure_angle: bool = False,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        nonfinite: str = "skip",
+    ) -> None:
+        check_lr(lr)
+        check_hyper("epsilon value", eps)
+        check_hyper("weight_decay value", weight_decay)
+        check_betas(betas)
+        if ordering not in ORDERINGS:
+            raise ValueError(
+                f"ordering must be one of {', '.join(map(repr, ORDERINGS))}, got {ordering!r}"
+            )
+        if angle_per not in ("tensor", "sphere"):
+            raise ValueError(f"angle_per must be 'sphere' or 'tensor', got {angle_per!r}")
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            ordering=ordering,
+            angular=angular,
+            angle_per=angle_per,
+            measure_angle=measure_angle,
+            maximize=maximize,
+            foreach=foreach,
+            fused=fused,
+            capturable=capturable,
+            differentiable=differentiable,
+        )
+        super().__init__(params, defaults, nonfinite)
+
+    def _group_step(self, group: dict[str, Any]) -> None:
+        spheres: list[Tensor] = []
+        euclid: list[Tensor] = []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            self._grad_of(group, p)  # rejects sparse gradients, naming the parameter
+            (spheres if sphere_info(p) is not None else euclid).append(p)
+        self._adamw(
+            group,
+            euclid,
+            lr=group["lr"],
+            betas=group["betas"],
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+        )
+        if spheres:
+            self._hyperball(group, spheres)
+
+    def _hyperball(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        b1, b2 = (float(b) for b in group["betas"])
+        grads, avgs, sqs = [], [], []
+        for p in params:
+            state = self.state[p]
+            cdt = sphere.compute_dtype(p.dtype)
+            if "step" not in state:
+                state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
+                state["exp_avg"] = torch.zeros_like(p, dtype=cdt)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=cdt)
+            state["step"] += 1
+            g = self._grad_of(group, p).to(cdt)
+            if group["ordering"] == "riemannian":
+                # moments of the Riemannian gradient; the first moment moved to the current
+                # point (transport by projection)
+                dims, r = sphere_dim_of(p), float(getattr(p, "sphere_radius", 1.0))
+                g = sphere.project(p.detach(), g, dims, radius=r)
+                state["exp_avg"].copy_(sphere.project(p.detach(), state["exp_avg"], dims, radius=r))
+            grads.append(g)
+            avgs.append(state["exp_avg"])
+            sqs.append(state["exp_avg_sq"])
+        foreach = group.get("foreach")
+        if foreach is None:
+            foreach = all(p.device.type in ("cpu", "cuda") for p in params)
+        if foreach:
+            torch._foreach_lerp_(avgs, grads, 1 - b1)
+            torch._foreach_mul_(sqs, b2)
+            torch._foreach_addcmul_(sqs, grads, grads, 1 - b2)
+        else:
+            for m, v, g in zip(avgs, sqs, grads):
+                m.lerp_(g, 1 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        lr = group["lr"]
+        lr = float(lr) if isinstance(lr, Tensor) else lr
+        rule = "angular" if group["angular"] else "hyperball"
+        steps = [float(self.state[p]["step"]) for p in params]
+        if foreach:
+            dirs = adam_directions(avgs, sqs, steps, (b1, b2), group["eps"])
+        else:
+            dirs = [
+                adam_direction(m, v, t, (b1, b2), group["eps"]) for m, v, t in zip(avgs, sqs, steps)
+            ]
+        for p, d in zip(params, dirs):
+            angle = sphere_step_(
+                p,
+                d,
+                lr,
+                project=group["ordering"] != "renorm",
+                rule=rule,
+                angle_per=group["angle_per"],
+                measure=bool(group["measure_angle"]),
+            )
+            if angle is not None:
+                self.state[p]["angle"] = angle
