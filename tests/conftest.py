@@ -65,8 +65,20 @@ def cuda() -> torch.device:
     return torch.device("cuda")
 
 
+def _needs_cuda(item: pytest.Item) -> bool:
+    """A test of a CUDA-only path: it takes the ``cuda`` fixture, or a ``skipif`` of its says
+    it needs CUDA / a GPU (so a test written with its own ``skipif`` is not left out)."""
+    if "cuda" in getattr(item, "fixturenames", ()):
+        return True
+    for mark in item.iter_markers("skipif"):
+        reason = str(mark.kwargs.get("reason", "")).lower()
+        if "cuda" in reason or "gpu" in reason:
+            return True
+    return False
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests that take the ``cuda`` fixture belong to the CUDA lane (``-m cuda``) too."""
+    """Tests of CUDA-only paths (:func:`_needs_cuda`) belong to the CUDA lane (``-m cuda``)."""
     for item in items:
-        if "cuda" in getattr(item, "fixturenames", ()):
+        if _needs_cuda(item):
             item.add_marker(pytest.mark.cuda)
