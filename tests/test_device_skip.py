@@ -90,10 +90,16 @@ def test_a_run_with_device_skip_resumes_exactly(tmp_path: Path) -> None:
         assert torch.equal(a, b)
 
 
-def test_cuda_steps_do_not_synchronize(cuda: torch.device) -> None:
+@pytest.mark.parametrize(
+    "model,optim", [("gpt", "adamw"), ("ngpt", "renorm"), ("ngpt", "riemannian"), ("geonorm", None)]
+)
+def test_cuda_steps_do_not_synchronize(cuda: torch.device, model: str, optim: str | None) -> None:
     """Steps between host reads: no synchronizing CUDA call at all (torch's sync debug mode
-    raises on one: ``.item()``, a pageable copy, ``nonzero``, ...)."""
-    t = Trainer(quick("gpt", device="cuda", steps=30))
+    raises on one: ``.item()``, a pageable copy, ``nonzero``, ...), for each model's recipe:
+    the sphere optimizers' Triton kernels and the models' fused ops included, while the
+    schedule changes the learning rate at every step."""
+    kw = {} if optim is None else {"optim": optim}
+    t = Trainer(quick(model, device="cuda", steps=30, **kw))
     assert t.device_skip
     for _ in range(2):
         t.train_step(*t.batch(t.step))

@@ -22,11 +22,12 @@ per-tensor table ``INFO`` of int64 element offsets from those bases (pointer ari
 int64, valid for any tensor size); ``TILES`` maps each program to ``(tensor, first sphere)``.
 The tables are built on the host once per set of tensors and cached on the device, so a step
 launches: the step-counter increment (one ``_foreach_add_``), one kernel per row length, and
-nothing that synchronises with the host. Scalars (learning rate, betas, ...) travel as a small
-float64 tensor (cached by value) so that float64 parameters get float64 hyper-parameters;
-a tensor ``lr`` and device step counters are read by the kernel (``capturable`` by
-construction: no host read; build the tables before capturing a CUDA graph, i.e. take one
-step first, as for any optimizer).
+nothing that synchronises with the host (a table built anew, e.g. the hyper-parameters after
+the schedule changed the learning rate, travels from pinned memory without blocking).
+Scalars (learning rate, betas, ...) travel as a small float64 tensor (cached by value) so that
+float64 parameters get float64 hyper-parameters; a tensor ``lr`` and device step counters are
+read by the kernel (``capturable`` by construction: no host read; build the tables before
+capturing a CUDA graph, i.e. take one step first, as for any optimizer).
 
 Radius. Each tensor has a radius :math:`r` (1 for ``SphereParameter``; ``|x|`` at construction
 for a whole-tensor sphere): the kernel works on :math:`x/r`, with the step :math:`u/r`, and
@@ -125,6 +126,20 @@ def _offsets(ts: Sequence[Tensor | None]) -> tuple[Tensor | None, list[int]]:
     return base, out
 
 
+def _device_table(values: Sequence[Any], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A small host-built table (tiles, offsets, hyper-parameters) as a tensor on ``device``,
+    without a host synchronisation: on CUDA it is copied from pinned memory with
+    ``non_blocking=True`` (a copy from pageable memory waits for the stream, which would stall
+    the host at every step whose learning rate a schedule has changed; torch's pinned-memory
+    allocator keeps the source alive until the copy is done). While a CUDA graph is being
+    captured the plain copy is kept, which fails loudly: a captured copy would read a host
+    buffer that is reused later (take one step before capturing, as the module says)."""
+    table = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
+        return table.pin_memory().to(device, non_blocking=True)
+    return table.to(device)
+
+
 _JIT: dict[bool, Any] = {}
 
 
@@ -190,14 +205,14 @@ def _plan(
     def make_tiles() -> Tensor:
         tiles = [v for i, lay in enumerate(layouts) for s in range(0, lay.count, block_r)
                  for v in (i, s)]  # fmt: skip
-        return torch.tensor(tiles, dtype=torch.int64).to(device)
+        return _device_table(tiles, torch.int64, device)
 
     def make_info() -> tuple[list[int | None], Tensor]:
         bases, offs = zip(*(_offsets(ts) for ts in lists))
         info = [[lay.count, lay.inner, *(o[i] for o in offs)] for i, lay in enumerate(layouts)]
         # the bases are kept as addresses, not references (no tensor kept alive by the cache)
         ptrs = [None if base is None else base.data_ptr() for base in bases]
-        return ptrs, torch.tensor(info, dtype=torch.int64).to(device)
+        return ptrs, _device_table(info, torch.int64, device)
 
     tiles_t = _cached(("tiles", device, block_r, shapes), make_tiles)
     addresses = tuple(tuple(0 if t is None else t.data_ptr() for t in ts) for ts in lists)
@@ -214,7 +229,7 @@ def _hyper(
     """``[lr, beta1/momentum, beta2/dampening, eps, step, radius_0, radius_1, ...]`` as a
     tensor of ``dtype`` on ``device`` (cached by value: a constant schedule costs no copy)."""
     key = ("hyper", device, dtype, tuple(values), tuple(radii))
-    return _cached(key, lambda: torch.tensor([*values, *radii], dtype=dtype).to(device))
+    return _cached(key, lambda: _device_table([*values, *radii], dtype, device))
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -419,13 +434,13 @@ def nonfinite_flag(grads: Sequence[Tensor]) -> Tensor:
 
         def make_tiles(numels: tuple[int, ...] = numels) -> Tensor:
             tiles = [v for i, n in enumerate(numels) for s in range(0, n, block) for v in (i, s)]
-            return torch.tensor(tiles, dtype=torch.int64).to(device)
+            return _device_table(tiles, torch.int64, device)
 
         def make_info(gs: list[Tensor] = gs) -> tuple[int, Tensor]:
             base, offs = _offsets(gs)
             assert base is not None
             rows = [v for g, o in zip(gs, offs) for v in (g.numel(), o)]
-            return base.data_ptr(), torch.tensor(rows, dtype=torch.int64).to(device)
+            return base.data_ptr(), _device_table(rows, torch.int64, device)
 
         tiles = _cached(("scan-tiles", device, block, numels), make_tiles)
         if tiles.numel() == 0:
