@@ -249,7 +249,7 @@ if triton_available():
             dc += -2.0 * q / c_safe * dq
             r2 = s2 + c * c
             r2 = tl.where(r2 > 0, r2, 1.0)
-            ds += dtheta * c / r2
+            ds += tl.where(tiny_s, 0.0, dtheta * c / r2)
             dc += -dtheta * s / r2
             dv += (2.0 * ds2 + tl.where(s > 0, ds / tl.where(s > 0, s, 1.0), 0.0)) * v
             dw = coef_w * dlog

@@ -237,7 +237,7 @@ def slerp_residual_backward_reference(
     c, s = t.c, t.s
     r2 = t.s2 + c * c
     r2 = torch.where(r2 > 0, r2, 1.0)
-    ds = ds + dtheta * c / r2
+    ds = ds + torch.where(tiny_s, 0.0, dtheta * c / r2)  # b = -a: theta through c only
     dc = dc - dtheta * s / r2
     # s = |v| (zero gradient at 0), s^2 = <v, v>
     pos = s > 0
