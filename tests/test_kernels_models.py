@@ -1,6 +1,6 @@
 """The models' fused sphere ops (spheretorch.kernels: unit, nlerp_residual, slerp_residual,
-rope_unit, geonorm_step): each Triton kernel against its PyTorch reference through Triton's interpreter
-(tiny shapes), each op's hand-written backward against autograd through the reference,
+rope_unit, geonorm_step): each Triton kernel against its PyTorch reference through Triton's
+interpreter (tiny shapes), each op's hand-written backward against autograd through the reference,
 float64 gradchecks at the edge cases, ``torch.library.opcheck``, and compiled-vs-eager
 gradients of nGPT and GeoNorm with the ops in place."""
 

@@ -28,10 +28,10 @@ compute dtype of ``h`` and ``f`` (float32 for half types), returned in ``h``'s d
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
-
-from dataclasses import dataclass
 
 from .checks import compute_dtype
 from .functional import antipodal_direction, geodesic_frame, inner, normalize
@@ -123,7 +123,7 @@ def _forward_parts(h: Tensor, f: Tensor, alpha: Tensor) -> _Parts:
     """The lines of :func:`slerp_residual_reference` with fused PyTorch calls (one pass over
     the rows each), keeping what the backward needs."""
     ct = _ct(h, f)
-    eps, small = torch.finfo(ct).eps, _series_small(ct)
+    eps = torch.finfo(ct).eps
     hf, ff = h.to(ct), f.to(ct)
     ra, rb = _inv_norm(hf), _inv_norm(ff)
     a, b = hf * ra, ff * rb
