@@ -193,6 +193,69 @@ def test_triton_kernel_on_cuda_equals_the_reference(name: str, dtype: torch.dtyp
         _compare(name, dtype, options, device="cuda")
 
 
+def _gpu_compiler_available() -> bool:
+    if INTERPRETED or not triton_available():
+        return False
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError:
+        return False
+    import importlib.util
+
+    return importlib.util.find_spec("triton.backends.nvidia") is not None
+
+
+# The signature of each new kernel launch (bf16 block outputs, float32 states: autocast).
+_ROWS = {"stride_h": "i64", "stride_f": "i64", "d": "i32"}
+_GEO = {"stride_x": "i64", "stride_g": "i64", "d": "i32"}
+_GEO_CONST = dict(DECAY=0.5, CLAMP=0.0, HAS_CLAMP=False, RADIUS=1.0, OWN=True, ATAN=True)
+OFFLINE_KERNELS = {
+    "slerp_fwd": (
+        "slerp", "_slerp_fwd_kernel",
+        {"H": "*fp32", "F": "*bf16", "A": "*fp32", "OUT": "*fp32", **_ROWS}, {},
+    ),
+    "slerp_bwd": (
+        "slerp", "_slerp_bwd_kernel",
+        {"G": "*fp32", "H": "*fp32", "F": "*bf16", "A": "*fp32", "DH": "*fp32", "DF": "*bf16",
+         "DA_PART": "*fp32", "stride_g": "i64", "n_rows": "i32", **_ROWS},
+        {"PER": 4},
+    ),
+    "geonorm_atan_fwd": (
+        "geodesic_step", "_geo_fwd_kernel",
+        {"X": "*fp32", "GG": "*bf16", "AB": "*fp32", "OUT": "*fp32", **_GEO}, _GEO_CONST,
+    ),
+    "geonorm_atan_bwd": (
+        "geodesic_step", "_geo_bwd_kernel",
+        {"GR": "*fp32", "X": "*fp32", "GG": "*bf16", "AB": "*fp32", "DX": "*fp32", "DG": "*bf16",
+         "DAB_PART": "*fp32", "stride_gr": "i64", "n_rows": "i32", **_GEO},
+        {**_GEO_CONST, "PER": 4},
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.skipif(not _gpu_compiler_available(), reason="needs Triton's NVIDIA backend")
+@pytest.mark.parametrize("kernel", list(OFFLINE_KERNELS))
+def test_kernel_compiles_for_a_gpu_without_one(kernel: str) -> None:
+    """The interpreter runs kernel code as NumPy and accepts what the GPU compiler may refuse:
+    compile the slerp and atan kernels to an sm_90 cubin (Triton's bundled ptxas, no GPU
+    needed), float32 math with bf16 inputs at d = 768's block."""
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    module, name, signature, consts = OFFLINE_KERNELS[kernel]
+    fn = triton.jit(getattr(importlib.import_module(f"spheretorch.kernels.{module}"), name))
+    consts = {**consts, "BLOCK": 1024, "F64": False}
+    full = {n: signature.get(n, "constexpr") for n in fn.arg_names}
+    assert set(full) - set(signature) == set(consts), "signature and constants cover the args"
+    src = ASTSource(fn, full, constexprs=consts)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    assert len(compiled.asm["cubin"]) > 0
+
+
 def test_unit_zero_rows_and_dtypes() -> None:
     x = torch.zeros(2, 5)
     assert torch.equal(unit(x), x)
