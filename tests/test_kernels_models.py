@@ -13,7 +13,11 @@ import sys
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
+from spheretorch import sphere
+from spheretorch.geodesic import geodesic_update, slerp
 from spheretorch.kernels import BACKEND_ENV, triton_available
 from spheretorch.kernels.geodesic_step import geonorm_step, geonorm_step_reference
 from spheretorch.kernels.residual import nlerp_residual, nlerp_residual_reference
@@ -23,6 +27,8 @@ from spheretorch.kernels.unit import unit, unit_reference
 from spheretorch.models import NGPT, GeoNormGPT, make_config
 from spheretorch.models.layers import Rotary
 from spheretorch.sphere.residual import slerp_residual_reference
+
+from .strategies import angles, close, pair_at
 
 CLAMP = math.pi / 4
 TABLES = (4, 4)  # the RoPE case's cos/sin tables (T, d_k / 2): inputs never differentiated
@@ -254,6 +260,38 @@ def test_kernel_compiles_for_a_gpu_without_one(kernel: str) -> None:
     src = ASTSource(fn, full, constexprs=consts)
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
     assert len(compiled.asm["cubin"]) > 0
+
+
+@given(
+    theta=angles,
+    t=st.floats(0.0, 1.0),
+    d=st.sampled_from([2, 3, 16]),
+    seed=st.integers(0, 2**31 - 1),
+    scale=st.floats(0.1, 10.0),
+)
+def test_slerp_residual_is_slerp_between_the_normalized_inputs(theta, t, d, seed, scale) -> None:
+    """A constant alpha = t: the geodesic from Norm(h) to Norm(f) at constant speed (slerp is
+    checked against scipy in test_geodesic.py), whatever the inputs' norms."""
+    x, y, _ = pair_at(theta, shape=(3, d), seed=seed)
+    out = slerp_residual(scale * x, 2.0 * y, torch.full((d,), t, dtype=torch.float64))
+    close(out, slerp(x, y, t), 1e-12)
+    close(sphere.norm(out), torch.ones(3, 1, dtype=torch.float64), 1e-15)
+    close(sphere.angle(x, out), t * sphere.angle(x, y), 1e-9)
+
+
+@given(
+    theta=angles,
+    d=st.sampled_from([2, 3, 16]),
+    seed=st.integers(0, 2**31 - 1),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_slerp_residual_equals_the_composed_rule(theta, d, seed, dtype) -> None:
+    """Per-coordinate alpha: the op equals geodesic_update(Norm(h), Norm(f), alpha, "slerp"),
+    nGPT's step before the op (the op's values on CPU are unchanged beyond round-off)."""
+    x, y, _ = pair_at(theta, shape=(3, d), seed=seed, dtype=dtype)
+    alpha = torch.rand(d, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+    want = geodesic_update(unit(3 * x), unit(y), alpha, "slerp")
+    close(slerp_residual(3 * x, y, alpha), want, 1e-13 if dtype == torch.float64 else 2e-6)
 
 
 def test_unit_zero_rows_and_dtypes() -> None:
