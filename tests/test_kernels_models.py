@@ -189,6 +189,22 @@ def test_triton_kernel_equals_the_reference(monkeypatch, name: str, dtype: torch
         _compare(name, dtype, options)
 
 
+@needs_interpreter
+@pytest.mark.parametrize("rows", [1, 10])
+def test_triton_slerp_with_a_partial_last_program(monkeypatch, rows: int) -> None:
+    """10 rows on 4 programs of 3: the backward's padding rows (masked, their dalpha terms
+    dropped); 1 row: one program."""
+    monkeypatch.setenv(BACKEND_ENV, "triton")
+    gen = torch.Generator().manual_seed(rows)
+    h, f = (torch.randn(rows, 12, generator=gen, dtype=torch.float64) for _ in range(2))
+    alpha = torch.rand(12, generator=gen, dtype=torch.float64)
+    out, grads = _run(slerp_residual, (h, f, alpha))
+    want, want_grads = _run(slerp_residual_reference, (h, f, alpha))
+    _assert_close(out, want, 1e-14, "forward")
+    for i, (g, w) in enumerate(zip(grads, want_grads)):
+        _assert_close(g, w, 1e-13, f"gradient {i}")
+
+
 @pytest.mark.cuda  # in the GPU check's test lane (pytest -m cuda)
 @pytest.mark.skipif(not torch.cuda.is_available() or not triton_available(), reason="no CUDA")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
