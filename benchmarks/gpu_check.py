@@ -9,7 +9,8 @@ report and the others still run):
 2. **CUDA test lane**: ``pytest -m cuda`` (the device-parametrized tests of tests/, see
    tests/conftest.py) in a subprocess, time-boxed, with pass/fail/skip counts;
 3. **compiled vs eager gradients** per parameter, for GPT, nGPT and GeoNorm in float32 and
-   bf16 autocast (:mod:`spheretorch.train.compile_check`; inductor on CUDA);
+   bf16 autocast, and for the options that take another fused op (nGPT's slerp rule, GeoNorm's
+   atan angle) (:mod:`spheretorch.train.compile_check`; inductor on CUDA);
 4. **optimizer step table**: ``benchmarks/optim_step.py`` in a subprocess (spheretorch's
    optimizers against torch's fused and foreach Adam/SGD);
 5. **training throughput**: the three models eager and compiled through the trainer at the
@@ -56,6 +57,13 @@ if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
 import torch  # noqa: E402
 
 MODELS = ("gpt", "ngpt", "geonorm")
+#: the parity part's runs: (label, model, config options); the options whose fused op differs
+#: from the default's (spheretorch::slerp_residual, geonorm_step's atan kernels) run too
+PARITY_RUNS: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    *((m, m, {}) for m in MODELS),
+    ("ngpt (slerp)", "ngpt", {"residual_rule": "slerp"}),
+    ("geonorm (atan)", "geonorm", {"geo_angle": "atan"}),
+)
 
 
 @dataclass
@@ -311,7 +319,7 @@ def parity(plan: Plan) -> Part:
         "| model | dtype | loss (eager) | loss diff | worst parameter | error | allowed | |",
         "| --- | --- | ---: | ---: | --- | ---: | ---: | --- |",
     ]
-    for name in MODELS:
+    for name, kind, options in PARITY_RUNS:
         for dtype in (torch.float32, torch.bfloat16):
             if plan.out_of_time(reserve=plan.budget_s / 2):  # leave the throughput its time
                 part.lines.append(
@@ -320,7 +328,8 @@ def parity(plan: Plan) -> Part:
                 continue
             torch._dynamo.reset()
             torch.manual_seed(0)
-            model = build_model(name, make_config(name, vocab_size=2048, **shape)).to(d)
+            config = make_config(kind, vocab_size=2048, **shape, **options)
+            model = build_model(kind, config).to(d)
             x = torch.randint(0, 2048, (plan.parity_batch, shape["seq_len"]), device=d)
             y = torch.randint(0, 2048, (plan.parity_batch, shape["seq_len"]), device=d)
             compiled = torch.compile(model, backend=backend)

@@ -4,8 +4,11 @@ The models run interleaved in one process (one step each per round, the order ro
 median over the rounds and the ratio to GPT in the same mode are printed. On one CPU thread the
 process's CPU clock times the steps (steadier on a shared machine), elsewhere the wall clock
 with ``torch.cuda.synchronize()`` around each step. nGPT and GeoNorm use
-the fused sphere ops (``spheretorch::unit``, ``::nlerp_residual``, ``::rope_unit``,
-``::geonorm_step``: Triton kernels on CUDA, the PyTorch references on CPU).
+the fused sphere ops (``spheretorch::unit``, ``::nlerp_residual``, ``::slerp_residual``,
+``::rope_unit``, ``::geonorm_step``: Triton kernels on CUDA, the PyTorch references on CPU).
+Besides the models' defaults, ``ngpt-slerp`` (``residual_rule="slerp"``) and ``geonorm-atan``
+(``geo_angle="atan"``) time the options' fused paths; ``NAME-unfused`` is NAME composed as
+before the fused ops.
 
 Usage::
 
@@ -86,6 +89,18 @@ def _geoblock_before(self: Any, x: Tensor, record: list[Tensor] | None = None) -
     return x
 
 
+#: the timed model variants beyond the plain model names: (model, config options)
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ngpt-slerp": ("ngpt", {"residual_rule": "slerp"}),
+    "geonorm-atan": ("geonorm", {"geo_angle": "atan"}),
+}
+#: the default set: every model and option path, fused and as before the fused ops
+DEFAULT_MODELS = (
+    "gpt", "ngpt", "geonorm", "ngpt-unfused", "geonorm-unfused", "ngpt-slerp",
+    "ngpt-slerp-unfused", "geonorm-atan", "geonorm-atan-unfused",
+)  # fmt: skip
+
+
 def unfused(model: torch.nn.Module) -> torch.nn.Module:
     """``model`` (nGPT or GeoNorm) switched to the pre-issue-22 composition, in place."""
     for block in model.blocks:
@@ -114,7 +129,7 @@ def _step(model: torch.nn.Module, forward: Callable, idx: torch.Tensor, amp) -> 
 
 def model_step_times(
     device: str = "cpu",
-    models: tuple[str, ...] = ("gpt", "ngpt", "geonorm", "ngpt-unfused", "geonorm-unfused"),
+    models: tuple[str, ...] = DEFAULT_MODELS,
     compile: bool = False,
     dtype: str = "float32",
     rounds: int = 20,
@@ -124,8 +139,9 @@ def model_step_times(
 ) -> dict[str, float]:
     """Median seconds per forward + backward step for each model, interleaved.
 
-    ``models``: ``gpt``, ``ngpt``, ``geonorm``, and ``ngpt-unfused``/``geonorm-unfused``: the
-    same models composed as before the fused ops (:func:`unfused`).
+    ``models``: ``gpt``, ``ngpt``, ``geonorm``, the option variants of :data:`VARIANTS`
+    (``ngpt-slerp``, ``geonorm-atan``), and any of those but ``gpt`` with ``-unfused``: the
+    same model composed as before the fused ops (:func:`unfused`).
 
     ``shape``: TransformerConfig fields (``vocab_size``, ``seq_len``, ``n_layer``, ``n_head``,
     ``d_model``). ``dtype="bf16"`` runs under bfloat16 autocast (float32 weights).
@@ -144,7 +160,8 @@ def model_step_times(
     for name in models:
         torch.manual_seed(0)
         base = name.removesuffix("-unfused")
-        model = build_model(base, make_config(base, **cfg)).to(dev)
+        kind, options = VARIANTS.get(base, (base, {}))
+        model = build_model(kind, make_config(kind, **cfg, **options)).to(dev)
         if name != base:
             unfused(model)
         forward = torch.compile(model) if compile else model
@@ -181,7 +198,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--d-model", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--vocab", type=int, default=256)
+    ap.add_argument(
+        "--models",
+        default=",".join(DEFAULT_MODELS),
+        help="comma-separated: gpt, ngpt, geonorm, ngpt-slerp, geonorm-atan, NAME-unfused",
+    )
     args = ap.parse_args(argv)
+    models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+    known = {"gpt", "ngpt", "geonorm", *VARIANTS}
+    for m in models:
+        if m.removesuffix("-unfused") not in known or m == "gpt-unfused":
+            ap.error(f"--models: unknown model {m!r}; expected names from {sorted(known)}")
     torch.set_num_threads(args.threads)
     shape = {
         "n_layer": args.n_layer,
@@ -191,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
         "vocab_size": args.vocab,
     }
     t = model_step_times(
-        args.device, compile=args.compile, dtype=args.dtype, rounds=args.rounds,
+        args.device, models, compile=args.compile, dtype=args.dtype, rounds=args.rounds,
         batch=args.batch, **shape,
     )  # fmt: skip
     mode = "compiled" if args.compile else "eager"
@@ -199,8 +226,10 @@ def main(argv: list[str] | None = None) -> None:
         f"fwd+bwd per step, {mode}, {args.dtype}, {args.device}, batch {args.batch}, {shape}, "
         f"{args.threads} thread(s), {args.rounds} interleaved rounds, torch {torch.__version__}"
     )
+    base = t.get("gpt")
     for name, sec in t.items():
-        print(f"  {name:<8} median {1e3 * sec:8.2f} ms   / gpt {sec / t['gpt']:5.2f}")
+        rel = f"   / gpt {sec / base:5.2f}" if base else ""
+        print(f"  {name:<20} median {1e3 * sec:8.2f} ms{rel}")
 
 
 if __name__ == "__main__":

@@ -34,14 +34,26 @@ def _autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device.type, dtype=dtype)
 
 
+#: every model with its defaults, and the options that take another fused op: nGPT's slerp
+#: rule (spheretorch::slerp_residual) and GeoNorm's atan angle at a fixed radius, no clamp
+VARIANTS = [(name, {}) for name in MODELS] + [
+    ("ngpt", {"residual_rule": "slerp"}),
+    ("geonorm", {"geo_angle": "atan", "geo_radius": "fixed", "geo_clamp": None}),
+]
+
+
 @pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize(
+    ("name", "options"),
+    VARIANTS,
+    ids=[n + "".join(f"-{v}" for v in o.values()) for n, o in VARIANTS],
+)
 def test_compiled_gradients_equal_eager_per_parameter(
-    name: str, dtype: str, device: torch.device
+    name: str, options: dict, dtype: str, device: torch.device
 ) -> None:
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = build_model(name, make_config(name, **TINY)).to(device)
+    model = build_model(name, make_config(name, **TINY, **options)).to(device)
     x = torch.randint(0, TINY["vocab_size"], (4, TINY["seq_len"]), device=device)
     y = torch.randint(0, TINY["vocab_size"], (4, TINY["seq_len"]), device=device)
     compiled = torch.compile(model, backend="inductor" if device.type == "cuda" else "aot_eager")

@@ -7,7 +7,8 @@ tested against it; on CPU tensors the Triton kernels run through Triton's interp
 
 The models' sphere operations are ``torch.library`` custom ops (``spheretorch::``), one module
 each: :mod:`.unit` (normalize the last axis), :mod:`.residual` (nGPT's residual step),
-:mod:`.rope` (RoPE, per-head norm and query scale), :mod:`.geodesic_step` (GeoNorm's step);
+:mod:`.slerp` (its slerp rule), :mod:`.rope` (RoPE, per-head norm and query scale),
+:mod:`.geodesic_step` (GeoNorm's step);
 ``kernels/rowwise.py`` holds their shared launch geometry.
 """
 

@@ -16,8 +16,11 @@ For states ``x`` and block outputs ``g`` ``(..., d)`` and the scalars ``a``, ``b
 backward is the chain rule through those lines (:func:`geonorm_step_backward_reference`,
 written out so that the op saves only ``x`` and ``g``); ``a`` and ``b`` get the sums over rows.
 :func:`geonorm_step_reference` is the readable definition and the autograd oracle of the tests.
-The Triton kernels cover the linear angle (the model's default); ``angle="atan"`` runs the
-reference inside the op on every device (Triton's interpreter has no ``atan``).
+The Triton kernels cover every option (both angles, clamp or none, own or fixed radius, any
+``a``, ``b``); they compute ``atan`` from the basic operations (Triton's interpreter has no
+``atan``): ``atan(z) = pi/2 - atan(1/z)`` above 1, ``pi/4 + atan((z - 1)/(z + 1))`` above
+``tan(pi/8)``, then the alternating series of ``atan(x)/x`` in ``x^2 <= 0.172`` (20 terms,
+below float64's last ulp), as :mod:`.slerp` does.
 """
 
 from __future__ import annotations
@@ -290,9 +293,9 @@ def geonorm_step_backward_reference(
 
 
 # ----------------------------------------------------------------------------- Triton
-# The linear angle only (the model's default). DECAY, CLAMP and RADIUS are compile-time
-# constants: Triton passes Python floats as float32 scalars, and the float64 kernels (the
-# tests' oracle runs) need them exact; a model compiles one variant per layer's decay.
+# DECAY, CLAMP and RADIUS are compile-time constants: Triton passes Python floats as float32
+# scalars, and the float64 kernels (the tests' oracle runs) need them exact; a model compiles
+# one variant per layer's decay. ATAN: phi(z) = atan(z) (else z).
 
 if triton_available():
     import triton.language as tl
@@ -300,7 +303,8 @@ if triton_available():
     def _geo_fwd_kernel(
         X, GG, AB, OUT, stride_x, stride_g, d,
         DECAY: tl.constexpr, CLAMP: tl.constexpr, HAS_CLAMP: tl.constexpr,
-        RADIUS: tl.constexpr, OWN: tl.constexpr, BLOCK: tl.constexpr, F64: tl.constexpr,
+        RADIUS: tl.constexpr, OWN: tl.constexpr, ATAN: tl.constexpr, BLOCK: tl.constexpr,
+        F64: tl.constexpr,
     ):  # fmt: skip
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
@@ -335,7 +339,23 @@ if triton_available():
         z = vn / rho
         pos = vn > eps16 * tl.sqrt(tl.sum(g * g, axis=0))
         zs = tl.where(pos, z, 1.0)
-        p = tl.where(z > cl, cl / zs, 1.0) if HAS_CLAMP else 1.0
+        if ATAN:  # p0 = atan(z) / z
+            inv = z > 1.0
+            z1 = tl.where(inv, 1.0 / tl.where(inv, z, 1.0), z)  # in [0, 1]
+            red = z1 > 0.41421356237309503  # tan(pi/8)
+            x1 = tl.where(red, (z1 - 1.0) / (z1 + 1.0), z1)
+            w2 = x1 * x1
+            ser = w2 * 0.0 + 1.0 / 39.0
+            for k in tl.static_range(19):  # Horner: atan(x)/x = sum_k (-x^2)^k / (2k + 1)
+                ser = 1.0 / (37 - 2 * k) - w2 * ser
+            at1 = tl.where(red, 0.7853981633974483 + x1 * ser, z1 * ser)  # atan(z1)
+            p0 = tl.where(
+                inv, (1.5707963267948966 - at1) / tl.where(inv, z, 1.0),
+                tl.where(red, at1 / tl.where(red, z1, 1.0), ser),
+            )  # fmt: skip
+        else:
+            p0 = 1.0
+        p = tl.where(p0 * z > cl, cl / zs, p0) if HAS_CLAMP else p0
         t = dec * (a * p + tl.where(pos, b / zs, 0.0))
         if HAS_CLAMP:
             t = tl.where(t * z > cl, cl / zs, t)
@@ -357,7 +377,8 @@ if triton_available():
         GR, X, GG, AB, DX, DG, DAB_PART, stride_gr, stride_x, stride_g, n_rows,
         PER: tl.constexpr, d,
         DECAY: tl.constexpr, CLAMP: tl.constexpr, HAS_CLAMP: tl.constexpr,
-        RADIUS: tl.constexpr, OWN: tl.constexpr, BLOCK: tl.constexpr, F64: tl.constexpr,
+        RADIUS: tl.constexpr, OWN: tl.constexpr, ATAN: tl.constexpr, BLOCK: tl.constexpr,
+        F64: tl.constexpr,
     ):  # fmt: skip
         # Each program takes rows pid * PER ... pid * PER + PER - 1 and writes one partial
         # (da, db).
@@ -407,11 +428,27 @@ if triton_available():
             z = vn / rho
             pos = vn > eps16 * tl.sqrt(tl.sum(g * g, axis=0))
             zs = tl.where(pos, z, 1.0)
-            if HAS_CLAMP:
-                clamp1 = z > cl
-                p = tl.where(clamp1, cl / zs, 1.0)
+            if ATAN:
+                inv = z > 1.0
+                z1 = tl.where(inv, 1.0 / tl.where(inv, z, 1.0), z)
+                red = z1 > 0.41421356237309503
+                x1 = tl.where(red, (z1 - 1.0) / (z1 + 1.0), z1)
+                w2 = x1 * x1
+                ser = w2 * 0.0 + 1.0 / 39.0
+                for k in tl.static_range(19):
+                    ser = 1.0 / (37 - 2 * k) - w2 * ser
+                at1 = tl.where(red, 0.7853981633974483 + x1 * ser, z1 * ser)
+                p0 = tl.where(
+                    inv, (1.5707963267948966 - at1) / tl.where(inv, z, 1.0),
+                    tl.where(red, at1 / tl.where(red, z1, 1.0), ser),
+                )  # fmt: skip
             else:
-                p = 1.0
+                p0 = 1.0
+            if HAS_CLAMP:
+                clamp1 = p0 * z > cl
+                p = tl.where(clamp1, cl / zs, p0)
+            else:
+                p = p0
             t = dec * (a * p + tl.where(pos, b / zs, 0.0))
             if HAS_CLAMP:
                 clamp2 = t * z > cl
@@ -460,6 +497,18 @@ if triton_available():
             dz += tl.where(pos, -dec * b / zs2 * dt0, 0.0)
             if HAS_CLAMP:
                 dz += tl.where(clamp1 & pos, -cl / zs2 * dp, 0.0)
+                dp0 = tl.where(clamp1, 0.0, dp)
+            else:
+                dp0 = dp
+            if ATAN:  # d/dz atan(z)/z, via the series in w = z^2 below the threshold
+                w = z * z
+                w_small = w < small * small
+                dser = -1.0 / 3.0 + w * (
+                    2.0 / 5.0 - w * (3.0 / 7.0 - w * (4.0 / 9.0 - w * 5.0 / 11.0))
+                )
+                dz += dp0 * tl.where(
+                    w_small, 2.0 * z * dser, (1.0 / (1.0 + w) - p0) / tl.where(w_small, 1.0, z)
+                )
             dvn = dz / rho
             if OWN:
                 drho = drho - z / rho * dz
@@ -476,8 +525,9 @@ if triton_available():
         tl.store(DAB_PART + 2 * pid.to(tl.int64) + 1, db)
 
 
-def _consts(decay: float, clamp: float | None, radius: float | None) -> dict[str, Any]:
+def _consts(decay: float, clamp: float | None, atan: bool, radius: float | None) -> dict[str, Any]:
     return {
+        "ATAN": bool(atan),
         "DECAY": float(decay),
         "CLAMP": 0.0 if clamp is None else float(clamp),
         "HAS_CLAMP": clamp is not None,
@@ -487,7 +537,13 @@ def _consts(decay: float, clamp: float | None, radius: float | None) -> dict[str
 
 
 def _geo_triton(
-    x: Tensor, g: Tensor, ab: Tensor, decay: float, clamp: float | None, radius: float | None
+    x: Tensor,
+    g: Tensor,
+    ab: Tensor,
+    decay: float,
+    clamp: float | None,
+    atan: bool,
+    radius: float | None,
 ) -> Tensor:
     x2, g2 = as_rows(x), as_rows(g)
     out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
@@ -496,7 +552,7 @@ def _geo_triton(
         jit(_geo_fwd_kernel)[(x2.shape[0],)](
             x2, g2, ab, out, x2.stride(0), g2.stride(0), x2.shape[1],
             BLOCK=block, F64=ab.dtype == torch.float64, num_warps=warps,
-            **_consts(decay, clamp, radius),
+            **_consts(decay, clamp, atan, radius),
         )  # fmt: skip
     return out.view(x.shape)
 
@@ -508,6 +564,7 @@ def _geo_backward_triton(
     ab: Tensor,
     decay: float,
     clamp: float | None,
+    atan: bool,
     radius: float | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     gr2, x2, g2 = as_rows(grad), as_rows(x), as_rows(g)
@@ -521,7 +578,7 @@ def _geo_backward_triton(
         jit(_geo_bwd_kernel)[(programs,)](
             gr2, x2, g2, ab, dx, dg, partial, gr2.stride(0), x2.stride(0), g2.stride(0),
             rows, per, d, BLOCK=block, F64=ab.dtype == torch.float64, num_warps=warps,
-            **_consts(decay, clamp, radius),
+            **_consts(decay, clamp, atan, radius),
         )  # fmt: skip
     return dx.view(x.shape), dg.view(g.shape), partial.sum(0)
 
@@ -545,8 +602,8 @@ def _geo_op(
     atan: bool,
     radius: float | None,
 ) -> Tensor:
-    if use_triton(x) and not atan:
-        return _geo_triton(x, g, _pack(x, a, b), decay, clamp, radius)
+    if use_triton(x):
+        return _geo_triton(x, g, _pack(x, a, b), decay, clamp, atan, radius)
     with autocast_off(x):
         return _geo_torch(x, g, a, b, decay, clamp, atan, radius).contiguous()
 
@@ -567,8 +624,8 @@ def _geo_backward_impl(
     atan: bool,
     radius: float | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    if use_triton(x) and not atan:
-        dx, dg, dab = _geo_backward_triton(grad, x, g, _pack(x, a, b), decay, clamp, radius)
+    if use_triton(x):
+        dx, dg, dab = _geo_backward_triton(grad, x, g, _pack(x, a, b), decay, clamp, atan, radius)
         da = dab[0].to(a.dtype).reshape(a.shape).clone()  # outputs may not alias each other
         return dx, dg, da, dab[1].to(b.dtype).reshape(b.shape).clone()
     with autocast_off(x):

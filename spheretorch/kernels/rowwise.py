@@ -1,6 +1,6 @@
 """Launch geometry shared by the row-wise model kernels (one program per row of ``d`` values).
 
-The model's sphere operations (:mod:`.unit`, :mod:`.residual`, :mod:`.rope`,
+The model's sphere operations (:mod:`.unit`, :mod:`.residual`, :mod:`.slerp`, :mod:`.rope`,
 :mod:`.geodesic_step`) all act on the last axis of ``(..., d)`` tensors. Each is a custom op
 (``spheretorch::``) whose PyTorch reference runs on CPU and whose Triton kernel runs on CUDA
 (:func:`~spheretorch.kernels.backend_for`). This module holds what they share: the 2-D row view,

@@ -8,10 +8,11 @@ block proposes a point on the sphere and the hidden state moves part of the way 
     logits = s_z * (E_out h)
 
 so ``L`` layers are ``2L`` steps of an optimizer on the sphere with trained per-coordinate step
-sizes ``alpha`` ("eigen learning rates"). The residual step is the fused op
+sizes ``alpha`` ("eigen learning rates"). The residual step is one fused op:
 :func:`spheretorch.kernels.residual.nlerp_residual` (``nlerp`` as published) or
-:func:`spheretorch.geodesic.geodesic_update` (``slerp``, an option); RoPE, the per-head norm
-and ``s_qk`` are :func:`spheretorch.kernels.rope.rope_unit`.
+:func:`spheretorch.kernels.slerp.slerp_residual` (``slerp``, an option: the exact geodesic
+step, :func:`spheretorch.geodesic.geodesic_update`'s rule); RoPE, the per-head norm and
+``s_qk`` are :func:`spheretorch.kernels.rope.rope_unit`.
 Forward and gradients equal NVIDIA's reference code (with its RoPE repaired, see
 docs/transformers.md) to float64 round-off.
 """
@@ -26,11 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..geodesic import geodesic_update
 from ..kernels.residual import nlerp_residual
 from ..kernels.rope import rope_unit
+from ..kernels.slerp import slerp_residual
 from ..parameter import renormalize_, sphere_, sphere_dim_of
-from ..sphere import unit
 from .base import LanguageModel
 from .config import TransformerConfig
 from .layers import MLP, CausalSelfAttention, ScaledVector
@@ -117,10 +117,9 @@ class NBlock(nn.Module):
             # The step starts from Norm(h), as in the reference's Block.forward: equal values
             # (h is unit), but the first attention sees the raw embedding row and keeps the
             # radial part of its gradient. |alpha|: a step size is non-negative (reference).
-            if self.rule == "nlerp":  # one fused op: both norms, the step, the final norm
-                h = nlerp_residual(h, f(h), alpha().abs())
-            else:
-                h = geodesic_update(unit(h), unit(f(h)), alpha().abs().to(h.dtype), self.rule)
+            # one fused op either way: both norms, the step, the final norm
+            residual = nlerp_residual if self.rule == "nlerp" else slerp_residual
+            h = residual(h, f(h), alpha().abs())
             if record is not None:
                 record.append(h)
         return h

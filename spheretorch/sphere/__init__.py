@@ -7,6 +7,8 @@
 * :mod:`.checks` -- argument checks and the one half-precision policy (:func:`compute_dtype`);
 * :mod:`.foreach` -- the same operations on lists of tensors (``_foreach`` ops);
 * :mod:`.dtensor` -- DTensor-aware reductions (FSDP2);
+* :mod:`.residual` -- nGPT's slerp residual step (the formulas of
+  ``spheretorch::slerp_residual``; not re-exported here);
 * :mod:`.layout` -- sphere axes (one axis, adjacent axes, the whole tensor) as one
   ``(outer, size, inner)`` view.
 

@@ -422,7 +422,9 @@ def geodesic_frame(x: Tensor, y: Tensor, dim: int) -> tuple[Tensor, Tensor]:
       that is smooth to every order through :math:`\theta = 0` (and :math:`s/c \le 1` cannot
       overflow, as it could for a tiny or subnormal :math:`c`);
     * far side (:math:`c \le s`): :math:`\theta\, v / s`, and :math:`\theta` times
-      :func:`antipodal_direction` when :math:`s` is at rounding level (``y == -x``).
+      :func:`antipodal_direction` when :math:`s` is at rounding level (``y == -x``); there
+      :math:`\theta` depends on the inputs through :math:`c` only (the direction of :math:`v`
+      is round-off, so its gradient through :math:`s` would be too: a deterministic choice).
 
     ``theta`` keeps ``dim`` as size 1. Both branches see sanitised inputs, so gradients are
     finite everywhere.
@@ -436,7 +438,8 @@ def geodesic_frame(x: Tensor, y: Tensor, dim: int) -> tuple[Tensor, Tensor]:
     tiny = s <= 16 * torch.finfo(s.dtype).eps
     s_safe = torch.where(near | tiny, one, s)
     u_far = torch.where(tiny, antipodal_direction(xu, dim), v / s_safe)
-    return theta, torch.where(near, near_log, theta * u_far)
+    theta_far = torch.where(tiny, torch.atan2(s.detach(), c), theta)  # equal values
+    return theta, torch.where(near, near_log, theta_far * u_far)
 
 
 def logmap(
