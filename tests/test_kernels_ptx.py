@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 
-from spheretorch.kernels import geodesic_step, residual, rope, triton_available
+from spheretorch.kernels import geodesic_step, residual, rope, slerp, triton_available
 from spheretorch.kernels import unit as unit_module
 
 from .test_kernels_models import GEO_OPTIONS, OPS, _cases, _fused_and_reference, _run
@@ -24,7 +24,7 @@ from .test_kernels_models import GEO_OPTIONS, OPS, _cases, _fused_and_reference,
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 
 #: the modules whose ops launch kernels through ``rowwise.jit``
-LAUNCHERS = (unit_module, residual, rope, geodesic_step)
+LAUNCHERS = (unit_module, residual, slerp, rope, geodesic_step)
 POINTER = {
     torch.float64: "*fp64",
     torch.float32: "*fp32",
@@ -105,3 +105,20 @@ def test_every_launched_kernel_compiles_for_sm90(monkeypatch, name: str, dtype: 
             continue
         seen.add(key)
         assert ".entry" in _compile_for_sm90(fn, args, kw), fn.__name__
+
+
+def test_every_module_that_launches_row_kernels_is_recorded():
+    """A new op module using ``rowwise.jit`` must join ``LAUNCHERS`` (else its kernels would
+    not be compiled above)."""
+    import importlib
+    import pkgutil
+
+    import spheretorch.kernels as package
+    from spheretorch.kernels import rowwise
+
+    users = set()
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        if module is not rowwise and getattr(module, "jit", None) is rowwise.jit:
+            users.add(module.__name__)
+    assert users == {m.__name__ for m in LAUNCHERS}
