@@ -493,17 +493,22 @@ def test_half_precision_spheres_keep_float32_math(cls):
         assert opt.state[p]["exp_avg"].dtype == torch.float32
 
 
-def test_muon_step_benchmark_runs(capsys):
+def test_optim_step_benchmark_times_the_muon_family(capsys):
+    """benchmarks/optim_step.py's Muon family (--quick smoke: every candidate steps)."""
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "muon_step.py"
-    spec = importlib.util.spec_from_file_location("muon_step", path)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "optim_step.py"
+    spec = importlib.util.spec_from_file_location("optim_step", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    mod.main(["--set", "small", "--rounds", "1"])
+    threads = str(torch.get_num_threads())  # main() sets it: keep this process's
+    mod.main(["--quick", "--set", "matrices", "--only-family", "muon", "--threads", threads])
     out = capsys.readouterr().out
-    assert "SphereMuon frobenius" in out and "vs torch Muon" in out
+    assert "| SphereMuon(frobenius) |" in out and "| AdamH(rows) |" in out
+    assert "vs torch Muon" in out and "| optimizer |" not in out  # the Muon table only
+    if hasattr(torch.optim, "Muon"):
+        assert "| torch Muon | " in out
 
 
 # ----------------------------------------------------------------------------- properties
