@@ -1,30 +1,29 @@
-r"""The base of :class:`.SphereMuon` and :class:`.AdamH`: a :class:`torch.optim.Optimizer` whose
+r"""The base of :class:`.SphereMuon` and :class:`.AdamH`: a :class:`.SphereOptimizer` whose
 parameters are routed by kind (sphere parameters, Euclidean matrices, the rest), with torch's
-hyperparameter checks and wording, the non-finite gradient policy of the other sphere
-optimizers (``nonfinite="skip" | "raise" | "ignore"``), torch's AdamW step (its own functional
-``torch.optim.adam.adam``, so equal to ``torch.optim.AdamW`` bit for bit) and torch's
-``__setstate__`` defaults for older state dicts.
+hyperparameter checks and wording, and torch's AdamW step (its own functional
+``torch.optim.adam.adam``, so equal to ``torch.optim.AdamW`` bit for bit). From
+:class:`.SphereOptimizer`: the non-finite gradient policy (``nonfinite="skip" | "raise" |
+"ignore"``, warnings, ``skipped_steps``), torch's GradScaler protocol (a caller's
+``found_inf``/``grad_scale``: unscale, skip), ``__setstate__`` defaults for older state dicts.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
-from torch.optim.adam import adam as torch_adam
-from torch.optim.optimizer import _get_scalar_dtype
+from torch.optim.optimizer import _default_to_fused_or_foreach
 
 from ..parameter import sphere_dim_of
 from ..sphere import sphere_layout
+from ._functional import new_step
+from ._torch_shims import torch_adam
+from .optimizer import SphereOptimizer
 from .sphere_steps import SphereLayout
 
 __all__ = ["HybridOptimizer", "SphereInfo", "check_hyper", "sphere_info"]
-
-NONFINITE_POLICIES = ("skip", "raise", "ignore")
 
 
 def check_hyper(name: str, value: Any, *, upper: float | None = None) -> None:
@@ -67,115 +66,101 @@ def sphere_info(p: Tensor) -> SphereInfo | None:
     return SphereInfo(layout, float(getattr(p, "sphere_radius", 1.0)), layout.count == 1)
 
 
-class HybridOptimizer(Optimizer):
-    """Shared machinery of :class:`.SphereMuon` and :class:`.AdamH`; a subclass implements
-    ``_group_step(group)`` (one param group's update)."""
+class HybridOptimizer(SphereOptimizer):
+    """Shared machinery of :class:`.SphereMuon` and :class:`.AdamH`. A subclass implements
+    ``_new_state(group, p)`` (create ``p``'s state, return the tensors a step writes besides
+    ``p``) and ``_group_step(group, params)`` (one param group's update of ``params``, the
+    parameters with a gradient).
+
+    A caller's skip decision (torch's GradScaler protocol, also the trainer's device-side
+    check: ``found_inf`` set on the optimizer, ``_step_supports_amp_scaling``): with
+    ``capturable=True`` the step is taken and undone on the device where ``found_inf`` is
+    nonzero (no host read; parameters and state restored bitwise, the measured angle of a
+    skipped step 0); otherwise ``found_inf`` is read on the host once per param group (one
+    synchronisation on an accelerator, as a GradScaler's own check for an optimizer without
+    the protocol) and the step skipped.
+    """
+
+    #: parameters, gradients, and the state tensors a step writes (restored on a skip)
+    _n_lists = 3
 
     def __init__(self, params: Any, defaults: dict[str, Any], nonfinite: str) -> None:
-        if nonfinite not in NONFINITE_POLICIES:
-            raise ValueError(
-                f"nonfinite must be one of {', '.join(map(repr, NONFINITE_POLICIES))}, "
-                f"got {nonfinite!r}"
-            )
         name = type(self).__name__
-        for flag in ("fused", "capturable", "differentiable"):
+        for flag in ("fused", "differentiable"):
             if defaults.get(flag):
                 raise RuntimeError(f"`{flag}` is not supported by {name} (pass {flag}=None)")
-        self.nonfinite = nonfinite
-        self._skipped = 0
-        super().__init__(params, defaults)
-
-    @property
-    def skipped_steps(self) -> int:
-        """Steps skipped so far because a gradient was not finite (``nonfinite="skip"``)."""
-        return self._skipped
-
-    def __repr__(self) -> str:
-        return super().__repr__().replace("(", f"(nonfinite: {self.nonfinite!r}\n", 1)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        state.setdefault("nonfinite", "skip")
-        state.setdefault("_skipped", 0)
-        super().__setstate__(state)
-        fill = {
-            k: v.default
-            for k, v in inspect.signature(type(self).__init__).parameters.items()
-            if v.default is not inspect.Parameter.empty and k != "nonfinite"
-        }
-        fill.update(self.defaults)
-        for group in self.param_groups:
-            for key, value in fill.items():
-                group.setdefault(key, value)
-            for p in group["params"]:
-                s = self.state.get(p, {})
-                if "step" in s and not torch.is_tensor(s["step"]):
-                    s["step"] = torch.tensor(float(s["step"]), dtype=_get_scalar_dtype())
+        super().__init__(params, defaults, nonfinite=nonfinite)  # type: ignore[arg-type]
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        for flag in ("fused", "capturable", "differentiable"):
+        for flag in ("fused", "differentiable"):
             if group.get(flag):
                 raise RuntimeError(
                     f"`{flag}` is not supported by {type(self).__name__} (pass {flag}=None)"
                 )
 
+    def _check_loadable(self, state_dict: dict[str, Any]) -> None:
+        """torch's loading as it is (state of torch's Muon and AdamW loads into the
+        parameters routed to them)."""
+
     # ------------------------------------------------------------------ step
 
+    def _init_group(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], written: list
+    ) -> None:
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise self._sparse_error(group, p)
+            params.append(p)
+            grads.append(p.grad)
+            written.extend(self._new_state(group, p))
+
+    def _new_state(self, group: dict[str, Any], p: Tensor) -> list[Tensor]:
+        raise NotImplementedError  # pragma: no cover
+
+    def _adamw_state(self, group: dict[str, Any], p: Tensor) -> list[Tensor]:
+        """torch's Adam state of ``p`` (``step``, ``exp_avg``, ``exp_avg_sq``), created lazily;
+        the step counter on ``p``'s device with ``capturable``, as torch's."""
+        state = self.state[p]
+        if "step" not in state:
+            state["step"] = new_step(p, capturable=bool(group.get("capturable")))
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return [state["step"], state["exp_avg"], state["exp_avg_sq"]]
+
+    def _update(self, group: dict[str, Any], lists: Any, found_inf: Tensor | None) -> None:
+        self._group_step(group, lists[0])
+
+    def _update_masked(self, group: dict[str, Any], lists: Any, found_inf: Tensor) -> None:
+        if not group.get("capturable"):
+            if not bool(found_inf):  # the host read (see the class docstring)
+                self._update(group, lists, None)
+            return
+        super()._update_masked(group, lists, found_inf)
+        skip = found_inf.to(torch.bool)
+        for p in lists[0]:  # a skipped step turned nothing
+            angle = self.state[p].get("angle")
+            if angle is not None:
+                self.state[p]["angle"] = torch.where(skip, 0.0, angle)
+
     def _grad_of(self, group: dict[str, Any], p: Tensor) -> Tensor:
-        if p.grad.is_sparse:
-            gi = next(i for i, g in enumerate(self.param_groups) if g is group)
-            pi = next(i for i, q in enumerate(group["params"]) if q is p)
-            raise RuntimeError(
-                f"{type(self).__name__} does not support sparse gradients: "
-                f"param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)}) has a sparse .grad"
-            )
         g = p.grad
         return -g if group.get("maximize") else g
 
-    def _nonfinite_skip(self) -> bool:
-        """Apply the policy: True when this step is skipped. One host sync when checked."""
-        if self.nonfinite == "ignore":
-            return False
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if not grads:
-            return False
-        flags = [torch.isfinite(g).all() for g in grads if g.numel()]
-        if not flags or bool(torch.stack(flags).all()):
-            return False
-        if self.nonfinite == "raise":
-            for gi, group in enumerate(self.param_groups):
-                for pi, p in enumerate(group["params"]):
-                    if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
-                        raise FloatingPointError(
-                            f"{type(self).__name__}: non-finite gradient (NaN or inf) in "
-                            f"param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)}); "
-                            f"nothing was updated (nonfinite='raise')"
-                        )
-        self._skipped += 1
-        return True
-
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
-        """Perform one optimisation step.
-
-        Args:
-            closure: optional callable that re-evaluates the model and returns the loss.
-        Returns:
-            The closure's loss (``None`` without a closure).
-        """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        if self._nonfinite_skip():
-            return loss
-        for group in self.param_groups:
-            self._group_step(group)
-        return loss
-
-    def _group_step(self, group: dict[str, Any]) -> None:
+    def _group_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
         raise NotImplementedError  # pragma: no cover
+
+    @staticmethod
+    def _host_lr(group: dict[str, Any], key: str = "lr") -> float | Tensor:
+        """The group's LR: a Tensor LR stays a Tensor with ``capturable`` (no host read),
+        else a float."""
+        lr = group[key]
+        if isinstance(lr, Tensor) and not group.get("capturable"):
+            return float(lr)
+        return lr
 
     # ------------------------------------------------------------------ AdamW (torch's)
 
@@ -194,20 +179,18 @@ class HybridOptimizer(Optimizer):
         if not params:
             return
         grads, avgs, sqs, steps = [], [], [], []
-        has_complex = False
         for p in params:
-            state = self.state[p]
-            if "step" not in state:
-                state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            has_complex |= torch.is_complex(p)
+            step, avg, sq = self._adamw_state(group, p)
             grads.append(p.grad)
-            avgs.append(state["exp_avg"])
-            sqs.append(state["exp_avg_sq"])
-            steps.append(state["step"])
-        if isinstance(lr, Tensor):
+            avgs.append(avg)
+            sqs.append(sq)
+            steps.append(step)
+        capturable = bool(group.get("capturable"))
+        if isinstance(lr, Tensor) and not capturable:
             lr = float(lr)  # a host read: torch's foreach AdamW takes a Tensor lr only capturable
+        foreach = group.get("foreach")
+        if foreach is None:  # torch's default (foreach on accelerators)
+            _, foreach = _default_to_fused_or_foreach(params, False, use_fused=False)
         b1, b2 = (float(b) for b in betas)
         torch_adam(
             params,
@@ -216,8 +199,7 @@ class HybridOptimizer(Optimizer):
             sqs,
             [],
             steps,
-            foreach=group.get("foreach"),
-            has_complex=has_complex,
+            foreach=bool(foreach),
             decoupled_weight_decay=True,
             amsgrad=False,
             beta1=b1,
@@ -226,4 +208,5 @@ class HybridOptimizer(Optimizer):
             weight_decay=weight_decay,
             eps=eps,
             maximize=bool(group.get("maximize")),
+            capturable=capturable,
         )

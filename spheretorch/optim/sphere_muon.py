@@ -125,9 +125,16 @@ class SphereMuon(HybridOptimizer):
         measure_angle: keep the angle each sphere turned in ``state["angle"]``.
         batch_ns: iterate same-shape matrices together (``torch.bmm`` on a stack).
         foreach: the momentum and AdamW updates as ``_foreach`` ops (default on CPU/CUDA).
-        nonfinite: ``"skip"`` (default), ``"raise"`` or ``"ignore"`` a step whose gradients
-            are not finite (one host synchronisation when checked).
-        fused, capturable, differentiable: not supported (``RuntimeError`` when true).
+        nonfinite: ``"skip"`` (default: skipped steps warned about and counted in
+            ``skipped_steps``), ``"raise"`` or ``"ignore"`` a step whose gradients are not
+            finite (one host synchronisation when checked, none with ``capturable``), as
+            the other sphere optimizers (:class:`.SphereOptimizer`).
+        capturable: as torch's: step counters on the parameters' device, a Tensor ``lr``
+            used there, and the non-finite check and skip decided on the device (the step
+            taken, then undone where a gradient is not finite): no host synchronisation.
+            Also the way to take a caller's ``found_inf`` (GradScaler, the trainer) without
+            one (:class:`._hybrid.HybridOptimizer`). ``nonfinite="raise"`` is refused with it.
+        fused, differentiable: not supported (``RuntimeError`` when true).
     """
 
     def __init__(
@@ -220,14 +227,19 @@ class SphereMuon(HybridOptimizer):
             )
         return "muon" if use else "adamw"
 
-    def _group_step(self, group: dict[str, Any]) -> None:
+    def _new_state(self, group: dict[str, Any], p: Tensor) -> list[Tensor]:
+        if self._route(group, p) == "adamw":
+            return self._adamw_state(group, p)
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return [state["momentum_buffer"]]
+
+    def _group_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
         ours: list[Tensor] = []
         kinds: list[str] = []
         adamw: list[Tensor] = []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            self._grad_of(group, p)  # rejects sparse gradients, naming the parameter
+        for p in params:
             kind = self._route(group, p)
             if kind == "adamw":
                 adamw.append(p)
@@ -249,12 +261,7 @@ class SphereMuon(HybridOptimizer):
     def _muon(self, group: dict[str, Any], params: list[Tensor], kinds: list[str]) -> None:
         mu = float(group["momentum"])
         grads = [self._grad_of(group, p) for p in params]
-        bufs = []
-        for p in params:
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            bufs.append(state["momentum_buffer"])
+        bufs = [self.state[p]["momentum_buffer"] for p in params]
         foreach = group.get("foreach")
         if foreach is None:
             foreach = all(p.device.type in ("cpu", "cuda") for p in params)
@@ -297,8 +304,7 @@ class SphereMuon(HybridOptimizer):
             dtype,
             batch=bool(group["batch_ns"]),
         )
-        lr = group["lr"]
-        lr = float(lr) if isinstance(lr, Tensor) else lr
+        lr = self._host_lr(group)
         spheres: list[tuple[Tensor, SphereInfo, Tensor]] = []
         for i, o in zip(keep, outs):
             p, kind, info = params[i], kinds[i], infos[i]
@@ -306,7 +312,10 @@ class SphereMuon(HybridOptimizer):
                 # torch.optim.Muon's update, operation for operation
                 adjusted = _adjusted_lr(lr, group["adjust_lr_fn"], mats[i].shape)
                 p.mul_(1 - lr * group["weight_decay"])
-                p.add_(o.reshape(p.shape), alpha=-adjusted)
+                if isinstance(adjusted, Tensor):  # capturable: no host read of the LR
+                    p.sub_(o.reshape(p.shape) * adjusted.to(p.dtype))
+                else:
+                    p.add_(o.reshape(p.shape), alpha=-adjusted)
                 if kind == "renorm":  # then back on the sphere (as RenormAdam after Adam)
                     dims, r = st_dims(p)
                     p.copy_(sphere.normalize(p, dims, on_zero="keep", radius=r))
@@ -316,7 +325,10 @@ class SphereMuon(HybridOptimizer):
         self._sphere_steps(group, spheres, lr)
 
     def _sphere_steps(
-        self, group: dict[str, Any], items: list[tuple[Tensor, SphereInfo, Tensor]], lr: float
+        self,
+        group: dict[str, Any],
+        items: list[tuple[Tensor, SphereInfo, Tensor]],
+        lr: float | Tensor,
     ) -> None:
         """The angular steps of sphere parameters along their orthogonalized updates ``o``
         (their :func:`matrix_of` shape): same-shape parameters in one call on their stacked
@@ -339,10 +351,8 @@ class SphereMuon(HybridOptimizer):
             info = items[idx[0]][1]
             cdt = sphere.compute_dtype(ps[0].dtype)
             if info.whole:  # one row per parameter, scaled to the unit sphere
-                radii = torch.tensor(
-                    [items[j][1].radius for j in idx], dtype=cdt, device=ps[0].device
-                ).unsqueeze(1)
-                z = torch.stack([p.detach().reshape(-1) for p in ps]).to(cdt) / radii
+                radii = [items[j][1].radius for j in idx]
+                z = torch.stack([p.detach().reshape(-1).to(cdt) / rj for p, rj in zip(ps, radii)])
                 r = 1.0
             else:
                 z = torch.cat([rows(p.detach(), info.layout) for p in ps]).to(cdt)
@@ -360,13 +370,11 @@ class SphereMuon(HybridOptimizer):
                 measure=bool(group["measure_angle"]),
                 blocks=len(idx),
             )
-            if info.whole:
-                new = new * radii
             k = z.shape[0] // len(idx)
             for b, p in enumerate(ps):
                 block = new[b * k : (b + 1) * k]
                 if info.whole:
-                    p.copy_(block.reshape(p.shape))
+                    p.copy_((block * radii[b]).reshape(p.shape))
                 else:
                     p.copy_(from_rows(block, info.layout, p.shape))
                 if angle is not None:
