@@ -75,10 +75,9 @@ class HybridOptimizer(SphereOptimizer):
     A caller's skip decision (torch's GradScaler protocol, also the trainer's device-side
     check: ``found_inf`` set on the optimizer, ``_step_supports_amp_scaling``): with
     ``capturable=True`` the step is taken and undone on the device where ``found_inf`` is
-    nonzero (no host read; parameters and state restored bitwise, the measured angle of a
-    skipped step 0); otherwise ``found_inf`` is read on the host once per param group (one
-    synchronisation on an accelerator, as a GradScaler's own check for an optimizer without
-    the protocol) and the step skipped.
+    nonzero (no host read; parameters and state restored bitwise); otherwise ``found_inf``
+    is read on the host once per param group (one synchronisation on an accelerator, as a
+    GradScaler's own check for an optimizer without the protocol) and the step skipped.
     """
 
     #: parameters, gradients, and the state tensors a step writes (restored on a skip)
@@ -140,11 +139,6 @@ class HybridOptimizer(SphereOptimizer):
                 self._update(group, lists, None)
             return
         super()._update_masked(group, lists, found_inf)
-        skip = found_inf.to(torch.bool)
-        for p in lists[0]:  # a skipped step turned nothing
-            angle = self.state[p].get("angle")
-            if angle is not None:
-                self.state[p]["angle"] = torch.where(skip, 0.0, angle)
 
     def _grad_of(self, group: dict[str, Any], p: Tensor) -> Tensor:
         g = p.grad
