@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from .. import sphere
-from ..sphere import SphereLayout, compute_dtype
+from ..sphere import SphereLayout, compute_dtype, is_dtensor
 
 __all__ = [
     "NS_COEFFICIENTS",
@@ -182,8 +182,16 @@ def orthogonalize(
 ) -> list[Tensor]:
     """:func:`newton_schulz` of every matrix of ``mats``; with ``batch``, same-shape matrices
     (on one device, of one dtype) are stacked and iterated together (``torch.bmm``: one
-    kernel per product for the whole stack, the CUDA fast path)."""
+    kernel per product for the whole stack, the CUDA fast path).
+
+    Sharded matrices (DTensors, e.g. FSDP2's parameters): Newton-Schulz needs the whole
+    matrix, so each is gathered (``full_tensor()``), iterated on every rank like a local one
+    (the same numbers as one process: no reduction in bfloat16 across shards), and its
+    result handed back with the input's placements (a local slice, no communication)."""
     out: list[Tensor | None] = [None] * len(mats)
+    sharded = {i: m for i, m in enumerate(mats) if is_dtensor(m)}
+    if sharded:
+        mats = [m.full_tensor() if i in sharded else m for i, m in enumerate(mats)]  # type: ignore[attr-defined]
     groups: dict[tuple, list[int]] = {}
     for i, m in enumerate(mats):
         key = (tuple(m.shape), m.device, m.dtype) if batch else (i,)
@@ -197,6 +205,13 @@ def orthogonalize(
         )
         for j, i in enumerate(idx):
             out[i] = stacked[j]
+    for i, m in sharded.items():
+        from torch.distributed.tensor import DTensor, Replicate
+
+        full = DTensor.from_local(
+            out[i], m.device_mesh, [Replicate()] * m.device_mesh.ndim, run_check=False
+        )
+        out[i] = full.redistribute(m.device_mesh, m.placements)
     return out  # type: ignore[return-value]
 
 
