@@ -16,12 +16,15 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _default_to_fused_or_foreach
 
+from .. import sphere
 from ..parameter import sphere_dim_of
-from ..sphere import sphere_layout
+from ..sphere import foreach as sphere_foreach
+from ..sphere import is_dtensor, sphere_layout
+from ..sphere.foreach import STACK_MAX_NUMEL
 from ._functional import new_step
 from ._torch_shims import torch_adam
 from .optimizer import SphereOptimizer
-from .sphere_steps import SphereLayout
+from .sphere_steps import SphereLayout, StepRule, from_rows, rows, sphere_step
 
 __all__ = ["HybridOptimizer", "SphereInfo", "check_hyper", "sphere_info"]
 
@@ -155,6 +158,111 @@ class HybridOptimizer(SphereOptimizer):
         if isinstance(lr, Tensor) and not group.get("capturable"):
             return float(lr)
         return lr
+
+    # ------------------------------------------------------------------ sphere steps
+
+    @staticmethod
+    def _tangent(params: list[Tensor], ts: list[Tensor], *, inplace: bool) -> list[Tensor]:
+        r""":math:`P_x t` for each sphere parameter :math:`x` of ``params`` and its ``t``
+        (along ``x``'s own sphere axes, at its radius): ``t`` updated in place (returned) with
+        ``inplace``, else new tensors. Unit spheres along one axis in float32/float64 (the
+        common case) take ``_foreach`` ops, per-sphere sums stacked for small same-shape
+        tensors (:class:`~spheretorch.sphere.foreach.RowReducer`); the others one by one."""
+        out = list(ts)
+        by_dim: dict[int, list[int]] = {}
+        for i, (p, t) in enumerate(zip(params, ts)):
+            dims = sphere_dim_of(p)
+            r = float(getattr(p, "sphere_radius", 1.0))
+            if (
+                isinstance(dims, int)
+                and r == 1.0
+                and p.dtype == t.dtype
+                and p.dtype in (torch.float32, torch.float64)
+                and not is_dtensor(p)
+            ):
+                by_dim.setdefault(dims, []).append(i)
+                continue
+            x = p.detach()
+            c = sphere.inner(x, t, dims) / (r * r)
+            if inplace and t.dtype == c.dtype == x.dtype:
+                t.addcmul_(x, c, value=-1)  # two passes: the inner products, then this
+            elif inplace:  # half precision: the projection in float32, stored back
+                t.copy_(sphere.project(x, t, dims, radius=r))
+            else:
+                out[i] = sphere.project(x, t, dims, radius=r)
+        for dim, idx in by_dim.items():
+            xs = [params[i].detach() for i in idx]
+            vs = [ts[i] for i in idx]
+            red = sphere_foreach.RowReducer(xs, dim)
+            if inplace:
+                sphere_foreach.project_(xs, vs, red)
+            else:
+                for i, v in zip(idx, sphere_foreach.project(xs, vs, red)):
+                    out[i] = v
+        return out
+
+    def _sphere_steps(
+        self,
+        group: dict[str, Any],
+        items: list[tuple[Tensor, SphereInfo, Tensor]],
+        lr: float | Tensor,
+        *,
+        rule: StepRule,
+        project: bool,
+        stack: bool,
+    ) -> None:
+        """:func:`~.sphere_steps.sphere_step` of every sphere parameter ``p`` along its
+        direction ``d`` (``items``: ``(p, info, d)``, ``d`` as the ``(k, size)`` rows of ``p``
+        or, for a whole-tensor sphere, any shape of ``p.numel()`` values), in place; the
+        measured angles into ``state["angle"]`` with ``measure_angle``.
+
+        With ``stack``, same-shape parameters take one call on their stacked rows (on CUDA,
+        or for tensors of at most ``STACK_MAX_NUMEL`` values, as the other optimizers stack:
+        stacking copies, which pays where launches dominate); a whole-tensor sphere is one
+        row, scaled to the unit sphere."""
+        batches: dict[tuple, list[int]] = {}
+        for j, (p, info, _) in enumerate(items):
+            small = p.numel() <= STACK_MAX_NUMEL or p.device.type == "cuda"
+            if not (stack and small) or is_dtensor(p):
+                key: tuple = (j,)
+            elif info.whole:
+                key = ("whole", p.numel(), p.dtype, p.device)
+            else:
+                key = ("rows", tuple(p.shape), info.layout, info.radius, p.dtype, p.device)
+            batches.setdefault(key, []).append(j)
+        measure = bool(group["measure_angle"])
+        for idx in batches.values():
+            ps = [items[j][0] for j in idx]
+            info = items[idx[0]][1]
+            cdt = sphere.compute_dtype(ps[0].dtype)
+            if info.whole:  # one row per parameter, scaled to the unit sphere
+                radii = [items[j][1].radius for j in idx]
+                z = torch.stack([p.detach().reshape(-1).to(cdt) / r for p, r in zip(ps, radii)])
+                radius = 1.0
+            else:
+                z = torch.cat([rows(p.detach(), info.layout) for p in ps]).to(cdt)
+                radius = info.radius
+            k = z.shape[0] // len(idx)
+            d = torch.cat([items[j][2].reshape(k, -1) for j in idx]).to(cdt)
+            new, angle = sphere_step(
+                z,
+                d,
+                lr,
+                radius=radius,
+                project=project,
+                rule=rule,
+                angle_per=group["angle_per"],
+                measure=measure,
+                blocks=len(idx),
+            )
+            for b, p in enumerate(ps):
+                block = new[b * k : (b + 1) * k]
+                if info.whole:
+                    p.copy_((block * radii[b]).reshape(p.shape))
+                else:
+                    p.copy_(from_rows(block, info.layout, p.shape))
+                if angle is not None:
+                    self.state[p]["angle"] = angle[b * k : (b + 1) * k].clone()
 
     # ------------------------------------------------------------------ AdamW (torch's)
 

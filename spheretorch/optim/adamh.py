@@ -9,10 +9,9 @@ import torch
 from torch import Tensor
 
 from .. import sphere
-from ..parameter import sphere_dim_of
-from ._functional import new_step
+from ._functional import increment_steps, new_step
 from ._hybrid import HybridOptimizer, check_betas, check_hyper, check_lr, sphere_info
-from .sphere_steps import ORDERINGS, adam_direction, adam_directions, sphere_step_
+from .sphere_steps import ORDERINGS, adam_direction, adam_directions, rows
 
 __all__ = ["AdamH"]
 
@@ -152,20 +151,16 @@ class AdamH(HybridOptimizer):
 
     def _hyperball(self, group: dict[str, Any], params: list[Tensor]) -> None:
         b1, b2 = (float(b) for b in group["betas"])
-        grads, avgs, sqs = [], [], []
-        for p in params:
-            state = self.state[p]
-            state["step"] += 1
-            g = self._grad_of(group, p).to(state["exp_avg"].dtype)
-            if group["ordering"] == "riemannian":
-                # moments of the Riemannian gradient; the first moment moved to the current
-                # point (transport by projection)
-                dims, r = sphere_dim_of(p), float(getattr(p, "sphere_radius", 1.0))
-                g = sphere.project(p.detach(), g, dims, radius=r)
-                state["exp_avg"].copy_(sphere.project(p.detach(), state["exp_avg"], dims, radius=r))
-            grads.append(g)
-            avgs.append(state["exp_avg"])
-            sqs.append(state["exp_avg_sq"])
+        states = [self.state[p] for p in params]
+        increment_steps([st["step"] for st in states])
+        avgs = [st["exp_avg"] for st in states]
+        sqs = [st["exp_avg_sq"] for st in states]
+        grads = [self._grad_of(group, p).to(m.dtype) for p, m in zip(params, avgs)]
+        if group["ordering"] == "riemannian":
+            # moments of the Riemannian gradient; the first moment moved to the current
+            # point (transport by projection)
+            grads = self._tangent(params, grads, inplace=False)
+            self._tangent(params, avgs, inplace=True)
         foreach = group.get("foreach")
         if foreach is None:
             foreach = all(p.device.type in ("cpu", "cuda") for p in params)
@@ -191,15 +186,16 @@ class AdamH(HybridOptimizer):
             dirs = [
                 adam_direction(m, v, t, (b1, b2), group["eps"]) for m, v, t in zip(avgs, sqs, steps)
             ]
+        items = []
         for p, d in zip(params, dirs):
-            angle = sphere_step_(
-                p,
-                d,
-                lr,
-                project=group["ordering"] != "renorm",
-                rule=rule,
-                angle_per=group["angle_per"],
-                measure=bool(group["measure_angle"]),
-            )
-            if angle is not None:
-                self.state[p]["angle"] = angle
+            info = sphere_info(p)
+            assert info is not None
+            items.append((p, info, d if info.whole else rows(d, info.layout)))
+        self._sphere_steps(
+            group,
+            items,
+            lr,
+            rule=rule,
+            project=group["ordering"] != "renorm",
+            stack=bool(foreach),
+        )

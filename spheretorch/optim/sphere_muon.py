@@ -11,7 +11,6 @@ from torch import Tensor
 
 from .. import sphere
 from ..parameter import sphere_dim_of
-from ..sphere.foreach import STACK_MAX_NUMEL
 from ._hybrid import (
     HybridOptimizer,
     SphereInfo,
@@ -22,11 +21,8 @@ from ._hybrid import (
 )
 from .sphere_steps import (
     NS_COEFFICIENTS,
-    from_rows,
     matrix_of,
     orthogonalize,
-    rows,
-    sphere_step,
 )
 
 __all__ = ["SphereMuon"]
@@ -40,15 +36,6 @@ def _adjusted_lr(lr: float, fn: str | None, shape: torch.Size) -> float:
     if fn is None or fn == "original":
         return lr * max(1.0, a / b) ** 0.5
     return lr * 0.2 * max(a, b) ** 0.5
-
-
-def _project_(x: Tensor, d: Tensor, dims: int | tuple[int, ...], r: float) -> None:
-    """``d <- P_x d`` in place (two passes: the inner products, then one ``addcmul_``)."""
-    c = sphere.inner(x, d, dims) / (r * r)
-    if d.dtype == c.dtype and x.dtype == c.dtype:
-        d.addcmul_(x, c, value=-1)
-    else:  # half precision: the projection in float32, stored back
-        d.copy_(sphere.project(x, d, dims, radius=r))
 
 
 def st_dims(p: Tensor) -> tuple[int | tuple[int, ...], float]:
@@ -273,17 +260,17 @@ class SphereMuon(HybridOptimizer):
             for b, g in zip(bufs, grads):
                 b.lerp_(g, 1 - mu)
                 updates.append(g.lerp(b, mu) if group["nesterov"] else b)
-        for i, p in enumerate(params):
-            if kinds[i] == "sphere":
-                # Riemannian momentum: the buffer projected at the current point after every
-                # update, i.e. B = mu P(B_old) + (1 - mu) P(g) (transport by projection; P is
-                # linear), and so is the Nesterov update. Momentum of Euclidean gradients
-                # would drag each point back towards its past positions (their radial parts
-                # projected at the new point), a bias of the order of the step itself.
-                dims, r = st_dims(p)
-                _project_(p.detach(), bufs[i], dims, r)
-                if group["nesterov"]:
-                    _project_(p.detach(), updates[i], dims, r)
+        # Riemannian momentum: the buffer projected at the current point after every update,
+        # i.e. B = mu P(B_old) + (1 - mu) P(g) (transport by projection; P is linear), and so
+        # is the Nesterov update. Momentum of Euclidean gradients would drag each point back
+        # towards its past positions (their radial parts projected at the new point), a
+        # bias of the order of the step itself.
+        on = [i for i, kind in enumerate(kinds) if kind == "sphere"]
+        if on:
+            ps = [params[i] for i in on]
+            self._tangent(ps, [bufs[i] for i in on], inplace=True)
+            if group["nesterov"]:
+                self._tangent(ps, [updates[i] for i in on], inplace=True)
 
         # the matrices to orthogonalize: tangent parts of sphere updates, Euclidean updates
         infos = [sphere_info(p) for p in params]
@@ -322,60 +309,11 @@ class SphereMuon(HybridOptimizer):
                 continue
             assert info is not None
             spheres.append((p, info, o))
-        self._sphere_steps(group, spheres, lr)
-
-    def _sphere_steps(
-        self,
-        group: dict[str, Any],
-        items: list[tuple[Tensor, SphereInfo, Tensor]],
-        lr: float | Tensor,
-    ) -> None:
-        """The angular steps of sphere parameters along their orthogonalized updates ``o``
-        (their :func:`matrix_of` shape): same-shape parameters in one call on their stacked
-        rows (with ``batch_ns``, on CUDA or for tensors of at most ``STACK_MAX_NUMEL``
-        values, as the other optimizers stack), a whole-tensor sphere as one row of unit
-        norm."""
-        batches: dict[tuple, list[int]] = {}
-        for j, (p, info, _) in enumerate(items):
-            # stacking copies; it pays where launches dominate: small tensors, or CUDA
-            small = p.numel() <= STACK_MAX_NUMEL or p.device.type == "cuda"
-            if not (group["batch_ns"] and small):
-                key: tuple = (j,)
-            elif info.whole:
-                key = ("whole", p.numel(), p.dtype, p.device)
-            else:
-                key = ("rows", tuple(p.shape), info.layout, info.radius, p.dtype, p.device)
-            batches.setdefault(key, []).append(j)
-        for idx in batches.values():
-            ps = [items[j][0] for j in idx]
-            info = items[idx[0]][1]
-            cdt = sphere.compute_dtype(ps[0].dtype)
-            if info.whole:  # one row per parameter, scaled to the unit sphere
-                radii = [items[j][1].radius for j in idx]
-                z = torch.stack([p.detach().reshape(-1).to(cdt) / rj for p, rj in zip(ps, radii)])
-                r = 1.0
-            else:
-                z = torch.cat([rows(p.detach(), info.layout) for p in ps]).to(cdt)
-                r = info.radius
-            o = torch.cat([items[j][2].reshape(z.shape[0] // len(idx), -1) for j in idx])
-            o = sphere.project(z, o.to(cdt), -1, radius=r)
-            new, angle = sphere_step(
-                z,
-                o,
-                lr,
-                radius=r,
-                project=False,
-                rule="angular",
-                angle_per=group["angle_per"],
-                measure=bool(group["measure_angle"]),
-                blocks=len(idx),
-            )
-            k = z.shape[0] // len(idx)
-            for b, p in enumerate(ps):
-                block = new[b * k : (b + 1) * k]
-                if info.whole:
-                    p.copy_((block * radii[b]).reshape(p.shape))
-                else:
-                    p.copy_(from_rows(block, info.layout, p.shape))
-                if angle is not None:
-                    self.state[p]["angle"] = angle[b * k : (b + 1) * k].clone()
+        self._sphere_steps(
+            group,
+            spheres,
+            lr,
+            rule="angular",
+            project=True,
+            stack=bool(group["batch_ns"]),
+        )
