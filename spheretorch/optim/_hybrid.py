@@ -255,14 +255,24 @@ class HybridOptimizer(SphereOptimizer):
                 measure=measure,
                 blocks=len(idx),
             )
-            for b, p in enumerate(ps):
-                block = new[b * k : (b + 1) * k]
-                if info.whole:
-                    p.copy_((block * radii[b]).reshape(p.shape))
-                else:
-                    p.copy_(from_rows(block, info.layout, p.shape))
-                if angle is not None:
-                    self.state[p]["angle"] = angle[b * k : (b + 1) * k].clone()
+            blocks = list(new.split(k))
+            if info.whole:  # back to each sphere's radius
+                blocks = list(torch._foreach_mul(blocks, radii))
+            dsts, srcs = [], []  # written back by one _foreach_copy_ where p has a row view
+            for p, block in zip(ps, blocks):
+                view = p.is_contiguous() and (info.whole or info.layout.inner == 1)
+                if view and not is_dtensor(p):
+                    dsts.append(p.view(block.shape))
+                    srcs.append(block)
+                    continue
+                p.copy_(
+                    block.reshape(p.shape) if info.whole else from_rows(block, info.layout, p.shape)
+                )
+            if dsts:
+                torch._foreach_copy_(dsts, srcs)
+            if angle is not None:
+                for p, a in zip(ps, angle.split(k)):
+                    self.state[p]["angle"] = a.clone()
 
     # ------------------------------------------------------------------ AdamW (torch's)
 

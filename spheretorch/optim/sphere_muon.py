@@ -11,6 +11,7 @@ from torch import Tensor
 
 from .. import sphere
 from ..parameter import sphere_dim_of
+from ..sphere import is_dtensor
 from ._hybrid import (
     HybridOptimizer,
     SphereInfo,
@@ -293,11 +294,19 @@ class SphereMuon(HybridOptimizer):
         )
         lr = self._host_lr(group)
         spheres: list[tuple[Tensor, SphereInfo, Tensor]] = []
+        # Euclidean matrices sharing an adjusted LR (a shape): torch.optim.Muon's two
+        # operations as one _foreach op each (the same arithmetic, element for element)
+        together: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
         for i, o in zip(keep, outs):
             p, kind, info = params[i], kinds[i], infos[i]
             if kind in ("muon", "renorm"):
                 # torch.optim.Muon's update, operation for operation
                 adjusted = _adjusted_lr(lr, group["adjust_lr_fn"], mats[i].shape)
+                if kind == "muon" and not isinstance(adjusted, Tensor) and not is_dtensor(p):
+                    ps_, os_ = together.setdefault((adjusted, p.device, p.dtype), ([], []))
+                    ps_.append(p)
+                    os_.append(o.reshape(p.shape))
+                    continue
                 p.mul_(1 - lr * group["weight_decay"])
                 if isinstance(adjusted, Tensor):  # capturable: no host read of the LR
                     p.sub_(o.reshape(p.shape) * adjusted.to(p.dtype))
@@ -309,6 +318,9 @@ class SphereMuon(HybridOptimizer):
                 continue
             assert info is not None
             spheres.append((p, info, o))
+        for (adjusted, _, _), (ps_, os_) in together.items():
+            torch._foreach_mul_(ps_, 1 - lr * group["weight_decay"])
+            torch._foreach_add_(ps_, os_, alpha=-adjusted)
         self._sphere_steps(
             group,
             spheres,

@@ -200,9 +200,9 @@ def orthogonalize(
         if len(idx) == 1:
             out[idx[0]] = newton_schulz(mats[idx[0]], steps, coefficients, eps, dtype)
             continue
-        stacked = newton_schulz(
-            torch.stack([mats[i] for i in idx]), steps, coefficients, eps, dtype
-        )
+        # each matrix cast before stacking: one pass over the float32 values, not two
+        stack = torch.stack([mats[i] if dtype is None else mats[i].to(dtype) for i in idx])
+        stacked = newton_schulz(stack, steps, coefficients, eps, dtype)
         for j, i in enumerate(idx):
             out[i] = stacked[j]
     for i, m in sharded.items():
