@@ -60,6 +60,7 @@ __all__ = [
     "project",
     "renormalize_",
     "sphere_adam_",
+    "sphere_angular_",
     "sphere_sgd_",
 ]
 
@@ -402,6 +403,59 @@ def project(
     gs = [g.contiguous() for g in gs]
     _row_op(xs, gs, outs, layouts, radii, None)
     return outs
+
+
+def sphere_angular_(
+    xs: Sequence[Tensor],
+    ds: Sequence[Tensor],
+    layout: Any,
+    radius: float,
+    lr: float | Tensor,
+    *,
+    per_tensor: bool,
+) -> None:
+    r"""The angular step of :func:`spheretorch.optim.sphere_steps.sphere_step` (``rule=
+    "angular"``, its one reference) on same-shape row spheres (``layout.inner == 1``), in
+    place: per sphere :math:`x` of radius :math:`r` with direction :math:`d` (``ds``:
+    ``(count, size)`` rows, contiguous, one dtype), :math:`d_T = d - \langle \hat x, d\rangle
+    \hat x`, :math:`x \leftarrow r\,\mathrm{normalize}(\cos\theta\, x - r\sin\theta\, d_T /
+    \|d_T\|)`, :math:`\theta = \eta` (``per_tensor=False``; a zero :math:`d_T` stays) or
+    :math:`\theta_i = \eta \|d_{T,i}\| / \mathrm{rms}_j \|d_{T,j}\|` over each tensor's rows.
+
+    One launch without ``per_tensor``; with it, a first launch writes the tangent norms,
+    torch takes their RMS per tensor, a second launch steps (each value read twice, written
+    once). A tensor ``lr`` is read by the kernel (no host read).
+    """
+    device = xs[0].device
+    cd = _compute_dtype(xs[0].dtype)
+    lr_tensor = isinstance(lr, Tensor)
+    if lr_tensor and lr.device != device:  # type: ignore[union-attr]
+        lr = lr.to(device)  # type: ignore[union-attr]
+    block_r, block_n, warps = _blocks(layout.size, device)
+    count, n = layout.count, len(xs)
+    norms = rms = _dummy(xs[0])
+    lists: list[Sequence[Tensor | None]] = [xs, ds]
+    if per_tensor:  # one buffer per set of shapes, reused: stable addresses, cached tables
+        norms = _cached(
+            ("angular-norms", device, cd, n, count),
+            lambda: torch.empty(n * count, dtype=cd, device=device),
+        )
+        lists.append(list(norms.view(n, count).unbind(0)))
+    bases, info, tiles = _plan(lists, [layout] * n, block_r)
+    hyper = _hyper(device, cd, [_value(lr), 0.0, 0.0, torch.finfo(cd).tiny, 0.0], [radius] * n)
+    kernel = _jit(device)._angular_kernel
+    grid = (tiles.shape[0] // 2,)
+    for pass_norms in (True, False) if per_tensor else (False,):
+        if not pass_norms and per_tensor:
+            rms = norms.view(n, count).square().mean(dim=1).sqrt()
+        kernel[grid](
+            bases[0], bases[1], norms, rms, tiles, info, hyper,
+            lr if lr_tensor else _dummy(xs[0]),
+            layout.size,
+            N_INFO=info.shape[1], BLOCK_R=block_r, BLOCK_N=block_n,
+            PASS_NORMS=pass_norms, PER_TENSOR=per_tensor, LR_TENSOR=lr_tensor,
+            num_warps=warps,
+        )  # fmt: skip
 
 
 def nonfinite_flag(grads: Sequence[Tensor]) -> Tensor:

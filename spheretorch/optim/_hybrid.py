@@ -21,7 +21,7 @@ from ..parameter import sphere_dim_of
 from ..sphere import foreach as sphere_foreach
 from ..sphere import is_dtensor, sphere_layout
 from ..sphere.foreach import STACK_MAX_NUMEL
-from ._functional import new_step
+from ._functional import new_step, use_triton
 from ._torch_shims import torch_adam
 from .optimizer import SphereOptimizer
 from .sphere_steps import SphereLayout, StepRule, from_rows, rows, sphere_step
@@ -243,6 +243,8 @@ class HybridOptimizer(SphereOptimizer):
                 z = torch.cat([rows(p.detach(), info.layout) for p in ps]).to(cdt)
                 radius = info.radius
             k = z.shape[0] // len(idx)
+            if rule == "angular" and not measure and self._angular_kernel(group, items, idx, lr):
+                continue
             d = torch.cat([items[j][2].reshape(k, -1) for j in idx]).to(cdt)
             new, angle = sphere_step(
                 z,
@@ -273,6 +275,34 @@ class HybridOptimizer(SphereOptimizer):
             if angle is not None:
                 for p, a in zip(ps, angle.split(k)):
                     self.state[p]["angle"] = a.clone()
+
+    @staticmethod
+    def _angular_kernel(
+        group: dict[str, Any],
+        items: list[tuple[Tensor, SphereInfo, Tensor]],
+        idx: list[int],
+        lr: float | Tensor,
+    ) -> bool:
+        """The angular step of the same-shape parameters ``items[idx]`` by the Triton kernel
+        (:func:`spheretorch.kernels.optim.sphere_angular_`) where it applies: CUDA (or the
+        forced Triton backend), contiguous row spheres, one direction dtype. True if taken."""
+        ps = [items[j][0] for j in idx]
+        info = items[idx[0]][1]
+        if info.whole or info.layout.inner != 1 or not use_triton(ps):
+            return False
+        from ..kernels import optim as kernels
+
+        if not all(p.is_contiguous() for p in ps) or not kernels.handles(
+            ps, [info.layout] * len(ps)
+        ):
+            return False
+        k = info.layout.count
+        ds = [items[j][2].reshape(k, -1).contiguous() for j in idx]
+        if len({d.dtype for d in ds}) != 1:
+            return False
+        per_tensor = group["angle_per"] == "tensor" and k > 1
+        kernels.sphere_angular_(ps, ds, info.layout, info.radius, lr, per_tensor=per_tensor)
+        return True
 
     # ------------------------------------------------------------------ AdamW (torch's)
 
