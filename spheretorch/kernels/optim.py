@@ -213,9 +213,26 @@ def _hyper(
     device: torch.device, dtype: torch.dtype, values: Sequence[float], radii: Sequence[float]
 ) -> Tensor:
     """``[lr, beta1/momentum, beta2/dampening, eps, step, radius_0, radius_1, ...]`` as a
-    tensor of ``dtype`` on ``device`` (cached by value: a constant schedule costs no copy)."""
+    tensor of ``dtype`` on ``device`` (cached by value; built on the device without a
+    host-to-device copy of the values)."""
     key = ("hyper", device, dtype, tuple(values), tuple(radii))
-    return _cached(key, lambda: torch.tensor([*values, *radii], dtype=dtype).to(device))
+
+    def make() -> Tensor:
+        # The radii (constant for a set of tensors) are copied to the device once; the
+        # values (the LR changes every step under a schedule) are written by fill kernels,
+        # whose scalar travels with the launch: no host-to-device copy, which would
+        # synchronise with the host on CUDA.
+        const = _cached(
+            ("hyper-radii", device, dtype, tuple(radii)),
+            lambda: torch.tensor(list(radii), dtype=dtype).to(device),
+        )
+        out = torch.empty(len(values) + len(radii), dtype=dtype, device=device)
+        out[len(values) :].copy_(const)
+        for i, v in enumerate(values):
+            out[i].fill_(v)
+        return out
+
+    return _cached(key, make)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
