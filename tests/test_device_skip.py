@@ -90,10 +90,14 @@ def test_a_run_with_device_skip_resumes_exactly(tmp_path: Path) -> None:
         assert torch.equal(a, b)
 
 
-def test_cuda_steps_do_not_synchronize(cuda: torch.device) -> None:
+@pytest.mark.parametrize(
+    ("model", "optim"), [("gpt", "adamw"), ("ngpt", "sphere_muon"), ("ngpt", "adamh")]
+)
+def test_cuda_steps_do_not_synchronize(cuda: torch.device, model: str, optim: str) -> None:
     """Steps between host reads: no synchronizing CUDA call at all (torch's sync debug mode
-    raises on one: ``.item()``, a pageable copy, ``nonzero``, ...)."""
-    t = Trainer(quick("gpt", device="cuda", steps=30))
+    raises on one: ``.item()``, a pageable copy, ``nonzero``, ...); the Muon family as the
+    trainer builds it on CUDA (capturable)."""
+    t = Trainer(quick(model, optim=optim, device="cuda", steps=30))
     assert t.device_skip
     for _ in range(2):
         t.train_step(*t.batch(t.step))
