@@ -31,10 +31,11 @@ Parameter sets (``--set``):
   Euclidean gains/biases. Meant for ``--device cuda``;
 * ``matrices``: 8 x (256, 256) + 4 x (1024, 256) sphere matrices (unit rows), where Muon
   applies (the ``default`` set's matrices at a quarter of the width: Newton-Schulz is
-  compute-bound, seconds per step on a small CPU at full size);
+  compute-bound, seconds per step on a small CPU at full size); the Muon family only, unless
+  ``--only-family`` names others;
 * ``gpt124m-matrices``: the 48 hidden matrices of GPT-2 small (qkv (2304, 768), projection
-  (768, 768), MLP up (3072, 768) and down (768, 3072) per block): Muon's share of the model.
-  Meant for ``--device cuda``.
+  (768, 768), MLP up (3072, 768) and down (768, 3072) per block): Muon's share of the model,
+  the Muon family only (as ``matrices``). Meant for ``--device cuda``.
 
 ``--quick`` shrinks every shape by 16 along each axis (at least 2) and times 3 rounds after
 one warm-up: seconds on CPU, a smoke test of every candidate (its figures mean nothing).
@@ -127,6 +128,9 @@ SETS = {
     "matrices": matrices_set,
     "gpt124m-matrices": gpt124m_matrices_set,
 }
+#: the candidate families a set runs unless ``--only-family`` says otherwise (all unless named):
+#: the sets of matrices exist for the Muon family's table
+SET_FAMILIES = {"matrices": ("muon",), "gpt124m-matrices": ("muon",)}
 #: dtype of each set's parameters (float32 unless named)
 SET_DTYPES = {"single": torch.float64}
 
@@ -311,7 +315,8 @@ def bench_set(
         have_geoopt = False
     entries = []
     for c in candidates(have_geoopt):
-        if (only and c.name not in only) or (families and c.family not in families):
+        keep = families or SET_FAMILIES.get(name)
+        if (only and c.name not in only) or (keep and c.family not in keep):
             continue
         if not applies(c, layout):
             continue
