@@ -663,7 +663,7 @@ def test_hybrid_capturable_step_never_reads_a_tensor_on_the_host(cls, monkeypatc
 
 
 @pytest.mark.skipif(not CUDA, reason=NO_GPU)
-@pytest.mark.parametrize("cls", [RenormAdam, RiemannianAdam])
+@pytest.mark.parametrize("cls", [RenormAdam, RiemannianAdam, SphereMuon, AdamH])
 def test_capturable_step_in_a_cuda_graph(cls):  # pragma: no cover - needs a GPU
     params = [p.detach().cuda().requires_grad_() for p in make_params(torch.float32)]
     for p, q in zip(params, make_params(torch.float32)):
