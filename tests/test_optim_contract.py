@@ -117,6 +117,7 @@ INFOS = [
             {"ns_dtype": None, "angle_per": "sphere", "measure_angle": True, "batch_ns": False},
             {"ns_dtype": None, "adjust_lr_fn": "match_rms_adamw", "maximize": True},
             {"ns_dtype": None, "ordering": "renorm"},
+            {"ns_dtype": None, "capturable": True, "measure_angle": True},
         ),
         _errors(
             *_HYBRID_ERRORS,
@@ -134,6 +135,7 @@ INFOS = [
             {"angular": True, "angle_per": "tensor"},
             {"weight_decay": 0.1, "betas": (0.8, 0.99)},
             {"maximize": True},
+            {"capturable": True, "ordering": "riemannian", "angular": True},
         ),
         _errors(
             *_HYBRID_ERRORS,
