@@ -118,7 +118,7 @@ FSDP_CASES = [(c, "float64") for c in OPTIMIZERS] + [(c, "float32") for c in ("r
 #: FSDP2 cases with every matrix sharded on dim 1: dim=1 sphere rows split across ranks
 SHARD1_CASES = [("radam", "float64"), ("renorm-foreach", "float64"), ("sphere-muon", "float64")]
 CHECKPOINT_CASES = ["radam", "renorm"]
-NONFINITE_CASES = ["radam", "renorm-fused"]
+NONFINITE_CASES = ["radam", "renorm-fused", "adamh-riemannian-angular"]
 
 
 def shard_dim1(p: nn.Parameter) -> Any:
