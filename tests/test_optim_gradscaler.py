@@ -97,6 +97,7 @@ def test_found_inf_overrides_the_nonfinite_policy(name: str) -> None:
     [
         lambda ps: RiemannianAdam(ps, lr=1e-2, angular=True),
         lambda ps: RenormAdam(ps, lr=1e-2, ordering="oblique", angular=True),
+        lambda ps: RiemannianSGD(ps, lr=1e-2, momentum=0.9, angular=True),
         lambda ps: AdamH(ps, lr=1e-2, angular=True, measure_angle=True, capturable=True),
         lambda ps: SphereMuon(ps, lr=1e-2, measure_angle=True, capturable=True),
     ],
