@@ -151,10 +151,10 @@ class HybridOptimizer(SphereOptimizer):
         raise NotImplementedError  # pragma: no cover
 
     @staticmethod
-    def _host_lr(group: dict[str, Any], key: str = "lr") -> float | Tensor:
+    def _host_lr(group: dict[str, Any]) -> float | Tensor:
         """The group's LR: a Tensor LR stays a Tensor with ``capturable`` (no host read),
         else a float."""
-        lr = group[key]
+        lr = group["lr"]
         if isinstance(lr, Tensor) and not group.get("capturable"):
             return float(lr)
         return lr
@@ -183,13 +183,13 @@ class HybridOptimizer(SphereOptimizer):
                 by_dim.setdefault(dims, []).append(i)
                 continue
             x = p.detach()
-            c = sphere.inner(x, t, dims) / (r * r)
-            if inplace and t.dtype == c.dtype == x.dtype:
-                t.addcmul_(x, c, value=-1)  # two passes: the inner products, then this
-            elif inplace:  # half precision: the projection in float32, stored back
-                t.copy_(sphere.project(x, t, dims, radius=r))
-            else:
+            if not inplace:
                 out[i] = sphere.project(x, t, dims, radius=r)
+            elif t.dtype == x.dtype == sphere.compute_dtype(x.dtype):
+                c = sphere.inner(x, t, dims) / (r * r)
+                t.addcmul_(x, c, value=-1)  # two passes: the inner products, then this
+            else:  # half precision: the projection in float32, stored back
+                t.copy_(sphere.project(x, t, dims, radius=r))
         for dim, idx in by_dim.items():
             xs = [params[i].detach() for i in idx]
             vs = [ts[i] for i in idx]
@@ -232,6 +232,8 @@ class HybridOptimizer(SphereOptimizer):
             batches.setdefault(key, []).append(j)
         measure = bool(group["measure_angle"])
         for idx in batches.values():
+            if rule == "angular" and not measure and self._angular_kernel(group, items, idx, lr):
+                continue
             ps = [items[j][0] for j in idx]
             info = items[idx[0]][1]
             cdt = sphere.compute_dtype(ps[0].dtype)
@@ -243,8 +245,6 @@ class HybridOptimizer(SphereOptimizer):
                 z = torch.cat([rows(p.detach(), info.layout) for p in ps]).to(cdt)
                 radius = info.radius
             k = z.shape[0] // len(idx)
-            if rule == "angular" and not measure and self._angular_kernel(group, items, idx, lr):
-                continue
             d = torch.cat([items[j][2].reshape(k, -1) for j in idx]).to(cdt)
             new, angle = sphere_step(
                 z,
