@@ -176,6 +176,13 @@ def _blocks(size: int, device: torch.device) -> tuple[int, int, int]:
     return block_r, block_n, num_warps
 
 
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    """A small host-built table on ``device``. Asynchronous (the driver stages pageable host
+    memory at once and the step does not wait for the device): a table rebuilt because a
+    tensor moved (gradients reallocated, a new LR) must not synchronise a CUDA step."""
+    return t.to(device, non_blocking=True)
+
+
 def _plan(
     lists: Sequence[Sequence[Tensor | None]],
     layouts: Sequence[Any],
@@ -191,14 +198,14 @@ def _plan(
     def make_tiles() -> Tensor:
         tiles = [v for i, lay in enumerate(layouts) for s in range(0, lay.count, block_r)
                  for v in (i, s)]  # fmt: skip
-        return torch.tensor(tiles, dtype=torch.int64).to(device)
+        return _to_device(torch.tensor(tiles, dtype=torch.int64), device)
 
     def make_info() -> tuple[list[int | None], Tensor]:
         bases, offs = zip(*(_offsets(ts) for ts in lists))
         info = [[lay.count, lay.inner, *(o[i] for o in offs)] for i, lay in enumerate(layouts)]
         # the bases are kept as addresses, not references (no tensor kept alive by the cache)
         ptrs = [None if base is None else base.data_ptr() for base in bases]
-        return ptrs, torch.tensor(info, dtype=torch.int64).to(device)
+        return ptrs, _to_device(torch.tensor(info, dtype=torch.int64), device)
 
     tiles_t = _cached(("tiles", device, block_r, shapes), make_tiles)
     addresses = tuple(tuple(0 if t is None else t.data_ptr() for t in ts) for ts in lists)
@@ -224,7 +231,7 @@ def _hyper(
         # synchronise with the host on CUDA.
         const = _cached(
             ("hyper-radii", device, dtype, tuple(radii)),
-            lambda: torch.tensor(list(radii), dtype=dtype).to(device),
+            lambda: _to_device(torch.tensor(list(radii), dtype=dtype), device),
         )
         out = torch.empty(len(values) + len(radii), dtype=dtype, device=device)
         out[len(values) :].copy_(const)
@@ -490,13 +497,13 @@ def nonfinite_flag(grads: Sequence[Tensor]) -> Tensor:
 
         def make_tiles(numels: tuple[int, ...] = numels) -> Tensor:
             tiles = [v for i, n in enumerate(numels) for s in range(0, n, block) for v in (i, s)]
-            return torch.tensor(tiles, dtype=torch.int64).to(device)
+            return _to_device(torch.tensor(tiles, dtype=torch.int64), device)
 
         def make_info(gs: list[Tensor] = gs) -> tuple[int, Tensor]:
             base, offs = _offsets(gs)
             assert base is not None
             rows = [v for g, o in zip(gs, offs) for v in (g.numel(), o)]
-            return base.data_ptr(), torch.tensor(rows, dtype=torch.int64).to(device)
+            return base.data_ptr(), _to_device(torch.tensor(rows, dtype=torch.int64), device)
 
         tiles = _cached(("scan-tiles", device, block, numels), make_tiles)
         if tiles.numel() == 0:
