@@ -151,6 +151,16 @@ class HybridOptimizer(SphereOptimizer):
         raise NotImplementedError  # pragma: no cover
 
     @staticmethod
+    def _use_foreach(group: dict[str, Any], params: list[Tensor]) -> bool:
+        """The group's ``foreach``; by default on CPU and CUDA tensors, but not for DTensors
+        (FSDP2): torch 2.11's DTensor has no sharding rule for ``_foreach_lerp``, and each
+        DTensor op is dispatched on its own anyway."""
+        foreach = group.get("foreach")
+        if foreach is None:
+            return all(p.device.type in ("cpu", "cuda") and not is_dtensor(p) for p in params)
+        return bool(foreach)
+
+    @staticmethod
     def _host_lr(group: dict[str, Any]) -> float | Tensor:
         """The group's LR: a Tensor LR stays a Tensor with ``capturable`` (no host read),
         else a float."""

@@ -161,9 +161,7 @@ class AdamH(HybridOptimizer):
             # point (transport by projection)
             grads = self._tangent(params, grads, inplace=False)
             self._tangent(params, avgs, inplace=True)
-        foreach = group.get("foreach")
-        if foreach is None:
-            foreach = all(p.device.type in ("cpu", "cuda") for p in params)
+        foreach = self._use_foreach(group, params)
         if foreach:
             torch._foreach_lerp_(avgs, grads, 1 - b1)
             torch._foreach_mul_(sqs, b2)

@@ -250,9 +250,7 @@ class SphereMuon(HybridOptimizer):
         mu = float(group["momentum"])
         grads = [self._grad_of(group, p) for p in params]
         bufs = [self.state[p]["momentum_buffer"] for p in params]
-        foreach = group.get("foreach")
-        if foreach is None:
-            foreach = all(p.device.type in ("cpu", "cuda") for p in params)
+        foreach = self._use_foreach(group, params)
         if foreach:
             torch._foreach_lerp_(bufs, grads, 1 - mu)
             updates = torch._foreach_lerp(grads, bufs, mu) if group["nesterov"] else bufs
