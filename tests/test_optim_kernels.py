@@ -377,22 +377,32 @@ def _muon_family_params(dtype: torch.dtype) -> list[torch.nn.Parameter]:
         lambda ps: SphereMuon(ps, lr=torch.tensor(0.1, dtype=torch.float64), capturable=True),
         lambda ps: AdamH(ps, lr=0.05, angular=True),
         lambda ps: AdamH(ps, lr=0.05, angular=True, angle_per="tensor", ordering="riemannian"),
+        lambda ps: SphereMuon(ps, lr=0.1, ordering="renorm", ns_dtype=None),
     ],
-    ids=["muon-tensor", "muon-sphere", "muon-bf16-tensor-lr", "adamh-sphere", "adamh-tensor"],
+    ids=[
+        "muon-tensor",
+        "muon-sphere",
+        "muon-bf16-tensor-lr",
+        "adamh-sphere",
+        "adamh-tensor",
+        "muon-renorm",
+    ],
 )
 @pytest.mark.parametrize("dtype", ["f64", "f32"])
 def test_triton_angular_step_equals_the_reference(make, dtype, monkeypatch):
     """SphereMuon's (and AdamH's ``angular=True``) step on row spheres by the Triton kernel
     (:func:`spheretorch.kernels.optim.sphere_angular_`, interpreted) against its one
-    reference, :func:`spheretorch.optim.sphere_steps.sphere_step` (the torch path)."""
+    reference, :func:`spheretorch.optim.sphere_steps.sphere_step` (the torch path); with
+    ``ordering="renorm"``, the renormalisation kernel against ``sphere.normalize``."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     dt, rtol = DTYPES[dtype]
     results = {}
     calls = []
     from spheretorch.kernels import optim as kernels
 
-    fn = kernels.sphere_angular_
-    monkeypatch.setattr(kernels, "sphere_angular_", lambda *a, **k: calls.append(k) or fn(*a, **k))
+    for name in ("sphere_angular_", "renormalize_"):  # SphereMuon(ordering="renorm"): this
+        fn = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _fn=fn, **k: calls.append(k) or _fn(*a, **k))
     for name in ("torch", "triton"):
         monkeypatch.setenv(backend.BACKEND_ENV, name)
         ps = _muon_family_params(dt)

@@ -211,6 +211,42 @@ class HybridOptimizer(SphereOptimizer):
                     out[i] = v
         return out
 
+    @staticmethod
+    def _renormalize(params: list[Tensor]) -> None:
+        r"""Each sphere parameter back to its radius along its sphere axes, in place
+        (:math:`x \leftarrow r\,x/\|x\|`; :func:`spheretorch.sphere.normalize` with
+        ``on_zero="keep"`` is the reference): the Triton kernel where it applies (CUDA: one
+        launch per row length, as :class:`.RenormAdam`), ``_foreach`` ops for unit spheres
+        along a contiguous axis (the same operations as the reference), the others one by
+        one."""
+        infos = [sphere_info(p) for p in params]
+        if use_triton(params) and all(p.is_contiguous() for p in params):
+            from ..kernels import optim as kernels
+
+            layouts = [info.layout for info in infos]  # type: ignore[union-attr]
+            if kernels.handles(params, layouts):
+                radii = [info.radius for info in infos]  # type: ignore[union-attr]
+                kernels.renormalize_(params, layouts, radii)
+                return
+        together: dict[tuple, list[Tensor]] = {}
+        for p in params:
+            dims = sphere_dim_of(p)
+            r = float(getattr(p, "sphere_radius", 1.0))
+            if (
+                isinstance(dims, int)
+                and r == 1.0
+                and p.dtype in (torch.float32, torch.float64)
+                and not is_dtensor(p)
+                and p.stride(dims) == 1
+            ):
+                together.setdefault((dims, p.dtype), []).append(p)
+                continue
+            p.copy_(sphere.normalize(p, dims, on_zero="keep", radius=r))
+        for (dim, dtype), ps in together.items():
+            norms = sphere_foreach.RowReducer(ps, dim).norm(ps)
+            torch._foreach_clamp_min_(norms, torch.finfo(dtype).tiny)
+            torch._foreach_div_(ps, norms)
+
     def _sphere_steps(
         self,
         group: dict[str, Any],

@@ -10,7 +10,6 @@ import torch
 from torch import Tensor
 
 from .. import sphere
-from ..parameter import sphere_dim_of
 from ..sphere import is_dtensor
 from ._hybrid import (
     HybridOptimizer,
@@ -37,13 +36,6 @@ def _adjusted_lr(lr: float, fn: str | None, shape: torch.Size) -> float:
     if fn is None or fn == "original":
         return lr * max(1.0, a / b) ** 0.5
     return lr * 0.2 * max(a, b) ** 0.5
-
-
-def st_dims(p: Tensor) -> tuple[int | tuple[int, ...], float]:
-    """A sphere parameter's axes and radius."""
-    dims = sphere_dim_of(p)
-    assert dims is not None
-    return dims, float(getattr(p, "sphere_radius", 1.0))
 
 
 class SphereMuon(HybridOptimizer):
@@ -295,12 +287,15 @@ class SphereMuon(HybridOptimizer):
         # Euclidean matrices sharing an adjusted LR (a shape): torch.optim.Muon's two
         # operations as one _foreach op each (the same arithmetic, element for element)
         together: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
+        renorm: list[Tensor] = []  # ordering="renorm": back on the sphere after the update
         for i, o in zip(keep, outs):
             p, kind, info = params[i], kinds[i], infos[i]
             if kind in ("muon", "renorm"):
                 # torch.optim.Muon's update, operation for operation
                 adjusted = _adjusted_lr(lr, group["adjust_lr_fn"], mats[i].shape)
-                if kind == "muon" and not isinstance(adjusted, Tensor) and not is_dtensor(p):
+                if kind == "renorm":
+                    renorm.append(p)
+                if not isinstance(adjusted, Tensor) and not is_dtensor(p):
                     ps_, os_ = together.setdefault((adjusted, p.device, p.dtype), ([], []))
                     ps_.append(p)
                     os_.append(o.reshape(p.shape))
@@ -310,15 +305,14 @@ class SphereMuon(HybridOptimizer):
                     p.sub_(o.reshape(p.shape) * adjusted.to(p.dtype))
                 else:
                     p.add_(o.reshape(p.shape), alpha=-adjusted)
-                if kind == "renorm":  # then back on the sphere (as RenormAdam after Adam)
-                    dims, r = st_dims(p)
-                    p.copy_(sphere.normalize(p, dims, on_zero="keep", radius=r))
                 continue
             assert info is not None
             spheres.append((p, info, o))
         for (adjusted, _, _), (ps_, os_) in together.items():
             torch._foreach_mul_(ps_, 1 - lr * group["weight_decay"])
             torch._foreach_add_(ps_, os_, alpha=-adjusted)
+        if renorm:  # as RenormAdam after Adam
+            self._renormalize(renorm)
         self._sphere_steps(
             group,
             spheres,
