@@ -491,6 +491,13 @@ def test_half_precision_spheres_keep_float32_math(cls):
     torch.testing.assert_close(n, torch.ones_like(n), atol=1e-2, rtol=0)
     if cls is AdamH:
         assert opt.state[p]["exp_avg"].dtype == torch.float32
+        # across load_state_dict too (torch casts floating state to the parameter's dtype)
+        again = cls([p, q], lr=0.05, measure_angle=True)
+        again.load_state_dict(opt.state_dict())
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert again.state[p][key].dtype == torch.float32
+            assert torch.equal(again.state[p][key], opt.state[p][key])
+        again.step()
 
 
 def test_optim_step_benchmark_times_the_muon_family(capsys):
