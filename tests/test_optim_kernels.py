@@ -333,15 +333,17 @@ def test_kernels_compile_for_a_cuda_target():
                                                   "HAS_FOUND_INF": True}))  # fmt: skip
     types = {"G": "*fp16", "INFO": "*i64", "TILES": "*i64", "FLAG": "*i32"}
     cases.append((mod._nonfinite_kernel, types, {"BLOCK": 4096}))
-    for xdt, ddt, cd, per_tensor, pass_norms in (
-        ("bf16", "bf16", "fp32", True, True),
-        ("fp32", "bf16", "fp32", True, False),
-        ("fp64", "fp64", "fp64", False, False),
+    for xdt, ddt, cd, per_tensor, pass_norms, hyperball, project in (
+        ("bf16", "bf16", "fp32", True, True, False, True),
+        ("fp32", "bf16", "fp32", True, False, False, True),
+        ("fp64", "fp64", "fp64", False, False, False, True),
+        ("bf16", "fp32", "fp32", False, False, True, False),
     ):
         types = {"X": f"*{xdt}", "D": f"*{ddt}", "NORMS": f"*{cd}", "RMS": f"*{cd}", **tiles}
         types |= {"HYPER": f"*{cd}", "LR": "*fp32", "SIZE": "i32"}
         flags = dict(PASS_NORMS=pass_norms, PER_TENSOR=per_tensor, LR_TENSOR=True)
-        cases.append((mod._angular_kernel, types, {**block, **flags}))
+        flags |= dict(HYPERBALL=hyperball, PROJECT=project)
+        cases.append((mod._rows_step_kernel, types, {**block, **flags}))
     for fn, types, consts in cases:
         sig, constexprs = _signature(types, consts)
         out = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=target)
@@ -378,6 +380,8 @@ def _muon_family_params(dtype: torch.dtype) -> list[torch.nn.Parameter]:
         lambda ps: AdamH(ps, lr=0.05, angular=True),
         lambda ps: AdamH(ps, lr=0.05, angular=True, angle_per="tensor", ordering="riemannian"),
         lambda ps: SphereMuon(ps, lr=0.1, ordering="renorm", ns_dtype=None),
+        lambda ps: AdamH(ps, lr=0.05),  # the hyperball rule, unprojected (ordering="renorm")
+        lambda ps: AdamH(ps, lr=torch.tensor(0.05, dtype=torch.float64), ordering="oblique"),
     ],
     ids=[
         "muon-tensor",
@@ -386,12 +390,14 @@ def _muon_family_params(dtype: torch.dtype) -> list[torch.nn.Parameter]:
         "adamh-sphere",
         "adamh-tensor",
         "muon-renorm",
+        "adamh-hyperball",
+        "adamh-hyperball-oblique",
     ],
 )
 @pytest.mark.parametrize("dtype", ["f64", "f32"])
-def test_triton_angular_step_equals_the_reference(make, dtype, monkeypatch):
-    """SphereMuon's (and AdamH's ``angular=True``) step on row spheres by the Triton kernel
-    (:func:`spheretorch.kernels.optim.sphere_angular_`, interpreted) against its one
+def test_triton_sphere_steps_equal_the_reference(make, dtype, monkeypatch):
+    """SphereMuon's and AdamH's steps (angular, hyperball) on row spheres by the Triton
+    kernel (:func:`spheretorch.kernels.optim.sphere_rows_step_`, interpreted) against its one
     reference, :func:`spheretorch.optim.sphere_steps.sphere_step` (the torch path); with
     ``ordering="renorm"``, the renormalisation kernel against ``sphere.normalize``."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -400,7 +406,7 @@ def test_triton_angular_step_equals_the_reference(make, dtype, monkeypatch):
     calls = []
     from spheretorch.kernels import optim as kernels
 
-    for name in ("sphere_angular_", "renormalize_"):  # SphereMuon(ordering="renorm"): this
+    for name in ("sphere_rows_step_", "renormalize_"):  # SphereMuon(ordering="renorm"): this
         fn = getattr(kernels, name)
         monkeypatch.setattr(kernels, name, lambda *a, _fn=fn, **k: calls.append(k) or _fn(*a, **k))
     for name in ("torch", "triton"):

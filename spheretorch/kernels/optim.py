@@ -60,7 +60,7 @@ __all__ = [
     "project",
     "renormalize_",
     "sphere_adam_",
-    "sphere_angular_",
+    "sphere_rows_step_",
     "sphere_sgd_",
 ]
 
@@ -429,27 +429,36 @@ def project(
     return outs
 
 
-def sphere_angular_(
+def sphere_rows_step_(
     xs: Sequence[Tensor],
     ds: Sequence[Tensor],
     layout: Any,
     radius: float,
     lr: float | Tensor,
     *,
+    rule: str,
+    project: bool,
     per_tensor: bool,
 ) -> None:
-    r"""The angular step of :func:`spheretorch.optim.sphere_steps.sphere_step` (``rule=
-    "angular"``, its one reference) on same-shape row spheres (``layout.inner == 1``), in
-    place: per sphere :math:`x` of radius :math:`r` with direction :math:`d` (``ds``:
-    ``(count, size)`` rows, contiguous, one dtype), :math:`d_T = d - \langle \hat x, d\rangle
-    \hat x`, :math:`x \leftarrow r\,\mathrm{normalize}(\cos\theta\, x - r\sin\theta\, d_T /
-    \|d_T\|)`, :math:`\theta = \eta` (``per_tensor=False``; a zero :math:`d_T` stays) or
-    :math:`\theta_i = \eta \|d_{T,i}\| / \mathrm{rms}_j \|d_{T,j}\|` over each tensor's rows.
+    r"""A step of :func:`spheretorch.optim.sphere_steps.sphere_step` (its one reference) on
+    same-shape row spheres (``layout.inner == 1``), in place: per sphere :math:`x` of radius
+    :math:`r` with direction :math:`d` (``ds``: ``(count, size)`` rows, contiguous, one
+    dtype) and :math:`d_T = d - \langle \hat x, d\rangle \hat x` (``project``; else
+    :math:`d`):
 
-    One launch without ``per_tensor``; with it, a first launch writes the tangent norms,
-    torch takes their RMS per tensor, a second launch steps (each value read twice, written
-    once). A tensor ``lr`` is read by the kernel (no host read).
+    * ``rule="angular"`` (``project`` on): :math:`x \leftarrow r\,\mathrm{normalize}(\cos
+      \theta\, x - r\sin\theta\, d_T / \|d_T\|)`, :math:`\theta = \eta` (a zero :math:`d_T`
+      stays) or, ``per_tensor``, :math:`\theta_i = \eta \|d_{T,i}\| / \mathrm{rms}_j
+      \|d_{T,j}\|` over each tensor's rows;
+    * ``rule="hyperball"``: :math:`x \leftarrow r\,\mathrm{normalize}(x - \eta r d_T /
+      \|d_T\|)`.
+
+    One launch; with ``per_tensor`` two (the tangent norms, torch takes their RMS per
+    tensor, then the step: each value read twice, written once). A tensor ``lr`` is read by
+    the kernel (no host read).
     """
+    if rule not in ("angular", "hyperball") or (rule == "angular" and not project):
+        raise ValueError(f"sphere_rows_step_: no kernel for rule={rule!r}, project={project}")
     device = xs[0].device
     cd = _compute_dtype(xs[0].dtype)
     lr_tensor = isinstance(lr, Tensor)
@@ -457,17 +466,18 @@ def sphere_angular_(
         lr = lr.to(device)  # type: ignore[union-attr]
     block_r, block_n, warps = _blocks(layout.size, device)
     count, n = layout.count, len(xs)
+    per_tensor = per_tensor and rule == "angular"
     norms = rms = _dummy(xs[0])
     lists: list[Sequence[Tensor | None]] = [xs, ds]
     if per_tensor:  # one buffer per set of shapes, reused: stable addresses, cached tables
         norms = _cached(
-            ("angular-norms", device, cd, n, count),
+            ("rows-step-norms", device, cd, n, count),
             lambda: torch.empty(n * count, dtype=cd, device=device),
         )
         lists.append(list(norms.view(n, count).unbind(0)))
     bases, info, tiles = _plan(lists, [layout] * n, block_r)
     hyper = _hyper(device, cd, [_value(lr), 0.0, 0.0, torch.finfo(cd).tiny, 0.0], [radius] * n)
-    kernel = _jit(device)._angular_kernel
+    kernel = _jit(device)._rows_step_kernel
     grid = (tiles.shape[0] // 2,)
     for pass_norms in (True, False) if per_tensor else (False,):
         if not pass_norms and per_tensor:
@@ -478,7 +488,7 @@ def sphere_angular_(
             layout.size,
             N_INFO=info.shape[1], BLOCK_R=block_r, BLOCK_N=block_n,
             PASS_NORMS=pass_norms, PER_TENSOR=per_tensor, LR_TENSOR=lr_tensor,
-            num_warps=warps,
+            HYPERBALL=rule == "hyperball", PROJECT=project, num_warps=warps,
         )  # fmt: skip
 
 

@@ -278,7 +278,7 @@ class HybridOptimizer(SphereOptimizer):
             batches.setdefault(key, []).append(j)
         measure = bool(group["measure_angle"])
         for idx in batches.values():
-            if rule == "angular" and not measure and self._angular_kernel(group, items, idx, lr):
+            if not measure and self._rows_kernel(group, items, idx, lr, rule, project):
                 continue
             ps = [items[j][0] for j in idx]
             info = items[idx[0]][1]
@@ -323,31 +323,43 @@ class HybridOptimizer(SphereOptimizer):
                     self.state[p]["angle"] = a.clone()
 
     @staticmethod
-    def _angular_kernel(
+    def _rows_kernel(
         group: dict[str, Any],
         items: list[tuple[Tensor, SphereInfo, Tensor]],
         idx: list[int],
         lr: float | Tensor,
+        rule: StepRule,
+        project: bool,
     ) -> bool:
-        """The angular step of the same-shape parameters ``items[idx]`` by the Triton kernel
-        (:func:`spheretorch.kernels.optim.sphere_angular_`) where it applies: CUDA (or the
-        forced Triton backend), contiguous row spheres, one direction dtype. True if taken."""
+        """The step of the same-shape parameters ``items[idx]`` by the Triton kernel
+        (:func:`spheretorch.kernels.optim.sphere_rows_step_`) where it applies: the
+        ``"angular"`` or ``"hyperball"`` rule, CUDA (or the forced Triton backend),
+        contiguous row spheres, one direction dtype. True if taken."""
+        if rule not in ("angular", "hyperball"):
+            return False
         ps = [items[j][0] for j in idx]
         info = items[idx[0]][1]
         if info.whole or info.layout.inner != 1 or not use_triton(ps):
             return False
         from ..kernels import optim as kernels
 
-        if not all(p.is_contiguous() for p in ps) or not kernels.handles(
-            ps, [info.layout] * len(ps)
-        ):
+        layouts = [info.layout] * len(ps)
+        if not all(p.is_contiguous() for p in ps) or not kernels.handles(ps, layouts):
             return False
         k = info.layout.count
         ds = [items[j][2].reshape(k, -1).contiguous() for j in idx]
         if len({d.dtype for d in ds}) != 1:
             return False
-        per_tensor = group["angle_per"] == "tensor" and k > 1
-        kernels.sphere_angular_(ps, ds, info.layout, info.radius, lr, per_tensor=per_tensor)
+        kernels.sphere_rows_step_(
+            ps,
+            ds,
+            info.layout,
+            info.radius,
+            lr,
+            rule=rule,
+            project=project or rule == "angular",
+            per_tensor=group["angle_per"] == "tensor" and k > 1,
+        )
         return True
 
     # ------------------------------------------------------------------ AdamW (torch's)
