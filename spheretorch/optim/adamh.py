@@ -60,7 +60,8 @@ class AdamH(HybridOptimizer):
         ordering: ``"renorm"`` (default, the hyperball recipe), ``"oblique"`` or
             ``"riemannian"``.
         angular, angle_per, measure_angle: as above.
-        maximize, foreach: as torch's Adam.
+        maximize, foreach: as torch's Adam (``foreach``: moments, projections and stacked
+            sphere steps; default on CPU/CUDA tensors, not DTensors).
         nonfinite: ``"skip"`` (default: skipped steps warned about and counted in
             ``skipped_steps``), ``"raise"`` or ``"ignore"`` a step whose gradients are not
             finite (one host synchronisation when checked, none with ``capturable``), as

@@ -104,7 +104,8 @@ class SphereMuon(HybridOptimizer):
         angle_per: ``"tensor"`` or ``"sphere"`` (above).
         measure_angle: keep the angle each sphere turned in ``state["angle"]``.
         batch_ns: iterate same-shape matrices together (``torch.bmm`` on a stack).
-        foreach: the momentum and AdamW updates as ``_foreach`` ops (default on CPU/CUDA).
+        foreach: the momentum, Muon and AdamW updates and the tangent projections as
+            ``_foreach`` ops (default on CPU/CUDA tensors, not DTensors).
         nonfinite: ``"skip"`` (default: skipped steps warned about and counted in
             ``skipped_steps``), ``"raise"`` or ``"ignore"`` a step whose gradients are not
             finite (one host synchronisation when checked, none with ``capturable``), as
