@@ -288,10 +288,12 @@ class HybridOptimizer(SphereOptimizer):
                 z = torch.stack([p.detach().reshape(-1).to(cdt) / r for p, r in zip(ps, radii)])
                 radius = 1.0
             else:
-                z = torch.cat([rows(p.detach(), info.layout) for p in ps]).to(cdt)
+                zs = [rows(p.detach(), info.layout) for p in ps]
+                z = (zs[0] if len(zs) == 1 else torch.cat(zs)).to(cdt)  # one: no copy
                 radius = info.radius
             k = z.shape[0] // len(idx)
-            d = torch.cat([items[j][2].reshape(k, -1) for j in idx]).to(cdt)
+            ds = [items[j][2].reshape(k, -1) for j in idx]
+            d = (ds[0] if len(ds) == 1 else torch.cat(ds)).to(cdt)
             new, angle = sphere_step(
                 z,
                 d,
