@@ -629,3 +629,29 @@ def test_batched_sphere_steps_equal_one_by_one(angle_per):
         torch.testing.assert_close(
             opt_a.state[x]["angle"], opt_b.state[y]["angle"], atol=1e-12, rtol=0
         )
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_stacked_tangent_projections_equal_one_by_one(inplace):
+    """The tangent projections of the Muon family (momentum, Riemannian moments): unit row
+    spheres through ``_foreach`` ops, same-size whole-tensor spheres (radii 1.5, 3, 6) as one
+    stack, the rest one by one: equal to projecting each parameter alone, which is
+    ``sphere.project``."""
+    from spheretorch.optim._hybrid import HybridOptimizer
+
+    g = gen(7)
+    ps = [SphereParameter(torch.randn(3, 4, dtype=torch.float64, generator=g), dim=1)]
+    ps += [SphereParameter(torch.randn(3, 4, dtype=torch.float64, generator=g), dim=0)]
+    for scale in (1.5, 3.0, 6.0):
+        x = torch.randn(3, 4, dtype=torch.float64, generator=g)
+        ps.append(SphereParameter(scale * x / x.norm(), dim=None))
+    ts = [torch.randn(p.shape, dtype=torch.float64, generator=g) for p in ps]
+    got = [t.clone() for t in ts]
+    got = HybridOptimizer._tangent(ps, got, inplace=inplace)
+    for p, t, out in zip(ps, ts, got):
+        r = float(getattr(p, "sphere_radius", 1.0))
+        ref = S.project(p.detach(), t, st.sphere_dim_of(p), radius=r)
+        torch.testing.assert_close(out, ref, rtol=1e-13, atol=1e-13)
+        whole = p.detach().reshape(-1) / r
+        if st.sphere_dim_of(p) == (0, 1):  # tangent to the Frobenius sphere
+            assert abs(float(whole @ out.reshape(-1))) < 1e-12

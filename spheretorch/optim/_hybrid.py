@@ -177,29 +177,47 @@ class HybridOptimizer(SphereOptimizer):
         (along ``x``'s own sphere axes, at its radius): ``t`` updated in place (returned) with
         ``inplace``, else new tensors. Unit spheres along one axis in float32/float64 (the
         common case) take ``_foreach`` ops, per-sphere sums stacked for small same-shape
-        tensors (:class:`~spheretorch.sphere.foreach.RowReducer`); the others one by one."""
+        tensors (:class:`~spheretorch.sphere.foreach.RowReducer`); whole-tensor spheres of one
+        size (small ones, or on CUDA) one stacked projection; the others one by one."""
         out = list(ts)
         by_dim: dict[int, list[int]] = {}
+        wholes: dict[tuple, list[int]] = {}  # whole-tensor spheres of one size: one stack
         for i, (p, t) in enumerate(zip(params, ts)):
             dims = sphere_dim_of(p)
             r = float(getattr(p, "sphere_radius", 1.0))
-            if (
-                isinstance(dims, int)
-                and r == 1.0
-                and p.dtype == t.dtype
+            plain = (
+                p.dtype == t.dtype
                 and p.dtype in (torch.float32, torch.float64)
                 and not is_dtensor(p)
-            ):
+            )
+            if plain and isinstance(dims, int) and r == 1.0:
                 by_dim.setdefault(dims, []).append(i)
                 continue
-            x = p.detach()
-            if not inplace:
-                out[i] = sphere.project(x, t, dims, radius=r)
-            elif t.dtype == x.dtype == sphere.compute_dtype(x.dtype):
-                c = sphere.inner(x, t, dims) / (r * r)
-                t.addcmul_(x, c, value=-1)  # two passes: the inner products, then this
-            else:  # half precision: the projection in float32, stored back
-                t.copy_(sphere.project(x, t, dims, radius=r))
+            info = sphere_info(p)
+            small = p.numel() <= STACK_MAX_NUMEL or p.device.type == "cuda"
+            if plain and small and info is not None and info.whole:
+                wholes.setdefault((p.numel(), p.dtype, p.device), []).append(i)
+                continue
+            HybridOptimizer._tangent_one(p, t, dims, r, inplace, out, i)
+        for idx in wholes.values():
+            if len(idx) == 1:
+                i = idx[0]
+                p = params[i]
+                r = float(getattr(p, "sphere_radius", 1.0))
+                HybridOptimizer._tangent_one(p, ts[i], sphere_dim_of(p), r, inplace, out, i)
+                continue
+            # rows of unit points X (each x / r) and of the vectors T: T - <X, T> X per row
+            radii = [float(getattr(params[i], "sphere_radius", 1.0)) for i in idx]
+            flat = [params[i].detach().reshape(-1) for i in idx]
+            xs = torch.stack(torch._foreach_div(flat, radii))
+            t2 = torch.stack([ts[i].reshape(-1) for i in idx])
+            t2.addcmul_(xs, (xs * t2).sum(dim=1, keepdim=True), value=-1)
+            rows_ = [row.view(ts[i].shape) for i, row in zip(idx, t2.unbind(0))]
+            if inplace:
+                torch._foreach_copy_([ts[i] for i in idx], rows_)
+            else:
+                for i, row in zip(idx, rows_):
+                    out[i] = row
         for dim, idx in by_dim.items():
             xs = [params[i].detach() for i in idx]
             vs = [ts[i] for i in idx]
@@ -210,6 +228,20 @@ class HybridOptimizer(SphereOptimizer):
                 for i, v in zip(idx, sphere_foreach.project(xs, vs, red)):
                     out[i] = v
         return out
+
+    @staticmethod
+    def _tangent_one(
+        p: Tensor, t: Tensor, dims: Any, r: float, inplace: bool, out: list[Tensor], i: int
+    ) -> None:
+        """:meth:`_tangent` of one parameter (into ``t``, or ``out[i]``)."""
+        x = p.detach()
+        if not inplace:
+            out[i] = sphere.project(x, t, dims, radius=r)
+        elif t.dtype == x.dtype == sphere.compute_dtype(x.dtype):
+            c = sphere.inner(x, t, dims) / (r * r)
+            t.addcmul_(x, c, value=-1)  # two passes: the inner products, then this
+        else:  # half precision: the projection in float32, stored back
+            t.copy_(sphere.project(x, t, dims, radius=r))
 
     @staticmethod
     def _renormalize(params: list[Tensor]) -> None:
