@@ -9,6 +9,7 @@ hyperparameter checks and wording, and torch's AdamW step (its own functional
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -65,8 +66,15 @@ def sphere_info(p: Tensor) -> SphereInfo | None:
     dims = sphere_dim_of(p)
     if dims is None:
         return None
-    layout = sphere_layout(p.shape, dims)
-    return SphereInfo(layout, float(getattr(p, "sphere_radius", 1.0)), layout.count == 1)
+    return _info(tuple(p.shape), dims, float(getattr(p, "sphere_radius", 1.0)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _info(shape: tuple[int, ...], dims: int | tuple[int, ...], radius: float) -> SphereInfo:
+    """:class:`SphereInfo` by value (shared: never modified), so that a step does not redo
+    the layout of every parameter several times."""
+    layout = sphere_layout(shape, dims)
+    return SphereInfo(layout, radius, layout.count == 1)
 
 
 class HybridOptimizer(SphereOptimizer):
