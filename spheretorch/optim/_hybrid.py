@@ -333,7 +333,9 @@ class HybridOptimizer(SphereOptimizer):
                 radius = info.radius
             k = z.shape[0] // len(idx)
             ds = [items[j][2].reshape(k, -1) for j in idx]
-            d = (ds[0] if len(ds) == 1 else torch.cat(ds)).to(cdt)
+            # (one: made contiguous, e.g. the transposed polar factor of a tall matrix: the
+            # per-row reductions below read rows)
+            d = (ds[0].contiguous() if len(ds) == 1 else torch.cat(ds)).to(cdt)
             new, angle = sphere_step(
                 z,
                 d,
