@@ -12,7 +12,8 @@ report and the others still run):
    bf16 autocast, and for the options that take another fused op (nGPT's slerp rule, GeoNorm's
    atan angle) (:mod:`spheretorch.train.compile_check`; inductor on CUDA);
 4. **optimizer step table**: ``benchmarks/optim_step.py`` in a subprocess (spheretorch's
-   optimizers against torch's fused and foreach Adam/SGD);
+   optimizers against torch's fused and foreach Adam/SGD; SphereMuon and AdamH against
+   torch's Muon and AdamW on GPT-2 small's hidden matrices);
 5. **training throughput**: the three models eager and compiled through the trainer at the
    gpu-medium shape (12 layers, d 768, context 1024, batch 32, vocabulary 8192 of a synthetic
    text, bf16 autocast): ms/step, tokens/s and MFU of the steady steps (warm-up and compilation
@@ -114,8 +115,9 @@ class Plan:
                 lane_select=["-m", "cuda", "tests"],
                 parity_shape=dict(n_layer=2, n_head=4, d_model=256, seq_len=256),
                 parity_batch=8,
-                optim_args=["--set", "default", "gpt124m"],
-                optim_s=70,
+                # gpt124m-matrices: the Muon family (SphereMuon, AdamH vs torch's Muon, AdamW)
+                optim_args=["--set", "default", "gpt124m", "gpt124m-matrices"],
+                optim_s=100,
                 shape=medium,
                 batch=p.batch_size,
                 vocab=8192,

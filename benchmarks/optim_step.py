@@ -1,4 +1,4 @@
-"""Time one optimizer step: spheretorch's optimizers against torch's Adam/SGD and geoopt.
+"""Time one optimizer step: spheretorch's optimizers against torch's Adam/SGD/Muon and geoopt.
 
 Every candidate gets its own copy of the same parameters and fixed gradients; the candidates
 are timed interleaved in one process (one step each per round, the order rotating between
@@ -9,6 +9,16 @@ gradient and state, write parameter and state: 28 bytes per float32 value for Ad
 SGD with momentum) over its time, also as a share of the measured copy bandwidth
 (``dst.copy_(src)`` of 256 MiB on CUDA, 64 MiB on CPU).
 
+The Muon family (:class:`~spheretorch.optim.SphereMuon`, :class:`~spheretorch.optim.AdamH`)
+runs on the sets made of matrices only (``small``, ``matrices``, ``gpt124m-matrices``), in a
+table of its own with ratios against ``torch.optim.Muon`` (where the installed torch has it:
+Euclidean matrices, bfloat16 Newton-Schulz one matrix at a time) and torch's ``AdamW``
+(foreach and fused) on the same shapes: ``SphereMuon(euclid)`` is our Muon path on the same
+Euclidean matrices (equal to torch's step for step, same-shape matrices batched), ``(rows)``
+unit-row sphere matrices (``batch_ns=False``: one matrix at a time), ``(frobenius)`` every
+matrix on its Frobenius sphere (``SphereParameter(w, dim=None)``); ``AdamH`` on both sphere
+kinds.
+
 Parameter sets (``--set``):
 
 * ``default``: 8 x (512, 512) + 4 x (2048, 512) sphere matrices (unit rows) + 20 Euclidean
@@ -18,7 +28,14 @@ Parameter sets (``--set``):
   step (compare with ``--threads 1``);
 * ``gpt124m``: the parameter shapes of GPT-2 small (124M): token and position embeddings,
   12 blocks of attention/MLP matrices (sphere along d_model = 768, as in nGPT) and their
-  Euclidean gains/biases. Meant for ``--device cuda``.
+  Euclidean gains/biases. Meant for ``--device cuda``;
+* ``matrices``: 8 x (256, 256) + 4 x (1024, 256) sphere matrices (unit rows), where Muon
+  applies (the ``default`` set's matrices at a quarter of the width: Newton-Schulz is
+  compute-bound, seconds per step on a small CPU at full size); the Muon family only, unless
+  ``--only-family`` names others;
+* ``gpt124m-matrices``: the 48 hidden matrices of GPT-2 small (qkv (2304, 768), projection
+  (768, 768), MLP up (3072, 768) and down (768, 3072) per block): Muon's share of the model,
+  the Muon family only (as ``matrices``). Meant for ``--device cuda``.
 
 ``--quick`` shrinks every shape by 16 along each axis (at least 2) and times 3 rounds after
 one warm-up: seconds on CPU, a smoke test of every candidate (its figures mean nothing).
@@ -32,6 +49,8 @@ Usage::
     python benchmarks/optim_step.py                      # CPU, default + small sets
     python benchmarks/optim_step.py --device cpu --quick --md-out /tmp/optim.md
     python benchmarks/optim_step.py --device cuda --set default small gpt124m
+    python benchmarks/optim_step.py --set matrices small --only-family muon   # Muon family
+    python benchmarks/optim_step.py --device cuda --set gpt124m-matrices --only-family muon
 """
 
 from __future__ import annotations
@@ -42,6 +61,8 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from typing import NamedTuple
 
 _MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
 
@@ -51,7 +72,13 @@ if __name__ == "__main__" and any(os.environ.get(k) != v for k, v in _MALLOC_ENV
 import torch  # noqa: E402
 
 import spheretorch as st  # noqa: E402
-from spheretorch.optim import RenormAdam, RiemannianAdam, RiemannianSGD  # noqa: E402
+from spheretorch.optim import (  # noqa: E402
+    AdamH,
+    RenormAdam,
+    RiemannianAdam,
+    RiemannianSGD,
+    SphereMuon,
+)
 
 # ----------------------------------------------------------------------------- parameter sets
 
@@ -83,12 +110,27 @@ def gpt124m_set() -> list[tuple[tuple[int, ...], int | None]]:
     return out
 
 
+def matrices_set() -> list[tuple[tuple[int, ...], int | None]]:
+    return [((256, 256), 1)] * 8 + [((1024, 256), 1)] * 4
+
+
+def gpt124m_matrices_set() -> list[tuple[tuple[int, ...], int | None]]:
+    d = 768
+    block = [((3 * d, d), 1), ((d, d), 0), ((4 * d, d), 1), ((d, 4 * d), 0)]
+    return block * 12
+
+
 SETS = {
     "default": default_set,
     "small": small_set,
     "single": single_set,
     "gpt124m": gpt124m_set,
+    "matrices": matrices_set,
+    "gpt124m-matrices": gpt124m_matrices_set,
 }
+#: the candidate families a set runs unless ``--only-family`` says otherwise (all unless named):
+#: the sets of matrices exist for the Muon family's table
+SET_FAMILIES = {"matrices": ("muon",), "gpt124m-matrices": ("muon",)}
 #: dtype of each set's parameters (float32 unless named)
 SET_DTYPES = {"single": torch.float64}
 
@@ -98,8 +140,12 @@ def quick(layout):
     return [(tuple(max(2, s // 16) for s in shape), dim) for shape, dim in layout]
 
 
-def make_params(layout, device, *, seed: int = 0, geoopt_layout: bool = False, dtype=torch.float32):
-    """Parameters with fixed gradients. ``geoopt_layout``: sphere axis moved last (geoopt)."""
+def make_params(layout, device, *, seed: int = 0, kind: str = "set", dtype=torch.float32):
+    """Parameters with fixed gradients. ``kind``: ``"set"`` (the set's sphere axes),
+    ``"geoopt"`` (sphere axis moved last, geoopt's ``ManifoldParameter``), ``"euclid"`` (every
+    parameter Euclidean) or ``"frobenius"`` (every sphere parameter on one sphere:
+    ``dim=None``)."""
+    geoopt_layout = kind == "geoopt"
     g = torch.Generator(device="cpu").manual_seed(seed)
     params = []
     for shape, dim in layout:
@@ -107,8 +153,10 @@ def make_params(layout, device, *, seed: int = 0, geoopt_layout: bool = False, d
             shape = (*shape[:dim], *shape[dim + 1 :], shape[dim])
             dim = len(shape) - 1
         data = torch.randn(shape, generator=g, dtype=dtype).to(device)
-        if dim is None:
+        if dim is None or kind == "euclid":
             p = torch.nn.Parameter(data)
+        elif kind == "frobenius":
+            p = st.SphereParameter(data, dim=None)
         elif geoopt_layout:
             import geoopt
 
@@ -125,62 +173,119 @@ def make_params(layout, device, *, seed: int = 0, geoopt_layout: bool = False, d
 # ----------------------------------------------------------------------------- candidates
 
 
-def candidates(have_geoopt: bool):
-    """(name, factory(params) -> optimizer, needs geoopt layout)."""
-    out = [
-        ("torch Adam", lambda ps: torch.optim.Adam(ps, lr=1e-3), False),
-        ("torch Adam(foreach)", lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=True), False),
-        ("torch Adam(fused)", lambda ps: torch.optim.Adam(ps, lr=1e-3, fused=True), False),
-        ("RiemannianAdam", lambda ps: RiemannianAdam(ps, lr=1e-3), False),
+class Candidate(NamedTuple):
+    """One timed optimizer: its name, how it is built, the parameters it gets (``kind`` of
+    :func:`make_params`) and its family (``"adam"``, ``"sgd"`` or ``"muon"``: which torch
+    peers its ratios are against, and ``"muon"`` runs on sets of matrices only)."""
+
+    name: str
+    build: Callable[[list[torch.Tensor]], torch.optim.Optimizer]
+    kind: str = "set"
+    family: str = "adam"
+
+
+def _adam_sgd_candidates() -> list[Candidate]:
+    specs = [
+        ("torch Adam", lambda ps: torch.optim.Adam(ps, lr=1e-3)),
+        ("torch Adam(foreach)", lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=True)),
+        ("torch Adam(fused)", lambda ps: torch.optim.Adam(ps, lr=1e-3, fused=True)),
+        ("RiemannianAdam", lambda ps: RiemannianAdam(ps, lr=1e-3)),
         (
             "RiemannianAdam(nonfinite='ignore')",
             lambda ps: RiemannianAdam(ps, lr=1e-3, nonfinite="ignore"),
-            False,
         ),
-        ("RiemannianAdam(fused)", lambda ps: RiemannianAdam(ps, lr=1e-3, fused=True), False),
-        ("RenormAdam", lambda ps: RenormAdam(ps, lr=1e-3), False),
-        (
-            "RenormAdam(project_grad)",
-            lambda ps: RenormAdam(ps, lr=1e-3, project_grad=True),
-            False,
-        ),
-        ("RenormAdam(fused)", lambda ps: RenormAdam(ps, lr=1e-3, fused=True), False),
+        ("RiemannianAdam(fused)", lambda ps: RiemannianAdam(ps, lr=1e-3, fused=True)),
+        ("RenormAdam", lambda ps: RenormAdam(ps, lr=1e-3)),
+        ("RenormAdam(project_grad)", lambda ps: RenormAdam(ps, lr=1e-3, project_grad=True)),
+        ("RenormAdam(fused)", lambda ps: RenormAdam(ps, lr=1e-3, fused=True)),
         # without the non-finite test (torch's Adam has none): the same work as torch's
         (
             "RiemannianAdam(fused, nonfinite='ignore')",
             lambda ps: RiemannianAdam(ps, lr=1e-3, fused=True, nonfinite="ignore"),
-            False,
         ),
         (
             "RenormAdam(fused, nonfinite='ignore')",
             lambda ps: RenormAdam(ps, lr=1e-3, fused=True, nonfinite="ignore"),
-            False,
         ),
-        ("torch SGD(momentum)", lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9), False),
+        ("torch SGD(momentum)", lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9)),
         (
             "torch SGD(momentum, foreach)",
             lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, foreach=True),
-            False,
         ),
         (
             "torch SGD(momentum, fused)",
             lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, fused=True),
-            False,
         ),
-        ("RiemannianSGD(momentum)", lambda ps: RiemannianSGD(ps, lr=1e-2, momentum=0.9), False),
+        ("RiemannianSGD(momentum)", lambda ps: RiemannianSGD(ps, lr=1e-2, momentum=0.9)),
         (
             "RiemannianSGD(momentum, fused)",
             lambda ps: RiemannianSGD(ps, lr=1e-2, momentum=0.9, fused=True),
-            False,
         ),
     ]
+    return [Candidate(n, f, family="sgd" if "SGD" in n else "adam") for n, f in specs]
+
+
+def _muon_candidates() -> list[Candidate]:
+    """The Muon family: torch's Muon and AdamW as peers, SphereMuon and AdamH (lr 0.02 and
+    0.01 as their docs' examples; torch's Muon without its default weight decay of 0.1, as
+    ours)."""
+    out = []
+    if hasattr(torch.optim, "Muon"):  # torch >= 2.9
+        out.append(
+            Candidate(
+                "torch Muon",
+                lambda ps: torch.optim.Muon(ps, lr=0.02, weight_decay=0.0),
+                "euclid",
+                "muon",
+            )
+        )
+    out += [
+        Candidate(
+            "torch AdamW(foreach)",
+            lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True),
+            "euclid",
+            "muon",
+        ),
+        Candidate(
+            "torch AdamW(fused)",
+            lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
+            "euclid",
+            "muon",
+        ),
+        Candidate("SphereMuon(euclid)", lambda ps: SphereMuon(ps, lr=0.02), "euclid", "muon"),
+        Candidate("SphereMuon(rows)", lambda ps: SphereMuon(ps, lr=0.02), "set", "muon"),
+        Candidate(
+            "SphereMuon(rows, batch_ns=False)",
+            lambda ps: SphereMuon(ps, lr=0.02, batch_ns=False),
+            "set",
+            "muon",
+        ),
+        Candidate("SphereMuon(frobenius)", lambda ps: SphereMuon(ps, lr=0.02), "frobenius", "muon"),
+        Candidate("AdamH(rows)", lambda ps: AdamH(ps, lr=0.01), "set", "muon"),
+        Candidate("AdamH(frobenius)", lambda ps: AdamH(ps, lr=0.01), "frobenius", "muon"),
+    ]
+    return out
+
+
+def candidates(have_geoopt: bool) -> list[Candidate]:
+    """Every candidate (geoopt's where it is installed)."""
+    out = _adam_sgd_candidates()
     if have_geoopt:
         import geoopt
 
         out.append(
-            ("geoopt RiemannianAdam", lambda ps: geoopt.optim.RiemannianAdam(ps, lr=1e-3), True)
+            Candidate(
+                "geoopt RiemannianAdam",
+                lambda ps: geoopt.optim.RiemannianAdam(ps, lr=1e-3),
+                "geoopt",
+            )
         )
-    return out
+    return out + _muon_candidates()
+
+
+def applies(c: Candidate, layout) -> bool:
+    """The Muon family needs a set of matrices only (torch's Muon takes 2-D tensors only)."""
+    return c.family != "muon" or all(len(shape) == 2 for shape, _ in layout)
 
 
 def sync(device: torch.device) -> None:
@@ -196,6 +301,7 @@ def bench_set(
     only=None,
     clock=time.perf_counter,
     smoke: bool = False,
+    families=None,
 ):
     layout = SETS[name]()
     if smoke:
@@ -208,11 +314,14 @@ def bench_set(
     except ImportError:
         have_geoopt = False
     entries = []
-    for cname, factory, geo in candidates(have_geoopt):
-        if only and cname not in only:
+    for c in candidates(have_geoopt):
+        keep = families or SET_FAMILIES.get(name)
+        if (only and c.name not in only) or (keep and c.family not in keep):
             continue
-        params = make_params(layout, device, geoopt_layout=geo, dtype=dtype)
-        entries.append([cname, factory(params), []])
+        if not applies(c, layout):
+            continue
+        params = make_params(layout, device, kind=c.kind, dtype=dtype)
+        entries.append([c.name, c.build(params), []])
     values = sum(p.numel() for p in entries[0][1].param_groups[0]["params"]) if entries else 0
     for _ in range(warmup):
         for _, opt, _ in entries:
@@ -250,6 +359,10 @@ def peers(cname: str) -> tuple[str, str]:
     if "SGD" in cname:
         return "torch SGD(momentum, foreach)", "torch SGD(momentum, fused)"
     return "torch Adam(foreach)", "torch Adam(fused)"
+
+
+#: the Muon family's peers, in its table's column order
+MUON_PEERS = ("torch Muon", "torch AdamW(foreach)", "torch AdamW(fused)")
 
 
 def bytes_per_value(cname: str, elem: int) -> int:
@@ -389,15 +502,18 @@ def report(results, args, bandwidth: float) -> str:
         + (" -- --quick: toy sizes, the figures mean nothing" if args.quick else "")
         + "\n"
     )
+    families = {c.name: c.family for c in _adam_sgd_candidates() + _muon_candidates()}
     for set_name, (res, values, elem) in results.items():
         geo = res.get("geoopt RiemannianAdam")
         out.append(f"## set `{set_name}` ({values:,} values)\n")
-        out.append(
-            "| optimizer | step (ms) | vs torch foreach | vs torch fused | geoopt / this "
-            "| GB/s | % of copy |"
-        )
-        out.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-        for cname, t in res.items():
+        main = {k: t for k, t in res.items() if families.get(k, "adam") != "muon"}
+        if main:
+            out.append(
+                "| optimizer | step (ms) | vs torch foreach | vs torch fused | geoopt / this "
+                "| GB/s | % of copy |"
+            )
+            out.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for cname, t in main.items():
             foreach_peer, fused_peer = (res.get(k) for k in peers(cname))
             r1 = f"{t / foreach_peer:.2f}x" if foreach_peer else "-"
             r2 = f"{t / fused_peer:.2f}x" if fused_peer else "-"
@@ -407,6 +523,21 @@ def report(results, args, bandwidth: float) -> str:
                 f"| {cname} | {t * 1e3:.3f} | {r1} | {r2} | {r3} | {bw / 1e9:.1f} "
                 f"| {100 * bw / bandwidth:.0f}% |"
             )
+        muon = {k: t for k, t in res.items() if families.get(k) == "muon"}
+        if muon:
+            if main:
+                out.append("")
+            out.append(
+                "| Muon family | step (ms) | vs torch Muon | vs torch AdamW(foreach) "
+                "| vs torch AdamW(fused) |"
+            )
+            out.append("| --- | ---: | ---: | ---: | ---: |")
+            for cname, t in muon.items():
+                ratios = []
+                for peer in MUON_PEERS:
+                    ref = res.get(peer)
+                    ratios.append(f"{t / ref:.2f}x" if ref else "-")
+                out.append(f"| {cname} | {t * 1e3:.3f} | {' | '.join(ratios)} |")
         out.append("")
     lines = []
     for label, (set_name, cand, ref, bound, kind) in TARGETS.items():
@@ -441,6 +572,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=3, help="untimed rounds first (default 3)")
     ap.add_argument("--only", nargs="*", default=None, help="candidate names to keep")
     ap.add_argument(
+        "--only-family",
+        nargs="+",
+        default=None,
+        choices=("adam", "sgd", "muon"),
+        help="candidate families to keep (muon: torch Muon/AdamW, SphereMuon, AdamH; on the "
+        "sets of matrices only)",
+    )
+    ap.add_argument(
         "--clock",
         choices=("wall", "thread"),
         default="wall",
@@ -460,10 +599,17 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         reps, args.warmup = reps or 3, 1
     for set_name in args.set:
-        n = reps if reps is not None else (15 if set_name == "gpt124m" else 40)
+        n = reps if reps is not None else (15 if set_name.startswith("gpt124m") else 40)
         args.reps = n
         results[set_name] = bench_set(
-            set_name, device, n, args.warmup, args.only, clock, smoke=args.quick
+            set_name,
+            device,
+            n,
+            args.warmup,
+            args.only,
+            clock,
+            smoke=args.quick,
+            families=args.only_family,
         )
     text = report(results, args, copy_bandwidth(device))
     print(text, end="")

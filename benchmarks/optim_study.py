@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
         f"Command: `{command}` ({time.perf_counter() - t0:.0f} s). Final validation loss "
         f"after the run's cosine schedule; spread = max - min over seeds. ms/step is as "
         f"measured on a shared 2-core machine (other jobs running): not a speed comparison "
-        f"(benchmarks/muon_step.py is).\n\n"
+        f"(benchmarks/optim_step.py --only-family muon is).\n\n"
     )
     if not args.render_only:
         (out / "results.json").write_text(json.dumps(runs, indent=1) + "\n")

@@ -91,13 +91,22 @@ def test_a_run_with_device_skip_resumes_exactly(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "model,optim", [("gpt", "adamw"), ("ngpt", "renorm"), ("ngpt", "riemannian"), ("geonorm", None)]
+    ("model", "optim"),
+    [
+        ("gpt", "adamw"),
+        ("ngpt", "renorm"),
+        ("ngpt", "riemannian"),
+        ("geonorm", None),
+        ("ngpt", "sphere_muon"),
+        ("ngpt", "adamh"),
+    ],
 )
 def test_cuda_steps_do_not_synchronize(cuda: torch.device, model: str, optim: str | None) -> None:
     """Steps between host reads: no synchronizing CUDA call at all (torch's sync debug mode
-    raises on one: ``.item()``, a pageable copy, ``nonzero``, ...), for each model's recipe:
-    the sphere optimizers' Triton kernels and the models' fused ops included, while the
-    schedule changes the learning rate at every step."""
+    raises on one: ``.item()``, a pageable copy, ``nonzero``, ...), for each model's recipe
+    as the trainer builds it on CUDA: the sphere optimizers' Triton kernels, the Muon family
+    (capturable) and the models' fused ops included, while the schedule changes the learning
+    rate at every step."""
     kw = {} if optim is None else {"optim": optim}
     t = Trainer(quick(model, device="cuda", steps=30, **kw))
     assert t.device_skip

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 import spheretorch.distributed as sd
 from spheretorch.models import GPT, NGPT, TransformerConfig
-from spheretorch.optim import RenormAdam, RiemannianAdam, RiemannianSGD
+from spheretorch.optim import AdamH, RenormAdam, RiemannianAdam, RiemannianSGD, SphereMuon
 from spheretorch.parameter import sphere_dim_of
 
 pytestmark = pytest.mark.skipif(
@@ -104,14 +104,21 @@ OPTIMIZERS: dict[str, tuple[str, Callable[[nn.Module], torch.optim.Optimizer]]] 
         "gpt",
         lambda m: RenormAdam(m.param_groups(0.1), lr=LR, decoupled_weight_decay=True),
     ),
+    # the Muon family: Newton-Schulz (bfloat16) on each gathered matrix, then redistributed
+    "sphere-muon": ("ngpt", lambda m: SphereMuon(m.parameters(), lr=LR)),
+    "gpt-muon": ("gpt", lambda m: SphereMuon(m.parameters(), lr=LR, weight_decay=0.1)),
+    "adamh-riemannian-angular": (
+        "ngpt",
+        lambda m: AdamH(m.parameters(), lr=LR, ordering="riemannian", angular=True),
+    ),
 }
 #: (optimizer, dtype): float64 leaves only the order of sums; float32 is what users train in
 DDP_CASES = [(c, dt) for c in ("renorm", "radam") for dt in ("float64", "float32")]
 FSDP_CASES = [(c, "float64") for c in OPTIMIZERS] + [(c, "float32") for c in ("renorm", "radam")]
 #: FSDP2 cases with every matrix sharded on dim 1: dim=1 sphere rows split across ranks
-SHARD1_CASES = [("radam", "float64"), ("renorm-foreach", "float64")]
+SHARD1_CASES = [("radam", "float64"), ("renorm-foreach", "float64"), ("sphere-muon", "float64")]
 CHECKPOINT_CASES = ["radam", "renorm"]
-NONFINITE_CASES = ["radam", "renorm-fused"]
+NONFINITE_CASES = ["radam", "renorm-fused", "adamh-riemannian-angular"]
 
 
 def shard_dim1(p: nn.Parameter) -> Any:

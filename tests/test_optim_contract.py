@@ -40,7 +40,7 @@ def _info(cls, inputs, errors, impls):
         optim_inputs_func=inputs,
         optim_error_inputs_func=errors,
         supported_impls=impls,
-        has_capturable_arg=cls not in (RiemannianSGD, SphereMuon, AdamH),
+        has_capturable_arg=cls is not RiemannianSGD,
         supports_fused_on=("cpu", "cuda"),
     )
 
@@ -74,7 +74,12 @@ _HYBRID_ERRORS = (
     ({"lr": -1e-3}, ValueError, "Invalid learning rate: -0.001"),
     ({"lr": 1e-3, "weight_decay": -1.0}, ValueError, "Invalid weight_decay value: -1.0"),
     ({"lr": 1e-3, "fused": True}, RuntimeError, "`fused` is not supported by"),
-    ({"lr": 1e-3, "capturable": True}, RuntimeError, "`capturable` is not supported by"),
+    ({"lr": 1e-3, "differentiable": True}, RuntimeError, "`differentiable` is not supported by"),
+    (
+        {"lr": 1e-3, "capturable": True, "nonfinite": "raise"},
+        ValueError,
+        "capturable=True cannot raise on a non-finite gradient",
+    ),
 )
 
 
@@ -112,6 +117,7 @@ INFOS = [
             {"ns_dtype": None, "angle_per": "sphere", "measure_angle": True, "batch_ns": False},
             {"ns_dtype": None, "adjust_lr_fn": "match_rms_adamw", "maximize": True},
             {"ns_dtype": None, "ordering": "renorm"},
+            {"ns_dtype": None, "capturable": True, "measure_angle": True},
         ),
         _errors(
             *_HYBRID_ERRORS,
@@ -129,6 +135,7 @@ INFOS = [
             {"angular": True, "angle_per": "tensor"},
             {"weight_decay": 0.1, "betas": (0.8, 0.99)},
             {"maximize": True},
+            {"capturable": True, "ordering": "riemannian", "angular": True},
         ),
         _errors(
             *_HYBRID_ERRORS,
@@ -593,8 +600,72 @@ def test_capturable_step_never_reads_a_tensor_on_the_host(monkeypatch):
     assert not all(torch.equal(p, b) for p, b in zip(params, before))
 
 
+#: the Muon family's capturable checks: float64 Newton-Schulz (bfloat16 is slow on CPU)
+_HYBRID_KW = {SphereMuon: {"ns_dtype": None}, AdamH: {}}
+
+
+@pytest.mark.parametrize("cls", [SphereMuon, AdamH])
+def test_hybrid_capturable_equals_noncapturable_on_cpu_and_keeps_state_on_device(cls):
+    lr = torch.tensor(0.01, dtype=torch.float64)
+    extra = ({}, {"lr": lr}, {"ordering": "riemannian", "angular": True, "measure_angle": True})
+    if cls is SphereMuon:
+        extra = ({}, {"lr": lr}, {"ordering": "renorm"}, {"measure_angle": True})
+    for kwargs in extra:
+        kwargs = {**_HYBRID_KW[cls], **kwargs}
+        a, ref = run(cls, {"foreach": True, **kwargs})
+        for foreach in (False, True):
+            b, opt = run(cls, {"capturable": True, "foreach": foreach, **kwargs})
+            for x, y in zip(a, b):
+                torch.testing.assert_close(x, y, atol=1e-14, rtol=1e-14)
+            for p, q in zip(a, b):
+                for key, value in ref.state[p].items():
+                    torch.testing.assert_close(opt.state[q][key].double(), value.double())
+            assert all(s["step"].device == p.device for p, s in opt.state.items() if "step" in s)
+
+
+@pytest.mark.parametrize("cls", [SphereMuon, AdamH])
+def test_hybrid_capturable_step_never_reads_a_tensor_on_the_host(cls, monkeypatch):
+    """No ``.item()``/``bool()``/``float()`` of a tensor inside a capturable step of the Muon
+    family (sphere parameters of both kinds and, for SphereMuon, a Euclidean matrix: on CPU
+    torch's own AdamW reads its host-side step), the non-finite skip on the device included:
+    the skipped step restores parameters and state bitwise and is counted."""
+    g = torch.Generator().manual_seed(0)
+    params = [
+        st.SphereParameter(torch.randn(5, 4, dtype=torch.float64, generator=g), dim=1),
+        st.SphereParameter(torch.randn(3, 4, dtype=torch.float64, generator=g), dim=None),
+    ]
+    if cls is SphereMuon:
+        params.append(torch.nn.Parameter(torch.randn(4, 3, dtype=torch.float64, generator=g)))
+    lr = torch.tensor(0.02, dtype=torch.float64)
+    opt = cls(params, lr=lr, capturable=True, measure_angle=True, **_HYBRID_KW[cls])
+    set_grads(params, 0)
+    opt.step()  # state created
+    before = [p.detach().clone() for p in params]
+    state = copy.deepcopy({i: dict(opt.state[p]) for i, p in enumerate(params)})
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host synchronisation inside a capturable step")
+
+    set_grads(params, 1)
+    params[0].grad[0, 0] = float("nan")
+    for name in ("item", "__bool__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    opt.step()
+    monkeypatch.undo()
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    for i, p in enumerate(params):
+        for key, value in state[i].items():
+            now = opt.state[p][key]
+            assert torch.equal(now, value), key  # the angles too: those of the last step
+    with pytest.warns(st.optim.NonfiniteGradientWarning):
+        assert opt.skipped_steps == 1
+    set_grads(params, 2)
+    opt.step()
+    assert not any(torch.equal(p, b) for p, b in zip(params, before))
+
+
 @pytest.mark.skipif(not CUDA, reason=NO_GPU)
-@pytest.mark.parametrize("cls", [RenormAdam, RiemannianAdam])
+@pytest.mark.parametrize("cls", [RenormAdam, RiemannianAdam, SphereMuon, AdamH])
 def test_capturable_step_in_a_cuda_graph(cls):  # pragma: no cover - needs a GPU
     params = [p.detach().cuda().requires_grad_() for p in make_params(torch.float32)]
     for p, q in zip(params, make_params(torch.float32)):

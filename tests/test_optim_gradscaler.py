@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import spheretorch as st
-from spheretorch.optim import RenormAdam, RiemannianAdam, RiemannianSGD
+from spheretorch.optim import AdamH, RenormAdam, RiemannianAdam, RiemannianSGD, SphereMuon
 from spheretorch.train import Trainer
 
 from .test_device_skip import device_trainer
@@ -21,6 +21,11 @@ OPTIMIZERS = {
     "riemannian_adam": lambda ps: RiemannianAdam(ps, lr=1e-2),
     "renorm_adam": lambda ps: RenormAdam(ps, lr=1e-2),
     "riemannian_sgd": lambda ps: RiemannianSGD(ps, lr=1e-1, momentum=0.9),
+    # the Muon family: found_inf read on the host, or (capturable) the skip on the device
+    "sphere_muon": lambda ps: SphereMuon(ps, lr=0.02),
+    "sphere_muon_capturable": lambda ps: SphereMuon(ps, lr=0.02, capturable=True),
+    "adamh": lambda ps: AdamH(ps, lr=1e-2),
+    "adamh_capturable": lambda ps: AdamH(ps, lr=1e-2, capturable=True, measure_angle=True),
 }
 
 
@@ -87,13 +92,61 @@ def test_found_inf_overrides_the_nonfinite_policy(name: str) -> None:
     assert opt.skipped_steps == 0
 
 
-@pytest.mark.parametrize("optim", ["renorm", "riemannian"])
-def test_trainer_device_side_skip_with_sphere_optimizers(optim: str) -> None:
-    """The trainer's device path (default on CUDA) with nGPT's recipes, forced on the CPU:
-    the same parameters as the host decision, the same skipped steps."""
-    dev = device_trainer(torch.device("cpu"), model="ngpt", optim=optim)
-    host = Trainer(quick("ngpt", optim=optim))
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps: RiemannianAdam(ps, lr=1e-2, angular=True),
+        lambda ps: RenormAdam(ps, lr=1e-2, ordering="oblique", angular=True),
+        lambda ps: RiemannianSGD(ps, lr=1e-2, momentum=0.9, angular=True),
+        lambda ps: AdamH(ps, lr=1e-2, angular=True, measure_angle=True, capturable=True),
+        lambda ps: SphereMuon(ps, lr=1e-2, measure_angle=True, capturable=True),
+    ],
+)
+def test_a_skipped_step_keeps_the_measured_angles(make) -> None:
+    """``state["angle"]`` is the angle of the last step taken: a step skipped on
+    ``found_inf`` (masked on the device) leaves it as it was, not the angle of the update
+    computed from the bad gradient."""
+    ps = _params()
+    opt = make(ps)
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    angle = opt.state[ps[0]]["angle"].clone()
+    before = [p.detach().clone() for p in ps]
+    for p in ps:
+        p.grad = torch.full_like(p, float("nan"))
+    opt.found_inf, opt.grad_scale = torch.ones(()), None
+    opt.step()
+    assert torch.equal(opt.state[ps[0]]["angle"], angle)
+    assert all(torch.equal(b, p) for b, p in zip(before, ps))
+
+
+@pytest.mark.parametrize(
+    ("model", "optim", "capturable"),
+    [
+        ("ngpt", "renorm", False),
+        ("ngpt", "riemannian", False),
+        ("ngpt", "adamh", False),
+        ("ngpt", "adamh", True),
+        ("ngpt", "sphere_muon", False),
+        ("ngpt", "sphere_muon", True),
+        ("ngpt", "muon", True),
+        ("gpt", "muon", False),
+    ],
+)
+def test_trainer_device_side_skip_with_sphere_optimizers(
+    model: str, optim: str, capturable: bool
+) -> None:
+    """The trainer's device path (default on CUDA) with nGPT's and the Muon family's recipes,
+    forced on the CPU: the same parameters as the host decision, the same skipped steps.
+    ``capturable``: the Muon family as the trainer builds it on CUDA (the skip on the
+    device, no host read); without it they read ``found_inf`` on the host."""
+    dev = device_trainer(torch.device("cpu"), model=model, optim=optim)
+    host = Trainer(quick(model, optim=optim))
     host.device_skip = False
+    if capturable:
+        for group in dev.optimizer.param_groups:
+            group["capturable"] = True
     for t in (dev, host):
         poison_loss(t, {2, 3})
         for _ in range(6):
@@ -102,3 +155,6 @@ def test_trainer_device_side_skip_with_sphere_optimizers(optim: str) -> None:
     assert dev.skipped_steps == host.skipped_steps == 2
     for a, b in zip(dev.model.parameters(), host.model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    for state in dev.optimizer.state.values():  # the skipped steps left no trace
+        if "step" in state:
+            assert float(state["step"]) == 4

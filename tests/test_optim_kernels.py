@@ -29,7 +29,7 @@ import torch
 
 import spheretorch as st
 from spheretorch.kernels import backend
-from spheretorch.optim import RenormAdam, RiemannianAdam, RiemannianSGD, _native
+from spheretorch.optim import AdamH, RenormAdam, RiemannianAdam, RiemannianSGD, SphereMuon, _native
 from spheretorch.optim import _functional as F
 
 triton_missing = pytest.mark.skipif(
@@ -333,7 +333,92 @@ def test_kernels_compile_for_a_cuda_target():
                                                   "HAS_FOUND_INF": True}))  # fmt: skip
     types = {"G": "*fp16", "INFO": "*i64", "TILES": "*i64", "FLAG": "*i32"}
     cases.append((mod._nonfinite_kernel, types, {"BLOCK": 4096}))
+    for xdt, ddt, cd, per_tensor, pass_norms, hyperball, project in (
+        ("bf16", "bf16", "fp32", True, True, False, True),
+        ("fp32", "bf16", "fp32", True, False, False, True),
+        ("fp64", "fp64", "fp64", False, False, False, True),
+        ("bf16", "fp32", "fp32", False, False, True, False),
+    ):
+        types = {"X": f"*{xdt}", "D": f"*{ddt}", "NORMS": f"*{cd}", "RMS": f"*{cd}", **tiles}
+        types |= {"HYPER": f"*{cd}", "LR": "*fp32", "SIZE": "i32"}
+        flags = dict(PASS_NORMS=pass_norms, PER_TENSOR=per_tensor, LR_TENSOR=True)
+        flags |= dict(HYPERBALL=hyperball, PROJECT=project)
+        cases.append((mod._rows_step_kernel, types, {**block, **flags}))
     for fn, types, consts in cases:
         sig, constexprs = _signature(types, consts)
         out = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=target)
         assert "ptx" in out.asm
+
+
+# ----------------------------------------------------------------------------- the Muon family
+
+
+def _muon_family_params(dtype: torch.dtype) -> list[torch.nn.Parameter]:
+    """Row spheres of two shapes (three of one: a stack), one of radius 2, a column sphere
+    (the torch path) and a Euclidean matrix."""
+    g = torch.Generator().manual_seed(3)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+
+    return [
+        *(st.SphereParameter(r(4, 6), dim=1) for _ in range(3)),
+        st.SphereParameter(r(5, 3), dim=1),
+        _sphere(r(3, 7), 1, radius=2.0),
+        st.SphereParameter(r(6, 3), dim=0),
+        torch.nn.Parameter(r(4, 5)),
+    ]
+
+
+@triton_missing
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps: SphereMuon(ps, lr=0.1, ns_dtype=None),
+        lambda ps: SphereMuon(ps, lr=0.1, angle_per="sphere", ns_dtype=None),
+        lambda ps: SphereMuon(ps, lr=torch.tensor(0.1, dtype=torch.float64), capturable=True),
+        lambda ps: AdamH(ps, lr=0.05, angular=True),
+        lambda ps: AdamH(ps, lr=0.05, angular=True, angle_per="tensor", ordering="riemannian"),
+        lambda ps: SphereMuon(ps, lr=0.1, ordering="renorm", ns_dtype=None),
+        lambda ps: AdamH(ps, lr=0.05),  # the hyperball rule, unprojected (ordering="renorm")
+        lambda ps: AdamH(ps, lr=torch.tensor(0.05, dtype=torch.float64), ordering="oblique"),
+    ],
+    ids=[
+        "muon-tensor",
+        "muon-sphere",
+        "muon-bf16-tensor-lr",
+        "adamh-sphere",
+        "adamh-tensor",
+        "muon-renorm",
+        "adamh-hyperball",
+        "adamh-hyperball-oblique",
+    ],
+)
+@pytest.mark.parametrize("dtype", ["f64", "f32"])
+def test_triton_sphere_steps_equal_the_reference(make, dtype, monkeypatch):
+    """SphereMuon's and AdamH's steps (angular, hyperball) on row spheres by the Triton
+    kernel (:func:`spheretorch.kernels.optim.sphere_rows_step_`, interpreted) against its one
+    reference, :func:`spheretorch.optim.sphere_steps.sphere_step` (the torch path); with
+    ``ordering="renorm"``, the renormalisation kernel against ``sphere.normalize``."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    dt, rtol = DTYPES[dtype]
+    results = {}
+    calls = []
+    from spheretorch.kernels import optim as kernels
+
+    for name in ("sphere_rows_step_", "renormalize_"):  # SphereMuon(ordering="renorm"): this
+        fn = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _fn=fn, **k: calls.append(k) or _fn(*a, **k))
+    for name in ("torch", "triton"):
+        monkeypatch.setenv(backend.BACKEND_ENV, name)
+        ps = _muon_family_params(dt)
+        opt = make(ps)
+        for t in range(3):
+            g = torch.Generator().manual_seed(10 + t)
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64).to(dt)
+            opt.step()
+        results[name] = ps
+    assert calls, "the kernel was not used"
+    for a, b in zip(results["triton"], results["torch"]):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=rtol, atol=rtol)

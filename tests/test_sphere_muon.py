@@ -491,19 +491,31 @@ def test_half_precision_spheres_keep_float32_math(cls):
     torch.testing.assert_close(n, torch.ones_like(n), atol=1e-2, rtol=0)
     if cls is AdamH:
         assert opt.state[p]["exp_avg"].dtype == torch.float32
+        # across load_state_dict too (torch casts floating state to the parameter's dtype)
+        again = cls([p, q], lr=0.05, measure_angle=True)
+        again.load_state_dict(opt.state_dict())
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert again.state[p][key].dtype == torch.float32
+            assert torch.equal(again.state[p][key], opt.state[p][key])
+        again.step()
 
 
-def test_muon_step_benchmark_runs(capsys):
+def test_optim_step_benchmark_times_the_muon_family(capsys):
+    """benchmarks/optim_step.py's Muon family (--quick smoke: every candidate steps)."""
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "muon_step.py"
-    spec = importlib.util.spec_from_file_location("muon_step", path)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "optim_step.py"
+    spec = importlib.util.spec_from_file_location("optim_step", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    mod.main(["--set", "small", "--rounds", "1"])
+    threads = str(torch.get_num_threads())  # main() sets it: keep this process's
+    mod.main(["--quick", "--set", "matrices", "--only-family", "muon", "--threads", threads])
     out = capsys.readouterr().out
-    assert "SphereMuon frobenius" in out and "vs torch Muon" in out
+    assert "| SphereMuon(frobenius) |" in out and "| AdamH(rows) |" in out
+    assert "vs torch Muon" in out and "| optimizer |" not in out  # the Muon table only
+    if hasattr(torch.optim, "Muon"):
+        assert "| torch Muon | " in out
 
 
 # ----------------------------------------------------------------------------- properties
@@ -617,3 +629,29 @@ def test_batched_sphere_steps_equal_one_by_one(angle_per):
         torch.testing.assert_close(
             opt_a.state[x]["angle"], opt_b.state[y]["angle"], atol=1e-12, rtol=0
         )
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_stacked_tangent_projections_equal_one_by_one(inplace):
+    """The tangent projections of the Muon family (momentum, Riemannian moments): unit row
+    spheres through ``_foreach`` ops, same-size whole-tensor spheres (radii 1.5, 3, 6) as one
+    stack, the rest one by one: equal to projecting each parameter alone, which is
+    ``sphere.project``."""
+    from spheretorch.optim._hybrid import HybridOptimizer
+
+    g = gen(7)
+    ps = [SphereParameter(torch.randn(3, 4, dtype=torch.float64, generator=g), dim=1)]
+    ps += [SphereParameter(torch.randn(3, 4, dtype=torch.float64, generator=g), dim=0)]
+    for scale in (1.5, 3.0, 6.0):
+        x = torch.randn(3, 4, dtype=torch.float64, generator=g)
+        ps.append(SphereParameter(scale * x / x.norm(), dim=None))
+    ts = [torch.randn(p.shape, dtype=torch.float64, generator=g) for p in ps]
+    got = [t.clone() for t in ts]
+    got = HybridOptimizer._tangent(ps, got, inplace=inplace)
+    for p, t, out in zip(ps, ts, got):
+        r = float(getattr(p, "sphere_radius", 1.0))
+        ref = S.project(p.detach(), t, st.sphere_dim_of(p), radius=r)
+        torch.testing.assert_close(out, ref, rtol=1e-13, atol=1e-13)
+        whole = p.detach().reshape(-1) / r
+        if st.sphere_dim_of(p) == (0, 1):  # tangent to the Frobenius sphere
+            assert abs(float(whole @ out.reshape(-1))) < 1e-12

@@ -331,7 +331,15 @@ class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 @pytest.mark.parametrize(
-    ("model", "optim"), [("gpt", "adamw"), ("ngpt", "renorm"), ("ngpt", "riemannian")]
+    ("model", "optim"),
+    [
+        ("gpt", "adamw"),
+        ("ngpt", "renorm"),
+        ("ngpt", "riemannian"),
+        ("ngpt", "sphere_muon"),  # the Muon family: capturable on CUDA
+        ("ngpt", "adamh"),
+        ("gpt", "muon"),
+    ],
 )
 def test_host_syncs_per_step_zero_on_cuda_one_on_cpu_and_the_trainer_alone_checks(
     model: str, optim: str, device: torch.device, monkeypatch: pytest.MonkeyPatch

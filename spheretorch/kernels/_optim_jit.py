@@ -231,3 +231,51 @@ def _nonfinite_kernel(G, INFO, TILES, FLAG, BLOCK: tl.constexpr):
     # addition in the gradient's own dtype: no cast can turn a finite value infinite)
     bad = ((g != g) | ((a == a + a) & (a != 0))).to(tl.int32)
     tl.atomic_max(FLAG, tl.reduce(bad, 0, tl.standard._elementwise_max))
+
+
+@triton.jit
+def _rows_step_kernel(
+    X, D, NORMS, RMS, TILES, INFO, HYPER, LR, SIZE,
+    N_INFO: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    PASS_NORMS: tl.constexpr, PER_TENSOR: tl.constexpr, LR_TENSOR: tl.constexpr,
+    HYPERBALL: tl.constexpr, PROJECT: tl.constexpr,
+):  # fmt: skip
+    """A step of :func:`spheretorch.optim.sphere_steps.sphere_step` on the rows of X (radius
+    r) along -D, in place; d_T = P_x d (``PROJECT``) or d.
+
+    ``HYPERBALL=False`` (``rule="angular"``, ``PROJECT`` on): ``PASS_NORMS`` only writes
+    NORMS[row] <- |d_T| (for the RMS over a tensor); else x <- r normalize(cos(theta) x -
+    r sin(theta) d_T / |d_T|) with theta = lr (rows whose d_T is zero stay) or,
+    ``PER_TENSOR``, lr |d_T| / RMS[t]. ``HYPERBALL=True``: x <- r normalize(x - lr r d_T /
+    |d_T|)."""
+    t, info, rows, elem, rmask, mask = _tile(TILES, INFO, N_INFO, SIZE, BLOCK_R, BLOCK_N)
+    cd = HYPER.dtype.element_ty
+    radius = tl.load(HYPER + 5 + t)
+    x_ptr = X + tl.load(info + 2) + elem
+    x = tl.load(x_ptr, mask=mask, other=0.0).to(cd)
+    d = tl.load(D + tl.load(info + 3) + elem, mask=mask, other=0.0).to(cd)
+    if PROJECT:
+        xh = x / radius
+        dt = d - _sum(xh * d)[:, None] * xh
+    else:
+        dt = d
+    n = tl.sqrt(_sum(dt * dt))
+    if PASS_NORMS:
+        tl.store(NORMS + tl.load(info + 4) + rows, n, mask=rmask)
+    else:
+        tiny = tl.load(HYPER + 3)  # the smallest normal number of the compute dtype
+        lr = tl.load(HYPER)
+        if LR_TENSOR:
+            lr = tl.load(LR).to(cd)
+        if HYPERBALL:
+            y = x - dt * (lr * radius / tl.maximum(n, tiny))[:, None]
+        else:
+            if PER_TENSOR:
+                theta = lr * n / tl.maximum(tl.load(RMS + t), tiny)
+            else:
+                theta = tl.where(n > 0, lr, 0.0)
+            unit = dt / tl.maximum(n, tiny)[:, None]
+            y = tl.cos(theta)[:, None] * x - (radius * tl.sin(theta))[:, None] * unit
+        # rows past the end of a tensor (masked, all zero) divide by 1, not 0
+        y = y / tl.where(rmask, tl.sqrt(_sum(y * y)), 1.0)[:, None] * radius
+        tl.store(x_ptr, y.to(X.dtype.element_ty), mask=mask)

@@ -22,8 +22,9 @@ per-tensor table ``INFO`` of int64 element offsets from those bases (pointer ari
 int64, valid for any tensor size); ``TILES`` maps each program to ``(tensor, first sphere)``.
 The tables are built on the host once per set of tensors and cached on the device, so a step
 launches: the step-counter increment (one ``_foreach_add_``), one kernel per row length, and
-nothing that synchronises with the host (a table built anew, e.g. the hyper-parameters after
-the schedule changed the learning rate, travels from pinned memory without blocking).
+nothing that synchronises with the host (a table built anew is copied asynchronously; the
+hyper-parameters, new whenever the schedule changes the learning rate, are written on the
+device by fill kernels).
 Scalars (learning rate, betas, ...) travel as a small float64 tensor (cached by value) so that
 float64 parameters get float64 hyper-parameters; a tensor ``lr`` and device step counters are
 read by the kernel (``capturable`` by construction: no host read; build the tables before
@@ -61,6 +62,7 @@ __all__ = [
     "project",
     "renormalize_",
     "sphere_adam_",
+    "sphere_rows_step_",
     "sphere_sgd_",
 ]
 
@@ -126,20 +128,6 @@ def _offsets(ts: Sequence[Tensor | None]) -> tuple[Tensor | None, list[int]]:
     return base, out
 
 
-def _device_table(values: Sequence[Any], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A small host-built table (tiles, offsets, hyper-parameters) as a tensor on ``device``,
-    without a host synchronisation: on CUDA it is copied from pinned memory with
-    ``non_blocking=True`` (a copy from pageable memory waits for the stream, which would stall
-    the host at every step whose learning rate a schedule has changed; torch's pinned-memory
-    allocator keeps the source alive until the copy is done). While a CUDA graph is being
-    captured the plain copy is kept, which fails loudly: a captured copy would read a host
-    buffer that is reused later (take one step before capturing, as the module says)."""
-    table = torch.tensor(values, dtype=dtype)
-    if device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
-        return table.pin_memory().to(device, non_blocking=True)
-    return table.to(device)
-
-
 _JIT: dict[bool, Any] = {}
 
 
@@ -190,6 +178,13 @@ def _blocks(size: int, device: torch.device) -> tuple[int, int, int]:
     return block_r, block_n, num_warps
 
 
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    """A small host-built table on ``device``. Asynchronous (the driver stages pageable host
+    memory at once and the step does not wait for the device): a table rebuilt because a
+    tensor moved (gradients reallocated, a new LR) must not synchronise a CUDA step."""
+    return t.to(device, non_blocking=True)
+
+
 def _plan(
     lists: Sequence[Sequence[Tensor | None]],
     layouts: Sequence[Any],
@@ -205,14 +200,14 @@ def _plan(
     def make_tiles() -> Tensor:
         tiles = [v for i, lay in enumerate(layouts) for s in range(0, lay.count, block_r)
                  for v in (i, s)]  # fmt: skip
-        return _device_table(tiles, torch.int64, device)
+        return _to_device(torch.tensor(tiles, dtype=torch.int64), device)
 
     def make_info() -> tuple[list[int | None], Tensor]:
         bases, offs = zip(*(_offsets(ts) for ts in lists))
         info = [[lay.count, lay.inner, *(o[i] for o in offs)] for i, lay in enumerate(layouts)]
         # the bases are kept as addresses, not references (no tensor kept alive by the cache)
         ptrs = [None if base is None else base.data_ptr() for base in bases]
-        return ptrs, _device_table(info, torch.int64, device)
+        return ptrs, _to_device(torch.tensor(info, dtype=torch.int64), device)
 
     tiles_t = _cached(("tiles", device, block_r, shapes), make_tiles)
     addresses = tuple(tuple(0 if t is None else t.data_ptr() for t in ts) for ts in lists)
@@ -227,9 +222,26 @@ def _hyper(
     device: torch.device, dtype: torch.dtype, values: Sequence[float], radii: Sequence[float]
 ) -> Tensor:
     """``[lr, beta1/momentum, beta2/dampening, eps, step, radius_0, radius_1, ...]`` as a
-    tensor of ``dtype`` on ``device`` (cached by value: a constant schedule costs no copy)."""
+    tensor of ``dtype`` on ``device`` (cached by value; built on the device without a
+    host-to-device copy of the values)."""
     key = ("hyper", device, dtype, tuple(values), tuple(radii))
-    return _cached(key, lambda: _device_table([*values, *radii], dtype, device))
+
+    def make() -> Tensor:
+        # The radii (constant for a set of tensors) are copied to the device once; the
+        # values (the LR changes every step under a schedule) are written by fill kernels,
+        # whose scalar travels with the launch: no host-to-device copy, which would
+        # synchronise with the host on CUDA.
+        const = _cached(
+            ("hyper-radii", device, dtype, tuple(radii)),
+            lambda: _to_device(torch.tensor(list(radii), dtype=dtype), device),
+        )
+        out = torch.empty(len(values) + len(radii), dtype=dtype, device=device)
+        out[len(values) :].copy_(const)
+        for i, v in enumerate(values):
+            out[i].fill_(v)
+        return out
+
+    return _cached(key, make)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -419,6 +431,69 @@ def project(
     return outs
 
 
+def sphere_rows_step_(
+    xs: Sequence[Tensor],
+    ds: Sequence[Tensor],
+    layout: Any,
+    radius: float,
+    lr: float | Tensor,
+    *,
+    rule: str,
+    project: bool,
+    per_tensor: bool,
+) -> None:
+    r"""A step of :func:`spheretorch.optim.sphere_steps.sphere_step` (its one reference) on
+    same-shape row spheres (``layout.inner == 1``), in place: per sphere :math:`x` of radius
+    :math:`r` with direction :math:`d` (``ds``: ``(count, size)`` rows, contiguous, one
+    dtype) and :math:`d_T = d - \langle \hat x, d\rangle \hat x` (``project``; else
+    :math:`d`):
+
+    * ``rule="angular"`` (``project`` on): :math:`x \leftarrow r\,\mathrm{normalize}(\cos
+      \theta\, x - r\sin\theta\, d_T / \|d_T\|)`, :math:`\theta = \eta` (a zero :math:`d_T`
+      stays) or, ``per_tensor``, :math:`\theta_i = \eta \|d_{T,i}\| / \mathrm{rms}_j
+      \|d_{T,j}\|` over each tensor's rows;
+    * ``rule="hyperball"``: :math:`x \leftarrow r\,\mathrm{normalize}(x - \eta r d_T /
+      \|d_T\|)`.
+
+    One launch; with ``per_tensor`` two (the tangent norms, torch takes their RMS per
+    tensor, then the step: each value read twice, written once). A tensor ``lr`` is read by
+    the kernel (no host read).
+    """
+    if rule not in ("angular", "hyperball") or (rule == "angular" and not project):
+        raise ValueError(f"sphere_rows_step_: no kernel for rule={rule!r}, project={project}")
+    device = xs[0].device
+    cd = _compute_dtype(xs[0].dtype)
+    lr_tensor = isinstance(lr, Tensor)
+    if lr_tensor and lr.device != device:  # type: ignore[union-attr]
+        lr = lr.to(device)  # type: ignore[union-attr]
+    block_r, block_n, warps = _blocks(layout.size, device)
+    count, n = layout.count, len(xs)
+    per_tensor = per_tensor and rule == "angular"
+    norms = rms = _dummy(xs[0])
+    lists: list[Sequence[Tensor | None]] = [xs, ds]
+    if per_tensor:  # one buffer per set of shapes, reused: stable addresses, cached tables
+        norms = _cached(
+            ("rows-step-norms", device, cd, n, count),
+            lambda: torch.empty(n * count, dtype=cd, device=device),
+        )
+        lists.append(list(norms.view(n, count).unbind(0)))
+    bases, info, tiles = _plan(lists, [layout] * n, block_r)
+    hyper = _hyper(device, cd, [_value(lr), 0.0, 0.0, torch.finfo(cd).tiny, 0.0], [radius] * n)
+    kernel = _jit(device)._rows_step_kernel
+    grid = (tiles.shape[0] // 2,)
+    for pass_norms in (True, False) if per_tensor else (False,):
+        if not pass_norms and per_tensor:
+            rms = norms.view(n, count).square().mean(dim=1).sqrt()
+        kernel[grid](
+            bases[0], bases[1], norms, rms, tiles, info, hyper,
+            lr if lr_tensor else _dummy(xs[0]),
+            layout.size,
+            N_INFO=info.shape[1], BLOCK_R=block_r, BLOCK_N=block_n,
+            PASS_NORMS=pass_norms, PER_TENSOR=per_tensor, LR_TENSOR=lr_tensor,
+            HYPERBALL=rule == "hyperball", PROJECT=project, num_warps=warps,
+        )  # fmt: skip
+
+
 def nonfinite_flag(grads: Sequence[Tensor]) -> Tensor:
     """0-d float32 tensor on the gradients' device: 1 when some gradient holds a NaN or an
     infinity, else 0; one launch per dtype, each element read once, no host synchronisation.
@@ -434,13 +509,13 @@ def nonfinite_flag(grads: Sequence[Tensor]) -> Tensor:
 
         def make_tiles(numels: tuple[int, ...] = numels) -> Tensor:
             tiles = [v for i, n in enumerate(numels) for s in range(0, n, block) for v in (i, s)]
-            return _device_table(tiles, torch.int64, device)
+            return _to_device(torch.tensor(tiles, dtype=torch.int64), device)
 
         def make_info(gs: list[Tensor] = gs) -> tuple[int, Tensor]:
             base, offs = _offsets(gs)
             assert base is not None
             rows = [v for g, o in zip(gs, offs) for v in (g.numel(), o)]
-            return base.data_ptr(), _device_table(rows, torch.int64, device)
+            return base.data_ptr(), _to_device(torch.tensor(rows, dtype=torch.int64), device)
 
         tiles = _cached(("scan-tiles", device, block, numels), make_tiles)
         if tiles.numel() == 0:

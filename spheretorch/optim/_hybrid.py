@@ -1,30 +1,33 @@
-r"""The base of :class:`.SphereMuon` and :class:`.AdamH`: a :class:`torch.optim.Optimizer` whose
+r"""The base of :class:`.SphereMuon` and :class:`.AdamH`: a :class:`.SphereOptimizer` whose
 parameters are routed by kind (sphere parameters, Euclidean matrices, the rest), with torch's
-hyperparameter checks and wording, the non-finite gradient policy of the other sphere
-optimizers (``nonfinite="skip" | "raise" | "ignore"``), torch's AdamW step (its own functional
-``torch.optim.adam.adam``, so equal to ``torch.optim.AdamW`` bit for bit) and torch's
-``__setstate__`` defaults for older state dicts.
+hyperparameter checks and wording, and torch's AdamW step (its own functional
+``torch.optim.adam.adam``, so equal to ``torch.optim.AdamW`` bit for bit). From
+:class:`.SphereOptimizer`: the non-finite gradient policy (``nonfinite="skip" | "raise" |
+"ignore"``, warnings, ``skipped_steps``), torch's GradScaler protocol (a caller's
+``found_inf``/``grad_scale``: unscale, skip), ``__setstate__`` defaults for older state dicts.
 """
 
 from __future__ import annotations
 
-import inspect
+import functools
 import math
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
-from torch.optim.adam import adam as torch_adam
-from torch.optim.optimizer import _get_scalar_dtype
+from torch.optim.optimizer import _default_to_fused_or_foreach
 
+from .. import sphere
 from ..parameter import sphere_dim_of
-from ..sphere import sphere_layout
-from .sphere_steps import SphereLayout
+from ..sphere import foreach as sphere_foreach
+from ..sphere import is_dtensor, sphere_layout
+from ..sphere.foreach import STACK_MAX_NUMEL
+from ._functional import new_step, use_triton
+from ._torch_shims import torch_adam
+from .optimizer import SphereOptimizer
+from .sphere_steps import SphereLayout, StepRule, from_rows, rows, sphere_step
 
 __all__ = ["HybridOptimizer", "SphereInfo", "check_hyper", "sphere_info"]
-
-NONFINITE_POLICIES = ("skip", "raise", "ignore")
 
 
 def check_hyper(name: str, value: Any, *, upper: float | None = None) -> None:
@@ -63,119 +66,345 @@ def sphere_info(p: Tensor) -> SphereInfo | None:
     dims = sphere_dim_of(p)
     if dims is None:
         return None
-    layout = sphere_layout(p.shape, dims)
-    return SphereInfo(layout, float(getattr(p, "sphere_radius", 1.0)), layout.count == 1)
+    return _info(tuple(p.shape), dims, float(getattr(p, "sphere_radius", 1.0)))
 
 
-class HybridOptimizer(Optimizer):
-    """Shared machinery of :class:`.SphereMuon` and :class:`.AdamH`; a subclass implements
-    ``_group_step(group)`` (one param group's update)."""
+@functools.lru_cache(maxsize=4096)
+def _info(shape: tuple[int, ...], dims: int | tuple[int, ...], radius: float) -> SphereInfo:
+    """:class:`SphereInfo` by value (shared: never modified), so that a step does not redo
+    the layout of every parameter several times."""
+    layout = sphere_layout(shape, dims)
+    return SphereInfo(layout, radius, layout.count == 1)
+
+
+class HybridOptimizer(SphereOptimizer):
+    """Shared machinery of :class:`.SphereMuon` and :class:`.AdamH`. A subclass implements
+    ``_new_state(group, p)`` (create ``p``'s state, return the tensors a step writes besides
+    ``p``) and ``_group_step(group, params)`` (one param group's update of ``params``, the
+    parameters with a gradient).
+
+    A caller's skip decision (torch's GradScaler protocol, also the trainer's device-side
+    check: ``found_inf`` set on the optimizer, ``_step_supports_amp_scaling``): with
+    ``capturable=True`` the step is taken and undone on the device where ``found_inf`` is
+    nonzero (no host read; parameters and state restored bitwise); otherwise ``found_inf``
+    is read on the host once per param group (one synchronisation on an accelerator, as a
+    GradScaler's own check for an optimizer without the protocol) and the step skipped.
+    """
+
+    #: parameters, gradients, and the state tensors a step writes (restored on a skip)
+    _n_lists = 3
 
     def __init__(self, params: Any, defaults: dict[str, Any], nonfinite: str) -> None:
-        if nonfinite not in NONFINITE_POLICIES:
-            raise ValueError(
-                f"nonfinite must be one of {', '.join(map(repr, NONFINITE_POLICIES))}, "
-                f"got {nonfinite!r}"
-            )
         name = type(self).__name__
-        for flag in ("fused", "capturable", "differentiable"):
+        for flag in ("fused", "differentiable"):
             if defaults.get(flag):
                 raise RuntimeError(f"`{flag}` is not supported by {name} (pass {flag}=None)")
-        self.nonfinite = nonfinite
-        self._skipped = 0
-        super().__init__(params, defaults)
-
-    @property
-    def skipped_steps(self) -> int:
-        """Steps skipped so far because a gradient was not finite (``nonfinite="skip"``)."""
-        return self._skipped
-
-    def __repr__(self) -> str:
-        return super().__repr__().replace("(", f"(nonfinite: {self.nonfinite!r}\n", 1)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        state.setdefault("nonfinite", "skip")
-        state.setdefault("_skipped", 0)
-        super().__setstate__(state)
-        fill = {
-            k: v.default
-            for k, v in inspect.signature(type(self).__init__).parameters.items()
-            if v.default is not inspect.Parameter.empty and k != "nonfinite"
-        }
-        fill.update(self.defaults)
-        for group in self.param_groups:
-            for key, value in fill.items():
-                group.setdefault(key, value)
-            for p in group["params"]:
-                s = self.state.get(p, {})
-                if "step" in s and not torch.is_tensor(s["step"]):
-                    s["step"] = torch.tensor(float(s["step"]), dtype=_get_scalar_dtype())
+        super().__init__(params, defaults, nonfinite=nonfinite)  # type: ignore[arg-type]
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        for flag in ("fused", "capturable", "differentiable"):
+        for flag in ("fused", "differentiable"):
             if group.get(flag):
                 raise RuntimeError(
                     f"`{flag}` is not supported by {type(self).__name__} (pass {flag}=None)"
                 )
 
+    def _check_loadable(self, state_dict: dict[str, Any]) -> None:
+        """torch's loading as it is (state of torch's Muon and AdamW loads into the
+        parameters routed to them)."""
+
     # ------------------------------------------------------------------ step
 
+    def _init_group(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], written: list
+    ) -> None:
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise self._sparse_error(group, p)
+            params.append(p)
+            grads.append(p.grad)
+            written.extend(self._new_state(group, p))
+
+    def _new_state(self, group: dict[str, Any], p: Tensor) -> list[Tensor]:
+        raise NotImplementedError  # pragma: no cover
+
+    def _adamw_state(self, group: dict[str, Any], p: Tensor) -> list[Tensor]:
+        """torch's Adam state of ``p`` (``step``, ``exp_avg``, ``exp_avg_sq``), created lazily;
+        the step counter on ``p``'s device with ``capturable``, as torch's."""
+        state = self.state[p]
+        if "step" not in state:
+            state["step"] = new_step(p, capturable=bool(group.get("capturable")))
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return [state["step"], state["exp_avg"], state["exp_avg_sq"]]
+
+    def _update(self, group: dict[str, Any], lists: Any, found_inf: Tensor | None) -> None:
+        self._group_step(group, lists[0])
+
+    def _update_masked(self, group: dict[str, Any], lists: Any, found_inf: Tensor) -> None:
+        if not group.get("capturable"):
+            if not bool(found_inf):  # the host read (see the class docstring)
+                self._update(group, lists, None)
+            return
+        super()._update_masked(group, lists, found_inf)
+
     def _grad_of(self, group: dict[str, Any], p: Tensor) -> Tensor:
-        if p.grad.is_sparse:
-            gi = next(i for i, g in enumerate(self.param_groups) if g is group)
-            pi = next(i for i, q in enumerate(group["params"]) if q is p)
-            raise RuntimeError(
-                f"{type(self).__name__} does not support sparse gradients: "
-                f"param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)}) has a sparse .grad"
-            )
         g = p.grad
         return -g if group.get("maximize") else g
 
-    def _nonfinite_skip(self) -> bool:
-        """Apply the policy: True when this step is skipped. One host sync when checked."""
-        if self.nonfinite == "ignore":
-            return False
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if not grads:
-            return False
-        flags = [torch.isfinite(g).all() for g in grads if g.numel()]
-        if not flags or bool(torch.stack(flags).all()):
-            return False
-        if self.nonfinite == "raise":
-            for gi, group in enumerate(self.param_groups):
-                for pi, p in enumerate(group["params"]):
-                    if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
-                        raise FloatingPointError(
-                            f"{type(self).__name__}: non-finite gradient (NaN or inf) in "
-                            f"param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)}); "
-                            f"nothing was updated (nonfinite='raise')"
-                        )
-        self._skipped += 1
-        return True
-
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
-        """Perform one optimisation step.
-
-        Args:
-            closure: optional callable that re-evaluates the model and returns the loss.
-        Returns:
-            The closure's loss (``None`` without a closure).
-        """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        if self._nonfinite_skip():
-            return loss
-        for group in self.param_groups:
-            self._group_step(group)
-        return loss
-
-    def _group_step(self, group: dict[str, Any]) -> None:
+    def _group_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
         raise NotImplementedError  # pragma: no cover
+
+    @staticmethod
+    def _use_foreach(group: dict[str, Any], params: list[Tensor]) -> bool:
+        """The group's ``foreach``; by default on CPU and CUDA tensors, but not for DTensors
+        (FSDP2): torch 2.11's DTensor has no sharding rule for ``_foreach_lerp``, and each
+        DTensor op is dispatched on its own anyway."""
+        foreach = group.get("foreach")
+        if foreach is None:
+            return all(p.device.type in ("cpu", "cuda") and not is_dtensor(p) for p in params)
+        return bool(foreach)
+
+    @staticmethod
+    def _host_lr(group: dict[str, Any]) -> float | Tensor:
+        """The group's LR: a Tensor LR stays a Tensor with ``capturable`` (no host read),
+        else a float."""
+        lr = group["lr"]
+        if isinstance(lr, Tensor) and not group.get("capturable"):
+            return float(lr)
+        return lr
+
+    # ------------------------------------------------------------------ sphere steps
+
+    @staticmethod
+    def _tangent(params: list[Tensor], ts: list[Tensor], *, inplace: bool) -> list[Tensor]:
+        r""":math:`P_x t` for each sphere parameter :math:`x` of ``params`` and its ``t``
+        (along ``x``'s own sphere axes, at its radius): ``t`` updated in place (returned) with
+        ``inplace``, else new tensors. Unit spheres along one axis in float32/float64 (the
+        common case) take ``_foreach`` ops, per-sphere sums stacked for small same-shape
+        tensors (:class:`~spheretorch.sphere.foreach.RowReducer`); whole-tensor spheres of one
+        size (small ones, or on CUDA) one stacked projection; the others one by one."""
+        out = list(ts)
+        by_dim: dict[int, list[int]] = {}
+        wholes: dict[tuple, list[int]] = {}  # whole-tensor spheres of one size: one stack
+        for i, (p, t) in enumerate(zip(params, ts)):
+            dims = sphere_dim_of(p)
+            r = float(getattr(p, "sphere_radius", 1.0))
+            plain = (
+                p.dtype == t.dtype
+                and p.dtype in (torch.float32, torch.float64)
+                and not is_dtensor(p)
+            )
+            if plain and isinstance(dims, int) and r == 1.0:
+                by_dim.setdefault(dims, []).append(i)
+                continue
+            info = sphere_info(p)
+            small = p.numel() <= STACK_MAX_NUMEL or p.device.type == "cuda"
+            if plain and small and info is not None and info.whole:
+                wholes.setdefault((p.numel(), p.dtype, p.device), []).append(i)
+                continue
+            HybridOptimizer._tangent_one(p, t, dims, r, inplace, out, i)
+        for idx in wholes.values():
+            if len(idx) == 1:
+                i = idx[0]
+                p = params[i]
+                r = float(getattr(p, "sphere_radius", 1.0))
+                HybridOptimizer._tangent_one(p, ts[i], sphere_dim_of(p), r, inplace, out, i)
+                continue
+            # rows of unit points X (each x / r) and of the vectors T: T - <X, T> X per row
+            radii = [float(getattr(params[i], "sphere_radius", 1.0)) for i in idx]
+            flat = [params[i].detach().reshape(-1) for i in idx]
+            xs = torch.stack(torch._foreach_div(flat, radii))
+            t2 = torch.stack([ts[i].reshape(-1) for i in idx])
+            t2.addcmul_(xs, (xs * t2).sum(dim=1, keepdim=True), value=-1)
+            rows_ = [row.view(ts[i].shape) for i, row in zip(idx, t2.unbind(0))]
+            if inplace:
+                torch._foreach_copy_([ts[i] for i in idx], rows_)
+            else:
+                for i, row in zip(idx, rows_):
+                    out[i] = row
+        for dim, idx in by_dim.items():
+            xs = [params[i].detach() for i in idx]
+            vs = [ts[i] for i in idx]
+            red = sphere_foreach.RowReducer(xs, dim)
+            if inplace:
+                sphere_foreach.project_(xs, vs, red)
+            else:
+                for i, v in zip(idx, sphere_foreach.project(xs, vs, red)):
+                    out[i] = v
+        return out
+
+    @staticmethod
+    def _tangent_one(
+        p: Tensor, t: Tensor, dims: Any, r: float, inplace: bool, out: list[Tensor], i: int
+    ) -> None:
+        """:meth:`_tangent` of one parameter (into ``t``, or ``out[i]``)."""
+        x = p.detach()
+        if not inplace:
+            out[i] = sphere.project(x, t, dims, radius=r)
+        elif t.dtype == x.dtype == sphere.compute_dtype(x.dtype):
+            c = sphere.inner(x, t, dims) / (r * r)
+            t.addcmul_(x, c, value=-1)  # two passes: the inner products, then this
+        else:  # half precision: the projection in float32, stored back
+            t.copy_(sphere.project(x, t, dims, radius=r))
+
+    @staticmethod
+    def _renormalize(params: list[Tensor]) -> None:
+        r"""Each sphere parameter back to its radius along its sphere axes, in place
+        (:math:`x \leftarrow r\,x/\|x\|`; :func:`spheretorch.sphere.normalize` with
+        ``on_zero="keep"`` is the reference): the Triton kernel where it applies (CUDA: one
+        launch per row length, as :class:`.RenormAdam`), ``_foreach`` ops for unit spheres
+        along a contiguous axis (the same operations as the reference), the others one by
+        one."""
+        infos = [sphere_info(p) for p in params]
+        if use_triton(params) and all(p.is_contiguous() for p in params):
+            from ..kernels import optim as kernels
+
+            layouts = [info.layout for info in infos]  # type: ignore[union-attr]
+            if kernels.handles(params, layouts):
+                radii = [info.radius for info in infos]  # type: ignore[union-attr]
+                kernels.renormalize_(params, layouts, radii)
+                return
+        together: dict[tuple, list[Tensor]] = {}
+        for p in params:
+            dims = sphere_dim_of(p)
+            r = float(getattr(p, "sphere_radius", 1.0))
+            if (
+                isinstance(dims, int)
+                and r == 1.0
+                and p.dtype in (torch.float32, torch.float64)
+                and not is_dtensor(p)
+                and p.stride(dims) == 1
+            ):
+                together.setdefault((dims, p.dtype), []).append(p)
+                continue
+            p.copy_(sphere.normalize(p, dims, on_zero="keep", radius=r))
+        for (dim, dtype), ps in together.items():
+            norms = sphere_foreach.RowReducer(ps, dim).norm(ps)
+            torch._foreach_clamp_min_(norms, torch.finfo(dtype).tiny)
+            torch._foreach_div_(ps, norms)
+
+    def _sphere_steps(
+        self,
+        group: dict[str, Any],
+        items: list[tuple[Tensor, SphereInfo, Tensor]],
+        lr: float | Tensor,
+        *,
+        rule: StepRule,
+        project: bool,
+        stack: bool,
+    ) -> None:
+        """:func:`~.sphere_steps.sphere_step` of every sphere parameter ``p`` along its
+        direction ``d`` (``items``: ``(p, info, d)``, ``d`` as the ``(k, size)`` rows of ``p``
+        or, for a whole-tensor sphere, any shape of ``p.numel()`` values), in place; the
+        measured angles into ``state["angle"]`` with ``measure_angle``.
+
+        With ``stack``, same-shape parameters take one call on their stacked rows (on CUDA,
+        or for tensors of at most ``STACK_MAX_NUMEL`` values, as the other optimizers stack:
+        stacking copies, which pays where launches dominate); a whole-tensor sphere is one
+        row, scaled to the unit sphere."""
+        batches: dict[tuple, list[int]] = {}
+        for j, (p, info, _) in enumerate(items):
+            small = p.numel() <= STACK_MAX_NUMEL or p.device.type == "cuda"
+            if not (stack and small) or is_dtensor(p):
+                key: tuple = (j,)
+            elif info.whole:
+                key = ("whole", p.numel(), p.dtype, p.device)
+            else:
+                key = ("rows", tuple(p.shape), info.layout, info.radius, p.dtype, p.device)
+            batches.setdefault(key, []).append(j)
+        measure = bool(group["measure_angle"])
+        for idx in batches.values():
+            if not measure and self._rows_kernel(group, items, idx, lr, rule, project):
+                continue
+            ps = [items[j][0] for j in idx]
+            info = items[idx[0]][1]
+            cdt = sphere.compute_dtype(ps[0].dtype)
+            if info.whole:  # one row per parameter, scaled to the unit sphere
+                radii = [items[j][1].radius for j in idx]
+                z = torch.stack([p.detach().reshape(-1).to(cdt) / r for p, r in zip(ps, radii)])
+                radius = 1.0
+            else:
+                zs = [rows(p.detach(), info.layout) for p in ps]
+                z = (zs[0] if len(zs) == 1 else torch.cat(zs)).to(cdt)  # one: no copy
+                radius = info.radius
+            k = z.shape[0] // len(idx)
+            ds = [items[j][2].reshape(k, -1) for j in idx]
+            # (one: made contiguous, e.g. the transposed polar factor of a tall matrix: the
+            # per-row reductions below read rows)
+            d = (ds[0].contiguous() if len(ds) == 1 else torch.cat(ds)).to(cdt)
+            new, angle = sphere_step(
+                z,
+                d,
+                lr,
+                radius=radius,
+                project=project,
+                rule=rule,
+                angle_per=group["angle_per"],
+                measure=measure,
+                blocks=len(idx),
+            )
+            blocks = list(new.split(k))
+            if info.whole:  # back to each sphere's radius
+                blocks = list(torch._foreach_mul(blocks, radii))
+            dsts, srcs = [], []  # written back by one _foreach_copy_ where p has a row view
+            for p, block in zip(ps, blocks):
+                view = p.is_contiguous() and (info.whole or info.layout.inner == 1)
+                if view and not is_dtensor(p):
+                    dsts.append(p.view(block.shape))
+                    srcs.append(block)
+                    continue
+                p.copy_(
+                    block.reshape(p.shape) if info.whole else from_rows(block, info.layout, p.shape)
+                )
+            if dsts:
+                torch._foreach_copy_(dsts, srcs)
+            if angle is not None:
+                for p, a in zip(ps, angle.split(k)):
+                    self.state[p]["angle"] = a.clone()
+
+    @staticmethod
+    def _rows_kernel(
+        group: dict[str, Any],
+        items: list[tuple[Tensor, SphereInfo, Tensor]],
+        idx: list[int],
+        lr: float | Tensor,
+        rule: StepRule,
+        project: bool,
+    ) -> bool:
+        """The step of the same-shape parameters ``items[idx]`` by the Triton kernel
+        (:func:`spheretorch.kernels.optim.sphere_rows_step_`) where it applies: the
+        ``"angular"`` or ``"hyperball"`` rule, CUDA (or the forced Triton backend),
+        contiguous row spheres, one direction dtype. True if taken."""
+        if rule not in ("angular", "hyperball"):
+            return False
+        ps = [items[j][0] for j in idx]
+        info = items[idx[0]][1]
+        if info.whole or info.layout.inner != 1 or not use_triton(ps):
+            return False
+        from ..kernels import optim as kernels
+
+        layouts = [info.layout] * len(ps)
+        if not all(p.is_contiguous() for p in ps) or not kernels.handles(ps, layouts):
+            return False
+        k = info.layout.count
+        ds = [items[j][2].reshape(k, -1).contiguous() for j in idx]
+        if len({d.dtype for d in ds}) != 1:
+            return False
+        kernels.sphere_rows_step_(
+            ps,
+            ds,
+            info.layout,
+            info.radius,
+            lr,
+            rule=rule,
+            project=project or rule == "angular",
+            per_tensor=group["angle_per"] == "tensor" and k > 1,
+        )
+        return True
 
     # ------------------------------------------------------------------ AdamW (torch's)
 
@@ -194,20 +423,18 @@ class HybridOptimizer(Optimizer):
         if not params:
             return
         grads, avgs, sqs, steps = [], [], [], []
-        has_complex = False
         for p in params:
-            state = self.state[p]
-            if "step" not in state:
-                state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            has_complex |= torch.is_complex(p)
+            step, avg, sq = self._adamw_state(group, p)
             grads.append(p.grad)
-            avgs.append(state["exp_avg"])
-            sqs.append(state["exp_avg_sq"])
-            steps.append(state["step"])
-        if isinstance(lr, Tensor):
+            avgs.append(avg)
+            sqs.append(sq)
+            steps.append(step)
+        capturable = bool(group.get("capturable"))
+        if isinstance(lr, Tensor) and not capturable:
             lr = float(lr)  # a host read: torch's foreach AdamW takes a Tensor lr only capturable
+        foreach = group.get("foreach")
+        if foreach is None:  # torch's default (foreach on accelerators)
+            _, foreach = _default_to_fused_or_foreach(params, False, use_fused=False)
         b1, b2 = (float(b) for b in betas)
         torch_adam(
             params,
@@ -216,8 +443,7 @@ class HybridOptimizer(Optimizer):
             sqs,
             [],
             steps,
-            foreach=group.get("foreach"),
-            has_complex=has_complex,
+            foreach=bool(foreach),
             decoupled_weight_decay=True,
             amsgrad=False,
             beta1=b1,
@@ -226,4 +452,5 @@ class HybridOptimizer(Optimizer):
             weight_decay=weight_decay,
             eps=eps,
             maximize=bool(group.get("maximize")),
+            capturable=capturable,
         )

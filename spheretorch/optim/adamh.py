@@ -7,12 +7,11 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import _get_scalar_dtype
 
 from .. import sphere
-from ..parameter import sphere_dim_of
+from ._functional import increment_steps, new_step
 from ._hybrid import HybridOptimizer, check_betas, check_hyper, check_lr, sphere_info
-from .sphere_steps import ORDERINGS, adam_direction, adam_directions, sphere_step_
+from .sphere_steps import ORDERINGS, adam_direction, adam_directions, rows
 
 __all__ = ["AdamH"]
 
@@ -61,10 +60,22 @@ class AdamH(HybridOptimizer):
         ordering: ``"renorm"`` (default, the hyperball recipe), ``"oblique"`` or
             ``"riemannian"``.
         angular, angle_per, measure_angle: as above.
-        maximize, foreach: as torch's Adam.
-        nonfinite: ``"skip"`` (default), ``"raise"`` or ``"ignore"`` non-finite gradients.
-        fused, capturable, differentiable: not supported (``RuntimeError`` when true).
+        maximize, foreach: as torch's Adam (``foreach``: moments, projections and stacked
+            sphere steps; default on CPU/CUDA tensors, not DTensors).
+        nonfinite: ``"skip"`` (default: skipped steps warned about and counted in
+            ``skipped_steps``), ``"raise"`` or ``"ignore"`` a step whose gradients are not
+            finite (one host synchronisation when checked, none with ``capturable``), as
+            the other sphere optimizers (:class:`.SphereOptimizer`).
+        capturable: as torch's: step counters on the parameters' device, a Tensor ``lr``
+            used there, and the non-finite check and skip decided on the device (the step
+            taken, then undone where a gradient is not finite): no host synchronisation.
+            Also the way to take a caller's ``found_inf`` (GradScaler, the trainer) without
+            one (:class:`._hybrid.HybridOptimizer`). ``nonfinite="raise"`` is refused with it.
+        fused, differentiable: not supported (``RuntimeError`` when true).
     """
+
+    #: sphere parameters' moments stay float32 for half types across load_state_dict
+    _compute_dtype_state = ("exp_avg", "exp_avg_sq")
 
     def __init__(
         self,
@@ -112,13 +123,21 @@ class AdamH(HybridOptimizer):
         )
         super().__init__(params, defaults, nonfinite)
 
-    def _group_step(self, group: dict[str, Any]) -> None:
+    def _new_state(self, group: dict[str, Any], p: Tensor) -> list[Tensor]:
+        if sphere_info(p) is None:
+            return self._adamw_state(group, p)
+        state = self.state[p]
+        if "step" not in state:
+            cdt = sphere.compute_dtype(p.dtype)
+            state["step"] = new_step(p, capturable=bool(group.get("capturable")))
+            state["exp_avg"] = torch.zeros_like(p, dtype=cdt)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=cdt)
+        return [state["step"], state["exp_avg"], state["exp_avg_sq"]]
+
+    def _group_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
         spheres: list[Tensor] = []
         euclid: list[Tensor] = []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            self._grad_of(group, p)  # rejects sparse gradients, naming the parameter
+        for p in params:
             (spheres if sphere_info(p) is not None else euclid).append(p)
         self._adamw(
             group,
@@ -133,28 +152,17 @@ class AdamH(HybridOptimizer):
 
     def _hyperball(self, group: dict[str, Any], params: list[Tensor]) -> None:
         b1, b2 = (float(b) for b in group["betas"])
-        grads, avgs, sqs = [], [], []
-        for p in params:
-            state = self.state[p]
-            cdt = sphere.compute_dtype(p.dtype)
-            if "step" not in state:
-                state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
-                state["exp_avg"] = torch.zeros_like(p, dtype=cdt)
-                state["exp_avg_sq"] = torch.zeros_like(p, dtype=cdt)
-            state["step"] += 1
-            g = self._grad_of(group, p).to(cdt)
-            if group["ordering"] == "riemannian":
-                # moments of the Riemannian gradient; the first moment moved to the current
-                # point (transport by projection)
-                dims, r = sphere_dim_of(p), float(getattr(p, "sphere_radius", 1.0))
-                g = sphere.project(p.detach(), g, dims, radius=r)
-                state["exp_avg"].copy_(sphere.project(p.detach(), state["exp_avg"], dims, radius=r))
-            grads.append(g)
-            avgs.append(state["exp_avg"])
-            sqs.append(state["exp_avg_sq"])
-        foreach = group.get("foreach")
-        if foreach is None:
-            foreach = all(p.device.type in ("cpu", "cuda") for p in params)
+        states = [self.state[p] for p in params]
+        increment_steps([st["step"] for st in states])
+        avgs = [st["exp_avg"] for st in states]
+        sqs = [st["exp_avg_sq"] for st in states]
+        grads = [self._grad_of(group, p).to(m.dtype) for p, m in zip(params, avgs)]
+        if group["ordering"] == "riemannian":
+            # moments of the Riemannian gradient; the first moment moved to the current
+            # point (transport by projection)
+            grads = self._tangent(params, grads, inplace=False)
+            self._tangent(params, avgs, inplace=True)
+        foreach = self._use_foreach(group, params)
         if foreach:
             torch._foreach_lerp_(avgs, grads, 1 - b1)
             torch._foreach_mul_(sqs, b2)
@@ -163,25 +171,30 @@ class AdamH(HybridOptimizer):
             for m, v, g in zip(avgs, sqs, grads):
                 m.lerp_(g, 1 - b1)
                 v.mul_(b2).addcmul_(g, g, value=1 - b2)
-        lr = group["lr"]
-        lr = float(lr) if isinstance(lr, Tensor) else lr
+        lr = self._host_lr(group)
         rule = "angular" if group["angular"] else "hyperball"
-        steps = [float(self.state[p]["step"]) for p in params]
+        steps: list[Any] = [
+            self.state[p]["step"].to(torch.float64)  # capturable: on the device, no host read
+            if group["capturable"]
+            else float(self.state[p]["step"])
+            for p in params
+        ]
         if foreach:
             dirs = adam_directions(avgs, sqs, steps, (b1, b2), group["eps"])
         else:
             dirs = [
                 adam_direction(m, v, t, (b1, b2), group["eps"]) for m, v, t in zip(avgs, sqs, steps)
             ]
+        items = []
         for p, d in zip(params, dirs):
-            angle = sphere_step_(
-                p,
-                d,
-                lr,
-                project=group["ordering"] != "renorm",
-                rule=rule,
-                angle_per=group["angle_per"],
-                measure=bool(group["measure_angle"]),
-            )
-            if angle is not None:
-                self.state[p]["angle"] = angle
+            info = sphere_info(p)
+            assert info is not None
+            items.append((p, info, d if info.whole else rows(d, info.layout)))
+        self._sphere_steps(
+            group,
+            items,
+            lr,
+            rule=rule,
+            project=group["ordering"] != "renorm",
+            stack=bool(foreach),
+        )

@@ -220,9 +220,24 @@ class SphereOptimizer(Optimizer):
 
     def _update_masked(self, group: dict[str, Any], lists: Any, found_inf: Tensor) -> None:
         """Device-side skip for a path without a ``found_inf`` input (capturable foreach):
-        snapshot what the update writes, update, restore where ``found_inf`` is set."""
+        snapshot what the update writes, update, restore where ``found_inf`` is set. The
+        measured angles (``state["angle"]``, replaced by each step) keep those of the last
+        step taken (zeros where there was none)."""
         written = [t for i, lst in enumerate(lists) if i != 1 for t in lst if torch.is_tensor(t)]
+        angles = {
+            id(p): self.state[p]["angle"].clone()
+            for p in lists[0]
+            if isinstance(self.state.get(p, {}).get("angle"), Tensor)
+        }
         run_masked(found_inf, written, lambda: self._update(group, lists, None))
+        skip = found_inf.to(torch.bool)
+        for p in lists[0]:
+            new = self.state.get(p, {}).get("angle")
+            if isinstance(new, Tensor):
+                old = angles.get(id(p))
+                self.state[p]["angle"] = torch.where(
+                    skip, torch.zeros_like(new) if old is None else old, new
+                )
 
     # ------------------------------------------------------------------ skip warnings
 

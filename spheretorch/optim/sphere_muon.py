@@ -10,8 +10,7 @@ import torch
 from torch import Tensor
 
 from .. import sphere
-from ..parameter import sphere_dim_of
-from ..sphere.foreach import STACK_MAX_NUMEL
+from ..sphere import is_dtensor
 from ._hybrid import (
     HybridOptimizer,
     SphereInfo,
@@ -22,11 +21,8 @@ from ._hybrid import (
 )
 from .sphere_steps import (
     NS_COEFFICIENTS,
-    from_rows,
     matrix_of,
     orthogonalize,
-    rows,
-    sphere_step,
 )
 
 __all__ = ["SphereMuon"]
@@ -40,22 +36,6 @@ def _adjusted_lr(lr: float, fn: str | None, shape: torch.Size) -> float:
     if fn is None or fn == "original":
         return lr * max(1.0, a / b) ** 0.5
     return lr * 0.2 * max(a, b) ** 0.5
-
-
-def _project_(x: Tensor, d: Tensor, dims: int | tuple[int, ...], r: float) -> None:
-    """``d <- P_x d`` in place (two passes: the inner products, then one ``addcmul_``)."""
-    c = sphere.inner(x, d, dims) / (r * r)
-    if d.dtype == c.dtype and x.dtype == c.dtype:
-        d.addcmul_(x, c, value=-1)
-    else:  # half precision: the projection in float32, stored back
-        d.copy_(sphere.project(x, d, dims, radius=r))
-
-
-def st_dims(p: Tensor) -> tuple[int | tuple[int, ...], float]:
-    """A sphere parameter's axes and radius."""
-    dims = sphere_dim_of(p)
-    assert dims is not None
-    return dims, float(getattr(p, "sphere_radius", 1.0))
 
 
 class SphereMuon(HybridOptimizer):
@@ -124,10 +104,18 @@ class SphereMuon(HybridOptimizer):
         angle_per: ``"tensor"`` or ``"sphere"`` (above).
         measure_angle: keep the angle each sphere turned in ``state["angle"]``.
         batch_ns: iterate same-shape matrices together (``torch.bmm`` on a stack).
-        foreach: the momentum and AdamW updates as ``_foreach`` ops (default on CPU/CUDA).
-        nonfinite: ``"skip"`` (default), ``"raise"`` or ``"ignore"`` a step whose gradients
-            are not finite (one host synchronisation when checked).
-        fused, capturable, differentiable: not supported (``RuntimeError`` when true).
+        foreach: the momentum, Muon and AdamW updates and the tangent projections as
+            ``_foreach`` ops (default on CPU/CUDA tensors, not DTensors).
+        nonfinite: ``"skip"`` (default: skipped steps warned about and counted in
+            ``skipped_steps``), ``"raise"`` or ``"ignore"`` a step whose gradients are not
+            finite (one host synchronisation when checked, none with ``capturable``), as
+            the other sphere optimizers (:class:`.SphereOptimizer`).
+        capturable: as torch's: step counters on the parameters' device, a Tensor ``lr``
+            used there, and the non-finite check and skip decided on the device (the step
+            taken, then undone where a gradient is not finite): no host synchronisation.
+            Also the way to take a caller's ``found_inf`` (GradScaler, the trainer) without
+            one (:class:`._hybrid.HybridOptimizer`). ``nonfinite="raise"`` is refused with it.
+        fused, differentiable: not supported (``RuntimeError`` when true).
     """
 
     def __init__(
@@ -220,14 +208,19 @@ class SphereMuon(HybridOptimizer):
             )
         return "muon" if use else "adamw"
 
-    def _group_step(self, group: dict[str, Any]) -> None:
+    def _new_state(self, group: dict[str, Any], p: Tensor) -> list[Tensor]:
+        if self._route(group, p) == "adamw":
+            return self._adamw_state(group, p)
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return [state["momentum_buffer"]]
+
+    def _group_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
         ours: list[Tensor] = []
         kinds: list[str] = []
         adamw: list[Tensor] = []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            self._grad_of(group, p)  # rejects sparse gradients, naming the parameter
+        for p in params:
             kind = self._route(group, p)
             if kind == "adamw":
                 adamw.append(p)
@@ -249,15 +242,8 @@ class SphereMuon(HybridOptimizer):
     def _muon(self, group: dict[str, Any], params: list[Tensor], kinds: list[str]) -> None:
         mu = float(group["momentum"])
         grads = [self._grad_of(group, p) for p in params]
-        bufs = []
-        for p in params:
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            bufs.append(state["momentum_buffer"])
-        foreach = group.get("foreach")
-        if foreach is None:
-            foreach = all(p.device.type in ("cpu", "cuda") for p in params)
+        bufs = [self.state[p]["momentum_buffer"] for p in params]
+        foreach = self._use_foreach(group, params)
         if foreach:
             torch._foreach_lerp_(bufs, grads, 1 - mu)
             updates = torch._foreach_lerp(grads, bufs, mu) if group["nesterov"] else bufs
@@ -266,17 +252,17 @@ class SphereMuon(HybridOptimizer):
             for b, g in zip(bufs, grads):
                 b.lerp_(g, 1 - mu)
                 updates.append(g.lerp(b, mu) if group["nesterov"] else b)
-        for i, p in enumerate(params):
-            if kinds[i] == "sphere":
-                # Riemannian momentum: the buffer projected at the current point after every
-                # update, i.e. B = mu P(B_old) + (1 - mu) P(g) (transport by projection; P is
-                # linear), and so is the Nesterov update. Momentum of Euclidean gradients
-                # would drag each point back towards its past positions (their radial parts
-                # projected at the new point), a bias of the order of the step itself.
-                dims, r = st_dims(p)
-                _project_(p.detach(), bufs[i], dims, r)
-                if group["nesterov"]:
-                    _project_(p.detach(), updates[i], dims, r)
+        # Riemannian momentum: the buffer projected at the current point after every update,
+        # i.e. B = mu P(B_old) + (1 - mu) P(g) (transport by projection; P is linear), and so
+        # is the Nesterov update. Momentum of Euclidean gradients would drag each point back
+        # towards its past positions (their radial parts projected at the new point), a
+        # bias of the order of the step itself.
+        on = [i for i, kind in enumerate(kinds) if kind == "sphere"]
+        if on:
+            ps = [params[i] for i in on]
+            self._tangent(ps, [bufs[i] for i in on], inplace=True)
+            if group["nesterov"]:
+                self._tangent(ps, [updates[i] for i in on], inplace=True)
 
         # the matrices to orthogonalize: tangent parts of sphere updates, Euclidean updates
         infos = [sphere_info(p) for p in params]
@@ -297,77 +283,42 @@ class SphereMuon(HybridOptimizer):
             dtype,
             batch=bool(group["batch_ns"]),
         )
-        lr = group["lr"]
-        lr = float(lr) if isinstance(lr, Tensor) else lr
+        lr = self._host_lr(group)
         spheres: list[tuple[Tensor, SphereInfo, Tensor]] = []
+        # Euclidean matrices sharing an adjusted LR (a shape): torch.optim.Muon's two
+        # operations as one _foreach op each (the same arithmetic, element for element)
+        together: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
+        renorm: list[Tensor] = []  # ordering="renorm": back on the sphere after the update
         for i, o in zip(keep, outs):
             p, kind, info = params[i], kinds[i], infos[i]
             if kind in ("muon", "renorm"):
                 # torch.optim.Muon's update, operation for operation
                 adjusted = _adjusted_lr(lr, group["adjust_lr_fn"], mats[i].shape)
+                if kind == "renorm":
+                    renorm.append(p)
+                if not isinstance(adjusted, Tensor) and not is_dtensor(p):
+                    ps_, os_ = together.setdefault((adjusted, p.device, p.dtype), ([], []))
+                    ps_.append(p)
+                    os_.append(o.reshape(p.shape))
+                    continue
                 p.mul_(1 - lr * group["weight_decay"])
-                p.add_(o.reshape(p.shape), alpha=-adjusted)
-                if kind == "renorm":  # then back on the sphere (as RenormAdam after Adam)
-                    dims, r = st_dims(p)
-                    p.copy_(sphere.normalize(p, dims, on_zero="keep", radius=r))
+                if isinstance(adjusted, Tensor):  # capturable: no host read of the LR
+                    p.sub_(o.reshape(p.shape) * adjusted.to(p.dtype))
+                else:
+                    p.add_(o.reshape(p.shape), alpha=-adjusted)
                 continue
             assert info is not None
             spheres.append((p, info, o))
-        self._sphere_steps(group, spheres, lr)
-
-    def _sphere_steps(
-        self, group: dict[str, Any], items: list[tuple[Tensor, SphereInfo, Tensor]], lr: float
-    ) -> None:
-        """The angular steps of sphere parameters along their orthogonalized updates ``o``
-        (their :func:`matrix_of` shape): same-shape parameters in one call on their stacked
-        rows (with ``batch_ns``, on CUDA or for tensors of at most ``STACK_MAX_NUMEL``
-        values, as the other optimizers stack), a whole-tensor sphere as one row of unit
-        norm."""
-        batches: dict[tuple, list[int]] = {}
-        for j, (p, info, _) in enumerate(items):
-            # stacking copies; it pays where launches dominate: small tensors, or CUDA
-            small = p.numel() <= STACK_MAX_NUMEL or p.device.type == "cuda"
-            if not (group["batch_ns"] and small):
-                key: tuple = (j,)
-            elif info.whole:
-                key = ("whole", p.numel(), p.dtype, p.device)
-            else:
-                key = ("rows", tuple(p.shape), info.layout, info.radius, p.dtype, p.device)
-            batches.setdefault(key, []).append(j)
-        for idx in batches.values():
-            ps = [items[j][0] for j in idx]
-            info = items[idx[0]][1]
-            cdt = sphere.compute_dtype(ps[0].dtype)
-            if info.whole:  # one row per parameter, scaled to the unit sphere
-                radii = torch.tensor(
-                    [items[j][1].radius for j in idx], dtype=cdt, device=ps[0].device
-                ).unsqueeze(1)
-                z = torch.stack([p.detach().reshape(-1) for p in ps]).to(cdt) / radii
-                r = 1.0
-            else:
-                z = torch.cat([rows(p.detach(), info.layout) for p in ps]).to(cdt)
-                r = info.radius
-            o = torch.cat([items[j][2].reshape(z.shape[0] // len(idx), -1) for j in idx])
-            o = sphere.project(z, o.to(cdt), -1, radius=r)
-            new, angle = sphere_step(
-                z,
-                o,
-                lr,
-                radius=r,
-                project=False,
-                rule="angular",
-                angle_per=group["angle_per"],
-                measure=bool(group["measure_angle"]),
-                blocks=len(idx),
-            )
-            if info.whole:
-                new = new * radii
-            k = z.shape[0] // len(idx)
-            for b, p in enumerate(ps):
-                block = new[b * k : (b + 1) * k]
-                if info.whole:
-                    p.copy_(block.reshape(p.shape))
-                else:
-                    p.copy_(from_rows(block, info.layout, p.shape))
-                if angle is not None:
-                    self.state[p]["angle"] = angle[b * k : (b + 1) * k].clone()
+        for (adjusted, _, _), (ps_, os_) in together.items():
+            torch._foreach_mul_(ps_, 1 - lr * group["weight_decay"])
+            torch._foreach_add_(ps_, os_, alpha=-adjusted)
+        if renorm:  # as RenormAdam after Adam
+            self._renormalize(renorm)
+        self._sphere_steps(
+            group,
+            spheres,
+            lr,
+            rule="angular",
+            project=True,
+            stack=bool(group["batch_ns"]),
+        )

@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from .. import sphere
-from ..sphere import SphereLayout, compute_dtype
+from ..sphere import SphereLayout, compute_dtype, is_dtensor
 
 __all__ = [
     "NS_COEFFICIENTS",
@@ -182,8 +182,16 @@ def orthogonalize(
 ) -> list[Tensor]:
     """:func:`newton_schulz` of every matrix of ``mats``; with ``batch``, same-shape matrices
     (on one device, of one dtype) are stacked and iterated together (``torch.bmm``: one
-    kernel per product for the whole stack, the CUDA fast path)."""
+    kernel per product for the whole stack, the CUDA fast path).
+
+    Sharded matrices (DTensors, e.g. FSDP2's parameters): Newton-Schulz needs the whole
+    matrix, so each is gathered (``full_tensor()``), iterated on every rank like a local one
+    (the same numbers as one process: no reduction in bfloat16 across shards), and its
+    result handed back with the input's placements (a local slice, no communication)."""
     out: list[Tensor | None] = [None] * len(mats)
+    sharded = {i: m for i, m in enumerate(mats) if is_dtensor(m)}
+    if sharded:
+        mats = [m.full_tensor() if i in sharded else m for i, m in enumerate(mats)]  # type: ignore[attr-defined]
     groups: dict[tuple, list[int]] = {}
     for i, m in enumerate(mats):
         key = (tuple(m.shape), m.device, m.dtype) if batch else (i,)
@@ -192,11 +200,18 @@ def orthogonalize(
         if len(idx) == 1:
             out[idx[0]] = newton_schulz(mats[idx[0]], steps, coefficients, eps, dtype)
             continue
-        stacked = newton_schulz(
-            torch.stack([mats[i] for i in idx]), steps, coefficients, eps, dtype
-        )
+        # each matrix cast before stacking: one pass over the float32 values, not two
+        stack = torch.stack([mats[i] if dtype is None else mats[i].to(dtype) for i in idx])
+        stacked = newton_schulz(stack, steps, coefficients, eps, dtype)
         for j, i in enumerate(idx):
             out[i] = stacked[j]
+    for i, m in sharded.items():
+        from torch.distributed.tensor import DTensor, Replicate
+
+        full = DTensor.from_local(
+            out[i], m.device_mesh, [Replicate()] * m.device_mesh.ndim, run_check=False
+        )
+        out[i] = full.redistribute(m.device_mesh, m.placements)
     return out  # type: ignore[return-value]
 
 
@@ -204,28 +219,42 @@ def orthogonalize(
 
 
 def adam_direction(
-    exp_avg: Tensor, exp_avg_sq: Tensor, step: float, betas: tuple[float, float], eps: float
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step: float | Tensor,
+    betas: tuple[float, float],
+    eps: float,
 ) -> Tensor:
     r"""The bias-corrected Adam direction :math:`\hat m / (\sqrt{\hat v} + \epsilon)`,
     :math:`\hat m = m / (1 - \beta_1^t)`, :math:`\sqrt{\hat v} = \sqrt{v} / \sqrt{1 - \beta_2^t}`.
+
+    ``step``: :math:`t` as a number, or a float64 0-d tensor on the moments' device (capturable
+    steps: the bias corrections computed there, no host read).
 
     (Emerging-Optimizers' ObliqueAdam divides :math:`\sqrt v` by :math:`1 - \beta_2^t` instead
     of its square root; fixed here: this is Adam's correction, as torch.optim.Adam.)
     """
     bc1 = 1 - betas[0] ** step
-    bc2_sqrt = math.sqrt(1 - betas[1] ** step)
+    if isinstance(step, Tensor):
+        bc2_sqrt: float | Tensor = (1 - betas[1] ** step).sqrt()
+    else:
+        bc2_sqrt = math.sqrt(1 - betas[1] ** step)
     return (exp_avg / bc1) / (exp_avg_sq.sqrt() / bc2_sqrt + eps)
 
 
 def adam_directions(
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
-    steps: list[float],
+    steps: list[float] | list[Tensor],
     betas: tuple[float, float],
     eps: float,
 ) -> list[Tensor]:
     """:func:`adam_direction` of every tensor of the lists, as ``_foreach`` ops (the same
-    operations in the same order: equal bit for bit)."""
+    operations in the same order: equal bit for bit); tensor steps one tensor at a time."""
+    if any(isinstance(t, Tensor) for t in steps):
+        return [
+            adam_direction(m, v, t, betas, eps) for m, v, t in zip(exp_avgs, exp_avg_sqs, steps)
+        ]
     bc1 = [1 - betas[0] ** t for t in steps]
     bc2_sqrt = [math.sqrt(1 - betas[1] ** t) for t in steps]
     num = torch._foreach_div(exp_avgs, bc1)
@@ -250,7 +279,7 @@ def step_angle(z_old: Tensor, z_new: Tensor, radius: float = 1.0, whole: bool = 
 def sphere_step(
     z: Tensor,
     d: Tensor,
-    lr: float,
+    lr: float | Tensor,
     *,
     radius: float = 1.0,
     whole: bool = False,
@@ -270,7 +299,8 @@ def sphere_step(
             (``whole=True``: one sphere of all entries). Norm ``radius``.
         d: the direction (same shape), e.g. an Adam direction or an orthogonalized momentum.
         lr: the learning rate: the step length (``"adam"``), the update norm over the radius
-            (``"hyperball"``), or the angle in radians (``"angular"``).
+            (``"hyperball"``), or the angle in radians (``"angular"``); a float or a 0-d
+            tensor (no host read: capturable steps).
         project: remove the radial part of ``d`` first (the ``"oblique"`` ordering; always
             done for ``"angular"``, whose angle is defined along the sphere).
         rule: ``"adam"``, ``"hyperball"`` or ``"angular"`` (module docstring).
@@ -299,7 +329,8 @@ def sphere_step(
         n = sphere.norm(du, -1)
         moving = n > 0
         if angle_per == "sphere" or du.shape[0] == blocks:
-            theta = torch.where(moving, torch.full_like(n, float(lr)), torch.zeros_like(n))
+            full = lr.to(n.dtype).expand_as(n) if isinstance(lr, Tensor) else torch.full_like(n, lr)
+            theta = torch.where(moving, full, torch.zeros_like(n))
         elif angle_per == "tensor":
             nb = n.reshape(blocks, -1)
             rms = nb.square().mean(dim=1, keepdim=True).sqrt().expand_as(nb).reshape(n.shape)
@@ -322,7 +353,7 @@ def sphere_step(
 def sphere_step_(
     p: Tensor,
     d: Tensor,
-    lr: float,
+    lr: float | Tensor,
     *,
     project: bool = True,
     rule: StepRule = "angular",

@@ -395,14 +395,20 @@ def build_optimizer(
     # On CUDA the fused kernels take the trainer's device-side skip decision (found_inf) as
     # an input; other paths would snapshot and restore every tensor they write each step.
     params = list(model.parameters())
-    if all(p.device.type == "cuda" and not isinstance(p, DTensor) for p in params):
+    on_cuda = all(p.device.type == "cuda" and not isinstance(p, DTensor) for p in params)
+    if on_cuda:
         kw["fused"] = True
     if name == "renorm":
         return sphere_optim.RenormAdam(groups, nonfinite="ignore", **kw)
     if name == "riemannian":
         return sphere_optim.RiemannianAdam(groups, nonfinite="ignore", **kw)
+    # The Muon family has no fused kernel: capturable=True takes the device-side skip
+    # without a host read (the step undone on the device where found_inf is set).
+    capturable = on_cuda
     if name == "adamh":
-        return sphere_optim.AdamH(groups, lr=lr, betas=betas, eps=1e-8, nonfinite="ignore")
+        return sphere_optim.AdamH(
+            groups, lr=lr, betas=betas, eps=1e-8, nonfinite="ignore", capturable=capturable
+        )
     if name in ("muon", "sphere_muon"):
         return sphere_optim.SphereMuon(
             _muon_groups(model, lr, weight_decay),
@@ -410,5 +416,6 @@ def build_optimizer(
             ordering="renorm" if name == "muon" else "riemannian",
             adamw_betas=betas,
             nonfinite="ignore",
+            capturable=capturable,
         )
     raise UserError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
