@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 
-from spheretorch.kernels import geodesic_step, residual, rope, slerp, triton_available
+from spheretorch.kernels import geodesic_step, residual, rope, triton_available
 from spheretorch.kernels import unit as unit_module
 
 from .test_kernels_models import GEO_OPTIONS, OPS, _cases, _fused_and_reference, _run
@@ -24,7 +24,7 @@ from .test_kernels_models import GEO_OPTIONS, OPS, _cases, _fused_and_reference,
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 
 #: the modules whose ops launch kernels through ``rowwise.jit``
-LAUNCHERS = (unit_module, residual, slerp, rope, geodesic_step)
+LAUNCHERS = (unit_module, residual, rope, geodesic_step)  # residual: the slerp op too
 POINTER = {
     torch.float64: "*fp64",
     torch.float32: "*fp32",

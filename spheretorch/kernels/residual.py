@@ -21,6 +21,7 @@ degenerate case, where :math:`\bar a` gets :math:`\bar h'` instead):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -175,92 +176,130 @@ def _wide(h: Tensor, f: Tensor) -> torch.dtype:
     return torch.promote_types(compute_dtype(h.dtype), compute_dtype(f.dtype))
 
 
-def _nlerp_triton(h: Tensor, f: Tensor, alpha: Tensor) -> Tensor:
-    h2, f2 = as_rows(h), as_rows(f)
-    out = torch.empty(h2.shape, dtype=h.dtype, device=h.device)
-    if out.numel():
-        block, warps = block_and_warps(h2.shape[1])
-        jit(_nlerp_fwd_kernel)[(h2.shape[0],)](
-            h2, f2, alpha.contiguous(), out, h2.stride(0), f2.stride(0), h2.shape[1],
-            BLOCK=block, F64=_wide(h, f) == torch.float64, num_warps=warps,
-        )  # fmt: skip
-    return out.view(h.shape)
-
-
-def _nlerp_backward_triton(
-    grad: Tensor, h: Tensor, f: Tensor, alpha: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    g2, h2, f2 = as_rows(grad), as_rows(h), as_rows(f)
-    rows, d = h2.shape
-    dh = torch.empty(h2.shape, dtype=h.dtype, device=h.device)
-    df = torch.empty(f2.shape, dtype=f.dtype, device=f.device)
-    ct = _wide(h, f)
-    programs, per = reduce_programs(rows, h.device)
-    partial = torch.zeros(programs, d, dtype=ct, device=h.device)
-    if rows and d:
-        block, warps = block_and_warps(d)
-        jit(_nlerp_bwd_kernel)[(programs,)](
-            g2, h2, f2, alpha.contiguous(), dh, df, partial, g2.stride(0), h2.stride(0),
-            f2.stride(0), rows, per, d, BLOCK=block, F64=ct == torch.float64, num_warps=warps,
-        )  # fmt: skip
-    return dh.view(h.shape), df.view(f.shape), partial.sum(0).to(alpha.dtype)
-
-
 # ----------------------------------------------------------------------------- the ops
 
-
-@torch.library.custom_op("spheretorch::nlerp_residual", mutates_args=())
-def _nlerp_op(h: Tensor, f: Tensor, alpha: Tensor) -> Tensor:
-    if use_triton(h):
-        return _nlerp_triton(h, f, alpha)
-    with autocast_off(h):
-        return _nlerp_torch(h, f, alpha).contiguous()
+Residual = Callable[[Tensor, Tensor, Tensor], Tensor]
+Backward = Callable[[Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
 
 
-@_nlerp_op.register_fake
-def _(h: Tensor, f: Tensor, alpha: Tensor) -> Tensor:
-    return torch.empty_like(h, memory_format=torch.contiguous_format)
+def residual_op(
+    name: str,
+    kernels: tuple[Any, Any] | None,
+    forward: Residual,
+    backward: Backward,
+    reference: Residual,
+) -> Residual:
+    """Register a residual rule ``(h, f, alpha) -> h'`` as the custom ops
+    ``spheretorch::<name>`` and ``spheretorch::<name>_backward`` and return the forward op.
 
+    ``kernels``: its Triton ``(forward, backward)`` kernels (``None`` without Triton), with the
+    launch signature of this module's nlerp kernels (the backward writes per-program partial
+    sums of the ``alpha`` gradient); ``forward``/``backward``: the PyTorch implementation and
+    the hand-written backward (CPU); ``reference``: the readable definition, differentiated by
+    autograd under ``create_graph=True``. The nlerp and slerp rules share all of this.
+    """
 
-def _nlerp_backward_impl(
-    grad: Tensor, h: Tensor, f: Tensor, alpha: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    if use_triton(h):
-        return _nlerp_backward_triton(grad, h, f, alpha)
-    with autocast_off(h):
-        dh, df, dalpha = nlerp_residual_backward_reference(grad, h, f, alpha)
-    return dh.contiguous(), df.contiguous(), dalpha
+    def run_triton(h: Tensor, f: Tensor, alpha: Tensor) -> Tensor:
+        assert kernels is not None
+        h2, f2 = as_rows(h), as_rows(f)
+        out = torch.empty(h2.shape, dtype=h.dtype, device=h.device)
+        if out.numel():
+            block, warps = block_and_warps(h2.shape[1])
+            jit(kernels[0])[(h2.shape[0],)](
+                h2, f2, alpha.contiguous(), out, h2.stride(0), f2.stride(0), h2.shape[1],
+                BLOCK=block, F64=_wide(h, f) == torch.float64, num_warps=warps,
+            )  # fmt: skip
+        return out.view(h.shape)
 
+    def backward_triton(
+        grad: Tensor, h: Tensor, f: Tensor, alpha: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        assert kernels is not None
+        g2, h2, f2 = as_rows(grad), as_rows(h), as_rows(f)
+        rows, d = h2.shape
+        dh = torch.empty(h2.shape, dtype=h.dtype, device=h.device)
+        df = torch.empty(f2.shape, dtype=f.dtype, device=f.device)
+        ct = _wide(h, f)
+        programs, per = reduce_programs(rows, h.device)
+        partial = torch.zeros(programs, d, dtype=ct, device=h.device)
+        if rows and d:
+            block, warps = block_and_warps(d)
+            jit(kernels[1])[(programs,)](
+                g2, h2, f2, alpha.contiguous(), dh, df, partial, g2.stride(0), h2.stride(0),
+                f2.stride(0), rows, per, d, BLOCK=block, F64=ct == torch.float64,
+                num_warps=warps,
+            )  # fmt: skip
+        return dh.view(h.shape), df.view(f.shape), partial.sum(0).to(alpha.dtype)
 
-@torch.library.custom_op("spheretorch::nlerp_residual_backward", mutates_args=())
-def _nlerp_backward_op(
-    grad: Tensor, h: Tensor, f: Tensor, alpha: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    return _nlerp_backward_impl(grad, h, f, alpha)
+    def op_impl(h: Tensor, f: Tensor, alpha: Tensor) -> Tensor:
+        if use_triton(h):
+            return run_triton(h, f, alpha)
+        with autocast_off(h):
+            return forward(h, f, alpha).contiguous()
 
+    def fake(h: Tensor, f: Tensor, alpha: Tensor) -> Tensor:
+        return torch.empty_like(h, memory_format=torch.contiguous_format)
 
-@_nlerp_backward_op.register_fake
-def _(grad: Tensor, h: Tensor, f: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    fmt = torch.contiguous_format
-    return (
-        torch.empty_like(h, memory_format=fmt),
-        torch.empty_like(f, memory_format=fmt),
-        torch.empty_like(alpha),
+    def backward_impl(
+        grad: Tensor, h: Tensor, f: Tensor, alpha: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        if use_triton(h):
+            return backward_triton(grad, h, f, alpha)
+        with autocast_off(h):
+            dh, df, dalpha = backward(grad, h, f, alpha)
+        return dh.contiguous(), df.contiguous(), dalpha
+
+    def backward_fake(
+        grad: Tensor, h: Tensor, f: Tensor, alpha: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        fmt = torch.contiguous_format
+        return (
+            torch.empty_like(h, memory_format=fmt),
+            torch.empty_like(f, memory_format=fmt),
+            torch.empty_like(alpha),
+        )
+
+    op = torch.library.custom_op(f"spheretorch::{name}", op_impl, mutates_args=())
+    op.register_fake(fake)
+    backward_op = torch.library.custom_op(
+        f"spheretorch::{name}_backward", backward_impl, mutates_args=()
     )
+    backward_op.register_fake(backward_fake)
+
+    def setup(ctx: Any, inputs: tuple[Tensor, Tensor, Tensor], output: Tensor) -> None:
+        ctx.save_for_backward(*inputs)
+
+    def autograd_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        h, f, alpha = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: differentiable again through the reference
+            return reference_vjp(reference, (h, f, alpha), grad)
+        return backward_entry(backward_op, backward_impl, grad)(grad, h, f, alpha)
+
+    op.register_autograd(autograd_backward, setup_context=setup)
+    return op
 
 
-def _setup(ctx: Any, inputs: tuple[Tensor, Tensor, Tensor], output: Tensor) -> None:
-    ctx.save_for_backward(*inputs)
+def check_residual_args(h: Tensor, f: Tensor, alpha: Tensor) -> None:
+    """One-line errors for a residual op's arguments: ``h``, ``f`` ``(..., d)`` alike,
+    ``alpha`` ``(d,)``."""
+    if h.shape != f.shape:
+        raise ValueError(
+            f"h and f must have the same shape, got {tuple(h.shape)} and {tuple(f.shape)}"
+        )
+    if alpha.shape != h.shape[-1:]:
+        raise ValueError(
+            f"alpha must have shape ({h.shape[-1]},) (one step size per coordinate), got "
+            f"{tuple(alpha.shape)}"
+        )
 
 
-def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-    h, f, alpha = ctx.saved_tensors
-    if torch.is_grad_enabled():  # create_graph: differentiable again through the reference
-        return reference_vjp(nlerp_residual_reference, (h, f, alpha), grad)
-    return backward_entry(_nlerp_backward_op, _nlerp_backward_impl, grad)(grad, h, f, alpha)
-
-
-_nlerp_op.register_autograd(_backward, setup_context=_setup)
+_nlerp_op = residual_op(
+    "nlerp_residual",
+    (_nlerp_fwd_kernel, _nlerp_bwd_kernel) if triton_available() else None,
+    _nlerp_torch,
+    nlerp_residual_backward_reference,
+    nlerp_residual_reference,
+)
 
 
 def nlerp_residual(h: Tensor, f: Tensor, alpha: Tensor) -> Tensor:
@@ -275,13 +314,5 @@ def nlerp_residual(h: Tensor, f: Tensor, alpha: Tensor) -> Tensor:
     Returns:
         Unit rows, shaped and typed like ``h``.
     """
-    if h.shape != f.shape:
-        raise ValueError(
-            f"h and f must have the same shape, got {tuple(h.shape)} and {tuple(f.shape)}"
-        )
-    if alpha.shape != h.shape[-1:]:
-        raise ValueError(
-            f"alpha must have shape ({h.shape[-1]},) (one step size per coordinate), got "
-            f"{tuple(alpha.shape)}"
-        )
+    check_residual_args(h, f, alpha)
     return _nlerp_op(h, f, alpha)

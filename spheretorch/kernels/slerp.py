@@ -20,28 +20,15 @@ CUDA's ``libdevice`` one would tie the kernels to one backend): with ``m`` in ``
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
 from torch import Tensor
 
-from ..sphere.checks import compute_dtype
 from ..sphere.residual import (
     slerp_residual_backward_reference,
     slerp_residual_forward,
     slerp_residual_reference,
 )
 from .backend import triton_available
-from .rowwise import (
-    as_rows,
-    autocast_off,
-    backward_entry,
-    block_and_warps,
-    jit,
-    reduce_programs,
-    reference_vjp,
-    use_triton,
-)
+from .residual import check_residual_args, residual_op
 
 __all__ = ["slerp_residual"]
 
@@ -265,96 +252,13 @@ if triton_available():
         tl.store(DA_PART + pid.to(tl.int64) * d + cols, acc, mask=col_mask)
 
 
-def _wide(h: Tensor, f: Tensor) -> torch.dtype:
-    return torch.promote_types(compute_dtype(h.dtype), compute_dtype(f.dtype))
-
-
-def _slerp_triton(h: Tensor, f: Tensor, alpha: Tensor) -> Tensor:
-    h2, f2 = as_rows(h), as_rows(f)
-    out = torch.empty(h2.shape, dtype=h.dtype, device=h.device)
-    if out.numel():
-        block, warps = block_and_warps(h2.shape[1])
-        jit(_slerp_fwd_kernel)[(h2.shape[0],)](
-            h2, f2, alpha.contiguous(), out, h2.stride(0), f2.stride(0), h2.shape[1],
-            BLOCK=block, F64=_wide(h, f) == torch.float64, num_warps=warps,
-        )  # fmt: skip
-    return out.view(h.shape)
-
-
-def _slerp_backward_triton(
-    grad: Tensor, h: Tensor, f: Tensor, alpha: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    g2, h2, f2 = as_rows(grad), as_rows(h), as_rows(f)
-    rows, d = h2.shape
-    dh = torch.empty(h2.shape, dtype=h.dtype, device=h.device)
-    df = torch.empty(f2.shape, dtype=f.dtype, device=f.device)
-    ct = _wide(h, f)
-    programs, per = reduce_programs(rows, h.device)
-    partial = torch.zeros(programs, d, dtype=ct, device=h.device)
-    if rows and d:
-        block, warps = block_and_warps(d)
-        jit(_slerp_bwd_kernel)[(programs,)](
-            g2, h2, f2, alpha.contiguous(), dh, df, partial, g2.stride(0), h2.stride(0),
-            f2.stride(0), rows, per, d, BLOCK=block, F64=ct == torch.float64, num_warps=warps,
-        )  # fmt: skip
-    return dh.view(h.shape), df.view(f.shape), partial.sum(0).to(alpha.dtype)
-
-
-# ----------------------------------------------------------------------------- the ops
-
-
-@torch.library.custom_op("spheretorch::slerp_residual", mutates_args=())
-def _slerp_op(h: Tensor, f: Tensor, alpha: Tensor) -> Tensor:
-    if use_triton(h):
-        return _slerp_triton(h, f, alpha)
-    with autocast_off(h):
-        return slerp_residual_forward(h, f, alpha).contiguous()
-
-
-@_slerp_op.register_fake
-def _(h: Tensor, f: Tensor, alpha: Tensor) -> Tensor:
-    return torch.empty_like(h, memory_format=torch.contiguous_format)
-
-
-def _slerp_backward_impl(
-    grad: Tensor, h: Tensor, f: Tensor, alpha: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    if use_triton(h):
-        return _slerp_backward_triton(grad, h, f, alpha)
-    with autocast_off(h):
-        dh, df, dalpha = slerp_residual_backward_reference(grad, h, f, alpha)
-    return dh.contiguous(), df.contiguous(), dalpha
-
-
-@torch.library.custom_op("spheretorch::slerp_residual_backward", mutates_args=())
-def _slerp_backward_op(
-    grad: Tensor, h: Tensor, f: Tensor, alpha: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    return _slerp_backward_impl(grad, h, f, alpha)
-
-
-@_slerp_backward_op.register_fake
-def _(grad: Tensor, h: Tensor, f: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    fmt = torch.contiguous_format
-    return (
-        torch.empty_like(h, memory_format=fmt),
-        torch.empty_like(f, memory_format=fmt),
-        torch.empty_like(alpha),
-    )
-
-
-def _setup(ctx: Any, inputs: tuple[Tensor, Tensor, Tensor], output: Tensor) -> None:
-    ctx.save_for_backward(*inputs)
-
-
-def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-    h, f, alpha = ctx.saved_tensors
-    if torch.is_grad_enabled():  # create_graph: differentiable again through the reference
-        return reference_vjp(slerp_residual_reference, (h, f, alpha), grad)
-    return backward_entry(_slerp_backward_op, _slerp_backward_impl, grad)(grad, h, f, alpha)
-
-
-_slerp_op.register_autograd(_backward, setup_context=_setup)
+_slerp_op = residual_op(
+    "slerp_residual",
+    (_slerp_fwd_kernel, _slerp_bwd_kernel) if triton_available() else None,
+    slerp_residual_forward,
+    slerp_residual_backward_reference,
+    slerp_residual_reference,
+)
 
 
 def slerp_residual(h: Tensor, f: Tensor, alpha: Tensor) -> Tensor:
@@ -370,18 +274,10 @@ def slerp_residual(h: Tensor, f: Tensor, alpha: Tensor) -> Tensor:
     Returns:
         Unit rows, shaped and typed like ``h``.
     """
-    if h.shape != f.shape:
-        raise ValueError(
-            f"h and f must have the same shape, got {tuple(h.shape)} and {tuple(f.shape)}"
-        )
+    check_residual_args(h, f, alpha)
     if h.dim() == 0 or h.shape[-1] < 2:
         raise ValueError(
             f"h must have a last axis of size >= 2 (a sphere with geodesics), got shape "
             f"{tuple(h.shape)}"
-        )
-    if alpha.shape != h.shape[-1:]:
-        raise ValueError(
-            f"alpha must have shape ({h.shape[-1]},) (one step size per coordinate), got "
-            f"{tuple(alpha.shape)}"
         )
     return _slerp_op(h, f, alpha)
