@@ -333,17 +333,31 @@ def test_kernels_compile_for_a_cuda_target():
                                                   "HAS_FOUND_INF": True}))  # fmt: skip
     types = {"G": "*fp16", "INFO": "*i64", "TILES": "*i64", "FLAG": "*i32"}
     cases.append((mod._nonfinite_kernel, types, {"BLOCK": 4096}))
-    for xdt, ddt, cd, per_tensor, pass_norms, hyperball, project in (
-        ("bf16", "bf16", "fp32", True, True, False, True),
-        ("fp32", "bf16", "fp32", True, False, False, True),
-        ("fp64", "fp64", "fp64", False, False, False, True),
-        ("bf16", "fp32", "fp32", False, False, True, False),
+    for xdt, ddt, cd, per_tensor, pass_norms, hyperball, project, strided in (
+        ("bf16", "bf16", "fp32", True, True, False, True, True),
+        ("fp32", "bf16", "fp32", True, False, False, True, False),
+        ("fp64", "fp64", "fp64", False, False, False, True, True),
+        ("bf16", "fp32", "fp32", False, False, True, False, False),
     ):
-        types = {"X": f"*{xdt}", "D": f"*{ddt}", "NORMS": f"*{cd}", "RMS": f"*{cd}", **tiles}
-        types |= {"HYPER": f"*{cd}", "LR": "*fp32", "SIZE": "i32"}
+        types = {"X": f"*{xdt}", "D": f"*{ddt}", "NORMS": f"*{cd}", "RMS": f"*{cd}"}
+        types |= {"ANGLE": f"*{cd}", **tiles, "HYPER": f"*{cd}", "LR": "*fp32", "SIZE": "i32"}
         flags = dict(PASS_NORMS=pass_norms, PER_TENSOR=per_tensor, LR_TENSOR=True)
-        flags |= dict(HYPERBALL=hyperball, PROJECT=project)
+        flags |= dict(HYPERBALL=hyperball, PROJECT=project, D_STRIDED=strided, MEASURE=True)
         cases.append((mod._rows_step_kernel, types, {**block, **flags}))
+    # the whole-tensor spheres' two passes (step and renormalisation)
+    for xdt, ddt, cd, has_d, strided in (
+        ("bf16", "bf16", "fp32", True, True),
+        ("fp64", "fp64", "fp64", True, False),
+        ("fp32", "fp32", "fp32", False, False),
+    ):
+        types = {"X": f"*{xdt}", "D": f"*{ddt}", "PARTIALS": f"*{cd}", **tiles}
+        consts = {"N_INFO": 7, "BLOCK": 4096, "HAS_D": has_d, "D_STRIDED": strided}
+        cases.append((mod._whole_sums_kernel, types, consts))
+        types = {"X": f"*{xdt}", "D": f"*{ddt}", "SUMS": f"*{cd}", "ANGLE": f"*{cd}", **tiles}
+        types |= {"HYPER": f"*{cd}", "LR": "*fp32"}
+        consts = {"N_INFO": 7, "BLOCK": 4096, "RENORM": not has_d, "HYPERBALL": strided}
+        consts |= {"PROJECT": not strided, "LR_TENSOR": True, "D_STRIDED": strided}
+        cases.append((mod._whole_step_kernel, types, {**consts, "MEASURE": has_d}))
     for fn, types, consts in cases:
         sig, constexprs = _signature(types, consts)
         out = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=target)

@@ -235,30 +235,43 @@ def _nonfinite_kernel(G, INFO, TILES, FLAG, BLOCK: tl.constexpr):
 
 @triton.jit
 def _rows_step_kernel(
-    X, D, NORMS, RMS, TILES, INFO, HYPER, LR, SIZE,
+    X, D, NORMS, RMS, ANGLE, TILES, INFO, HYPER, LR, SIZE,
     N_INFO: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
     PASS_NORMS: tl.constexpr, PER_TENSOR: tl.constexpr, LR_TENSOR: tl.constexpr,
-    HYPERBALL: tl.constexpr, PROJECT: tl.constexpr,
+    HYPERBALL: tl.constexpr, PROJECT: tl.constexpr, D_STRIDED: tl.constexpr,
+    MEASURE: tl.constexpr,
 ):  # fmt: skip
-    """A step of :func:`spheretorch.optim.sphere_steps.sphere_step` on the rows of X (radius
-    r) along -D, in place; d_T = P_x d (``PROJECT``) or d.
+    """A step of :func:`spheretorch.optim.sphere_steps.sphere_step` on the spheres of X (rows
+    or interleaved columns, radius r) along -D, in place; d_T = P_x d (``PROJECT``) or d.
 
     ``HYPERBALL=False`` (``rule="angular"``, ``PROJECT`` on): ``PASS_NORMS`` only writes
-    NORMS[row] <- |d_T| (for the RMS over a tensor); else x <- r normalize(cos(theta) x -
-    r sin(theta) d_T / |d_T|) with theta = lr (rows whose d_T is zero stay) or,
+    NORMS[sphere] <- |d_T| (for the RMS over a tensor); else x <- r normalize(cos(theta) x -
+    r sin(theta) d_T / |d_T|) with theta = lr (spheres whose d_T is zero stay) or,
     ``PER_TENSOR``, lr |d_T| / RMS[t]. ``HYPERBALL=True``: x <- r normalize(x - lr r d_T /
-    |d_T|)."""
+    |d_T|). normalize(y) = y / max(|y|, tiny) (``on_zero="keep"``).
+
+    D: at X's element offsets (``D_STRIDED=False``: contiguous like X) or at
+    ``(s // inner) * INFO[5] + (s % inner) * INFO[6] + k * INFO[7]`` for element k of sphere
+    s (the strides of D's ``(outer, size, inner)`` view: a transposed polar factor, rows of a
+    column sphere, ... read where they lie). ``MEASURE``: ANGLE[t, s] <- (|y' - c x'|, c),
+    c = <x', y'>, for the unit points x' = x / r before and y' after (the angle is their
+    atan2, taken by the caller: :func:`spheretorch.optim.sphere_steps.step_angle`)."""
     t, info, rows, elem, rmask, mask = _tile(TILES, INFO, N_INFO, SIZE, BLOCK_R, BLOCK_N)
     cd = HYPER.dtype.element_ty
     radius = tl.load(HYPER + 5 + t)
     x_ptr = X + tl.load(info + 2) + elem
     x = tl.load(x_ptr, mask=mask, other=0.0).to(cd)
-    d = tl.load(D + tl.load(info + 3) + elem, mask=mask, other=0.0).to(cd)
-    if PROJECT:
-        xh = x / radius
-        dt = d - _sum(xh * d)[:, None] * xh
+    if D_STRIDED:
+        inner = tl.load(info + 1)
+        outer_i = rows // inner
+        cols = tl.arange(0, BLOCK_N).to(tl.int64)
+        dbase = outer_i * tl.load(info + 5) + (rows - outer_i * inner) * tl.load(info + 6)
+        delem = dbase[:, None] + cols[None, :] * tl.load(info + 7)
     else:
-        dt = d
+        delem = elem
+    d = tl.load(D + tl.load(info + 3) + delem, mask=mask, other=0.0).to(cd)
+    xh = x / radius
+    dt = d - _sum(xh * d)[:, None] * xh if PROJECT else d
     n = tl.sqrt(_sum(dt * dt))
     if PASS_NORMS:
         tl.store(NORMS + tl.load(info + 4) + rows, n, mask=rmask)
@@ -277,5 +290,127 @@ def _rows_step_kernel(
             unit = dt / tl.maximum(n, tiny)[:, None]
             y = tl.cos(theta)[:, None] * x - (radius * tl.sin(theta))[:, None] * unit
         # rows past the end of a tensor (masked, all zero) divide by 1, not 0
-        y = y / tl.where(rmask, tl.sqrt(_sum(y * y)), 1.0)[:, None] * radius
-        tl.store(x_ptr, y.to(X.dtype.element_ty), mask=mask)
+        yh = y / tl.where(rmask, tl.maximum(tl.sqrt(_sum(y * y)), tiny), 1.0)[:, None]
+        tl.store(x_ptr, (yh * radius).to(X.dtype.element_ty), mask=mask)
+        if MEASURE:
+            c = _sum(xh * yh)
+            v = yh - c[:, None] * xh
+            a_ptr = ANGLE + 2 * (t * tl.load(info) + rows)
+            tl.store(a_ptr, tl.sqrt(_sum(v * v)), mask=rmask)
+            tl.store(a_ptr + 1, c, mask=rmask)
+
+
+@triton.jit
+def _span(TILES, INFO, N_INFO: tl.constexpr, BLOCK: tl.constexpr):
+    """Tensor index, first element, INFO row, flat element indices and mask of this program's
+    ``BLOCK`` values of one whole tensor (INFO[0]: its number of values)."""
+    pid = tl.program_id(0).to(tl.int64)
+    t = tl.load(TILES + 2 * pid)
+    start = tl.load(TILES + 2 * pid + 1)
+    info = INFO + t * N_INFO
+    idx = start + tl.arange(0, BLOCK).to(tl.int64)
+    return pid, t, start, info, idx, idx < tl.load(info)
+
+
+@triton.jit
+def _whole_d(D, info, idx, mask, D_STRIDED: tl.constexpr):
+    """D's values at the flat indices ``idx`` of X: contiguous, or (``D_STRIDED``) a matrix
+    of INFO[4] columns with strides INFO[5], INFO[6] (e.g. a transposed polar factor)."""
+    if D_STRIDED:
+        ncols = tl.load(info + 4)
+        i = idx // ncols
+        off = i * tl.load(info + 5) + (idx - i * ncols) * tl.load(info + 6)
+    else:
+        off = idx
+    return tl.load(D + tl.load(info + 3) + off, mask=mask, other=0.0)
+
+
+@triton.jit
+def _whole_sums_kernel(
+    X, D, PARTIALS, TILES, INFO,
+    N_INFO: tl.constexpr, BLOCK: tl.constexpr, HAS_D: tl.constexpr, D_STRIDED: tl.constexpr,
+):  # fmt: skip
+    """Pass 1 of a step (or renormalisation) of whole-tensor spheres: per program, over its
+    ``BLOCK`` values, PARTIALS[pid] <- (sum x^2, sum x d, sum d^2) (``HAS_D=False``: the
+    first only), in the compute dtype (PARTIALS' dtype). The caller sums them per tensor."""
+    pid, _, _, info, idx, mask = _span(TILES, INFO, N_INFO, BLOCK)
+    cd = PARTIALS.dtype.element_ty
+    x = tl.load(X + tl.load(info + 2) + idx, mask=mask, other=0.0).to(cd)
+    out = PARTIALS + 3 * pid
+    tl.store(out, tl.reduce(x * x, 0, tl.standard._sum_combine))
+    if HAS_D:
+        d = _whole_d(D, info, idx, mask, D_STRIDED).to(cd)
+        tl.store(out + 1, tl.reduce(x * d, 0, tl.standard._sum_combine))
+        tl.store(out + 2, tl.reduce(d * d, 0, tl.standard._sum_combine))
+
+
+@triton.jit
+def _whole_step_kernel(
+    X, D, SUMS, ANGLE, TILES, INFO, HYPER, LR,
+    N_INFO: tl.constexpr, BLOCK: tl.constexpr, RENORM: tl.constexpr,
+    HYPERBALL: tl.constexpr, PROJECT: tl.constexpr, LR_TENSOR: tl.constexpr,
+    D_STRIDED: tl.constexpr, MEASURE: tl.constexpr,
+):  # fmt: skip
+    """Pass 2: the step of :func:`spheretorch.optim.sphere_steps.sphere_step` (``whole=True``)
+    from the sums of pass 1, SUMS[t] = (|x|^2, <x, d>, |d|^2), in place.
+
+    ``RENORM``: x <- r x / max(|x|, tiny). Else, with x' = x / r (unit), P = |x'|^2,
+    A = <x', d>, the tangent part d_T = d - a x' (a = A with ``PROJECT``, else 0) and
+    n = |d_T|: the new point is r y / |y| with y = alpha x' + beta d,
+
+    * angular (theta = lr, 0 where n = 0): y = cos(theta) x' - sin(theta) d_T / n, i.e.
+      alpha = cos(theta) + sin(theta) a / n, beta = -sin(theta) / n;
+    * hyperball: y = x' - lr d_T / n: alpha = 1 + lr a / n, beta = -lr / n.
+
+    The norms come from the sums without another pass: with w = d - (A / P) x' (the part of
+    d orthogonal to x', |w|^2 = |d|^2 - A^2 / P) and g = alpha + beta A / P (y = g x' + beta w),
+    |y|^2 = g^2 P + beta^2 |w|^2 and n^2 = |w|^2 + (A (1 - P))^2 / P (``PROJECT``; else
+    |d|^2). Exact in exact arithmetic; in floating point |w|^2 loses digits only when d is
+    nearly radial (relative error ~ eps |d|^2 / |w|^2). ``MEASURE``: ANGLE[t] <- (s, c) with
+    c = <x', y/|y|> = g P / |y| and s = |y/|y| - c x'| = sqrt(c^2 (1 - P)^2 / P
+    + beta^2 |w|^2 / |y|^2) (the angle is atan2(s, c), taken by the caller), written by the
+    tensor's first program."""
+    _, t, start, info, idx, mask = _span(TILES, INFO, N_INFO, BLOCK)
+    cd = HYPER.dtype.element_ty
+    radius = tl.load(HYPER + 5 + t)
+    tiny = tl.load(HYPER + 3)
+    sxx = tl.load(SUMS + 3 * t)
+    x_ptr = X + tl.load(info + 2) + idx
+    x = tl.load(x_ptr, mask=mask, other=0.0).to(cd)
+    if RENORM:
+        y = x * (radius / tl.maximum(tl.sqrt(sxx), tiny))
+    else:
+        lr = tl.load(HYPER)
+        if LR_TENSOR:
+            lr = tl.load(LR).to(cd)
+        p = tl.maximum(sxx / (radius * radius), tiny)
+        a_full = tl.load(SUMS + 3 * t + 1) / radius
+        w2 = tl.maximum(tl.load(SUMS + 3 * t + 2) - a_full * a_full / p, 0.0)
+        if PROJECT:
+            a = a_full
+            off = a_full * (1 - p)
+            n = tl.sqrt(w2 + off * off / p)
+        else:
+            a = a_full * 0.0
+            n = tl.sqrt(tl.load(SUMS + 3 * t + 2))
+        inv_n = 1 / tl.maximum(n, tiny)
+        if HYPERBALL:
+            alpha = 1 + lr * a * inv_n
+            beta = -lr * inv_n
+        else:
+            theta = tl.where(n > 0, lr, 0.0)
+            sin_t = tl.sin(theta)
+            alpha = tl.cos(theta) + sin_t * a * inv_n
+            beta = -sin_t * inv_n
+        g = alpha + beta * a_full / p
+        norm_y = tl.maximum(tl.sqrt(g * g * p + beta * beta * w2), tiny)
+        d = _whole_d(D, info, idx, mask, D_STRIDED).to(cd)
+        y = x * (alpha / norm_y) + d * (radius * beta / norm_y)
+        if MEASURE:
+            c = g * p / norm_y
+            e = 1 - p
+            s = tl.sqrt(c * c * e * e / p + beta * beta * w2 / (norm_y * norm_y))
+            first = start == 0
+            tl.store(ANGLE + 2 * t, s, mask=first)
+            tl.store(ANGLE + 2 * t + 1, c, mask=first)
+    tl.store(x_ptr, y.to(X.dtype.element_ty), mask=mask)

@@ -255,19 +255,37 @@ class HybridOptimizer(SphereOptimizer):
     def _renormalize(params: list[Tensor]) -> None:
         r"""Each sphere parameter back to its radius along its sphere axes, in place
         (:math:`x \leftarrow r\,x/\|x\|`; :func:`spheretorch.sphere.normalize` with
-        ``on_zero="keep"`` is the reference): the Triton kernel where it applies (CUDA: one
-        launch per row length, as :class:`.RenormAdam`), ``_foreach`` ops for unit spheres
-        along a contiguous axis (the same operations as the reference), the others one by
-        one."""
-        infos = [sphere_info(p) for p in params]
-        if use_triton(params) and all(p.is_contiguous() for p in params):
+        ``on_zero="keep"`` is the reference): on CUDA (or the forced Triton backend) the
+        Triton kernels, per dtype: one launch per row length for spheres of at most
+        ``MAX_ROW`` values (as :class:`.RenormAdam`), two passes per size for larger
+        whole-tensor spheres (sums of squares, then the scaling); else ``_foreach`` ops for
+        unit spheres along a contiguous axis (the same operations as the reference), the
+        others one by one."""
+        if use_triton(params):
             from ..kernels import optim as kernels
 
-            layouts = [info.layout for info in infos]  # type: ignore[union-attr]
-            if kernels.handles(params, layouts):
-                radii = [info.radius for info in infos]  # type: ignore[union-attr]
-                kernels.renormalize_(params, layouts, radii)
-                return
+            infos = [sphere_info(p) for p in params]
+            sets: dict[tuple, list[int]] = {}  # one kernel call per set
+            for i, (p, info) in enumerate(zip(params, infos)):
+                assert info is not None
+                big = info.whole and p.numel() > kernels.MAX_ROW
+                sets.setdefault((p.dtype, p.numel() if big else None), []).append(i)
+            left = []
+            for (_, numel), idx in sets.items():
+                ps = [params[i] for i in idx]
+                radii = [infos[i].radius for i in idx]  # type: ignore[union-attr]
+                if numel is not None:
+                    layouts = [SphereLayout(1, numel, 1)] * len(ps)
+                    if kernels.handles(ps, layouts, max_row=numel):
+                        kernels.renormalize_whole_(ps, radii)
+                        continue
+                else:
+                    layouts = [infos[i].layout for i in idx]  # type: ignore[union-attr]
+                    if kernels.handles(ps, layouts):
+                        kernels.renormalize_(ps, layouts, radii)
+                        continue
+                left += ps
+            params = left
         together: dict[tuple, list[Tensor]] = {}
         for p in params:
             dims = sphere_dim_of(p)
@@ -298,14 +316,14 @@ class HybridOptimizer(SphereOptimizer):
         stack: bool,
     ) -> None:
         """:func:`~.sphere_steps.sphere_step` of every sphere parameter ``p`` along its
-        direction ``d`` (``items``: ``(p, info, d)``, ``d`` as the ``(k, size)`` rows of ``p``
-        or, for a whole-tensor sphere, any shape of ``p.numel()`` values), in place; the
-        measured angles into ``state["angle"]`` with ``measure_angle``.
+        direction ``d`` (``items``: ``(p, info, d)``, ``d`` shaped like ``p``, any strides),
+        in place; the measured angles into ``state["angle"]`` with ``measure_angle``.
 
         With ``stack``, same-shape parameters take one call on their stacked rows (on CUDA,
         or for tensors of at most ``STACK_MAX_NUMEL`` values, as the other optimizers stack:
         stacking copies, which pays where launches dominate); a whole-tensor sphere is one
-        row, scaled to the unit sphere."""
+        row, scaled to the unit sphere. Where the Triton kernels apply (:meth:`_kernel_step`)
+        each such set is one kernel step instead."""
         batches: dict[tuple, list[int]] = {}
         for j, (p, info, _) in enumerate(items):
             small = p.numel() <= STACK_MAX_NUMEL or p.device.type == "cuda"
@@ -318,93 +336,123 @@ class HybridOptimizer(SphereOptimizer):
             batches.setdefault(key, []).append(j)
         measure = bool(group["measure_angle"])
         for idx in batches.values():
-            if not measure and self._rows_kernel(group, items, idx, lr, rule, project):
-                continue
             ps = [items[j][0] for j in idx]
-            info = items[idx[0]][1]
-            cdt = sphere.compute_dtype(ps[0].dtype)
-            if info.whole:  # one row per parameter, scaled to the unit sphere
-                radii = [items[j][1].radius for j in idx]
-                z = torch.stack([p.detach().reshape(-1).to(cdt) / r for p, r in zip(ps, radii)])
-                radius = 1.0
-            else:
-                zs = [rows(p.detach(), info.layout) for p in ps]
-                z = (zs[0] if len(zs) == 1 else torch.cat(zs)).to(cdt)  # one: no copy
-                radius = info.radius
-            k = z.shape[0] // len(idx)
-            ds = [items[j][2].reshape(k, -1) for j in idx]
-            # (one: made contiguous, e.g. the transposed polar factor of a tall matrix: the
-            # per-row reductions below read rows)
-            d = (ds[0].contiguous() if len(ds) == 1 else torch.cat(ds)).to(cdt)
-            new, angle = sphere_step(
-                z,
-                d,
-                lr,
-                radius=radius,
-                project=project,
-                rule=rule,
-                angle_per=group["angle_per"],
-                measure=measure,
-                blocks=len(idx),
-            )
-            blocks = list(new.split(k))
-            if info.whole:  # back to each sphere's radius
-                blocks = list(torch._foreach_mul(blocks, radii))
-            dsts, srcs = [], []  # written back by one _foreach_copy_ where p has a row view
-            for p, block in zip(ps, blocks):
-                view = p.is_contiguous() and (info.whole or info.layout.inner == 1)
-                if view and not is_dtensor(p):
-                    dsts.append(p.view(block.shape))
-                    srcs.append(block)
-                    continue
-                p.copy_(
-                    block.reshape(p.shape) if info.whole else from_rows(block, info.layout, p.shape)
-                )
-            if dsts:
-                torch._foreach_copy_(dsts, srcs)
+            taken, angle = self._kernel_step(group, items, idx, lr, rule, project, measure)
+            if not taken:
+                angle = self._torch_step(group, items, idx, lr, rule, project, measure)
             if angle is not None:
-                for p, a in zip(ps, angle.split(k)):
+                for p, a in zip(ps, angle.split(angle.numel() // len(ps))):
                     self.state[p]["angle"] = a.clone()
 
     @staticmethod
-    def _rows_kernel(
+    def _torch_step(
         group: dict[str, Any],
         items: list[tuple[Tensor, SphereInfo, Tensor]],
         idx: list[int],
         lr: float | Tensor,
         rule: StepRule,
         project: bool,
-    ) -> bool:
-        """The step of the same-shape parameters ``items[idx]`` by the Triton kernel
-        (:func:`spheretorch.kernels.optim.sphere_rows_step_`) where it applies: the
-        ``"angular"`` or ``"hyperball"`` rule, CUDA (or the forced Triton backend),
-        contiguous row spheres, one direction dtype. True if taken."""
-        if rule not in ("angular", "hyperball"):
-            return False
+        measure: bool,
+    ) -> Tensor | None:
+        """:func:`~.sphere_steps.sphere_step` of ``items[idx]`` (same shape) on their stacked
+        rows; returns the measured angles (``measure``)."""
         ps = [items[j][0] for j in idx]
         info = items[idx[0]][1]
-        if info.whole or info.layout.inner != 1 or not use_triton(ps):
-            return False
+        cdt = sphere.compute_dtype(ps[0].dtype)
+        if info.whole:  # one row per parameter, scaled to the unit sphere
+            radii = [items[j][1].radius for j in idx]
+            z = torch.stack([p.detach().reshape(-1).to(cdt) / r for p, r in zip(ps, radii)])
+            radius = 1.0
+            ds = [items[j][2].reshape(1, -1) for j in idx]
+        else:
+            zs = [rows(p.detach(), info.layout) for p in ps]
+            z = (zs[0] if len(zs) == 1 else torch.cat(zs)).to(cdt)  # one: no copy
+            radius = info.radius
+            ds = [rows(items[j][2], info.layout) for j in idx]
+        k = z.shape[0] // len(idx)
+        # (one: made contiguous, e.g. the transposed polar factor of a tall matrix: the
+        # per-row reductions below read rows)
+        d = (ds[0].contiguous() if len(ds) == 1 else torch.cat(ds)).to(cdt)
+        new, angle = sphere_step(
+            z,
+            d,
+            lr,
+            radius=radius,
+            project=project,
+            rule=rule,
+            angle_per=group["angle_per"],
+            measure=measure,
+            blocks=len(idx),
+        )
+        blocks = list(new.split(k))
+        if info.whole:  # back to each sphere's radius
+            blocks = list(torch._foreach_mul(blocks, radii))
+        dsts, srcs = [], []  # written back by one _foreach_copy_ where p has a row view
+        for p, block in zip(ps, blocks):
+            view = p.is_contiguous() and (info.whole or info.layout.inner == 1)
+            if view and not is_dtensor(p):
+                dsts.append(p.view(block.shape))
+                srcs.append(block)
+                continue
+            back = block.reshape(p.shape) if info.whole else from_rows(block, info.layout, p.shape)
+            p.copy_(back)
+        if dsts:
+            torch._foreach_copy_(dsts, srcs)
+        return angle
+
+    @staticmethod
+    def _kernel_step(
+        group: dict[str, Any],
+        items: list[tuple[Tensor, SphereInfo, Tensor]],
+        idx: list[int],
+        lr: float | Tensor,
+        rule: StepRule,
+        project: bool,
+        measure: bool,
+    ) -> tuple[bool, Tensor | None]:
+        """The step of the same-shape parameters ``items[idx]`` by the Triton kernels of
+        :mod:`spheretorch.kernels.optim` where they apply: the ``"angular"`` or
+        ``"hyperball"`` rule, CUDA (or the forced Triton backend), contiguous parameters,
+        one direction dtype. Spheres of at most ``MAX_ROW`` values (rows, columns, any axis;
+        a small whole tensor as one row): :func:`~spheretorch.kernels.optim.sphere_rows_step_`;
+        larger whole-tensor spheres: :func:`~spheretorch.kernels.optim.sphere_whole_step_`.
+        Returns ``(taken, angles)`` (the angles with ``measure``)."""
+        if rule not in ("angular", "hyperball"):
+            return False, None
+        ps = [items[j][0] for j in idx]
+        info = items[idx[0]][1]
+        if not use_triton(ps):
+            return False, None
         from ..kernels import optim as kernels
 
-        layouts = [info.layout] * len(ps)
-        if not all(p.is_contiguous() for p in ps) or not kernels.handles(ps, layouts):
-            return False
-        k = info.layout.count
-        ds = [items[j][2].reshape(k, -1).contiguous() for j in idx]
+        ds = [items[j][2] for j in idx]
         if len({d.dtype for d in ds}) != 1:
-            return False
-        kernels.sphere_rows_step_(
+            return False, None
+        project = project or rule == "angular"
+        radii = [items[j][1].radius for j in idx]
+        layout = SphereLayout(1, ps[0].numel(), 1) if info.whole else info.layout
+        layouts = [layout] * len(ps)
+        if info.whole and layout.size > kernels.MAX_ROW:
+            if not kernels.handles(ps, layouts, max_row=layout.size):
+                return False, None
+            angle = kernels.sphere_whole_step_(
+                ps, ds, radii, lr, rule=rule, project=project, measure=measure
+            )
+            return True, angle
+        if not kernels.handles(ps, layouts):
+            return False, None
+        angle = kernels.sphere_rows_step_(
             ps,
             ds,
-            info.layout,
-            info.radius,
+            layout,
+            radii,
             lr,
             rule=rule,
-            project=project or rule == "angular",
-            per_tensor=group["angle_per"] == "tensor" and k > 1,
+            project=project,
+            per_tensor=group["angle_per"] == "tensor" and layout.count > 1,
+            measure=measure,
         )
-        return True
+        return True, angle
 
     # ------------------------------------------------------------------ AdamW (torch's)
 

@@ -11,7 +11,7 @@ from torch import Tensor
 from .. import sphere
 from ._functional import increment_steps, new_step
 from ._hybrid import HybridOptimizer, check_betas, check_hyper, check_lr, sphere_info
-from .sphere_steps import ORDERINGS, adam_direction, adam_directions, rows
+from .sphere_steps import ORDERINGS, adam_direction, adam_directions
 
 __all__ = ["AdamH"]
 
@@ -189,7 +189,7 @@ class AdamH(HybridOptimizer):
         for p, d in zip(params, dirs):
             info = sphere_info(p)
             assert info is not None
-            items.append((p, info, d if info.whole else rows(d, info.layout)))
+            items.append((p, info, d))
         self._sphere_steps(
             group,
             items,

@@ -21,6 +21,7 @@ from ._hybrid import (
 )
 from .sphere_steps import (
     NS_COEFFICIENTS,
+    from_rows,
     matrix_of,
     orthogonalize,
 )
@@ -308,7 +309,9 @@ class SphereMuon(HybridOptimizer):
                     p.add_(o.reshape(p.shape), alpha=-adjusted)
                 continue
             assert info is not None
-            spheres.append((p, info, o))
+            # back to p's shape: a view of the polar factor (read where it lies)
+            d = o.reshape(p.shape) if info.whole else from_rows(o, info.layout, p.shape)
+            spheres.append((p, info, d))
         for (adjusted, _, _), (ps_, os_) in together.items():
             torch._foreach_mul_(ps_, 1 - lr * group["weight_decay"])
             torch._foreach_add_(ps_, os_, alpha=-adjusted)
