@@ -367,9 +367,17 @@ def test_kernels_compile_for_a_cuda_target():
 # ----------------------------------------------------------------------------- the Muon family
 
 
+def _whole(x: torch.Tensor, radius: float) -> torch.nn.Parameter:
+    """``SphereParameter(x, dim=None)`` of radius ``radius`` (x scaled to it first)."""
+    return st.SphereParameter(x * (radius / x.double().norm()).to(x.dtype), dim=None)
+
+
 def _muon_family_params(dtype: torch.dtype) -> list[torch.nn.Parameter]:
-    """Row spheres of two shapes (three of one: a stack), one of radius 2, a column sphere
-    (the torch path) and a Euclidean matrix."""
+    """Row spheres of two shapes (three of one: a stack), one of radius 2, column spheres
+    (a tall and a wide matrix: the polar factor read through its strides), a middle axis,
+    whole-tensor spheres (two of 12 values and radii 2.5 and 0.5: one row each; two of 20
+    values, a tall and a wide matrix: the two-pass kernels where ``MAX_ROW`` is 16) and a
+    Euclidean matrix."""
     g = torch.Generator().manual_seed(3)
 
     def r(*shape):
@@ -380,6 +388,10 @@ def _muon_family_params(dtype: torch.dtype) -> list[torch.nn.Parameter]:
         st.SphereParameter(r(5, 3), dim=1),
         _sphere(r(3, 7), 1, radius=2.0),
         st.SphereParameter(r(6, 3), dim=0),
+        st.SphereParameter(r(3, 6), dim=0),
+        _sphere(r(2, 4, 3), 1),
+        *(_whole(r(*shape), radius) for shape, radius in (((3, 4), 2.5), ((3, 4), 0.5))),
+        *(_whole(r(*shape), radius) for shape, radius in (((5, 4), 1.5), ((4, 5), 0.8))),
         torch.nn.Parameter(r(4, 5)),
     ]
 
@@ -388,43 +400,55 @@ def _muon_family_params(dtype: torch.dtype) -> list[torch.nn.Parameter]:
 @pytest.mark.parametrize(
     "make",
     [
-        lambda ps: SphereMuon(ps, lr=0.1, ns_dtype=None),
+        lambda ps: SphereMuon(ps, lr=0.1, ns_dtype=None, measure_angle=True),
         lambda ps: SphereMuon(ps, lr=0.1, angle_per="sphere", ns_dtype=None),
         lambda ps: SphereMuon(ps, lr=torch.tensor(0.1, dtype=torch.float64), capturable=True),
-        lambda ps: AdamH(ps, lr=0.05, angular=True),
+        lambda ps: AdamH(ps, lr=0.05, angular=True, measure_angle=True),
         lambda ps: AdamH(ps, lr=0.05, angular=True, angle_per="tensor", ordering="riemannian"),
         lambda ps: SphereMuon(ps, lr=0.1, ordering="renorm", ns_dtype=None),
-        lambda ps: AdamH(ps, lr=0.05),  # the hyperball rule, unprojected (ordering="renorm")
+        lambda ps: AdamH(ps, lr=0.05, measure_angle=True),  # hyperball, unprojected ("renorm")
         lambda ps: AdamH(ps, lr=torch.tensor(0.05, dtype=torch.float64), ordering="oblique"),
     ],
     ids=[
-        "muon-tensor",
+        "muon-tensor-measure",
         "muon-sphere",
         "muon-bf16-tensor-lr",
-        "adamh-sphere",
+        "adamh-sphere-measure",
         "adamh-tensor",
         "muon-renorm",
-        "adamh-hyperball",
+        "adamh-hyperball-measure",
         "adamh-hyperball-oblique",
     ],
 )
 @pytest.mark.parametrize("dtype", ["f64", "f32"])
 def test_triton_sphere_steps_equal_the_reference(make, dtype, monkeypatch):
-    """SphereMuon's and AdamH's steps (angular, hyperball) on row spheres by the Triton
-    kernel (:func:`spheretorch.kernels.optim.sphere_rows_step_`, interpreted) against its one
-    reference, :func:`spheretorch.optim.sphere_steps.sphere_step` (the torch path); with
-    ``ordering="renorm"``, the renormalisation kernel against ``sphere.normalize``."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    dt, rtol = DTYPES[dtype]
-    results = {}
-    calls = []
+    """SphereMuon's and AdamH's steps (angular, hyperball; measured angles) by the Triton
+    kernels (interpreted) against their one reference,
+    :func:`spheretorch.optim.sphere_steps.sphere_step` (the torch path): row, column and
+    middle-axis spheres by :func:`spheretorch.kernels.optim.sphere_rows_step_`, whole-tensor
+    spheres as one row or, above ``MAX_ROW`` (16 here, so that tiny tensors take it), by
+    the two passes of :func:`spheretorch.kernels.optim.sphere_whole_step_`; with
+    ``ordering="renorm"``, the renormalisation kernels against ``sphere.normalize``. With the
+    Triton backend forced, no set of parameters falls back to the torch step."""
     from spheretorch.kernels import optim as kernels
+    from spheretorch.optim._hybrid import HybridOptimizer
 
-    for name in ("sphere_rows_step_", "renormalize_"):  # SphereMuon(ordering="renorm"): this
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(kernels, "MAX_ROW", 16)
+    dt, rtol = DTYPES[dtype]
+    results, opts = {}, {}
+    calls: list[str] = []
+    names = ("sphere_rows_step_", "sphere_whole_step_", "renormalize_", "renormalize_whole_")
+    for name in names:
         fn = getattr(kernels, name)
-        monkeypatch.setattr(kernels, name, lambda *a, _fn=fn, **k: calls.append(k) or _fn(*a, **k))
+        monkeypatch.setattr(
+            kernels, name, lambda *a, _fn=fn, _n=name, **k: calls.append(_n) or _fn(*a, **k)
+        )
+    torch_step = HybridOptimizer._torch_step
     for name in ("torch", "triton"):
         monkeypatch.setenv(backend.BACKEND_ENV, name)
+        if name == "triton":  # every set of sphere parameters takes a kernel
+            monkeypatch.setattr(HybridOptimizer, "_torch_step", staticmethod(_no_torch_step))
         ps = _muon_family_params(dt)
         opt = make(ps)
         for t in range(3):
@@ -432,7 +456,131 @@ def test_triton_sphere_steps_equal_the_reference(make, dtype, monkeypatch):
             for p in ps:
                 p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64).to(dt)
             opt.step()
-        results[name] = ps
-    assert calls, "the kernel was not used"
+        results[name], opts[name] = ps, opt
+    monkeypatch.setattr(HybridOptimizer, "_torch_step", torch_step)
+    renorm = opts["torch"].param_groups[0].get("ordering") == "renorm" and isinstance(
+        opts["torch"], SphereMuon
+    )
+    expected = {"renormalize_", "renormalize_whole_"} if renorm else set(names[:2])
+    assert expected <= set(calls), calls
     for a, b in zip(results["triton"], results["torch"]):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=rtol, atol=rtol)
+        if "angle" in opts["torch"].state[b]:
+            angle = opts["triton"].state[a]["angle"]
+            assert angle.dtype == opts["torch"].state[b]["angle"].dtype
+            torch.testing.assert_close(angle, opts["torch"].state[b]["angle"], rtol=rtol, atol=rtol)
+    if opts["torch"].param_groups[0]["measure_angle"]:
+        assert all("angle" in opts["triton"].state[p] for p in results["triton"][:-1])
+
+
+def _no_torch_step(*args, **kwargs):
+    raise AssertionError("a set of sphere parameters fell back to the torch step")
+
+
+def _layout_params(dtype: torch.dtype, shape: tuple, dims, radius: float, n: int):
+    """``n`` contiguous tensors of ``shape`` on spheres of ``radius`` along ``dims``."""
+    from spheretorch.optim.sphere_steps import from_rows, rows
+
+    lay = st.sphere.sphere_layout(shape, dims)
+    g = torch.Generator().manual_seed(sum(shape) + n)
+    out = []
+    for _ in range(n):
+        z = rows(torch.randn(shape, generator=g, dtype=torch.float64), lay)
+        z = z * (radius / z.norm(dim=1, keepdim=True))
+        out.append(from_rows(z, lay, torch.Size(shape)).contiguous().to(dtype))
+    return lay, out
+
+
+def _directions(shape: tuple, dtype: torch.dtype, seed: int) -> list[torch.Tensor]:
+    """Three directions of ``shape``: contiguous, reversed axes (a transposed view: read
+    through its strides), and for 3-D the first two axes swapped (another strided view;
+    contiguous for 2-D)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*s):
+        return torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)
+
+    out = [r(*shape), r(*shape[::-1]).permute(*reversed(range(len(shape))))]
+    out.append(r(shape[1], shape[0], *shape[2:]).transpose(0, 1) if len(shape) == 3 else r(*shape))
+    return out
+
+
+@triton_missing
+@pytest.mark.parametrize("dtype", ["f64", "f32", "bf16"])
+def test_triton_sphere_step_kernels_equal_sphere_step(dtype, monkeypatch):
+    """:func:`~spheretorch.kernels.optim.sphere_rows_step_` (rows, columns, a middle axis)
+    and :func:`~spheretorch.kernels.optim.sphere_whole_step_` (whole tensors of 150 and 153
+    values: three programs each, so the sums cross programs) against
+    :func:`~spheretorch.optim.sphere_steps.sphere_step` with ``measure=True``: points and
+    measured angles (a whole tensor also 10% off its sphere), for every rule (angular per
+    sphere / per tensor, hyperball projected or not), a float and a 0-d tensor lr,
+    radius != 1, directions contiguous or strided views. bfloat16: parameters and
+    directions in bfloat16, float32 math."""
+    from spheretorch.kernels import optim as kernels
+    from spheretorch.optim.sphere_steps import rows, sphere_step
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    dt, tol = {"bf16": (torch.bfloat16, 1e-2), **DTYPES}[dtype]
+    rules = [("angular", True, "sphere"), ("angular", True, "tensor"),
+             ("hyperball", True, "sphere"), ("hyperball", False, "sphere")]  # fmt: skip
+    for i, (rule, project, per) in enumerate(rules):
+        lr = 0.3 if i % 2 else torch.tensor(0.3, dtype=torch.float64)
+        for shape, dims in (((5, 7), 1), ((6, 5), 0), ((2, 4, 3), 1)):
+            lay, xs = _layout_params(dt, shape, dims, 2.5, 3)
+            ds = _directions(shape, dt, seed=i)
+            out = [x.clone() for x in xs]
+            angle = kernels.sphere_rows_step_(
+                out, ds, lay, [2.5] * 3, lr, rule=rule, project=project,
+                per_tensor=per == "tensor", measure=True,
+            )  # fmt: skip
+            ref, ref_angle = sphere_step(
+                torch.cat([rows(x, lay) for x in xs]),
+                torch.cat([rows(d, lay) for d in ds]),
+                lr, radius=2.5, project=project, rule=rule, angle_per=per, measure=True,
+                blocks=3,
+            )  # fmt: skip
+            got = torch.cat([rows(x, lay) for x in out])
+            torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
+            torch.testing.assert_close(angle, ref_angle, rtol=tol, atol=tol)
+        if per == "tensor":
+            continue  # one sphere per tensor: the same as per sphere
+        for shape in ((10, 15), (9, 17)):  # the second: a tall polar factor, a transposed view
+            radii = [2.5, 0.5]
+            # the second 10% off its sphere (as drift leaves a point): the terms in 1 - |x/r|^2
+            xs = [
+                _whole(torch.randn(shape, dtype=torch.float64), r * s)
+                for r, s in ((2.5, 1.0), (0.5, 1.1))
+            ]
+            xs = [x.detach().to(dt) for x in xs]
+            ds = _directions(shape, dt, seed=10 + i)[:2]
+            out = [x.clone() for x in xs]
+            angle = kernels.sphere_whole_step_(
+                out, ds, radii, lr, rule=rule, project=project, measure=True
+            )
+            for x, d, o, a, r in zip(xs, ds, out, angle, radii):
+                ref, ref_angle = sphere_step(
+                    x, d, lr, radius=r, whole=True, project=project, rule=rule, measure=True
+                )
+                torch.testing.assert_close(o, ref, rtol=tol, atol=tol)
+                torch.testing.assert_close(a.reshape(1), ref_angle, rtol=tol, atol=tol)
+
+
+@triton_missing
+@pytest.mark.parametrize("dtype", ["f64", "f32"])
+def test_triton_whole_renormalisation_equals_normalize(dtype, monkeypatch):
+    """:func:`~spheretorch.kernels.optim.renormalize_whole_` (two passes, several programs
+    per tensor) against :func:`spheretorch.sphere.normalize` (``on_zero="keep"``): radii
+    != 1, and a zero tensor stays zero."""
+    from spheretorch.kernels import optim as kernels
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    dt, tol = DTYPES[dtype]
+    g = torch.Generator().manual_seed(5)
+    xs = [torch.randn(7, 23, generator=g, dtype=dt) * s for s in (0.1, 1.0, 30.0)]
+    xs.append(torch.zeros(7, 23, dtype=dt))
+    radii = [2.5, 1.0, 0.5, 3.0]
+    out = [x.clone() for x in xs]
+    kernels.renormalize_whole_(out, radii)
+    for x, o, r in zip(xs, out, radii):
+        ref = st.sphere.normalize(x.reshape(-1), on_zero="keep", radius=r).reshape(x.shape)
+        torch.testing.assert_close(o, ref, rtol=tol, atol=tol)
