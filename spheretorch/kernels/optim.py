@@ -3,7 +3,8 @@ r"""Triton kernels of the sphere optimizers' steps: multi-tensor, one launch per
 What each kernel computes is specified by ONE readable reference, the single-tensor loop of its
 optimizer (``_single_tensor_riemannian_adam`` in ``spheretorch/optim/riemannian_adam.py``,
 ``_single_tensor_riemannian_sgd`` in ``spheretorch/optim/riemannian_sgd.py``, the
-renormalisation of ``spheretorch/optim/renorm_adam.py``), written with the formulas of
+renormalisation of ``spheretorch/optim/renorm_adam.py``; for the steps of SphereMuon and AdamH,
+:func:`spheretorch.optim.sphere_steps.sphere_step`), written with the formulas of
 :mod:`spheretorch.sphere`; ``tests/test_optim_kernels.py`` checks every kernel against it
 (through Triton's interpreter on CPU tensors).
 
@@ -15,7 +16,19 @@ in registers (``[BLOCK_R, BLOCK_N]`` tiles), so every per-sphere reduction (proj
 moment, retraction norm, transport) is a register reduction and each value is read and written
 once. Consecutive spheres are consecutive in memory when ``inner == 1`` (rows) and
 interleaved when ``inner > 1`` (columns), so loads coalesce in both cases. Spheres longer than
-``MAX_ROW`` are not handled here (callers take their multi-tensor torch path).
+``MAX_ROW`` are not handled by these row kernels (callers take their multi-tensor torch path),
+except whole-tensor spheres (``dim=None``: one sphere over all values, any size): their step
+(:func:`sphere_whole_step_`) and renormalisation (:func:`renormalize_whole_`) run in two passes,
+per-program partial sums (``BLOCK`` values each, TILES mapping programs to ``(tensor, first
+value)``), summed per tensor by one torch reduction, then the update, whose norms follow from
+the sums.
+
+Directions of the Muon family's steps (:func:`sphere_rows_step_`) need not be contiguous: a
+direction whose ``(outer, size, inner)`` view exists (the rows of a column sphere, the
+transposed polar factor of a tall matrix) is read through its strides (three more INFO
+columns), any other is copied once. Measured angles (``measure``): the kernels write each
+sphere's :math:`(\|\hat y - c\hat x\|, c)`, :math:`c = \langle \hat x, \hat y\rangle`, and
+one ``torch.atan2`` gives the angles (Triton has no ``atan2``).
 
 Multi-tensor addressing. A launch gets one base tensor per list (the lowest address) and a
 per-tensor table ``INFO`` of int64 element offsets from those bases (pointer arithmetic in
