@@ -18,12 +18,12 @@ once. Consecutive spheres are consecutive in memory when ``inner == 1`` (rows) a
 interleaved when ``inner > 1`` (columns), so loads coalesce in both cases. Spheres longer than
 ``MAX_ROW`` are not handled by these row kernels (callers take their multi-tensor torch path),
 except whole-tensor spheres (``dim=None``: one sphere over all values, any size): their step
-(:func:`sphere_whole_step_`) and renormalisation (:func:`renormalize_whole_`) run in two passes,
+(``sphere_whole_step_``) and renormalisation (``renormalize_whole_``) run in two passes,
 per-program partial sums (``BLOCK`` values each, TILES mapping programs to ``(tensor, first
 value)``), summed per tensor by one torch reduction, then the update, whose norms follow from
 the sums.
 
-Directions of the Muon family's steps (:func:`sphere_rows_step_`) need not be contiguous: a
+Directions of the Muon family's steps (``sphere_rows_step_``) need not be contiguous: a
 direction whose ``(outer, size, inner)`` view exists (the rows of a column sphere, the
 transposed polar factor of a tall matrix) is read through its strides (three more INFO
 columns), any other is copied once. Measured angles (``measure``): the kernels write each
