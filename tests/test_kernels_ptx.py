@@ -122,3 +122,61 @@ def test_every_module_that_launches_row_kernels_is_recorded():
         if module is not rowwise and getattr(module, "jit", None) is rowwise.jit:
             users.add(module.__name__)
     assert users == {m.__name__ for m in LAUNCHERS}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_muon_family_kernel_compiles_for_sm90(monkeypatch, dtype: torch.dtype):
+    """The Triton launches of SphereMuon's and AdamH's sphere steps (rows, columns, a middle
+    axis, whole tensors as one row and in two passes, measured angles, per-tensor angles, the
+    renormalisation), recorded with the Triton backend forced on CPU tensors (``MAX_ROW``
+    16, so that tiny whole tensors take the two passes) and compiled for sm_90 with the
+    argument types and constants of each launch."""
+    pytest.importorskip("triton.backends.nvidia", reason="triton without its CUDA backend")
+    from spheretorch.kernels import BACKEND_ENV
+    from spheretorch.kernels import optim as kernels
+    from spheretorch.optim import AdamH, SphereMuon
+
+    from .test_optim_kernels import _muon_family_params
+
+    compiled = kernels._jit(torch.device("cuda"))
+    launches: list[tuple[Any, tuple, dict]] = []
+
+    class Recorder:
+        def __init__(self, fn: Any) -> None:
+            self.fn = fn
+
+        def __getitem__(self, grid: Any) -> Any:
+            return lambda *args, **kw: launches.append((self.fn, args, kw))
+
+    class Module:  # the compiled kernels' source functions, launches recorded
+        def __getattr__(self, name: str) -> Recorder:
+            return Recorder(getattr(compiled, name).fn)
+
+    monkeypatch.setattr(kernels, "_jit", lambda device: Module())
+    monkeypatch.setattr(kernels, "MAX_ROW", 16)
+    lr = torch.tensor(0.1, dtype=torch.float64)
+    makers = [
+        lambda ps: SphereMuon(ps, lr=0.1, measure_angle=True),
+        lambda ps: SphereMuon(ps, lr=lr, capturable=True, ordering="renorm"),
+        lambda ps: AdamH(ps, lr=0.05, measure_angle=True),
+        lambda ps: AdamH(ps, lr=lr, angular=True, angle_per="sphere", ordering="oblique"),
+    ]
+    with monkeypatch.context() as m:  # the Triton path on CPU tensors while recording
+        m.setenv(BACKEND_ENV, "triton")
+        m.setenv("TRITON_INTERPRET", "1")
+        for make in makers:
+            ps = _muon_family_params(dtype)
+            for p in ps:
+                p.grad = torch.ones_like(p)
+            make(ps).step()
+    names = {fn.__name__ for fn, _, _ in launches}
+    assert {"_rows_step_kernel", "_whole_sums_kernel", "_whole_step_kernel"} <= names, names
+    assert "_renorm_kernel" in names, names
+    seen = set()
+    for fn, args, kw in launches:
+        key = (fn, tuple(_arg_type("", a) if not isinstance(a, bool) else a for a in args),
+               tuple(sorted((k, v) for k, v in kw.items())))  # fmt: skip
+        if key in seen:
+            continue
+        seen.add(key)
+        assert ".entry" in _compile_for_sm90(fn, args, kw), fn.__name__
