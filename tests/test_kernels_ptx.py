@@ -11,6 +11,7 @@ soon as an op uses it.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import pytest
@@ -171,6 +172,10 @@ def test_every_muon_family_kernel_compiles_for_sm90(monkeypatch, dtype: torch.dt
             make(ps).step()
     names = {fn.__name__ for fn, _, _ in launches}
     assert {"_rows_step_kernel", "_whole_sums_kernel", "_whole_step_kernel"} <= names, names
+    for fn, args, kw in launches:  # the interpreter ignores an unknown keyword: checked here
+        params = set(inspect.signature(fn).parameters)
+        assert set(kw) - params <= {"num_warps", "num_stages"}, (fn.__name__, kw)
+        assert len(args) + len(set(kw) & params) == len(params), fn.__name__
     assert "_renorm_kernel" in names, names
     seen = set()
     for fn, args, kw in launches:

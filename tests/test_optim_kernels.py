@@ -333,31 +333,31 @@ def test_kernels_compile_for_a_cuda_target():
                                                   "HAS_FOUND_INF": True}))  # fmt: skip
     types = {"G": "*fp16", "INFO": "*i64", "TILES": "*i64", "FLAG": "*i32"}
     cases.append((mod._nonfinite_kernel, types, {"BLOCK": 4096}))
-    for xdt, ddt, cd, per_tensor, pass_norms, hyperball, project, strided in (
-        ("bf16", "bf16", "fp32", True, True, False, True, True),
-        ("fp32", "bf16", "fp32", True, False, False, True, False),
-        ("fp64", "fp64", "fp64", False, False, False, True, True),
-        ("bf16", "fp32", "fp32", False, False, True, False, False),
+    for xdt, ddt, cd, per_tensor, pass_norms, hyperball, project in (
+        ("bf16", "bf16", "fp32", True, True, False, True),
+        ("fp32", "bf16", "fp32", True, False, False, True),
+        ("fp64", "fp64", "fp64", False, False, False, True),
+        ("bf16", "fp32", "fp32", False, False, True, False),
     ):
         types = {"X": f"*{xdt}", "D": f"*{ddt}", "NORMS": f"*{cd}", "RMS": f"*{cd}"}
         types |= {"ANGLE": f"*{cd}", **tiles, "HYPER": f"*{cd}", "LR": "*fp32", "SIZE": "i32"}
         flags = dict(PASS_NORMS=pass_norms, PER_TENSOR=per_tensor, LR_TENSOR=True)
-        flags |= dict(HYPERBALL=hyperball, PROJECT=project, D_STRIDED=strided, MEASURE=True)
+        flags |= dict(HYPERBALL=hyperball, PROJECT=project, MEASURE=True)
         cases.append((mod._rows_step_kernel, types, {**block, **flags}))
     # the whole-tensor spheres' two passes (step and renormalisation)
-    for xdt, ddt, cd, has_d, strided in (
+    for xdt, ddt, cd, has_d, hyperball in (
         ("bf16", "bf16", "fp32", True, True),
         ("fp64", "fp64", "fp64", True, False),
         ("fp32", "fp32", "fp32", False, False),
     ):
         types = {"X": f"*{xdt}", "D": f"*{ddt}", "PARTIALS": f"*{cd}", **tiles}
-        consts = {"N_INFO": 7, "BLOCK": 4096, "HAS_D": has_d, "D_STRIDED": strided}
+        consts = {"N_INFO": 4, "BLOCK": 4096, "HAS_D": has_d}
         cases.append((mod._whole_sums_kernel, types, consts))
         types = {"X": f"*{xdt}", "D": f"*{ddt}", "SUMS": f"*{cd}", "ANGLE": f"*{cd}", **tiles}
         types |= {"HYPER": f"*{cd}", "LR": "*fp32"}
-        consts = {"N_INFO": 7, "BLOCK": 4096, "RENORM": not has_d, "HYPERBALL": strided}
-        consts |= {"PROJECT": not strided, "LR_TENSOR": True, "D_STRIDED": strided}
-        cases.append((mod._whole_step_kernel, types, {**consts, "MEASURE": has_d}))
+        consts = {"N_INFO": 4, "BLOCK": 4096, "RENORM": not has_d, "HYPERBALL": hyperball}
+        consts |= {"PROJECT": not hyperball, "LR_TENSOR": True, "MEASURE": has_d}
+        cases.append((mod._whole_step_kernel, types, consts))
     for fn, types, consts in cases:
         sig, constexprs = _signature(types, consts)
         out = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=target)
@@ -374,10 +374,10 @@ def _whole(x: torch.Tensor, radius: float) -> torch.nn.Parameter:
 
 def _muon_family_params(dtype: torch.dtype) -> list[torch.nn.Parameter]:
     """Row spheres of two shapes (three of one: a stack), one of radius 2, column spheres
-    (a tall and a wide matrix: the polar factor read through its strides), a middle axis,
-    whole-tensor spheres (two of 12 values and radii 2.5 and 0.5: one row each; two of 20
-    values, a tall and a wide matrix: the two-pass kernels where ``MAX_ROW`` is 16) and a
-    Euclidean matrix."""
+    (a tall and a wide matrix: the polar factor in the parameter's layout or copied), a
+    middle axis, whole-tensor spheres (two of 12 values and radii 2.5 and 0.5: one row each;
+    two of 20 values, a tall and a wide matrix: the two-pass kernels where ``MAX_ROW`` is
+    16) and a Euclidean matrix."""
     g = torch.Generator().manual_seed(3)
 
     def r(*shape):
@@ -492,9 +492,9 @@ def _layout_params(dtype: torch.dtype, shape: tuple, dims, radius: float, n: int
 
 
 def _directions(shape: tuple, dtype: torch.dtype, seed: int) -> list[torch.Tensor]:
-    """Three directions of ``shape``: contiguous, reversed axes (a transposed view: read
-    through its strides), and for 3-D the first two axes swapped (another strided view;
-    contiguous for 2-D)."""
+    """Three directions of ``shape``: contiguous, reversed axes (a transposed view, as the
+    polar factor of a tall matrix: copied into the parameter's layout), and for 3-D the
+    first two axes swapped (another strided view; contiguous for 2-D)."""
     g = torch.Generator().manual_seed(seed)
 
     def r(*s):
@@ -514,7 +514,7 @@ def test_triton_sphere_step_kernels_equal_sphere_step(dtype, monkeypatch):
     :func:`~spheretorch.optim.sphere_steps.sphere_step` with ``measure=True``: points and
     measured angles (a whole tensor also 10% off its sphere), for every rule (angular per
     sphere / per tensor, hyperball projected or not), a float and a 0-d tensor lr,
-    radius != 1, directions contiguous or strided views. bfloat16: parameters and
+    radius != 1, directions contiguous or strided views (copied). bfloat16: parameters and
     directions in bfloat16, float32 math."""
     from spheretorch.kernels import optim as kernels
     from spheretorch.optim.sphere_steps import rows, sphere_step

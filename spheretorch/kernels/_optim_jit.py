@@ -238,8 +238,7 @@ def _rows_step_kernel(
     X, D, NORMS, RMS, ANGLE, TILES, INFO, HYPER, LR, SIZE,
     N_INFO: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
     PASS_NORMS: tl.constexpr, PER_TENSOR: tl.constexpr, LR_TENSOR: tl.constexpr,
-    HYPERBALL: tl.constexpr, PROJECT: tl.constexpr, D_STRIDED: tl.constexpr,
-    MEASURE: tl.constexpr,
+    HYPERBALL: tl.constexpr, PROJECT: tl.constexpr, MEASURE: tl.constexpr,
 ):  # fmt: skip
     """A step of :func:`spheretorch.optim.sphere_steps.sphere_step` on the spheres of X (rows
     or interleaved columns, radius r) along -D, in place; d_T = P_x d (``PROJECT``) or d.
@@ -250,10 +249,7 @@ def _rows_step_kernel(
     ``PER_TENSOR``, lr |d_T| / RMS[t]. ``HYPERBALL=True``: x <- r normalize(x - lr r d_T /
     |d_T|). normalize(y) = y / max(|y|, tiny) (``on_zero="keep"``).
 
-    D: at X's element offsets (``D_STRIDED=False``: contiguous like X) or at
-    ``(s // inner) * INFO[5] + (s % inner) * INFO[6] + k * INFO[7]`` for element k of sphere
-    s (the strides of D's ``(outer, size, inner)`` view: a transposed polar factor, rows of a
-    column sphere, ... read where they lie). ``MEASURE``: ANGLE[t, s] <- (|y' - c x'|, c),
+    D lies like X (its element offsets). ``MEASURE``: ANGLE[t, s] <- (|y' - c x'|, c),
     c = <x', y'>, for the unit points x' = x / r before and y' after (the angle is their
     atan2, taken by the caller: :func:`spheretorch.optim.sphere_steps.step_angle`)."""
     t, info, rows, elem, rmask, mask = _tile(TILES, INFO, N_INFO, SIZE, BLOCK_R, BLOCK_N)
@@ -261,15 +257,7 @@ def _rows_step_kernel(
     radius = tl.load(HYPER + 5 + t)
     x_ptr = X + tl.load(info + 2) + elem
     x = tl.load(x_ptr, mask=mask, other=0.0).to(cd)
-    if D_STRIDED:
-        inner = tl.load(info + 1)
-        outer_i = rows // inner
-        cols = tl.arange(0, BLOCK_N).to(tl.int64)
-        dbase = outer_i * tl.load(info + 5) + (rows - outer_i * inner) * tl.load(info + 6)
-        delem = dbase[:, None] + cols[None, :] * tl.load(info + 7)
-    else:
-        delem = elem
-    d = tl.load(D + tl.load(info + 3) + delem, mask=mask, other=0.0).to(cd)
+    d = tl.load(D + tl.load(info + 3) + elem, mask=mask, other=0.0).to(cd)
     xh = x / radius
     dt = d - _sum(xh * d)[:, None] * xh if PROJECT else d
     n = tl.sqrt(_sum(dt * dt))
@@ -313,22 +301,9 @@ def _span(TILES, INFO, N_INFO: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _whole_d(D, info, idx, mask, D_STRIDED: tl.constexpr):
-    """D's values at the flat indices ``idx`` of X: contiguous, or (``D_STRIDED``) a matrix
-    of INFO[4] columns with strides INFO[5], INFO[6] (e.g. a transposed polar factor)."""
-    if D_STRIDED:
-        ncols = tl.load(info + 4)
-        i = idx // ncols
-        off = i * tl.load(info + 5) + (idx - i * ncols) * tl.load(info + 6)
-    else:
-        off = idx
-    return tl.load(D + tl.load(info + 3) + off, mask=mask, other=0.0)
-
-
-@triton.jit
 def _whole_sums_kernel(
     X, D, PARTIALS, TILES, INFO,
-    N_INFO: tl.constexpr, BLOCK: tl.constexpr, HAS_D: tl.constexpr, D_STRIDED: tl.constexpr,
+    N_INFO: tl.constexpr, BLOCK: tl.constexpr, HAS_D: tl.constexpr,
 ):  # fmt: skip
     """Pass 1 of a step (or renormalisation) of whole-tensor spheres: per program, over its
     ``BLOCK`` values, PARTIALS[pid] <- (sum x^2, sum x d, sum d^2) (``HAS_D=False``: the
@@ -339,7 +314,7 @@ def _whole_sums_kernel(
     out = PARTIALS + 3 * pid
     tl.store(out, tl.reduce(x * x, 0, tl.standard._sum_combine))
     if HAS_D:
-        d = _whole_d(D, info, idx, mask, D_STRIDED).to(cd)
+        d = tl.load(D + tl.load(info + 3) + idx, mask=mask, other=0.0).to(cd)
         tl.store(out + 1, tl.reduce(x * d, 0, tl.standard._sum_combine))
         tl.store(out + 2, tl.reduce(d * d, 0, tl.standard._sum_combine))
 
@@ -349,7 +324,7 @@ def _whole_step_kernel(
     X, D, SUMS, ANGLE, TILES, INFO, HYPER, LR,
     N_INFO: tl.constexpr, BLOCK: tl.constexpr, RENORM: tl.constexpr,
     HYPERBALL: tl.constexpr, PROJECT: tl.constexpr, LR_TENSOR: tl.constexpr,
-    D_STRIDED: tl.constexpr, MEASURE: tl.constexpr,
+    MEASURE: tl.constexpr,
 ):  # fmt: skip
     """Pass 2: the step of :func:`spheretorch.optim.sphere_steps.sphere_step` (``whole=True``)
     from the sums of pass 1, SUMS[t] = (|x|^2, <x, d>, |d|^2), in place.
@@ -404,7 +379,7 @@ def _whole_step_kernel(
             beta = -sin_t * inv_n
         g = alpha + beta * a_full / p
         norm_y = tl.maximum(tl.sqrt(g * g * p + beta * beta * w2), tiny)
-        d = _whole_d(D, info, idx, mask, D_STRIDED).to(cd)
+        d = tl.load(D + tl.load(info + 3) + idx, mask=mask, other=0.0).to(cd)
         y = x * (alpha / norm_y) + d * (radius * beta / norm_y)
         if MEASURE:
             c = g * p / norm_y

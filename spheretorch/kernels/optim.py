@@ -101,8 +101,9 @@ def handles(
 ) -> bool:
     """Whether these tensors can go through the kernels: contiguous, supported dtypes, spheres
     of at most ``max_row`` values (default ``MAX_ROW``: the row kernels; any size for the
-    whole-tensor kernels, which reduce across programs), no autograd, not DTensors. ``others``: lists (of
-    gradients, moments, ...) that must be contiguous too (``None`` entries allowed)."""
+    whole-tensor kernels, which reduce across programs), no autograd, not DTensors.
+    ``others``: lists (of gradients, moments, ...) that must be contiguous too (``None``
+    entries allowed)."""
     if not triton_available():
         return False
     max_row = MAX_ROW if max_row is None else max_row
@@ -214,13 +215,11 @@ def _plan(
     lists: Sequence[Sequence[Tensor | None]],
     layouts: Sequence[Any],
     block_r: int,
-    extra: Sequence[Sequence[int]] | None = None,
 ) -> tuple[list[Tensor | None], Tensor, Tensor]:
-    """Bases of ``lists``, the INFO table (count, inner, offsets..., then ``extra[i]``: more
-    integers per tensor, e.g. strides) and the TILES table, on the device. TILES depends on
-    the shapes only (cached by them: it is the large one, one entry per program); INFO, one
-    small row per tensor, is cached by the tensors' addresses and ``extra`` (rebuilt when
-    gradients move: a few microseconds and one small copy)."""
+    """Bases of ``lists``, the INFO table (count, inner, offsets...) and the TILES table, on
+    the device. TILES depends on the shapes only (cached by them: it is the large one, one
+    entry per program); INFO, one small row per tensor, is cached by the tensors' addresses
+    (rebuilt when gradients move: a few microseconds and one small copy)."""
     device = lists[0][0].device  # type: ignore[union-attr]
     shapes = tuple((lay.outer, lay.size, lay.inner) for lay in layouts)
 
@@ -231,18 +230,14 @@ def _plan(
 
     def make_info() -> tuple[list[int | None], Tensor]:
         bases, offs = zip(*(_offsets(ts) for ts in lists))
-        info = [
-            [lay.count, lay.inner, *(o[i] for o in offs), *(extra[i] if extra else ())]
-            for i, lay in enumerate(layouts)
-        ]
+        info = [[lay.count, lay.inner, *(o[i] for o in offs)] for i, lay in enumerate(layouts)]
         # the bases are kept as addresses, not references (no tensor kept alive by the cache)
         ptrs = [None if base is None else base.data_ptr() for base in bases]
         return ptrs, _to_device(torch.tensor(info, dtype=torch.int64), device)
 
     tiles_t = _cached(("tiles", device, block_r, shapes), make_tiles)
     addresses = tuple(tuple(0 if t is None else t.data_ptr() for t in ts) for ts in lists)
-    key = ("info", device, addresses, shapes, tuple(map(tuple, extra or ())))
-    ptrs, info_t = _cached(key, make_info)
+    ptrs, info_t = _cached(("info", device, addresses, shapes), make_info)
     bases = []
     for ts, ptr in zip(lists, ptrs):
         bases.append(next((t for t in ts if t is not None and t.data_ptr() == ptr), None))
@@ -462,6 +457,16 @@ def project(
     return outs
 
 
+def _like(d: Tensor) -> Tensor:
+    """A direction as the kernels read it: its values in row-major order, laid out in memory
+    like the (contiguous) parameter. ``d`` itself where it already lies so (an Adam
+    direction, the polar factor of a wide matrix); else one copy (e.g. the transposed polar
+    factor of a tall matrix): reading it through its strides instead would not coalesce on
+    a GPU (a program holds a few spheres, each across the direction's fast axis), where a
+    transposing copy is one coalesced pass."""
+    return d if d.is_contiguous() else d.contiguous()
+
+
 def _angles(buf: Tensor) -> Tensor:
     """The angles from a kernel's ``(|y' - c x'|, c)`` pairs: their ``atan2``, exactly as
     :func:`spheretorch.optim.sphere_steps.step_angle` (Triton has no ``atan2``)."""
@@ -481,26 +486,25 @@ def sphere_rows_step_(
     measure: bool = False,
 ) -> Tensor | None:
     r"""A step of :func:`spheretorch.optim.sphere_steps.sphere_step` (its one reference) on
-        same-layout sphere tensors (``layout``: rows ``inner == 1``, or interleaved spheres
-        ``inner > 1`` such as columns; at most ``MAX_ROW`` values each), in place: per sphere
-        :math:`x` of radius :math:`r` (``radii``, one per tensor) with direction :math:`d` and
-        :math:`d_T = d - \langle \hat x, d
-    angle \hat x` (``project``; else :math:`d`):
+    same-layout sphere tensors (``layout``: rows ``inner == 1``, or interleaved spheres
+    ``inner > 1`` such as columns; at most ``MAX_ROW`` values each), in place: per sphere
+    :math:`x` of radius :math:`r` (``radii``, one per tensor) with direction :math:`d` and
+    :math:`d_T = d - \langle \hat x, d\rangle \hat x` (``project``; else :math:`d`):
 
-        * ``rule="angular"`` (``project`` on): :math:`x \leftarrow r\,\mathrm{normalize}(\cos
-          \theta\, x - r\sin\theta\, d_T / \|d_T\|)`, :math:`\theta = \eta` (a zero :math:`d_T`
-          stays) or, ``per_tensor``, :math:`\theta_i = \eta \|d_{T,i}\| / \mathrm{rms}_j
-          \|d_{T,j}\|` over each tensor's spheres;
-        * ``rule="hyperball"``: :math:`x \leftarrow r\,\mathrm{normalize}(x - \eta r d_T /
-          \|d_T\|)`.
+    * ``rule="angular"`` (``project`` on): :math:`x \leftarrow r\,\mathrm{normalize}(\cos
+      \theta\, x - r\sin\theta\, d_T / \|d_T\|)`, :math:`\theta = \eta` (a zero :math:`d_T`
+      stays) or, ``per_tensor``, :math:`\theta_i = \eta \|d_{T,i}\| / \mathrm{rms}_j
+      \|d_{T,j}\|` over each tensor's spheres;
+    * ``rule="hyperball"``: :math:`x \leftarrow r\,\mathrm{normalize}(x - \eta r d_T /
+      \|d_T\|)`.
 
-        ``ds``: shaped like ``xs``, one dtype, any strides: read where they lie when their
-        ``(outer, size, inner)`` view exists (the rows of a column sphere, a transposed polar
-        factor), else copied once. One launch; with ``per_tensor`` two (the tangent norms, torch
-        takes their RMS per tensor, then the step: each value read twice, written once). A
-        tensor ``lr`` is read by the kernel (no host read). ``measure``: returns the angle each
-        sphere turned, ``(len(xs) * count,)`` in the compute dtype (tensor by tensor, spheres in
-        the order of :func:`spheretorch.optim.sphere_steps.rows`), as ``step_angle``.
+    ``ds``: shaped like ``xs``, one dtype, any strides (:func:`_like`: read where they lie
+    when their memory is laid out as ``xs``', else copied once). One launch; with
+    ``per_tensor`` two (the tangent norms, torch takes their RMS per tensor, then the step:
+    each value read twice, written once). A tensor ``lr`` is read by the kernel (no host
+    read). ``measure``: returns the angle each sphere turned, ``(len(xs) * count,)`` in the
+    compute dtype (tensor by tensor, spheres in the order of
+    :func:`spheretorch.optim.sphere_steps.rows`), as ``step_angle``.
     """
     if rule not in ("angular", "hyperball") or (rule == "angular" and not project):
         raise ValueError(f"sphere_rows_step_: no kernel for rule={rule!r}, project={project}")
@@ -514,18 +518,14 @@ def sphere_rows_step_(
     per_tensor = per_tensor and rule == "angular"
     dummy = _dummy(xs[0])
     norms = rms = dummy
-    # each direction as its (outer, size, inner) view (a copy only where strides forbid one)
-    views = [d.reshape(layout.outer, layout.size, layout.inner) for d in ds]
-    strided = not all(v.is_contiguous() for v in views)
-    extra = [[v.stride(0), v.stride(2), v.stride(1)] for v in views] if strided else None
-    lists: list[Sequence[Tensor | None]] = [xs, views, [None] * n]
+    lists: list[Sequence[Tensor | None]] = [xs, [_like(d) for d in ds], [None] * n]
     if per_tensor:  # one buffer per set of shapes, reused: stable addresses, cached tables
         norms = _cached(
             ("rows-step-norms", device, cd, n, count),
             lambda: torch.empty(n * count, dtype=cd, device=device),
         )
         lists[2] = list(norms.view(n, count).unbind(0))
-    bases, info, tiles = _plan(lists, [layout] * n, block_r, extra)
+    bases, info, tiles = _plan(lists, [layout] * n, block_r)
     hyper = _hyper(device, cd, [_value(lr), 0.0, 0.0, torch.finfo(cd).tiny, 0.0], radii)
     angle = torch.empty(2 * n * count, dtype=cd, device=device) if measure else dummy
     kernel = _jit(device)._rows_step_kernel
@@ -539,7 +539,7 @@ def sphere_rows_step_(
             layout.size,
             N_INFO=info.shape[1], BLOCK_R=block_r, BLOCK_N=block_n,
             PASS_NORMS=pass_norms, PER_TENSOR=per_tensor, LR_TENSOR=lr_tensor,
-            HYPERBALL=rule == "hyperball", PROJECT=project, D_STRIDED=strided,
+            HYPERBALL=rule == "hyperball", PROJECT=project,
             MEASURE=measure and not pass_norms, num_warps=warps,
         )  # fmt: skip
     return _angles(angle) if measure else None
@@ -568,22 +568,16 @@ def _whole(
     cuda = device.type == "cuda"
     block, warps = (_WHOLE_TILE, 8) if cuda else (_TILE_INTERPRETED, 1)
     has_d = ds is not None
-    mats: list[Tensor | None] = [None] * n
-    extra, strided = None, False
-    if ds is not None:
-        # each direction as a matrix in x's flat order (a view where strides allow one)
-        mats = [d.reshape(1, -1) if d.dim() < 2 else d.reshape(d.shape[0], -1) for d in ds]
-        strided = not all(m.is_contiguous() for m in mats)  # type: ignore[union-attr]
-        extra = [[m.shape[1], m.stride(0), m.stride(1)] for m in mats]  # type: ignore[union-attr]
+    flat: list[Tensor | None] = [None] * n if ds is None else [_like(d) for d in ds]
     # one "sphere" per value: TILES holds (tensor, first value) per program of BLOCK values
-    bases, info, tiles = _plan([xs, mats], [SphereLayout(numel, 1, 1)] * n, block, extra)
+    bases, info, tiles = _plan([xs, flat], [SphereLayout(numel, 1, 1)] * n, block)
     programs = tiles.shape[0] // 2
     dummy = _dummy(xs[0])
     jit = _jit(device)
     partials = torch.empty(programs * 3, dtype=cd, device=device)
     jit._whole_sums_kernel[(programs,)](
         bases[0], bases[1] if has_d else dummy, partials, tiles, info,
-        N_INFO=info.shape[1], BLOCK=block, HAS_D=has_d, D_STRIDED=strided, num_warps=warps,
+        N_INFO=info.shape[1], BLOCK=block, HAS_D=has_d, num_warps=warps,
     )  # fmt: skip
     sums = partials.view(n, -1, 3).sum(dim=1)  # programs are tensor by tensor, equal counts
     hyper = _hyper(device, cd, [_value(lr), 0.0, 0.0, torch.finfo(cd).tiny, 0.0], radii)
@@ -592,8 +586,7 @@ def _whole(
         bases[0], bases[1] if has_d else dummy, sums, angle, tiles, info, hyper,
         lr if lr_tensor else dummy,
         N_INFO=info.shape[1], BLOCK=block, RENORM=not has_d, HYPERBALL=rule == "hyperball",
-        PROJECT=project, LR_TENSOR=lr_tensor, D_STRIDED=strided, MEASURE=measure,
-        num_warps=warps,
+        PROJECT=project, LR_TENSOR=lr_tensor, MEASURE=measure, num_warps=warps,
     )  # fmt: skip
     return _angles(angle) if measure else None
 
@@ -609,18 +602,17 @@ def sphere_whole_step_(
     measure: bool = False,
 ) -> Tensor | None:
     r""":func:`spheretorch.optim.sphere_steps.sphere_step` with ``whole=True`` (one sphere of
-        radius :math:`r`, ``radii``, over all values of each tensor; the rules of
-        :func:`sphere_rows_step_`) on same-size contiguous tensors of one dtype, of any size, in
-        place. ``ds``: ``xs[i].numel()`` values each in ``xs[i]``'s order (any shape; a matrix
-        view such as a transposed polar factor is read where it lies).
+    radius :math:`r`, ``radii``, over all values of each tensor; the rules of
+    :func:`sphere_rows_step_`) on same-size contiguous tensors of one dtype, of any size, in
+    place. ``ds``: ``xs[i].numel()`` values each in ``xs[i]``'s order (any shape and
+    strides, :func:`_like`).
 
-        Two passes, no host synchronisation: per program of ``BLOCK`` values, the partial sums
-        :math:`(\|x\|^2, \langle x, d
-    angle, \|d\|^2)`; torch sums them per tensor (one small
-        launch); then the step, whose norms (:math:`\|d_T\|`, the renormalisation, the measured
-        angle) follow from those three sums (``_whole_step_kernel`` derives them). Each value of
-        ``x`` and ``d`` is read twice and ``x`` written once. ``measure``: returns the angle each
-        tensor turned, ``(len(xs),)`` in the compute dtype.
+    Two passes, no host synchronisation: per program of ``BLOCK`` values, the partial sums
+    :math:`(\|x\|^2, \langle x, d\rangle, \|d\|^2)`; torch sums them per tensor (one small
+    launch); then the step, whose norms (:math:`\|d_T\|`, the renormalisation, the measured
+    angle) follow from those three sums (``_whole_step_kernel`` derives them). Each value of
+    ``x`` and ``d`` is read twice and ``x`` written once. ``measure``: returns the angle each
+    tensor turned, ``(len(xs),)`` in the compute dtype.
     """
     if rule not in ("angular", "hyperball") or (rule == "angular" and not project):
         raise ValueError(f"sphere_whole_step_: no kernel for rule={rule!r}, project={project}")
