@@ -23,10 +23,10 @@ per-program partial sums (``BLOCK`` values each, TILES mapping programs to ``(te
 value)``), summed per tensor by one torch reduction, then the update, whose norms follow from
 the sums.
 
-Directions of the Muon family's steps (``sphere_rows_step_``) need not be contiguous: a
-direction whose ``(outer, size, inner)`` view exists (the rows of a column sphere, the
-transposed polar factor of a tall matrix) is read through its strides (three more INFO
-columns), any other is copied once. Measured angles (``measure``): the kernels write each
+Directions of the Muon family's steps are read laid out like their parameter (as an Adam
+direction and the polar factor of a wide matrix come; the transposed polar factor of a tall
+matrix is copied once, a coalesced transpose, where strided reads would not coalesce).
+Measured angles (``measure``): the kernels write each
 sphere's :math:`(\|\hat y - c\hat x\|, c)`, :math:`c = \langle \hat x, \hat y\rangle`, and
 one ``torch.atan2`` gives the angles (Triton has no ``atan2``).
 
