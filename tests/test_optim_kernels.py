@@ -26,6 +26,8 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as hs
 
 import spheretorch as st
 from spheretorch.kernels import backend
@@ -584,3 +586,36 @@ def test_triton_whole_renormalisation_equals_normalize(dtype, monkeypatch):
     for x, o, r in zip(xs, out, radii):
         ref = st.sphere.normalize(x.reshape(-1), on_zero="keep", radius=r).reshape(x.shape)
         torch.testing.assert_close(o, ref, rtol=tol, atol=tol)
+
+
+@triton_missing
+@settings(max_examples=25, deadline=None)
+@given(
+    rule=hs.sampled_from(["angular", "hyperball", "hyperball-unprojected"]),
+    lr=hs.floats(0.0, 3.0),
+    radius=hs.floats(0.1, 10.0),
+    off=hs.floats(0.9, 1.1),
+    scale=hs.floats(1e-3, 1e3),
+    seed=hs.integers(0, 2**16),
+)
+def test_triton_whole_step_property(rule, lr, radius, off, scale, seed):
+    """The two-pass whole-tensor step (its norms and the measured angle from three sums)
+    equals :func:`~spheretorch.optim.sphere_steps.sphere_step` in float64 for any angle up
+    to 3 rad, radius, direction size, and a point up to 10% off its sphere."""
+    from spheretorch.kernels import optim as kernels  # CPU tensors: interpreted
+    from spheretorch.optim.sphere_steps import sphere_step
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(9, 17, generator=g, dtype=torch.float64)
+    x = x * (radius * off / x.norm())
+    d = torch.randn(9, 17, generator=g, dtype=torch.float64) * scale
+    project = rule != "hyperball-unprojected"
+    rule = rule.split("-")[0]
+    out = x.clone()
+    (angle,) = kernels.sphere_whole_step_([out], [d], [radius], lr, rule=rule, project=project,
+                                          measure=True)  # fmt: skip
+    ref, ref_angle = sphere_step(
+        x, d, lr, radius=radius, whole=True, project=project, rule=rule, measure=True
+    )
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10 * radius)
+    torch.testing.assert_close(angle.reshape(1), ref_angle, rtol=1e-10, atol=1e-10)
