@@ -6,7 +6,9 @@ runs forward and backward on its Triton path with CPU tensors while the launches
 recorded instead of run; every recorded kernel, with the argument types and
 compile-time constants of that launch, is then compiled by Triton down to PTX for sm_90. The
 launches are recorded, not listed by hand, so a new kernel or a new dtype path is covered as
-soon as an op uses it.
+soon as an op uses it. The same for the sphere steps of SphereMuon and AdamH
+(:mod:`spheretorch.kernels.optim`; the other optimizers' kernels are compiled from a list in
+tests/test_optim_kernels.py).
 """
 
 from __future__ import annotations
