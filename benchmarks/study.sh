@@ -5,6 +5,7 @@
 #   benchmarks/study.sh context    # nGPT/GeoNorm iso-loss speedup over GPT vs context length
 #   benchmarks/study.sh depth      # GPT pre-/post-norm, nGPT, GeoNorm at 2..16 layers
 #   benchmarks/study.sh geonorm    # GeoNorm's new vs v0.1 defaults (4 layers, context 128)
+#   benchmarks/study.sh optims     # the six optimizer recipes on nGPT (issue 25)
 #   benchmarks/study.sh collect study_context   # copy the small outputs to benchmarks/results/
 #   benchmarks/study.sh rederive study_context  # its tables with the current statistics (no training)
 #
@@ -63,6 +64,20 @@ geonorm() {
         --sweep-lrs 4e-3,1e-2,2.5e-2 --sweep-fraction 0.334 --seeds 2
 }
 
+# The optimizer recipes on one model (issue 25): nGPT trained by AdamW (its sphere matrices
+# drift off), Muon (then renormalized), RenormAdam (nGPT's own recipe), RiemannianAdam, AdamH
+# and SphereMuon. cpu-small's depth (4 layers) at the studies' width (d 64, 2 heads), context 64,
+# 512 tokens per step, 400 steps and runs of 200 steps with their own schedules; each recipe's
+# LR swept over 3 values (100-step runs, seed 0), extended at an edge; 5 seeds. Target: AdamW's
+# final loss. `--lr` is the trainer's: Muon's LR (the angle on spheres) is 5 times it.
+optims() {
+    run "$RUNS/study_optims" --preset cpu-small --threads 1 --no-progress \
+        --models ngpt --optims adamw,muon,renorm,riemannian,adamh,sphere_muon \
+        --set n_layer=4 --set d_model=64 --set n_head=2 --set seq_len=64 \
+        --batch-size 8 --steps 400 --eval-interval 50 --eval-batches 8 \
+        --sweep-lrs 3e-3,1e-2,3e-2 --sweep-fraction 0.25 --budgets 0.5,1 --seeds 5
+}
+
 # Copy a finished (or partial) study's small outputs into benchmarks/results/NAME/.
 collect() {
     local name=$1 dst=benchmarks/results/$1
@@ -79,11 +94,11 @@ rederive() {
 }
 
 case "${1:-}" in
-    context | depth | geonorm) "$1" ;;
+    context | depth | geonorm | optims) "$1" ;;
     collect) collect "$2" ;;
     rederive) rederive "$2" ;;
     *)
-        echo "usage: $0 context|depth|geonorm | collect|rederive study_context|study_depth|geonorm_variants" >&2
+        echo "usage: $0 context|depth|geonorm|optims | collect|rederive study_context|study_depth|geonorm_variants|study_optims" >&2
         exit 2
         ;;
 esac
