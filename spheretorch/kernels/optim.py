@@ -289,6 +289,20 @@ def _pick(ts: Sequence[Any], idx: Sequence[int]) -> list[Any]:
     return [ts[i] for i in idx]
 
 
+def _device_lr(lr: float | Tensor, device: torch.device) -> tuple[float | Tensor, bool]:
+    """``lr`` and whether it is a tensor; a tensor moved to ``device``, where the kernel
+    reads it (a float travels in the hyper-parameter table)."""
+    if isinstance(lr, Tensor):
+        return (lr if lr.device == device else lr.to(device)), True
+    return lr, False
+
+
+def _check_rule(name: str, rule: str, project: bool) -> None:
+    """The step rules the Muon family's kernels implement (``"angular"`` always projects)."""
+    if rule not in ("angular", "hyperball") or (rule == "angular" and not project):
+        raise ValueError(f"{name}: no kernel for rule={rule!r}, project={project}")
+
+
 def _value(x: float | Tensor | None) -> float:
     return 0.0 if x is None or isinstance(x, Tensor) else float(x)
 
@@ -325,9 +339,7 @@ def sphere_adam_(
     """
     amsgrad = bool(vmaxs)
     device = xs[0].device
-    lr_tensor = isinstance(lr, Tensor)
-    if lr_tensor and lr.device != device:  # type: ignore[union-attr]
-        lr = lr.to(device)  # type: ignore[union-attr]  # the kernel reads it there
+    lr, lr_tensor = _device_lr(lr, device)
     dummy = _dummy(xs[0])
     for size, idx in _by_size(layouts).items():
         block_r, block_n, warps = _blocks(size, device)
@@ -377,9 +389,7 @@ def sphere_sgd_(
     nonzero."""
     cd = _compute_dtype(xs[0].dtype)
     device = xs[0].device
-    lr_tensor = isinstance(lr, Tensor)
-    if lr_tensor and lr.device != device:  # type: ignore[union-attr]
-        lr = lr.to(device)  # type: ignore[union-attr]  # the kernel reads it there
+    lr, lr_tensor = _device_lr(lr, device)
     dummy = _dummy(xs[0])
     for size, idx in _by_size(layouts).items():
         block_r, block_n, warps = _blocks(size, device)
@@ -506,13 +516,10 @@ def sphere_rows_step_(
     compute dtype (tensor by tensor, spheres in the order of
     :func:`spheretorch.optim.sphere_steps.rows`), as ``step_angle``.
     """
-    if rule not in ("angular", "hyperball") or (rule == "angular" and not project):
-        raise ValueError(f"sphere_rows_step_: no kernel for rule={rule!r}, project={project}")
+    _check_rule("sphere_rows_step_", rule, project)
     device = xs[0].device
     cd = _compute_dtype(xs[0].dtype)
-    lr_tensor = isinstance(lr, Tensor)
-    if lr_tensor and lr.device != device:  # type: ignore[union-attr]
-        lr = lr.to(device)  # type: ignore[union-attr]
+    lr, lr_tensor = _device_lr(lr, device)
     block_r, block_n, warps = _blocks(layout.size, device)
     count, n = layout.count, len(xs)
     per_tensor = per_tensor and rule == "angular"
@@ -562,9 +569,7 @@ def _whole(
     n, numel = len(xs), xs[0].numel()
     if any(x.numel() != numel or x.dtype != xs[0].dtype for x in xs):
         raise ValueError("whole-tensor sphere kernels: one size and one dtype per launch")
-    lr_tensor = isinstance(lr, Tensor)
-    if lr_tensor and lr.device != device:  # type: ignore[union-attr]
-        lr = lr.to(device)  # type: ignore[union-attr]
+    lr, lr_tensor = _device_lr(lr, device)
     cuda = device.type == "cuda"
     block, warps = (_WHOLE_TILE, 8) if cuda else (_TILE_INTERPRETED, 1)
     has_d = ds is not None
@@ -614,8 +619,7 @@ def sphere_whole_step_(
     ``x`` and ``d`` is read twice and ``x`` written once. ``measure``: returns the angle each
     tensor turned, ``(len(xs),)`` in the compute dtype.
     """
-    if rule not in ("angular", "hyperball") or (rule == "angular" and not project):
-        raise ValueError(f"sphere_whole_step_: no kernel for rule={rule!r}, project={project}")
+    _check_rule("sphere_whole_step_", rule, project)
     return _whole(xs, ds, radii, lr, rule=rule, project=project, measure=measure)
 
 
