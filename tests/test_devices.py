@@ -21,7 +21,7 @@ import torch
 import spheretorch as st
 from spheretorch import geodesic, sphere
 from spheretorch.models import MODELS, build_model, make_config
-from spheretorch.optim import RenormAdam, RiemannianAdam, RiemannianSGD
+from spheretorch.optim import AdamH, RenormAdam, RiemannianAdam, RiemannianSGD, SphereMuon
 from spheretorch.train import TrainConfig, Trainer
 
 F64 = torch.float64
@@ -79,7 +79,13 @@ OPTIMIZERS = {
     "riemannian_adam": (RiemannianAdam, dict(lr=0.05, weight_decay=0.1)),
     "renorm_adam": (RenormAdam, dict(lr=0.05, weight_decay=0.1)),
     "riemannian_sgd": (RiemannianSGD, dict(lr=0.1, momentum=0.9)),
+    # Newton-Schulz in the parameters' dtype (float32 here): bf16 would not track float64
+    "sphere_muon": (SphereMuon, dict(lr=0.05, ns_dtype=None, measure_angle=True)),
+    "adamh": (AdamH, dict(lr=0.05, measure_angle=True)),
+    "adamh_angular": (AdamH, dict(lr=0.05, angular=True, angle_per="tensor")),
 }
+#: the optimizers without a fused path (``fused=True`` is refused)
+UNFUSED = (SphereMuon, AdamH)
 
 
 def make_params(device: torch.device, dtype: torch.dtype) -> list[torch.nn.Parameter]:
@@ -110,6 +116,8 @@ def test_every_optimizer_implementation_on_device_equals_float64(
     cls, kw = OPTIMIZERS[name]
     if impl == "capturable" and cls is RiemannianSGD:
         pytest.skip("RiemannianSGD has no capturable flag")
+    if impl == "fused" and cls in UNFUSED:
+        pytest.skip(f"{cls.__name__} has no fused path")
     ref = make_params(torch.device("cpu"), F64)
     run_steps(ref, cls(ref, **kw, foreach=False), bad=2)
     params = make_params(device, torch.float32)
@@ -122,14 +130,24 @@ def test_every_optimizer_implementation_on_device_equals_float64(
             assert (p.detach().double().norm(dim=dim) - 1).abs().max() < 1e-6
 
 
+#: the capturable optimizers and their options in the CUDA-graph tests
+CAPTURED = [
+    (RiemannianAdam, {}),
+    (RenormAdam, {}),
+    (SphereMuon, dict(ns_dtype=None, measure_angle=True)),
+    (AdamH, dict(angular=True)),
+]
+
+
 def test_a_captured_cuda_graph_replays_the_optimizer_step(cuda: torch.device) -> None:
     """``capturable=True``: the step captured once in a CUDA graph, replayed with new
-    gradients copied into the captured ones, equals the eager steps."""
-    for cls in (RiemannianAdam, RenormAdam):
+    gradients copied into the captured ones, equals the eager steps. (SphereMuon's and
+    AdamH's directions are allocated in the capture: their kernels' tables are built then.)"""
+    for cls, kw in CAPTURED:
         eager = make_params(cuda, torch.float32)
-        run_steps(eager, cls(eager, lr=0.05, capturable=True, foreach=True), steps=6)
+        run_steps(eager, cls(eager, lr=0.05, capturable=True, foreach=True, **kw), steps=6)
         params = make_params(cuda, torch.float32)
-        opt = cls(params, lr=0.05, capturable=True, foreach=True)
+        opt = cls(params, lr=0.05, capturable=True, foreach=True, **kw)
         for p in params:
             p.grad = torch.zeros_like(p)
         grads = [p.grad for p in params]
@@ -156,6 +174,57 @@ def test_a_captured_cuda_graph_replays_the_optimizer_step(cuda: torch.device) ->
         torch.cuda.synchronize()
         for p, e in zip(params, eager):
             torch.testing.assert_close(p, e, rtol=1e-5, atol=1e-6)
+
+
+def test_a_whole_training_step_captured_in_a_cuda_graph(cuda: torch.device) -> None:
+    """Forward, backward and step captured together, gradients set to None before the
+    capture (torch's whole-network recipe): the gradients are allocated in the graph's pool,
+    at addresses the warm-up step never saw, so every kernel table is built in the capture.
+    Replays with new inputs equal the eager steps."""
+
+    def build() -> list[torch.nn.Parameter]:
+        g = torch.Generator().manual_seed(3)
+        return [
+            st.SphereParameter(torch.randn(32, 16, generator=g).to(cuda), dim=1),
+            st.SphereParameter(torch.randn(8, 32, generator=g).to(cuda), dim=None),
+            torch.nn.Parameter(torch.zeros(8, device=cuda)),
+        ]
+
+    def loss_of(ps: list[torch.nn.Parameter], x: torch.Tensor) -> torch.Tensor:
+        w1, w2, b = ps
+        return (torch.tanh(x @ w1.T) @ w2.T + b).square().mean()
+
+    inputs = [
+        torch.randn(4, 16, generator=torch.Generator().manual_seed(50 + t)).to(cuda)
+        for t in range(6)
+    ]
+    for cls, kw in CAPTURED:
+        eager = build()
+        opt = cls(eager, lr=0.05, capturable=True, **kw)
+        for x in inputs:
+            opt.zero_grad(set_to_none=True)
+            loss_of(eager, x).backward()
+            opt.step()
+        params = build()
+        opt = cls(params, lr=0.05, capturable=True, **kw)
+        static_x = inputs[0].clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # the warm-up is the first step
+            loss_of(params, static_x).backward()
+            opt.step()
+        torch.cuda.current_stream().wait_stream(side)
+        opt.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            loss_of(params, static_x).backward()
+            opt.step()
+        for x in inputs[1:]:
+            static_x.copy_(x)
+            graph.replay()
+        torch.cuda.synchronize()
+        for p, e in zip(params, eager):
+            torch.testing.assert_close(p, e, rtol=1e-5, atol=1e-6, msg=cls.__name__)
 
 
 # -- models -----------------------------------------------------------------------------------

@@ -619,3 +619,73 @@ def test_triton_whole_step_property(rule, lr, radius, off, scale, seed):
     )
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10 * radius)
     torch.testing.assert_close(angle.reshape(1), ref_angle, rtol=1e-10, atol=1e-10)
+
+
+@triton_missing
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps: RiemannianAdam(ps, lr=0.05, capturable=True),
+        lambda ps: RenormAdam(ps, lr=0.05, capturable=True),
+        lambda ps: SphereMuon(ps, lr=0.1, ns_dtype=None, capturable=True, measure_angle=True),
+        lambda ps: AdamH(ps, lr=0.05, angular=True, angle_per="tensor", capturable=True),
+    ],
+    ids=["riemannian-adam", "renorm-adam", "sphere-muon", "adamh"],
+)
+def test_tables_built_while_a_cuda_graph_is_captured(make, monkeypatch):
+    """A step captured in a CUDA graph, as the kernels' host side sees it (capture simulated:
+    ``_capturing`` true, ``pin_memory`` recorded; the kernels run through the interpreter).
+    Gradients set to None before a capture, and a step's directions, are allocated in the
+    capture at new addresses, so their tables are built then. Such tables come from pinned
+    memory (the only host-to-device copy a graph records), stay out of the cache (their
+    contents exist only once the graph replays: an eager step must not read them), and
+    whatever the graph reads (those and the cached tables it reuses) is kept alive for its
+    replays. The captured step computes what the eager step does."""
+    from spheretorch.kernels import optim as kernels
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv(backend.BACKEND_ENV, "triton")
+    monkeypatch.setattr(kernels, "_CAPTURED", [])
+    results = {}
+    for mode in ("eager", "captured"):
+        kernels._CACHE.clear()
+        params = _muon_family_params(torch.float64)
+        opt = make(params)
+        for t in range(3):
+            g = torch.Generator().manual_seed(10 + t)
+            for p in params:  # new gradient tensors each step: new addresses
+                p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64)
+            if t < 2 or mode == "eager":
+                opt.step()
+                continue
+            cached = dict(kernels._CACHE)
+            pinned: list[torch.Tensor] = []
+            with monkeypatch.context() as m:
+                m.setattr(kernels, "_capturing", lambda device: True)
+
+                def pin(t: torch.Tensor, pinned: list = pinned) -> torch.Tensor:
+                    pinned.append(t.clone())
+                    return pinned[-1]
+
+                m.setattr(torch.Tensor, "pin_memory", pin)
+                opt.step()
+            assert pinned, "no table was built in the capture"
+            assert dict(kernels._CACHE) == cached, "a table built in a capture was cached"
+            kept = {id(v) for v in kernels._CAPTURED}
+            assert all(id(t) in kept for t in pinned)
+            reused = [v for k, v in cached.items() if k[0] == "tiles"]
+            assert reused and any(id(v) in kept for v in reused)
+        results[mode] = params
+    for a, b in zip(results["captured"], results["eager"]):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_a_host_tensor_lr_is_refused_while_a_cuda_graph_is_captured(monkeypatch):
+    """A Tensor ``lr`` on another device would need a pageable copy, which a graph cannot
+    record: one clear error instead of CUDA's."""
+    from spheretorch.kernels import optim as kernels
+
+    monkeypatch.setattr(kernels, "_capturing", lambda device: True)
+    with pytest.raises(ValueError, match=r"^lr: a Tensor lr must be on the parameters' device"):
+        kernels._device_lr(torch.tensor(0.1), torch.device("meta"))
+    assert kernels._device_lr(0.1, torch.device("meta")) == (0.1, False)

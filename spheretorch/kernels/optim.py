@@ -40,8 +40,10 @@ hyper-parameters, new whenever the schedule changes the learning rate, are writt
 device by fill kernels).
 Scalars (learning rate, betas, ...) travel as a small float64 tensor (cached by value) so that
 float64 parameters get float64 hyper-parameters; a tensor ``lr`` and device step counters are
-read by the kernel (``capturable`` by construction: no host read; build the tables before
-capturing a CUDA graph, i.e. take one step first, as for any optimizer).
+read by the kernel (``capturable`` by construction: no host read). CUDA graphs: take one step
+before capturing, as for any optimizer (state is created then); tensors first allocated in the
+capture get their tables then, from pinned memory, and whatever a graph reads is kept alive
+for its replays (:func:`_cached`).
 
 Radius. Each tensor has a radius :math:`r` (1 for ``SphereParameter``; ``|x|`` at construction
 for a whole-tensor sphere): the kernel works on :math:`x/r`, with the step :math:`u/r`, and
@@ -122,9 +124,30 @@ def handles(
 
 _CACHE: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
 _CACHE_SIZE = 64
+#: what the CUDA graphs captured in this process read (tables, hyper-parameters and the
+#: pinned host buffers they are copied from): kept for the process's lifetime, because a graph
+#: reads them at every replay, long after the cache may have evicted them
+_CAPTURED: list[Any] = []
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether the current CUDA stream is capturing a graph (never for other devices)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _cached(key: tuple[Any, ...], make: Any) -> Any:
+    """The value cached under ``key`` (``key[1]``: the device), made on a miss.
+
+    While a CUDA graph is being captured, kernels (copies, fills) are recorded, not run: a
+    value made then holds its contents only once the graph replays, so it serves this capture
+    alone (never the cache, whose next reader may be an eager step or another graph), and a
+    value taken from the cache is kept alive for the graph's replays (``_CAPTURED``)."""
+    if _capturing(key[1]):
+        value = _CACHE.get(key)
+        if value is None:
+            value = make()
+        _CAPTURED.append(value)
+        return value
     hit = _CACHE.get(key)
     if hit is None:
         hit = _CACHE[key] = make()
@@ -207,7 +230,16 @@ def _blocks(size: int, device: torch.device) -> tuple[int, int, int]:
 def _to_device(t: Tensor, device: torch.device) -> Tensor:
     """A small host-built table on ``device``. Asynchronous (the driver stages pageable host
     memory at once and the step does not wait for the device): a table rebuilt because a
-    tensor moved (gradients reallocated, a new LR) must not synchronise a CUDA step."""
+    tensor moved (gradients reallocated, a new LR) must not synchronise a CUDA step.
+
+    While a CUDA graph is being captured (tensors allocated in the capture, such as gradients
+    set to None before it or a step's directions, have new addresses, so their tables are
+    built then) the copy is from pinned memory, the only host-to-device copy a graph can
+    record; the graph reads that buffer at every replay, so it is kept alive."""
+    if _capturing(device):
+        host = t.pin_memory()
+        _CAPTURED.append(host)
+        return host.to(device, non_blocking=True)
     return t.to(device, non_blocking=True)
 
 
@@ -293,6 +325,11 @@ def _device_lr(lr: float | Tensor, device: torch.device) -> tuple[float | Tensor
     """``lr`` and whether it is a tensor; a tensor moved to ``device``, where the kernel
     reads it (a float travels in the hyper-parameter table)."""
     if isinstance(lr, Tensor):
+        if lr.device != device and _capturing(device):
+            raise ValueError(
+                f"lr: a Tensor lr must be on the parameters' device ({device}) while a CUDA "
+                f"graph is captured, got one on {lr.device}"
+            )
         return (lr if lr.device == device else lr.to(device)), True
     return lr, False
 
