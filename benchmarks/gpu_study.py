@@ -16,8 +16,16 @@
    tokens and wall-clock to the target (GPT's final loss) with Kaplan-Meier intervals over
    seeds, iso-loss speedups across budgets with bootstrap intervals, loss curves.
 
-Outputs in ``--out`` (default ``runs/gpu_study``): ``corpus/``, ``compare/`` (compare's
-outputs), ``gpu_study.md`` (settings, probe, tables) and ``gpu_study.json``.
+4. The optimizer study (``--studies`` names which of the two run; both by default, the time
+   budget shared between them): nGPT at the same size trained by each of AdamW, Muon,
+   RenormAdam, RiemannianAdam, AdamH and SphereMuon (``compare --optims``: each recipe its
+   own LR sweep over one grid wide enough for Adam-type and Muon-type LRs, extended at an
+   edge), the same seeds, budgets and statistics; the target is the first recipe's (AdamW's)
+   final loss. The CPU study of the same question: ``benchmarks/study.sh optims``.
+
+Outputs in ``--out`` (default ``runs/gpu_study``): ``corpus/``, ``compare/`` (the models'
+compare), ``optims/`` (the optimizers' compare), ``gpu_study.md`` (settings, probes, tables)
+and ``gpu_study.json``.
 """
 
 from __future__ import annotations
@@ -41,6 +49,15 @@ BUDGETS = "0.25,0.5,1"
 #: at most two extensions on either side of gpu-quick's {1e-3, 2e-3, 4e-3}: the time plan
 #: counts on it
 GPU_SWEEP_BOUNDS = (2.5e-4, 1.6e-2)
+#: the optimizer study: one model, the six recipes (AdamW first: its loss is the target)
+OPTIM_MODEL = "ngpt"
+OPTIMS = "adamw,muon,renorm,riemannian,adamh,sphere_muon"
+#: one LR grid for every recipe (Adam-type LRs sit near 1e-3, Muon-type and hyperball ones
+#: near 2e-2: x4 apart, each recipe's best is inside or one extension away), and bounds
+#: allowing two extensions per side
+OPTIM_SWEEP_LRS = "1e-3,4e-3,1.6e-2"
+OPTIM_SWEEP_BOUNDS = (6.25e-5, 0.256)
+STUDIES = ("models", "optims")
 
 
 def source_files(roots: list[Path], max_bytes: int, seed: int = 0) -> list[Path]:
@@ -84,15 +101,19 @@ def make_corpus(args: argparse.Namespace, out: Path) -> tuple[Path, dict[str, An
     return corpus, meta
 
 
-def probe(preset: str, corpus: Path, device: str, steps: int = 5) -> dict[str, float]:
-    """ms per training step of each model at the preset's size (after warm-up steps)."""
+def probe(
+    preset: str, corpus: Path, device: str, steps: int = 5, runs: dict[str, dict] | None = None
+) -> dict[str, float]:
+    """ms per training step of each run at the preset's size (after warm-up steps).
+    ``runs``: label -> TrainConfig fields (default: each of ``MODELS`` with its recipe)."""
     import torch
 
     from spheretorch.train import TrainConfig, Trainer
 
+    runs = runs or {m: {"model": m} for m in MODELS.split(",")}
     out = {}
-    for model in MODELS.split(","):
-        t = Trainer(TrainConfig(model=model, preset=preset, data=str(corpus), device=device))
+    for model, fields in runs.items():
+        t = Trainer(TrainConfig(preset=preset, data=str(corpus), device=device, **fields))
         for i in range(3):
             t.train_step(*t.batch(i))
         if t.device.type == "cuda":
@@ -131,7 +152,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=None, help="seeds (default 2; 2 quick)")
     ap.add_argument("--steps", type=int, default=None, help="full-run steps (default: planned)")
     ap.add_argument("--param-dtype", default="fp32", help="fp32 (default) or bf16 weights")
+    ap.add_argument(
+        "--studies",
+        default=",".join(STUDIES),
+        help="which studies, sharing the time budget: models (GPT, nGPT, GeoNorm), optims "
+        "(nGPT with six optimizers); default both",
+    )
     args = ap.parse_args(argv)
+    studies = [x.strip() for x in args.studies.split(",") if x.strip()]
+    if not studies or any(x not in STUDIES for x in studies):
+        ap.error(
+            f"--studies: a comma-separated subset of {','.join(STUDIES)}, got {args.studies!r}"
+        )
     start = time.perf_counter()
 
     import torch
@@ -166,13 +198,95 @@ def main(argv: list[str] | None = None) -> int:
     if device == "cpu" and p.threads:  # as the command line does: tiny models, one thread
         torch.set_num_threads(p.threads)
     try:
-        return _study(args, device, preset, corpus, meta, seeds, out, start, t_corpus)
+        return _studies(args, studies, device, preset, corpus, meta, seeds, out, start, t_corpus)
     finally:
         torch.set_num_threads(threads)
 
 
 def _study(
+    kind: str,
     args: argparse.Namespace,
+    device: str,
+    preset: str,
+    corpus: Path,
+    seeds: int,
+    out: Path,
+    seconds: float,
+) -> dict[str, Any]:
+    """One study (``kind``: ``"models"`` or ``"optims"``) within ``seconds``: probe, plan,
+    compare. Returns its settings, probe, results and Markdown table."""
+    from spheretorch.train.compare import CompareConfig, compare
+    from spheretorch.train.presets import get_preset
+
+    p = get_preset(preset)
+    if kind == "models":
+        runs = {m: {"model": m} for m in MODELS.split(",")}
+    else:
+        runs = {f"{OPTIM_MODEL}+{o}": {"model": OPTIM_MODEL, "optim": o} for o in OPTIMS.split(",")}
+    t0 = time.perf_counter()
+    ms = probe(preset, corpus, device, steps=2 if args.quick else 5, runs=runs)
+    print(
+        f"{kind}: probe (ms/step): " + ", ".join(f"{k} {v:.1f}" for k, v in ms.items()), flush=True
+    )
+    if args.steps:
+        steps = args.steps
+    elif args.quick:
+        steps = 16
+    else:
+        left = seconds - (time.perf_counter() - t0) - 15  # 15 s: tables, plots
+        steps = plan_steps(ms, left, seeds, p.eval_interval, 4 * p.eval_interval, 4000)
+    eval_interval = max(1, min(p.eval_interval, steps // 4))
+    print(
+        f"{kind}: full runs of {steps} steps (eval every {eval_interval}), {seeds} seeds",
+        flush=True,
+    )
+    # quick: two candidates and tight bounds (an extension still happens, cheaply)
+    if kind == "models":
+        setting = dict(
+            models=MODELS,
+            sweep_lrs="1e-2,3e-2" if args.quick else None,
+            sweep_bounds=(3e-3, 0.1) if args.quick else GPU_SWEEP_BOUNDS,
+        )
+    else:
+        setting = dict(
+            models=OPTIM_MODEL,
+            optims=OPTIMS,
+            sweep_lrs="1e-2,3e-2" if args.quick else OPTIM_SWEEP_LRS,
+            sweep_bounds=(3e-3, 0.1) if args.quick else OPTIM_SWEEP_BOUNDS,
+        )
+    config = CompareConfig(
+        preset=preset,
+        out=out / ("compare" if kind == "models" else "optims"),
+        data=str(corpus),
+        device=device,
+        seeds=seeds,
+        budgets="0.5,1" if args.quick else BUDGETS,
+        steps=steps,
+        eval_interval=eval_interval,
+        eval_batches=2 if args.quick else None,
+        param_dtype=args.param_dtype,
+        **setting,  # type: ignore[arg-type]
+    )
+    results = compare(config, progress=False, log=lambda line: print(line, flush=True))
+    table = (Path(config.out) / "results.md").read_text(encoding="utf-8")
+    return {
+        "steps": steps,
+        "probe_ms_per_step": ms,
+        "wall_s": time.perf_counter() - t0,
+        "results": results,
+        "table": table,
+    }
+
+
+TITLES = {
+    "models": "GPT, nGPT and GeoNorm",
+    "optims": f"{OPTIM_MODEL} with {len(OPTIMS.split(','))} optimizers ({OPTIMS})",
+}
+
+
+def _studies(
+    args: argparse.Namespace,
+    studies: list[str],
     device: str,
     preset: str,
     corpus: Path,
@@ -182,65 +296,56 @@ def _study(
     start: float,
     t_corpus: float,
 ) -> int:
-    from spheretorch.train.compare import CompareConfig, compare, machine_info
-    from spheretorch.train.presets import get_preset
+    """The studies one after the other, each given an equal share of the time left; one
+    report and one JSON for all."""
+    from spheretorch.train.compare import machine_info
 
-    p = get_preset(preset)
-    ms = probe(preset, corpus, device, steps=2 if args.quick else 5)
-    print("probe (ms/step): " + ", ".join(f"{k} {v:.1f}" for k, v in ms.items()), flush=True)
-    if args.steps:
-        steps = args.steps
-    elif args.quick:
-        steps = 16
-    else:
-        left = args.time_budget - (time.perf_counter() - start) - 30  # 30 s: tables, plots
-        steps = plan_steps(ms, left, seeds, p.eval_interval, 4 * p.eval_interval, 4000)
-    eval_interval = max(1, min(p.eval_interval, steps // 4))
-    print(f"full runs: {steps} steps (eval every {eval_interval}), {seeds} seeds", flush=True)
-    config = CompareConfig(
-        models=MODELS,
-        preset=preset,
-        out=out / "compare",
-        data=str(corpus),
-        device=device,
-        seeds=seeds,
-        budgets="0.5,1" if args.quick else BUDGETS,
-        steps=steps,
-        eval_interval=eval_interval,
-        eval_batches=2 if args.quick else None,
-        # quick: two candidates and tight bounds (an extension still happens, cheaply)
-        sweep_lrs="1e-2,3e-2" if args.quick else None,
-        sweep_bounds=(3e-3, 0.1) if args.quick else GPU_SWEEP_BOUNDS,
-        param_dtype=args.param_dtype,
-    )
-    results = compare(config, progress=False, log=lambda line: print(line, flush=True))
+    done: dict[str, dict[str, Any]] = {}
+    for i, kind in enumerate(studies):
+        left = args.time_budget - (time.perf_counter() - start) - 15  # 15 s: the report
+        done[kind] = _study(
+            kind, args, device, preset, corpus, seeds, out, left / (len(studies) - i)
+        )
     wall = time.perf_counter() - start
-    table = (out / "compare" / "results.md").read_text(encoding="utf-8")
     info = {
         "device": device,
         "machine": machine_info(),
         "preset": preset,
         "quick": args.quick,
-        "steps": steps,
+        "studies": studies,
         "seeds": seeds,
         "budgets": BUDGETS,
-        "probe_ms_per_step": ms,
         "corpus": {k: meta.get(k) for k in ("tokens", "files", "source_roots", "vocab_size")},
         "corpus_s": t_corpus,
         "wall_s": wall,
     }
-    (out / "gpu_study.json").write_text(
-        json.dumps({"info": info, "results": results}, indent=2) + "\n", encoding="utf-8"
-    )
+    for kind, d in done.items():
+        info[kind] = {k: d[k] for k in ("steps", "probe_ms_per_step", "wall_s")}
+    data: dict[str, Any] = {"info": info}
+    if "models" in done:
+        data["results"] = done["models"]["results"]
+    if "optims" in done:
+        data["optim_results"] = done["optims"]["results"]
+    (out / "gpu_study.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     machine = info["machine"].get("gpu") or info["machine"]["cpu"]
-    (out / "gpu_study.md").write_text(
-        f"# GPU study ({'quick smoke, ' if args.quick else ''}{device}: {machine})\n\n"
+    lines = [
+        f"# GPU study ({'quick smoke, ' if args.quick else ''}{device}: {machine})",
+        "",
         f"Corpus: byte-level, {meta['tokens']['train']:,} training bytes of Python sources. "
-        f"Preset `{preset}`, {steps} steps at budget 1, budgets {BUDGETS}, {seeds} seeds; "
-        f"probe ms/step {', '.join(f'{k} {v:.1f}' for k, v in ms.items())}; wall time "
-        f"{wall:.0f} s.\n\n{table}\n",
-        encoding="utf-8",
-    )
+        f"Preset `{preset}`, budgets {BUDGETS}, {seeds} seeds; wall time {wall:.0f} s.",
+    ]
+    for kind, d in done.items():
+        probe_text = ", ".join(f"{k} {v:.1f}" for k, v in d["probe_ms_per_step"].items())
+        lines += [
+            "",
+            f"## {TITLES[kind]}",
+            "",
+            f"{d['steps']} steps at budget 1; probe ms/step {probe_text}; "
+            f"{d['wall_s']:.0f} s. Outputs: `{'compare' if kind == 'models' else 'optims'}/`.",
+            "",
+            d["table"].strip(),
+        ]
+    (out / "gpu_study.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print(f"gpu_study: {wall:.0f} s; outputs in {out}", flush=True)
     return 0
 

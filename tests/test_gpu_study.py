@@ -36,6 +36,25 @@ def test_gpu_study_quick_on_cpu(tmp_path: Path) -> None:
     report = (out / "gpu_study.md").read_text()
     assert "tokens to target" in report and "wall-clock to target" in report
     assert (out / "compare" / "loss_curves.png").stat().st_size > 1000
+    # the optimizer study: nGPT with each of the six recipes, AdamW's loss the target
+    optims = data["optim_results"]
+    assert list(optims) == [f"ngpt+{o}" for o in gs.OPTIMS.split(",")]
+    for r in optims.values():
+        assert r["baseline"] == "ngpt+adamw" and r["model"] == "ngpt"
+        assert {"final_val_loss_ci", "steps_to_target_ci", "budget_speedup"} <= set(r)
+    assert [r["optim"] for r in optims.values()] == gs.OPTIMS.split(",")
+    assert "## ngpt with 6 optimizers" in report and "ngpt+sphere_muon" in report
+    assert set(data["info"]["optims"]) == {"steps", "probe_ms_per_step", "wall_s"}
+
+
+def test_gpu_study_one_study_and_bad_studies(tmp_path: Path) -> None:
+    gs = _module()
+    out = tmp_path / "study"
+    assert gs.main(["--device", "cpu", "--quick", "--out", str(out), "--studies", "models"]) == 0
+    data = json.loads((out / "gpu_study.json").read_text())
+    assert "optim_results" not in data and not (out / "optims").exists()
+    with pytest.raises(SystemExit):
+        gs.main(["--device", "cpu", "--quick", "--out", str(out), "--studies", "models,adam"])
 
 
 def test_plan_steps_fits_the_time_budget() -> None:
