@@ -25,6 +25,8 @@ from spheretorch import sphere as S
 from spheretorch.optim import AdamH, SphereMuon
 from spheretorch.optim.sphere_steps import (
     adam_direction,
+    adam_directions,
+    hyperball_step_,
     newton_schulz,
     orthogonalize,
     sphere_step,
@@ -545,6 +547,106 @@ def test_sphere_step_keeps_the_radius_and_its_angle(shape, kind, r, rule, lr, se
         torch.testing.assert_close(angle, torch.full_like(angle, lr), atol=1e-12, rtol=0)
     elif rule == "hyperball":  # tangent u of norm lr * r: exactly atan(lr)
         torch.testing.assert_close(angle, torch.full_like(angle, math.atan(lr)), atol=1e-12, rtol=0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    hs.sampled_from([(5, 4), (1, 9), (3, 1)]),
+    hs.booleans(),
+    hs.booleans(),
+    hs.sampled_from([1.0, 0.5, 7.0]),
+    hs.floats(1e-6, 2.0),
+    hs.sampled_from([1.0, 1e-30, 1e30]),
+    hs.integers(0, 2**31 - 1),
+)
+def test_in_place_hyperball_step_equals_sphere_step(shape, whole, project, r, lr, scale, seed):
+    """AdamH's CPU path (the direction overwritten, no buffer of the parameter's size)
+    against the reference rule, in float64: rows or one whole-tensor row, projected or not,
+    directions of any scale (the step is scale-free), a zero direction row (no move)."""
+    g = gen(seed)
+    z = S.normalize(torch.randn(shape, dtype=F64, generator=g), -1, radius=r)
+    if whole:
+        z = z.reshape(1, -1) * (r / z.norm())
+    d = torch.randn(z.shape, dtype=F64, generator=g) * scale
+    if z.shape[0] > 1:
+        d[1] = 0.0
+    want, _ = sphere_step(z, d, lr, radius=r, project=project, rule="hyperball")
+    got = z.clone()
+    hyperball_step_(got, d.clone(), lr, radius=r, project=project)
+    torch.testing.assert_close(got, want, atol=1e-13 * r, rtol=0)
+    if z.shape[0] > 1:  # a zero direction: no move (and no NaN, whatever lr * r)
+        torch.testing.assert_close(got[1], z[1], atol=1e-15 * r, rtol=0)
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("dim", [None, 1])
+def test_a_zero_gradient_leaves_adamh_spheres_in_place(dim, foreach):
+    """A layer (or a row: an unused token's embedding) whose gradient is zero has a zero
+    Adam direction: its sphere stays, with no NaN, even where lr * r / tiny overflows
+    (a whole-matrix sphere of radius 20, lr 0.5)."""
+    w = SphereParameter(torch.randn(6, 5, dtype=F64, generator=gen(90)), dim=dim, radius=20.0)
+    before = w.detach().clone()
+    opt = AdamH([w], lr=0.5, foreach=foreach)
+    for _ in range(2):
+        w.grad = torch.zeros_like(w)
+        opt.step()
+    torch.testing.assert_close(w.detach(), before, atol=1e-13, rtol=0)
+
+
+def test_adam_directions_up_to_scale_are_positive_multiples():
+    """``up_to_scale``: each direction times ``1 - beta1^t`` (one buffer, written in place on
+    the CPU), for tensors at different steps."""
+    ms = [torch.randn(4, 5, dtype=F64, generator=gen(i)) for i in range(3)]
+    vs = [torch.rand(4, 5, dtype=F64, generator=gen(10 + i)) for i in range(3)]
+    steps, betas = [1.0, 2.0, 7.0], (0.9, 0.95)
+    exact = adam_directions(ms, vs, steps, betas, 1e-8)
+    scaled = adam_directions(ms, vs, steps, betas, 1e-8, up_to_scale=True)
+    for e, s_, t, m in zip(exact, scaled, steps, ms):
+        torch.testing.assert_close(s_, e * (1 - betas[0] ** t), rtol=1e-14, atol=0)
+        assert s_.data_ptr() != m.data_ptr()  # the moments are left alone
+
+
+def test_adamh_takes_the_in_place_step_where_it_applies(monkeypatch):
+    """foreach AdamH on float32/float64 row and whole-tensor spheres takes the in-place step
+    (and equals the reference loop, foreach=False); column spheres, measured angles and the
+    angular rule take sphere_step."""
+    from spheretorch.optim import sphere_steps
+
+    calls: list[tuple] = []
+    real = sphere_steps.hyperball_step_
+    monkeypatch.setattr(
+        "spheretorch.optim._hybrid.hyperball_step_",
+        lambda z, *a, **k: calls.append(tuple(z.shape)) or real(z, *a, **k),
+    )
+
+    def params():
+        g = gen(70)
+        return [
+            SphereParameter(torch.randn(6, 5, dtype=F64, generator=g), dim=1),
+            SphereParameter(torch.randn(6, 5, dtype=F64, generator=g), dim=None, radius=2.0),
+            SphereParameter(torch.randn(6, 5, dtype=F64, generator=g), dim=0),
+        ]
+
+    out = {}
+    for foreach in (True, False):
+        ps = params()
+        opt = AdamH(ps, lr=0.05, foreach=foreach, ordering="oblique")
+        for t in range(3):
+            for i, p in enumerate(ps):
+                p.grad = torch.randn(p.shape, dtype=F64, generator=gen(80 + 3 * t + i))
+            opt.step()
+        out[foreach] = ps
+    assert calls == [(6, 5), (1, 30)] * 3  # not the column sphere, not foreach=False
+    for a, b in zip(out[True], out[False]):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-12, atol=1e-12)
+    calls.clear()
+    for kw in (dict(measure_angle=True), dict(angular=True)):
+        ps = params()
+        opt = AdamH(ps, lr=0.05, **kw)
+        for p in ps:
+            p.grad = torch.ones_like(p)
+        opt.step()
+    assert calls == []
 
 
 def test_two_dimensional_newton_schulz_is_torch_muons():

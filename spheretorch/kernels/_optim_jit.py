@@ -269,7 +269,9 @@ def _rows_step_kernel(
         if LR_TENSOR:
             lr = tl.load(LR).to(cd)
         if HYPERBALL:
-            y = x - dt * (lr * radius / tl.maximum(n, tiny))[:, None]
+            # the unit direction first: lr * radius / max(n, tiny) overflows for
+            # lr * radius >= 4, and a zero direction would give 0 * inf = NaN
+            y = x - (dt / tl.maximum(n, tiny)[:, None]) * (lr * radius)
         else:
             if PER_TENSOR:
                 theta = lr * n / tl.maximum(tl.load(RMS + t), tiny)
@@ -368,23 +370,25 @@ def _whole_step_kernel(
         else:
             a = a_full * 0.0
             n = tl.sqrt(tl.load(SUMS + 3 * t + 2))
-        inv_n = 1 / tl.maximum(n, tiny)
+        # beta = -k / n is never formed (it, and beta^2 |w|^2, overflow as n -> 0; a zero
+        # direction would give 0 * inf = NaN): only ratios bounded by 1 times k
+        inv_n = tl.where(n > 0, 1 / tl.maximum(n, tiny), 0.0)
         if HYPERBALL:
-            alpha = 1 + lr * a * inv_n
-            beta = -lr * inv_n
+            k = lr
+            alpha = 1 + lr * (a * inv_n)
         else:
             theta = tl.where(n > 0, lr, 0.0)
-            sin_t = tl.sin(theta)
-            alpha = tl.cos(theta) + sin_t * a * inv_n
-            beta = -sin_t * inv_n
-        g = alpha + beta * a_full / p
-        norm_y = tl.maximum(tl.sqrt(g * g * p + beta * beta * w2), tiny)
+            k = tl.sin(theta)
+            alpha = tl.cos(theta) + k * (a * inv_n)
+        g = alpha - k * (a_full * inv_n) / p
+        bw = k * (tl.sqrt(w2) * inv_n)  # |beta| |w|
+        norm_y = tl.maximum(tl.sqrt(g * g * p + bw * bw), tiny)
         d = tl.load(D + tl.load(info + 3) + idx, mask=mask, other=0.0).to(cd)
-        y = x * (alpha / norm_y) + d * (radius * beta / norm_y)
+        y = x * (alpha / norm_y) - (d * inv_n) * (radius * k / norm_y)
         if MEASURE:
             c = g * p / norm_y
             e = 1 - p
-            s = tl.sqrt(c * c * e * e / p + beta * beta * w2 / (norm_y * norm_y))
+            s = tl.sqrt(c * c * e * e / p + bw * bw / (norm_y * norm_y))
             first = start == 0
             tl.store(ANGLE + 2 * t, s, mask=first)
             tl.store(ANGLE + 2 * t + 1, c, mask=first)

@@ -25,7 +25,7 @@ from ..sphere.foreach import STACK_MAX_NUMEL
 from ._functional import new_step, use_triton
 from ._torch_shims import torch_adam
 from .optimizer import SphereOptimizer
-from .sphere_steps import SphereLayout, StepRule, from_rows, rows, sphere_step
+from .sphere_steps import SphereLayout, StepRule, from_rows, hyperball_step_, rows, sphere_step
 
 __all__ = ["HybridOptimizer", "SphereInfo", "check_hyper", "sphere_info"]
 
@@ -314,10 +314,16 @@ class HybridOptimizer(SphereOptimizer):
         rule: StepRule,
         project: bool,
         stack: bool,
+        consume: bool = False,
     ) -> None:
         """:func:`~.sphere_steps.sphere_step` of every sphere parameter ``p`` along its
         direction ``d`` (``items``: ``(p, info, d)``, ``d`` shaped like ``p``, any strides),
         in place; the measured angles into ``state["angle"]`` with ``measure_angle``.
+
+        ``consume``: the directions are the caller's to overwrite; a hyperball step of one
+        float32/float64 parameter whose spheres are contiguous rows (or the whole tensor) then
+        runs in place (:func:`~.sphere_steps.hyperball_step_`: no buffer of the parameter's
+        size, which matters on the CPU) where no kernel takes it.
 
         With ``stack``, same-shape parameters take one call on their stacked rows (on CUDA,
         or for tensors of at most ``STACK_MAX_NUMEL`` values, as the other optimizers stack:
@@ -338,11 +344,37 @@ class HybridOptimizer(SphereOptimizer):
         for idx in batches.values():
             ps = [items[j][0] for j in idx]
             taken, angle = self._kernel_step(group, items, idx, lr, rule, project, measure)
+            if not taken and consume and rule == "hyperball" and not measure and len(idx) == 1:
+                taken = self._in_place_step(items[idx[0]], lr, project)
             if not taken:
                 angle = self._torch_step(group, items, idx, lr, rule, project, measure)
             if angle is not None:
                 for p, a in zip(ps, angle.split(angle.numel() // len(ps))):
                     self.state[p]["angle"] = a.clone()
+
+    @staticmethod
+    def _in_place_step(
+        item: tuple[Tensor, SphereInfo, Tensor], lr: float | Tensor, project: bool
+    ) -> bool:
+        """:func:`~.sphere_steps.hyperball_step_` of one parameter, where it applies (a float
+        ``lr``; ``p`` and ``d`` contiguous, of one float32/float64 dtype; row spheres or the
+        whole tensor); whether it did."""
+        p, info, d = item
+        if not (isinstance(lr, float) and p.dtype in (torch.float32, torch.float64)):
+            return False
+        if is_dtensor(p) or not (info.whole or info.layout.inner == 1):
+            return False
+        if (
+            d.dtype != p.dtype
+            or d.shape != p.shape
+            or not (p.is_contiguous() and d.is_contiguous())
+        ):
+            return False
+        shape = (1, p.numel()) if info.whole else (info.layout.count, info.layout.size)
+        hyperball_step_(
+            p.detach().view(shape), d.view(shape), lr, radius=info.radius, project=project
+        )
+        return True
 
     @staticmethod
     def _torch_step(

@@ -180,7 +180,8 @@ class AdamH(HybridOptimizer):
             for p in params
         ]
         if foreach:
-            dirs = adam_directions(avgs, sqs, steps, (b1, b2), group["eps"])
+            # both rules normalize the direction: a positive multiple of it will do
+            dirs = adam_directions(avgs, sqs, steps, (b1, b2), group["eps"], up_to_scale=True)
         else:
             dirs = [
                 adam_direction(m, v, t, (b1, b2), group["eps"]) for m, v, t in zip(avgs, sqs, steps)
@@ -197,4 +198,5 @@ class AdamH(HybridOptimizer):
             rule=rule,
             project=group["ordering"] != "renorm",
             stack=bool(foreach),
+            consume=bool(foreach),
         )

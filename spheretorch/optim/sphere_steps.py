@@ -61,6 +61,7 @@ __all__ = [
     "adam_sphere_update_",
     "check_sphere_options",
     "from_rows",
+    "hyperball_step_",
     "matrix_of",
     "newton_schulz",
     "orthogonalize",
@@ -248,15 +249,31 @@ def adam_directions(
     steps: list[float] | list[Tensor],
     betas: tuple[float, float],
     eps: float,
+    *,
+    up_to_scale: bool = False,
 ) -> list[Tensor]:
-    """:func:`adam_direction` of every tensor of the lists, as ``_foreach`` ops (the same
-    operations in the same order: equal bit for bit); tensor steps one tensor at a time."""
+    r""":func:`adam_direction` of every tensor of the lists, as ``_foreach`` ops (the same
+    operations in the same order: equal bit for bit); tensor steps one tensor at a time.
+
+    ``up_to_scale``: each direction times :math:`1 - eta_1^t`, i.e. :math:`m / (\sqrt{v} /
+    \sqrt{1 - eta_2^t} + \epsilon)`, a positive multiple of the direction that every step
+    normalizing it (``"hyperball"``, ``"angular"``) treats alike; one new tensor each instead
+    of two (on the CPU, where a fresh buffer costs page faults, written in place)."""
     if any(isinstance(t, Tensor) for t in steps):
         return [
             adam_direction(m, v, t, betas, eps) for m, v, t in zip(exp_avgs, exp_avg_sqs, steps)
         ]
     bc1 = [1 - betas[0] ** t for t in steps]
     bc2_sqrt = [math.sqrt(1 - betas[1] ** t) for t in steps]
+    if up_to_scale:
+        den = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(den, bc2_sqrt)
+        torch._foreach_add_(den, eps)
+        if not all(d.is_cpu for d in den):
+            return list(torch._foreach_div(exp_avgs, den))
+        for m, d in zip(exp_avgs, den):
+            torch.div(m, d, out=d)
+        return list(den)
     num = torch._foreach_div(exp_avgs, bc1)
     den = torch._foreach_sqrt(exp_avg_sqs)
     torch._foreach_div_(den, bc2_sqrt)
@@ -323,7 +340,9 @@ def sphere_step(
         new = sphere.normalize(zu * (1 - lr * weight_decay) - lr * du, -1, on_zero="keep", radius=r)
     elif rule == "hyperball":
         n = sphere.norm(du, -1)
-        u = du * (lr * r / n.clamp_min(torch.finfo(cdt).tiny))
+        # the unit direction first: lr * r / max(n, tiny) overflows for lr * r >= 4, and a
+        # zero direction (a zero gradient) would then give 0 * inf = NaN
+        u = (du / n.clamp_min(torch.finfo(cdt).tiny)) * (lr * r)
         new = sphere.normalize(zu - u, -1, on_zero="keep", radius=r)
     elif rule == "angular":
         n = sphere.norm(du, -1)
@@ -347,6 +366,28 @@ def sphere_step(
     if measure:
         angle = step_angle(zu, new, r)
     return new.reshape(shape).to(z.dtype), angle
+
+
+@torch.no_grad()
+def hyperball_step_(
+    z: Tensor, d: Tensor, lr: float, *, radius: float = 1.0, project: bool = False
+) -> None:
+    r""":func:`sphere_step`'s ``"hyperball"`` rule in place, for a caller that owns ``d``: per
+    row of ``z`` (``(k, size)``; one row for a whole-tensor sphere), :math:`u = \eta r D /
+    \|D\|` (:math:`D` projected onto the tangent space first with ``project``),
+    :math:`z \leftarrow r (z - u) / \|z - u\|`. ``d`` (same shape and dtype as ``z``,
+    contiguous) is overwritten with :math:`z - u`. No other buffer of ``z``'s size: the CPU
+    path of :class:`.AdamH` (equal to :func:`sphere_step` up to rounding: tested)."""
+    tiny = torch.finfo(z.dtype).tiny
+    if project:
+        # <z, d> per row as a batched matrix product: no buffer of z's size
+        c = (z.unsqueeze(-2) @ d.unsqueeze(-1)).squeeze(-1) / (radius * radius)
+        d.addcmul_(z, c, value=-1)
+    n = torch.linalg.vector_norm(d, dim=-1, keepdim=True).clamp_min_(tiny)
+    d.div_(n)  # the unit direction first (a zero row stays zero: no 0 * inf)
+    torch.add(z, d, alpha=-lr * radius, out=d)
+    ny = torch.linalg.vector_norm(d, dim=-1, keepdim=True).clamp_min_(tiny)
+    torch.div(d, ny.div_(radius), out=z)
 
 
 @torch.no_grad()
