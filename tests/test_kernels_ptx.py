@@ -131,9 +131,10 @@ def test_every_module_that_launches_row_kernels_is_recorded():
 def test_every_muon_family_kernel_compiles_for_sm90(monkeypatch, dtype: torch.dtype):
     """The Triton launches of SphereMuon's and AdamH's sphere steps (rows, columns, a middle
     axis, whole tensors as one row and in two passes, measured angles, per-tensor angles, the
-    renormalisation), recorded with the Triton backend forced on CPU tensors (``MAX_ROW``
-    16, so that tiny whole tensors take the two passes) and compiled for sm_90 with the
-    argument types and constants of each launch."""
+    renormalisation; AdamH's moments fused, with host and device step counters), recorded
+    with the Triton backend forced on CPU tensors (``MAX_ROW`` 16, so that tiny whole
+    tensors take the two passes) and compiled for sm_90 with the argument types and
+    constants of each launch."""
     pytest.importorskip("triton.backends.nvidia", reason="triton without its CUDA backend")
     from spheretorch.kernels import BACKEND_ENV
     from spheretorch.kernels import optim as kernels
@@ -163,6 +164,9 @@ def test_every_muon_family_kernel_compiles_for_sm90(monkeypatch, dtype: torch.dt
         lambda ps: SphereMuon(ps, lr=lr, capturable=True, ordering="renorm"),
         lambda ps: AdamH(ps, lr=0.05, measure_angle=True),
         lambda ps: AdamH(ps, lr=lr, angular=True, angle_per="sphere", ordering="oblique"),
+        lambda ps: AdamH(
+            ps, lr=lr, capturable=True, angular=True, angle_per="tensor", maximize=True
+        ),
     ]
     with monkeypatch.context() as m:  # the Triton path on CPU tensors while recording
         m.setenv(BACKEND_ENV, "triton")
@@ -179,6 +183,9 @@ def test_every_muon_family_kernel_compiles_for_sm90(monkeypatch, dtype: torch.dt
         assert set(kw) - params <= {"num_warps", "num_stages"}, (fn.__name__, kw)
         assert len(args) + len(set(kw) & params) == len(params), fn.__name__
     assert "_renorm_kernel" in names, names
+    fused = {fn.__name__ for fn, _, kw in launches if kw.get("ADAM")}  # AdamH's moments
+    assert fused == {"_rows_step_kernel", "_whole_sums_kernel", "_whole_step_kernel"}, fused
+    assert any(kw.get("ADAM") and kw.get("STEP_TENSOR") for _, _, kw in launches)
     seen = set()
     for fn, args, kw in launches:
         key = (fn, tuple(_arg_type("", a) if not isinstance(a, bool) else a for a in args),

@@ -335,30 +335,41 @@ def test_kernels_compile_for_a_cuda_target():
                                                   "HAS_FOUND_INF": True}))  # fmt: skip
     types = {"G": "*fp16", "INFO": "*i64", "TILES": "*i64", "FLAG": "*i32"}
     cases.append((mod._nonfinite_kernel, types, {"BLOCK": 4096}))
-    for xdt, ddt, cd, per_tensor, pass_norms, hyperball, project in (
-        ("bf16", "bf16", "fp32", True, True, False, True),
-        ("fp32", "bf16", "fp32", True, False, False, True),
-        ("fp64", "fp64", "fp64", False, False, False, True),
-        ("bf16", "fp32", "fp32", False, False, True, False),
+    # (adam: AdamH's moments fused, the direction's place holding the gradients)
+    for xdt, ddt, cd, per_tensor, pass_norms, hyperball, project, adam in (
+        ("bf16", "bf16", "fp32", True, True, False, True, False),
+        ("fp32", "bf16", "fp32", True, False, False, True, False),
+        ("fp64", "fp64", "fp64", False, False, False, True, False),
+        ("bf16", "fp32", "fp32", False, False, True, False, False),
+        ("bf16", "bf16", "fp32", True, True, False, True, True),
+        ("fp32", "fp32", "fp32", False, False, True, False, True),
     ):
         types = {"X": f"*{xdt}", "D": f"*{ddt}", "NORMS": f"*{cd}", "RMS": f"*{cd}"}
         types |= {"ANGLE": f"*{cd}", **tiles, "HYPER": f"*{cd}", "LR": "*fp32", "SIZE": "i32"}
+        types |= {"M": f"*{cd}", "V": f"*{cd}", "STEP": "*fp32", "EPS": f"*{cd}"}
         flags = dict(PASS_NORMS=pass_norms, PER_TENSOR=per_tensor, LR_TENSOR=True)
-        flags |= dict(HYPERBALL=hyperball, PROJECT=project, MEASURE=True)
+        flags |= dict(HYPERBALL=hyperball, PROJECT=project, MEASURE=True, ADAM=adam)
+        flags |= dict(UPDATE=pass_norms or not per_tensor, MAXIMIZE=adam, STEP_TENSOR=adam)
         cases.append((mod._rows_step_kernel, types, {**block, **flags}))
     # the whole-tensor spheres' two passes (step and renormalisation)
-    for xdt, ddt, cd, has_d, hyperball in (
-        ("bf16", "bf16", "fp32", True, True),
-        ("fp64", "fp64", "fp64", True, False),
-        ("fp32", "fp32", "fp32", False, False),
+    for xdt, ddt, cd, has_d, hyperball, adam in (
+        ("bf16", "bf16", "fp32", True, True, False),
+        ("fp64", "fp64", "fp64", True, False, False),
+        ("fp32", "fp32", "fp32", False, False, False),
+        ("bf16", "bf16", "fp32", True, True, True),
+        ("fp64", "fp64", "fp64", True, False, True),
     ):
+        adam_types = {"M": f"*{cd}", "V": f"*{cd}", "STEP": "*fp32"}
         types = {"X": f"*{xdt}", "D": f"*{ddt}", "PARTIALS": f"*{cd}", **tiles}
-        consts = {"N_INFO": 4, "BLOCK": 4096, "HAS_D": has_d}
+        types |= {**adam_types, "HYPER": f"*{cd}", "EPS": f"*{cd}"}
+        consts = {"N_INFO": 4, "BLOCK": 4096, "HAS_D": has_d, "ADAM": adam}
+        consts |= {"MAXIMIZE": adam, "STEP_TENSOR": adam}
         cases.append((mod._whole_sums_kernel, types, consts))
         types = {"X": f"*{xdt}", "D": f"*{ddt}", "SUMS": f"*{cd}", "ANGLE": f"*{cd}", **tiles}
-        types |= {"HYPER": f"*{cd}", "LR": "*fp32"}
+        types |= {"HYPER": f"*{cd}", "LR": "*fp32", **adam_types, "EPS": f"*{cd}"}
         consts = {"N_INFO": 4, "BLOCK": 4096, "RENORM": not has_d, "HYPERBALL": hyperball}
         consts |= {"PROJECT": not hyperball, "LR_TENSOR": True, "MEASURE": has_d}
+        consts |= {"ADAM": adam, "STEP_TENSOR": adam}
         cases.append((mod._whole_step_kernel, types, consts))
     for fn, types, consts in cases:
         sig, constexprs = _signature(types, consts)
@@ -410,6 +421,15 @@ def _muon_family_params(dtype: torch.dtype) -> list[torch.nn.Parameter]:
         lambda ps: SphereMuon(ps, lr=0.1, ordering="renorm", ns_dtype=None),
         lambda ps: AdamH(ps, lr=0.05, measure_angle=True),  # hyperball, unprojected ("renorm")
         lambda ps: AdamH(ps, lr=torch.tensor(0.05, dtype=torch.float64), ordering="oblique"),
+        lambda ps: AdamH(
+            ps,
+            lr=torch.tensor(0.05, dtype=torch.float64),
+            capturable=True,
+            angular=True,
+            angle_per="tensor",
+            maximize=True,
+            measure_angle=True,
+        ),
     ],
     ids=[
         "muon-tensor-measure",
@@ -420,6 +440,7 @@ def _muon_family_params(dtype: torch.dtype) -> list[torch.nn.Parameter]:
         "muon-renorm",
         "adamh-hyperball-measure",
         "adamh-hyperball-oblique",
+        "adamh-capturable-tensor-maximize",
     ],
 )
 @pytest.mark.parametrize("dtype", ["f64", "f32"])
@@ -430,8 +451,11 @@ def test_triton_sphere_steps_equal_the_reference(make, dtype, monkeypatch):
     middle-axis spheres by :func:`spheretorch.kernels.optim.sphere_rows_step_`, whole-tensor
     spheres as one row or, above ``MAX_ROW`` (16 here, so that tiny tensors take it), by
     the two passes of :func:`spheretorch.kernels.optim.sphere_whole_step_`; with
-    ``ordering="renorm"``, the renormalisation kernels against ``sphere.normalize``. With the
-    Triton backend forced, no set of parameters falls back to the torch step."""
+    ``ordering="renorm"``, the renormalisation kernels against ``sphere.normalize``. AdamH
+    (orderings ``"renorm"``/``"oblique"``) takes its moments in the kernels too
+    (:class:`~spheretorch.kernels.optim.AdamMoments`: device step counters with
+    ``capturable``, ``maximize``, the two-pass per-tensor angle): its moments are compared as
+    well. With the Triton backend forced, no set of parameters falls back to the torch step."""
     from spheretorch.kernels import optim as kernels
     from spheretorch.optim._hybrid import HybridOptimizer
 
@@ -441,11 +465,17 @@ def test_triton_sphere_steps_equal_the_reference(make, dtype, monkeypatch):
     results, opts = {}, {}
     calls: list[str] = []
     names = ("sphere_rows_step_", "sphere_whole_step_", "renormalize_", "renormalize_whole_")
+    fused: list[str] = []  # the launches that took AdamH's moments
     for name in names:
         fn = getattr(kernels, name)
-        monkeypatch.setattr(
-            kernels, name, lambda *a, _fn=fn, _n=name, **k: calls.append(_n) or _fn(*a, **k)
-        )
+
+        def record(*a, _fn=fn, _n=name, **k):
+            calls.append(_n)
+            if k.get("adam") is not None:
+                fused.append(_n)
+            return _fn(*a, **k)
+
+        monkeypatch.setattr(kernels, name, record)
     torch_step = HybridOptimizer._torch_step
     for name in ("torch", "triton"):
         monkeypatch.setenv(backend.BACKEND_ENV, name)
@@ -465,14 +495,54 @@ def test_triton_sphere_steps_equal_the_reference(make, dtype, monkeypatch):
     )
     expected = {"renormalize_", "renormalize_whole_"} if renorm else set(names[:2])
     assert expected <= set(calls), calls
+    group = opts["torch"].param_groups[0]
+    if isinstance(opts["torch"], AdamH) and group["ordering"] != "riemannian":
+        assert set(fused) == set(names[:2]), fused  # rows and whole tensors, fused
+    else:
+        assert not fused
     for a, b in zip(results["triton"], results["torch"]):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=rtol, atol=rtol)
+        for key in ("exp_avg", "exp_avg_sq", "momentum_buffer", "step"):  # AdamH: fused
+            if key in opts["torch"].state[b]:
+                want = opts["torch"].state[b][key]
+                torch.testing.assert_close(opts["triton"].state[a][key], want, rtol=rtol, atol=rtol)
         if "angle" in opts["torch"].state[b]:
             angle = opts["triton"].state[a]["angle"]
             assert angle.dtype == opts["torch"].state[b]["angle"].dtype
             torch.testing.assert_close(angle, opts["torch"].state[b]["angle"], rtol=rtol, atol=rtol)
     if opts["torch"].param_groups[0]["measure_angle"]:
         assert all("angle" in opts["triton"].state[p] for p in results["triton"][:-1])
+
+
+@triton_missing
+@pytest.mark.parametrize("ordering", ["renorm", "oblique"])
+def test_triton_fused_adamh_on_half_precision_keeps_float32_moments(ordering, monkeypatch):
+    """AdamH fused into the kernels on bfloat16 parameters: float32 moments and math, bf16
+    gradients read as they are; against the torch path (moments closely, parameters within
+    bf16's rounding)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    out = {}
+    for name in ("torch", "triton"):
+        monkeypatch.setenv(backend.BACKEND_ENV, name)
+        ps = _muon_family_params(torch.bfloat16)
+        opt = AdamH(ps, lr=0.05, ordering=ordering)
+        for t in range(3):
+            g = torch.Generator().manual_seed(20 + t)
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64).bfloat16()
+            opt.step()
+        out[name] = (ps, opt)
+    (ps_t, opt_t), (ps_k, opt_k) = out["torch"], out["triton"]
+    for a, b in zip(ps_k, ps_t):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a.detach().float(), b.detach().float(), rtol=2e-2, atol=2e-2)
+        if st.sphere_dim_of(b) is None:
+            continue  # the Euclidean matrix: torch's AdamW, moments in bf16 as torch keeps them
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert opt_k.state[a][key].dtype == torch.float32
+            torch.testing.assert_close(
+                opt_k.state[a][key], opt_t.state[b][key], rtol=1e-5, atol=1e-6
+            )
 
 
 def _no_torch_step(*args, **kwargs):

@@ -88,6 +88,32 @@ def _retract(x, u, m, rmask, EXP: tl.constexpr, HAS_M: tl.constexpr):
 
 
 @triton.jit
+def _adam_direction(
+    g_ptr, m_ptr, v_ptr, mask, step, HYPER, EPS, cd,
+    UPDATE: tl.constexpr, MAXIMIZE: tl.constexpr,
+):  # fmt: skip
+    """AdamH's direction up to scale, d = m / (sqrt(v) / sqrt(1 - beta2^t) + eps) (the
+    host's ``adam_directions(up_to_scale=True)``), HYPER = (lr, beta1, beta2, tiny, ...),
+    EPS[0] = eps. ``UPDATE``: the moments first take the gradient (m <- lerp(m, g, 1 - beta1)
+    as torch's lerp, v <- beta2 v + (1 - beta2) g^2) and are stored; else (a second pass
+    over the same values) they are read as stored."""
+    m = tl.load(m_ptr, mask=mask, other=0.0).to(cd)
+    v = tl.load(v_ptr, mask=mask, other=0.0).to(cd)
+    beta2 = tl.load(HYPER + 2)
+    if UPDATE:
+        g = tl.load(g_ptr, mask=mask, other=0.0).to(cd)
+        if MAXIMIZE:
+            g = -g
+        w1 = (1 - tl.load(HYPER + 1)).to(cd)
+        m = tl.where(w1 < 0.5, m + w1 * (g - m), g - (g - m) * (1 - w1))  # torch's lerp
+        v = v * beta2.to(cd) + g * g * (1 - beta2).to(cd)
+        tl.store(m_ptr, m.to(m_ptr.dtype.element_ty), mask=mask)
+        tl.store(v_ptr, v.to(v_ptr.dtype.element_ty), mask=mask)
+    bc2_sqrt = tl.sqrt(1 - tl.exp(step * tl.log(beta2))).to(cd)
+    return m / (tl.sqrt(v) / bc2_sqrt + tl.load(EPS).to(cd))
+
+
+@triton.jit
 def _adam_kernel(
     X, G, M, V, VMAX, STEP, TILES, INFO, HYPER, LR, FOUND_INF, SIZE,
     N_INFO: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -235,10 +261,12 @@ def _nonfinite_kernel(G, INFO, TILES, FLAG, BLOCK: tl.constexpr):
 
 @triton.jit
 def _rows_step_kernel(
-    X, D, NORMS, RMS, ANGLE, TILES, INFO, HYPER, LR, SIZE,
+    X, D, NORMS, RMS, ANGLE, TILES, INFO, HYPER, LR, SIZE, M, V, STEP, EPS,
     N_INFO: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
     PASS_NORMS: tl.constexpr, PER_TENSOR: tl.constexpr, LR_TENSOR: tl.constexpr,
     HYPERBALL: tl.constexpr, PROJECT: tl.constexpr, MEASURE: tl.constexpr,
+    ADAM: tl.constexpr, UPDATE: tl.constexpr, MAXIMIZE: tl.constexpr,
+    STEP_TENSOR: tl.constexpr,
 ):  # fmt: skip
     """A step of :func:`spheretorch.optim.sphere_steps.sphere_step` on the spheres of X (rows
     or interleaved columns, radius r) along -D, in place; d_T = P_x d (``PROJECT``) or d.
@@ -251,13 +279,28 @@ def _rows_step_kernel(
 
     D lies like X (its element offsets). ``MEASURE``: ANGLE[t, s] <- (|y' - c x'|, c),
     c = <x', y'>, for the unit points x' = x / r before and y' after (the angle is their
-    atan2, taken by the caller: :func:`spheretorch.optim.sphere_steps.step_angle`)."""
+    atan2, taken by the caller: :func:`spheretorch.optim.sphere_steps.step_angle`).
+
+    ``ADAM`` (AdamH fused): D holds the gradients, M and V the moments (INFO columns 5 and 6;
+    the step counters STEP, column 7, with ``STEP_TENSOR``, else HYPER[4]) and d is Adam's
+    direction up to scale (:func:`_adam_direction`; ``UPDATE``: the moments updated on the
+    way, in the first of the launches)."""
     t, info, rows, elem, rmask, mask = _tile(TILES, INFO, N_INFO, SIZE, BLOCK_R, BLOCK_N)
     cd = HYPER.dtype.element_ty
     radius = tl.load(HYPER + 5 + t)
     x_ptr = X + tl.load(info + 2) + elem
     x = tl.load(x_ptr, mask=mask, other=0.0).to(cd)
-    d = tl.load(D + tl.load(info + 3) + elem, mask=mask, other=0.0).to(cd)
+    if ADAM:
+        if STEP_TENSOR:  # noqa: SIM108 (a compile-time branch)
+            step = tl.load(STEP + tl.load(info + 7)).to(cd)
+        else:
+            step = tl.load(HYPER + 4)
+        d = _adam_direction(
+            D + tl.load(info + 3) + elem, M + tl.load(info + 5) + elem,
+            V + tl.load(info + 6) + elem, mask, step, HYPER, EPS, cd, UPDATE, MAXIMIZE,
+        )  # fmt: skip
+    else:
+        d = tl.load(D + tl.load(info + 3) + elem, mask=mask, other=0.0).to(cd)
     xh = x / radius
     dt = d - _sum(xh * d)[:, None] * xh if PROJECT else d
     n = tl.sqrt(_sum(dt * dt))
@@ -304,29 +347,42 @@ def _span(TILES, INFO, N_INFO: tl.constexpr, BLOCK: tl.constexpr):
 
 @triton.jit
 def _whole_sums_kernel(
-    X, D, PARTIALS, TILES, INFO,
+    X, D, PARTIALS, TILES, INFO, M, V, STEP, HYPER, EPS,
     N_INFO: tl.constexpr, BLOCK: tl.constexpr, HAS_D: tl.constexpr,
+    ADAM: tl.constexpr, MAXIMIZE: tl.constexpr, STEP_TENSOR: tl.constexpr,
 ):  # fmt: skip
     """Pass 1 of a step (or renormalisation) of whole-tensor spheres: per program, over its
     ``BLOCK`` values, PARTIALS[pid] <- (sum x^2, sum x d, sum d^2) (``HAS_D=False``: the
-    first only), in the compute dtype (PARTIALS' dtype). The caller sums them per tensor."""
+    first only), in the compute dtype (PARTIALS' dtype). The caller sums them per tensor.
+    ``ADAM``: D holds the gradients and d is Adam's direction up to scale from the moments
+    (INFO columns 4, 5; step counters column 6), which this pass updates."""
     pid, _, _, info, idx, mask = _span(TILES, INFO, N_INFO, BLOCK)
     cd = PARTIALS.dtype.element_ty
     x = tl.load(X + tl.load(info + 2) + idx, mask=mask, other=0.0).to(cd)
     out = PARTIALS + 3 * pid
     tl.store(out, tl.reduce(x * x, 0, tl.standard._sum_combine))
     if HAS_D:
-        d = tl.load(D + tl.load(info + 3) + idx, mask=mask, other=0.0).to(cd)
+        if ADAM:
+            if STEP_TENSOR:  # noqa: SIM108 (a compile-time branch)
+                step = tl.load(STEP + tl.load(info + 6)).to(cd)
+            else:
+                step = tl.load(HYPER + 4)
+            d = _adam_direction(
+                D + tl.load(info + 3) + idx, M + tl.load(info + 4) + idx,
+                V + tl.load(info + 5) + idx, mask, step, HYPER, EPS, cd, True, MAXIMIZE,
+            )  # fmt: skip
+        else:
+            d = tl.load(D + tl.load(info + 3) + idx, mask=mask, other=0.0).to(cd)
         tl.store(out + 1, tl.reduce(x * d, 0, tl.standard._sum_combine))
         tl.store(out + 2, tl.reduce(d * d, 0, tl.standard._sum_combine))
 
 
 @triton.jit
 def _whole_step_kernel(
-    X, D, SUMS, ANGLE, TILES, INFO, HYPER, LR,
+    X, D, SUMS, ANGLE, TILES, INFO, HYPER, LR, M, V, STEP, EPS,
     N_INFO: tl.constexpr, BLOCK: tl.constexpr, RENORM: tl.constexpr,
     HYPERBALL: tl.constexpr, PROJECT: tl.constexpr, LR_TENSOR: tl.constexpr,
-    MEASURE: tl.constexpr,
+    MEASURE: tl.constexpr, ADAM: tl.constexpr, STEP_TENSOR: tl.constexpr,
 ):  # fmt: skip
     """Pass 2: the step of :func:`spheretorch.optim.sphere_steps.sphere_step` (``whole=True``)
     from the sums of pass 1, SUMS[t] = (|x|^2, <x, d>, |d|^2), in place.
@@ -383,7 +439,17 @@ def _whole_step_kernel(
         g = alpha - k * (a_full * inv_n) / p
         bw = k * (tl.sqrt(w2) * inv_n)  # |beta| |w|
         norm_y = tl.maximum(tl.sqrt(g * g * p + bw * bw), tiny)
-        d = tl.load(D + tl.load(info + 3) + idx, mask=mask, other=0.0).to(cd)
+        if ADAM:  # the direction again, from the moments pass 1 stored
+            if STEP_TENSOR:  # noqa: SIM108 (a compile-time branch)
+                step = tl.load(STEP + tl.load(info + 6)).to(cd)
+            else:
+                step = tl.load(HYPER + 4)
+            d = _adam_direction(
+                D, M + tl.load(info + 4) + idx, V + tl.load(info + 5) + idx, mask, step,
+                HYPER, EPS, cd, False, False,
+            )  # fmt: skip
+        else:
+            d = tl.load(D + tl.load(info + 3) + idx, mask=mask, other=0.0).to(cd)
         y = x * (alpha / norm_y) - (d * inv_n) * (radius * k / norm_y)
         if MEASURE:
             c = g * p / norm_y

@@ -62,6 +62,7 @@ import os
 import sys
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,7 @@ from .backend import triton_available
 
 __all__ = [
     "MAX_ROW",
+    "AdamMoments",
     "handles",
     "nonfinite_flag",
     "project",
@@ -504,6 +506,50 @@ def project(
     return outs
 
 
+@dataclass(frozen=True)
+class AdamMoments:
+    r"""AdamH fused into the sphere steps: instead of a direction, each tensor's gradient
+    and Adam moments, which the kernels update (:math:`m \leftarrow \mathrm{lerp}(m, g,
+    1 - \beta_1)`, :math:`v \leftarrow \beta_2 v + (1 - \beta_2) g^2`) and from which they
+    take the direction up to scale, :math:`m / (\sqrt{v} / \sqrt{1 - \beta_2^t} +
+    \epsilon)` (:func:`spheretorch.optim.sphere_steps.adam_directions` with
+    ``up_to_scale=True``: the steps normalize it). One pass over the gradient and moments
+    instead of the ``_foreach`` moments and direction (about eight).
+
+    ``grads``, ``exp_avgs``, ``exp_avg_sqs``: one per tensor, contiguous, laid out as the
+    tensors (moments in the compute dtype); ``steps``: the step number shared by all
+    (a float, after its increment) or one device counter per tensor (capturable).
+    """
+
+    grads: Sequence[Tensor]
+    exp_avgs: Sequence[Tensor]
+    exp_avg_sqs: Sequence[Tensor]
+    steps: float | Sequence[Tensor]
+    betas: tuple[float, float]
+    eps: float
+    maximize: bool = False
+
+    def lists(self) -> list[Sequence[Tensor | None]]:
+        """The moment and (device) step lists, in the INFO table's order (after the
+        gradients, which take the direction's column)."""
+        steps = [] if isinstance(self.steps, (int, float)) else [list(self.steps)]
+        return [self.exp_avgs, self.exp_avg_sqs, *steps]
+
+    def hyper(self, lr: float | Tensor) -> list[float]:
+        """HYPER's values: ``(lr, beta1, beta2, tiny, step)`` (the tiny set by the caller)."""
+        step = float(self.steps) if isinstance(self.steps, (int, float)) else 0.0
+        return [_value(lr), float(self.betas[0]), float(self.betas[1]), 0.0, step]
+
+    @property
+    def step_tensor(self) -> bool:
+        return not isinstance(self.steps, (int, float))
+
+
+def _eps(device: torch.device, dtype: torch.dtype, eps: float) -> Tensor:
+    """``[eps]`` on ``device`` (cached by value)."""
+    return _hyper(device, dtype, [eps], [])
+
+
 def _like(d: Tensor) -> Tensor:
     """A direction as the kernels read it: its values in row-major order, laid out in memory
     like the (contiguous) parameter. ``d`` itself where it already lies so (an Adam
@@ -522,7 +568,7 @@ def _angles(buf: Tensor) -> Tensor:
 
 def sphere_rows_step_(
     xs: Sequence[Tensor],
-    ds: Sequence[Tensor],
+    ds: Sequence[Tensor] | None,
     layout: Any,
     radii: Sequence[float],
     lr: float | Tensor,
@@ -531,6 +577,7 @@ def sphere_rows_step_(
     project: bool,
     per_tensor: bool,
     measure: bool = False,
+    adam: AdamMoments | None = None,
 ) -> Tensor | None:
     r"""A step of :func:`spheretorch.optim.sphere_steps.sphere_step` (its one reference) on
     same-layout sphere tensors (``layout``: rows ``inner == 1``, or interleaved spheres
@@ -552,6 +599,9 @@ def sphere_rows_step_(
     read). ``measure``: returns the angle each sphere turned, ``(len(xs) * count,)`` in the
     compute dtype (tensor by tensor, spheres in the order of
     :func:`spheretorch.optim.sphere_steps.rows`), as ``step_angle``.
+
+    ``adam`` (``ds`` None): AdamH fused, the directions from the gradients and moments
+    (:class:`AdamMoments`), updated by the first launch.
     """
     _check_rule("sphere_rows_step_", rule, project)
     device = xs[0].device
@@ -562,29 +612,40 @@ def sphere_rows_step_(
     per_tensor = per_tensor and rule == "angular"
     dummy = _dummy(xs[0])
     norms = rms = dummy
-    lists: list[Sequence[Tensor | None]] = [xs, [_like(d) for d in ds], [None] * n]
+    first = adam.grads if adam is not None else [_like(d) for d in ds]  # type: ignore[union-attr]
+    lists: list[Sequence[Tensor | None]] = [xs, first, [None] * n]
     if per_tensor:  # one buffer per set of shapes, reused: stable addresses, cached tables
         norms = _cached(
             ("rows-step-norms", device, cd, n, count),
             lambda: torch.empty(n * count, dtype=cd, device=device),
         )
         lists[2] = list(norms.view(n, count).unbind(0))
+    if adam is not None:
+        lists += adam.lists()
     bases, info, tiles = _plan(lists, [layout] * n, block_r)
-    hyper = _hyper(device, cd, [_value(lr), 0.0, 0.0, torch.finfo(cd).tiny, 0.0], radii)
+    values = adam.hyper(lr) if adam is not None else [_value(lr), 0.0, 0.0, 0.0, 0.0]
+    values[3] = torch.finfo(cd).tiny
+    hyper = _hyper(device, cd, values, radii)
+    eps = _eps(device, cd, adam.eps) if adam is not None else dummy
+    m, v, steps = (
+        (bases[3], bases[4], bases[5] if adam.step_tensor else dummy) if adam else (dummy,) * 3
+    )
     angle = torch.empty(2 * n * count, dtype=cd, device=device) if measure else dummy
     kernel = _jit(device)._rows_step_kernel
     grid = (tiles.shape[0] // 2,)
-    for pass_norms in (True, False) if per_tensor else (False,):
+    for i, pass_norms in enumerate((True, False) if per_tensor else (False,)):
         if not pass_norms and per_tensor:
             rms = norms.view(n, count).square().mean(dim=1).sqrt()
         kernel[grid](
             bases[0], bases[1], norms, rms, angle, tiles, info, hyper,
             lr if lr_tensor else dummy,
-            layout.size,
+            layout.size, m, v, steps, eps,
             N_INFO=info.shape[1], BLOCK_R=block_r, BLOCK_N=block_n,
             PASS_NORMS=pass_norms, PER_TENSOR=per_tensor, LR_TENSOR=lr_tensor,
             HYPERBALL=rule == "hyperball", PROJECT=project,
-            MEASURE=measure and not pass_norms, num_warps=warps,
+            MEASURE=measure and not pass_norms, ADAM=adam is not None, UPDATE=i == 0,
+            MAXIMIZE=bool(adam and adam.maximize), STEP_TENSOR=bool(adam and adam.step_tensor),
+            num_warps=warps,
         )  # fmt: skip
     return _angles(angle) if measure else None
 
@@ -598,9 +659,10 @@ def _whole(
     rule: str,
     project: bool,
     measure: bool,
+    adam: AdamMoments | None = None,
 ) -> Tensor | None:
     """The two passes of the whole-tensor kernels on same-size tensors of one dtype (``ds``
-    None: the renormalisation); see :func:`sphere_whole_step_`."""
+    and ``adam`` None: the renormalisation); see :func:`sphere_whole_step_`."""
     device = xs[0].device
     cd = _compute_dtype(xs[0].dtype)
     n, numel = len(xs), xs[0].numel()
@@ -609,39 +671,52 @@ def _whole(
     lr, lr_tensor = _device_lr(lr, device)
     cuda = device.type == "cuda"
     block, warps = (_WHOLE_TILE, 8) if cuda else (_TILE_INTERPRETED, 1)
-    has_d = ds is not None
+    has_d = ds is not None or adam is not None
     flat: list[Tensor | None] = [None] * n if ds is None else [_like(d) for d in ds]
+    lists: list[Sequence[Tensor | None]] = [xs, flat]
+    if adam is not None:  # the gradients in the direction's place, then moments and steps
+        lists = [xs, adam.grads, *adam.lists()]
     # one "sphere" per value: TILES holds (tensor, first value) per program of BLOCK values
-    bases, info, tiles = _plan([xs, flat], [SphereLayout(numel, 1, 1)] * n, block)
+    bases, info, tiles = _plan(lists, [SphereLayout(numel, 1, 1)] * n, block)
     programs = tiles.shape[0] // 2
     dummy = _dummy(xs[0])
     jit = _jit(device)
+    values = adam.hyper(lr) if adam is not None else [_value(lr), 0.0, 0.0, 0.0, 0.0]
+    values[3] = torch.finfo(cd).tiny
+    hyper = _hyper(device, cd, values, radii)
+    eps = _eps(device, cd, adam.eps) if adam is not None else dummy
+    m, v, steps = (
+        (bases[2], bases[3], bases[4] if adam.step_tensor else dummy) if adam else (dummy,) * 3
+    )
+    step_tensor = bool(adam and adam.step_tensor)
     partials = torch.empty(programs * 3, dtype=cd, device=device)
     jit._whole_sums_kernel[(programs,)](
-        bases[0], bases[1] if has_d else dummy, partials, tiles, info,
-        N_INFO=info.shape[1], BLOCK=block, HAS_D=has_d, num_warps=warps,
+        bases[0], bases[1] if has_d else dummy, partials, tiles, info, m, v, steps, hyper, eps,
+        N_INFO=info.shape[1], BLOCK=block, HAS_D=has_d, ADAM=adam is not None,
+        MAXIMIZE=bool(adam and adam.maximize), STEP_TENSOR=step_tensor, num_warps=warps,
     )  # fmt: skip
     sums = partials.view(n, -1, 3).sum(dim=1)  # programs are tensor by tensor, equal counts
-    hyper = _hyper(device, cd, [_value(lr), 0.0, 0.0, torch.finfo(cd).tiny, 0.0], radii)
     angle = torch.empty(2 * n, dtype=cd, device=device) if measure else dummy
     jit._whole_step_kernel[(programs,)](
         bases[0], bases[1] if has_d else dummy, sums, angle, tiles, info, hyper,
-        lr if lr_tensor else dummy,
+        lr if lr_tensor else dummy, m, v, steps, eps,
         N_INFO=info.shape[1], BLOCK=block, RENORM=not has_d, HYPERBALL=rule == "hyperball",
-        PROJECT=project, LR_TENSOR=lr_tensor, MEASURE=measure, num_warps=warps,
+        PROJECT=project, LR_TENSOR=lr_tensor, MEASURE=measure, ADAM=adam is not None,
+        STEP_TENSOR=step_tensor, num_warps=warps,
     )  # fmt: skip
     return _angles(angle) if measure else None
 
 
 def sphere_whole_step_(
     xs: Sequence[Tensor],
-    ds: Sequence[Tensor],
+    ds: Sequence[Tensor] | None,
     radii: Sequence[float],
     lr: float | Tensor,
     *,
     rule: str,
     project: bool,
     measure: bool = False,
+    adam: AdamMoments | None = None,
 ) -> Tensor | None:
     r""":func:`spheretorch.optim.sphere_steps.sphere_step` with ``whole=True`` (one sphere of
     radius :math:`r`, ``radii``, over all values of each tensor; the rules of
@@ -655,9 +730,12 @@ def sphere_whole_step_(
     angle) follow from those three sums (``_whole_step_kernel`` derives them). Each value of
     ``x`` and ``d`` is read twice and ``x`` written once. ``measure``: returns the angle each
     tensor turned, ``(len(xs),)`` in the compute dtype.
+
+    ``adam`` (``ds`` None): AdamH fused (:class:`AdamMoments`): the first pass updates the
+    moments and sums with their direction, the second recomputes it from them.
     """
     _check_rule("sphere_whole_step_", rule, project)
-    return _whole(xs, ds, radii, lr, rule=rule, project=project, measure=measure)
+    return _whole(xs, ds, radii, lr, rule=rule, project=project, measure=measure, adam=adam)
 
 
 def renormalize_whole_(xs: Sequence[Tensor], radii: Sequence[float]) -> None:

@@ -315,10 +315,17 @@ class HybridOptimizer(SphereOptimizer):
         project: bool,
         stack: bool,
         consume: bool = False,
+        adam: dict[int, tuple[Tensor, Tensor, Tensor, Any]] | None = None,
+        adam_hyper: tuple[tuple[float, float], float, bool] | None = None,
     ) -> None:
         """:func:`~.sphere_steps.sphere_step` of every sphere parameter ``p`` along its
         direction ``d`` (``items``: ``(p, info, d)``, ``d`` shaped like ``p``, any strides),
         in place; the measured angles into ``state["angle"]`` with ``measure_angle``.
+
+        ``adam`` (AdamH fused into the kernels): for the items whose ``d`` is None, keyed by
+        ``id(p)``, the gradient, the two moments and the step (a float, or the device
+        counter); ``adam_hyper``: ``(betas, eps, maximize)``. Such items must be ones the
+        kernels take (:meth:`_kernel_layout`).
 
         ``consume``: the directions are the caller's to overwrite; a hyperball step of one
         float32/float64 parameter whose spheres are contiguous rows (or the whole tensor) then
@@ -343,7 +350,11 @@ class HybridOptimizer(SphereOptimizer):
         measure = bool(group["measure_angle"])
         for idx in batches.values():
             ps = [items[j][0] for j in idx]
-            taken, angle = self._kernel_step(group, items, idx, lr, rule, project, measure)
+            taken, angle = self._kernel_step(
+                group, items, idx, lr, rule, project, measure, adam, adam_hyper
+            )
+            if not taken and items[idx[0]][2] is None:  # pragma: no cover - an internal bug
+                raise RuntimeError("AdamH: a fused step was not taken by the kernels")
             if not taken and consume and rule == "hyperball" and not measure and len(idx) == 1:
                 taken = self._in_place_step(items[idx[0]], lr, project)
             if not taken:
@@ -441,41 +452,60 @@ class HybridOptimizer(SphereOptimizer):
         rule: StepRule,
         project: bool,
         measure: bool,
+        adam: dict[int, tuple[Tensor, Tensor, Tensor, Any]] | None = None,
+        adam_hyper: tuple[tuple[float, float], float, bool] | None = None,
     ) -> tuple[bool, Tensor | None]:
         """The step of the same-shape parameters ``items[idx]`` by the Triton kernels of
-        :mod:`spheretorch.kernels.optim` where they apply: the ``"angular"`` or
-        ``"hyperball"`` rule, CUDA (or the forced Triton backend), contiguous parameters,
-        one direction dtype. Spheres of at most ``MAX_ROW`` values (rows, columns, any axis;
-        a small whole tensor as one row): :func:`~spheretorch.kernels.optim.sphere_rows_step_`;
-        larger whole-tensor spheres: :func:`~spheretorch.kernels.optim.sphere_whole_step_`.
+        :mod:`spheretorch.kernels.optim` where they apply (:meth:`_kernel_layout`): the
+        ``"angular"`` or ``"hyperball"`` rule, CUDA (or the forced Triton backend),
+        contiguous parameters, one direction dtype. Spheres of at most ``MAX_ROW`` values
+        (rows, columns, any axis; a small whole tensor as one row):
+        :func:`~spheretorch.kernels.optim.sphere_rows_step_`; larger whole-tensor spheres:
+        :func:`~spheretorch.kernels.optim.sphere_whole_step_`. Items without a direction take
+        it from their moments (``adam``: :class:`~spheretorch.kernels.optim.AdamMoments`).
         Returns ``(taken, angles)`` (the angles with ``measure``)."""
         if rule not in ("angular", "hyperball"):
             return False, None
         ps = [items[j][0] for j in idx]
         info = items[idx[0]][1]
-        if not use_triton(ps):
+        ds = [items[j][2] for j in idx]
+        fused = ds[0] is None
+        if fused:
+            assert adam is not None and adam_hyper is not None
+            g, m, v, step = (list(t) for t in zip(*(adam[id(p)] for p in ps)))
+            others: list[list[Tensor]] = [g, m, v]
+        else:
+            if len({d.dtype for d in ds}) != 1:  # type: ignore[union-attr]
+                return False, None
+            others = []
+        kind = HybridOptimizer._kernel_layout(ps, info, others)
+        if kind is None:
             return False, None
         from ..kernels import optim as kernels
 
-        ds = [items[j][2] for j in idx]
-        if len({d.dtype for d in ds}) != 1:
-            return False, None
+        moments = None
+        if fused:
+            betas, eps, maximize = adam_hyper  # type: ignore[misc]
+            steps = step if isinstance(step[0], Tensor) else float(step[0])
+            moments = kernels.AdamMoments(g, m, v, steps, betas, eps, maximize)
         project = project or rule == "angular"
         radii = [items[j][1].radius for j in idx]
-        layout = SphereLayout(1, ps[0].numel(), 1) if info.whole else info.layout
-        layouts = [layout] * len(ps)
-        if info.whole and layout.size > kernels.MAX_ROW:
-            if not kernels.handles(ps, layouts, max_row=layout.size):
-                return False, None
+        layout = kind[1]
+        if kind[0] == "whole":
             angle = kernels.sphere_whole_step_(
-                ps, ds, radii, lr, rule=rule, project=project, measure=measure
+                ps,
+                None if fused else ds,  # type: ignore[arg-type]
+                radii,
+                lr,
+                rule=rule,
+                project=project,
+                measure=measure,
+                adam=moments,
             )
             return True, angle
-        if not kernels.handles(ps, layouts):
-            return False, None
         angle = kernels.sphere_rows_step_(
             ps,
-            ds,
+            None if fused else ds,  # type: ignore[arg-type]
             layout,
             radii,
             lr,
@@ -483,8 +513,31 @@ class HybridOptimizer(SphereOptimizer):
             project=project,
             per_tensor=group["angle_per"] == "tensor" and layout.count > 1,
             measure=measure,
+            adam=moments,
         )
         return True, angle
+
+    @staticmethod
+    def _kernel_layout(
+        ps: list[Tensor], info: SphereInfo, others: list[list[Tensor]]
+    ) -> tuple[str, SphereLayout] | None:
+        """Whether the Triton kernels take a step of the same-shape parameters ``ps`` (whose
+        spheres ``info`` describes; ``others``: lists read alongside, such as gradients and
+        moments, each of one dtype): ``("rows", layout)`` for spheres of at most ``MAX_ROW``
+        values (a small whole tensor as one row), ``("whole", layout)`` for larger
+        whole-tensor spheres (two passes), else None."""
+        if not use_triton(ps):
+            return None
+        from ..kernels import optim as kernels
+
+        if any(len({t.dtype for t in ts}) != 1 for ts in others):
+            return None
+        layout = SphereLayout(1, ps[0].numel(), 1) if info.whole else info.layout
+        layouts = [layout] * len(ps)
+        if info.whole and layout.size > kernels.MAX_ROW:
+            ok = kernels.handles(ps, layouts, *others, max_row=layout.size)
+            return ("whole", layout) if ok else None
+        return ("rows", layout) if kernels.handles(ps, layouts, *others) else None
 
     # ------------------------------------------------------------------ AdamW (torch's)
 

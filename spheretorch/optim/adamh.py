@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .. import sphere
-from ._functional import increment_steps, new_step
+from ._functional import increment_steps, new_step, use_triton
 from ._hybrid import HybridOptimizer, check_betas, check_hyper, check_lr, sphere_info
 from .sphere_steps import ORDERINGS, adam_direction, adam_directions
 
@@ -150,10 +150,59 @@ class AdamH(HybridOptimizer):
         if spheres:
             self._hyperball(group, spheres)
 
+    def _fusable(self, group: dict[str, Any], params: list[Tensor]) -> dict[int, tuple]:
+        """The sphere parameters whose whole step (moments, direction, sphere step) the Triton
+        kernels take in one pass (:class:`~spheretorch.kernels.optim.AdamMoments`): on CUDA
+        (or with the Triton backend forced), moments of the gradient (``"renorm"`` and
+        ``"oblique"``: ``"riemannian"`` projects the gradient first), the ``foreach`` path,
+        contiguous tensors the kernels handle (:meth:`_kernel_layout`), one shared step
+        number unless the counters are on the device. ``id(p)`` -> ``(grad, exp_avg,
+        exp_avg_sq, step)``."""
+        if group["ordering"] == "riemannian" or not self._use_foreach(group, params):
+            return {}  # (foreach=False: the single-tensor loop, the reference)
+        if not use_triton(params):
+            return {}
+        out: dict[int, tuple] = {}
+        first_step = None
+        for p in params:
+            info = sphere_info(p)
+            st = self.state[p]
+            g, m, v = p.grad, st["exp_avg"], st["exp_avg_sq"]
+            if g is None or g.dtype != p.dtype or g.is_sparse:
+                continue
+            if self._kernel_layout([p], info, [[g], [m], [v]]) is None:  # type: ignore[arg-type]
+                continue
+            step: Any = st["step"] if group["capturable"] else float(st["step"])
+            if not group["capturable"]:
+                first_step = step if first_step is None else first_step
+                if step != first_step:
+                    continue
+            out[id(p)] = (g, m, v, step)
+        return out
+
     def _hyperball(self, group: dict[str, Any], params: list[Tensor]) -> None:
         b1, b2 = (float(b) for b in group["betas"])
         states = [self.state[p] for p in params]
         increment_steps([st["step"] for st in states])
+        lr = self._host_lr(group)
+        rule = "angular" if group["angular"] else "hyperball"
+        project = group["ordering"] != "renorm"
+        fused = self._fusable(group, params)
+        if fused:  # one kernel pass each: moments, direction and step
+            self._sphere_steps(
+                group,
+                [(p, sphere_info(p), None) for p in params if id(p) in fused],  # type: ignore[misc]
+                lr,
+                rule=rule,
+                project=project,
+                stack=True,
+                adam=fused,
+                adam_hyper=((b1, b2), float(group["eps"]), bool(group["maximize"])),
+            )
+            params = [p for p in params if id(p) not in fused]
+            if not params:
+                return
+            states = [self.state[p] for p in params]
         avgs = [st["exp_avg"] for st in states]
         sqs = [st["exp_avg_sq"] for st in states]
         grads = [self._grad_of(group, p).to(m.dtype) for p, m in zip(params, avgs)]
@@ -171,8 +220,6 @@ class AdamH(HybridOptimizer):
             for m, v, g in zip(avgs, sqs, grads):
                 m.lerp_(g, 1 - b1)
                 v.mul_(b2).addcmul_(g, g, value=1 - b2)
-        lr = self._host_lr(group)
-        rule = "angular" if group["angular"] else "hyperball"
         steps: list[Any] = [
             self.state[p]["step"].to(torch.float64)  # capturable: on the device, no host read
             if group["capturable"]
@@ -196,7 +243,7 @@ class AdamH(HybridOptimizer):
             items,
             lr,
             rule=rule,
-            project=group["ordering"] != "renorm",
+            project=project,
             stack=bool(foreach),
             consume=bool(foreach),
         )
