@@ -23,6 +23,10 @@ per-program partial sums (``BLOCK`` values each, TILES mapping programs to ``(te
 value)``), summed per tensor by one torch reduction, then the update, whose norms follow from
 the sums.
 
+AdamH fuses its moments into the Muon family's step kernels (:class:`AdamMoments`): the
+gradients take the direction's column and the moments two more, the first launch updates them
+and a second pass (per-tensor angles, whole tensors) recomputes the direction from them.
+
 Directions of the Muon family's steps are read laid out like their parameter (as an Adam
 direction and the polar factor of a wide matrix come; the transposed polar factor of a tall
 matrix is copied once, a coalesced transpose, where strided reads would not coalesce).
