@@ -114,6 +114,28 @@ def _adam_direction(
 
 
 @triton.jit
+def _direction(
+    D, M, V, STEP, HYPER, EPS, info, elem, mask, cd,
+    ADAM: tl.constexpr, UPDATE: tl.constexpr, MAXIMIZE: tl.constexpr,
+    STEP_TENSOR: tl.constexpr,
+):  # fmt: skip
+    """The direction of a Muon-family step at ``elem``: read from D (INFO column 3), or,
+    ``ADAM``, AdamH's from its moments (:func:`_adam_direction`: D holds the gradients, M
+    and V the moments, columns 5 and 6; the step counters STEP, column 7, with
+    ``STEP_TENSOR``, else HYPER[4])."""
+    if ADAM:
+        if STEP_TENSOR:  # noqa: SIM108 (a compile-time branch)
+            step = tl.load(STEP + tl.load(info + 7)).to(cd)
+        else:
+            step = tl.load(HYPER + 4)
+        return _adam_direction(
+            D + tl.load(info + 3) + elem, M + tl.load(info + 5) + elem,
+            V + tl.load(info + 6) + elem, mask, step, HYPER, EPS, cd, UPDATE, MAXIMIZE,
+        )  # fmt: skip
+    return tl.load(D + tl.load(info + 3) + elem, mask=mask, other=0.0).to(cd)
+
+
+@triton.jit
 def _adam_kernel(
     X, G, M, V, VMAX, STEP, TILES, INFO, HYPER, LR, FOUND_INF, SIZE,
     N_INFO: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -281,26 +303,16 @@ def _rows_step_kernel(
     c = <x', y'>, for the unit points x' = x / r before and y' after (the angle is their
     atan2, taken by the caller: :func:`spheretorch.optim.sphere_steps.step_angle`).
 
-    ``ADAM`` (AdamH fused): D holds the gradients, M and V the moments (INFO columns 5 and 6;
-    the step counters STEP, column 7, with ``STEP_TENSOR``, else HYPER[4]) and d is Adam's
-    direction up to scale (:func:`_adam_direction`; ``UPDATE``: the moments updated on the
-    way, in the first of the launches)."""
+    ``ADAM`` (AdamH fused): d is Adam's direction up to scale from the moments
+    (:func:`_direction`; ``UPDATE``: the moments updated on the way, in the first of the
+    launches)."""
     t, info, rows, elem, rmask, mask = _tile(TILES, INFO, N_INFO, SIZE, BLOCK_R, BLOCK_N)
     cd = HYPER.dtype.element_ty
     radius = tl.load(HYPER + 5 + t)
     x_ptr = X + tl.load(info + 2) + elem
     x = tl.load(x_ptr, mask=mask, other=0.0).to(cd)
-    if ADAM:
-        if STEP_TENSOR:  # noqa: SIM108 (a compile-time branch)
-            step = tl.load(STEP + tl.load(info + 7)).to(cd)
-        else:
-            step = tl.load(HYPER + 4)
-        d = _adam_direction(
-            D + tl.load(info + 3) + elem, M + tl.load(info + 5) + elem,
-            V + tl.load(info + 6) + elem, mask, step, HYPER, EPS, cd, UPDATE, MAXIMIZE,
-        )  # fmt: skip
-    else:
-        d = tl.load(D + tl.load(info + 3) + elem, mask=mask, other=0.0).to(cd)
+    d = _direction(D, M, V, STEP, HYPER, EPS, info, elem, mask, cd, ADAM, UPDATE, MAXIMIZE,
+                   STEP_TENSOR)  # fmt: skip
     xh = x / radius
     dt = d - _sum(xh * d)[:, None] * xh if PROJECT else d
     n = tl.sqrt(_sum(dt * dt))
@@ -354,25 +366,16 @@ def _whole_sums_kernel(
     """Pass 1 of a step (or renormalisation) of whole-tensor spheres: per program, over its
     ``BLOCK`` values, PARTIALS[pid] <- (sum x^2, sum x d, sum d^2) (``HAS_D=False``: the
     first only), in the compute dtype (PARTIALS' dtype). The caller sums them per tensor.
-    ``ADAM``: D holds the gradients and d is Adam's direction up to scale from the moments
-    (INFO columns 4, 5; step counters column 6), which this pass updates."""
+    ``ADAM``: d is AdamH's direction from the moments (:func:`_direction`), which this pass
+    updates."""
     pid, _, _, info, idx, mask = _span(TILES, INFO, N_INFO, BLOCK)
     cd = PARTIALS.dtype.element_ty
     x = tl.load(X + tl.load(info + 2) + idx, mask=mask, other=0.0).to(cd)
     out = PARTIALS + 3 * pid
     tl.store(out, tl.reduce(x * x, 0, tl.standard._sum_combine))
     if HAS_D:
-        if ADAM:
-            if STEP_TENSOR:  # noqa: SIM108 (a compile-time branch)
-                step = tl.load(STEP + tl.load(info + 6)).to(cd)
-            else:
-                step = tl.load(HYPER + 4)
-            d = _adam_direction(
-                D + tl.load(info + 3) + idx, M + tl.load(info + 4) + idx,
-                V + tl.load(info + 5) + idx, mask, step, HYPER, EPS, cd, True, MAXIMIZE,
-            )  # fmt: skip
-        else:
-            d = tl.load(D + tl.load(info + 3) + idx, mask=mask, other=0.0).to(cd)
+        d = _direction(D, M, V, STEP, HYPER, EPS, info, idx, mask, cd, ADAM, True, MAXIMIZE,
+                       STEP_TENSOR)  # fmt: skip
         tl.store(out + 1, tl.reduce(x * d, 0, tl.standard._sum_combine))
         tl.store(out + 2, tl.reduce(d * d, 0, tl.standard._sum_combine))
 
@@ -439,17 +442,9 @@ def _whole_step_kernel(
         g = alpha - k * (a_full * inv_n) / p
         bw = k * (tl.sqrt(w2) * inv_n)  # |beta| |w|
         norm_y = tl.maximum(tl.sqrt(g * g * p + bw * bw), tiny)
-        if ADAM:  # the direction again, from the moments pass 1 stored
-            if STEP_TENSOR:  # noqa: SIM108 (a compile-time branch)
-                step = tl.load(STEP + tl.load(info + 6)).to(cd)
-            else:
-                step = tl.load(HYPER + 4)
-            d = _adam_direction(
-                D, M + tl.load(info + 4) + idx, V + tl.load(info + 5) + idx, mask, step,
-                HYPER, EPS, cd, False, False,
-            )  # fmt: skip
-        else:
-            d = tl.load(D + tl.load(info + 3) + idx, mask=mask, other=0.0).to(cd)
+        # (ADAM: the direction again, from the moments pass 1 stored)
+        d = _direction(D, M, V, STEP, HYPER, EPS, info, idx, mask, cd, ADAM, False, False,
+                       STEP_TENSOR)  # fmt: skip
         y = x * (alpha / norm_y) - (d * inv_n) * (radius * k / norm_y)
         if MEASURE:
             c = g * p / norm_y

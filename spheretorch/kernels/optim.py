@@ -549,9 +549,25 @@ class AdamMoments:
         return not isinstance(self.steps, (int, float))
 
 
-def _eps(device: torch.device, dtype: torch.dtype, eps: float) -> Tensor:
-    """``[eps]`` on ``device`` (cached by value)."""
-    return _hyper(device, dtype, [eps], [])
+def _step_args(
+    adam: AdamMoments | None,
+    lr: float | Tensor,
+    radii: Sequence[float],
+    bases: list[Tensor | None],
+    dummy: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(HYPER, M, V, STEP, EPS)`` of a Muon-family step launch: HYPER =
+    ``(lr, beta1, beta2, tiny, step, radii...)`` in the compute dtype, and with ``adam`` the
+    bases of the moment and step lists (INFO columns 5-7: ``bases[3:6]``) and ``[eps]``."""
+    device, cd = dummy.device, _compute_dtype(next(b for b in bases if b is not None).dtype)
+    values = adam.hyper(lr) if adam is not None else [_value(lr), 0.0, 0.0, 0.0, 0.0]
+    values[3] = torch.finfo(cd).tiny
+    hyper = _hyper(device, cd, values, radii)
+    if adam is None:
+        return hyper, dummy, dummy, dummy, dummy
+    steps = bases[5] if adam.step_tensor else dummy
+    eps = _hyper(device, cd, [adam.eps], [])  # cached by value, as HYPER
+    return hyper, bases[3], bases[4], steps, eps  # type: ignore[return-value]
 
 
 def _like(d: Tensor) -> Tensor:
@@ -627,13 +643,7 @@ def sphere_rows_step_(
     if adam is not None:
         lists += adam.lists()
     bases, info, tiles = _plan(lists, [layout] * n, block_r)
-    values = adam.hyper(lr) if adam is not None else [_value(lr), 0.0, 0.0, 0.0, 0.0]
-    values[3] = torch.finfo(cd).tiny
-    hyper = _hyper(device, cd, values, radii)
-    eps = _eps(device, cd, adam.eps) if adam is not None else dummy
-    m, v, steps = (
-        (bases[3], bases[4], bases[5] if adam.step_tensor else dummy) if adam else (dummy,) * 3
-    )
+    hyper, m, v, steps, eps = _step_args(adam, lr, radii, bases, dummy)
     angle = torch.empty(2 * n * count, dtype=cd, device=device) if measure else dummy
     kernel = _jit(device)._rows_step_kernel
     grid = (tiles.shape[0] // 2,)
@@ -678,20 +688,14 @@ def _whole(
     has_d = ds is not None or adam is not None
     flat: list[Tensor | None] = [None] * n if ds is None else [_like(d) for d in ds]
     lists: list[Sequence[Tensor | None]] = [xs, flat]
-    if adam is not None:  # the gradients in the direction's place, then moments and steps
-        lists = [xs, adam.grads, *adam.lists()]
+    if adam is not None:  # the gradients in the direction's place, columns as the row kernel's
+        lists = [xs, adam.grads, [None] * n, *adam.lists()]
     # one "sphere" per value: TILES holds (tensor, first value) per program of BLOCK values
     bases, info, tiles = _plan(lists, [SphereLayout(numel, 1, 1)] * n, block)
     programs = tiles.shape[0] // 2
     dummy = _dummy(xs[0])
     jit = _jit(device)
-    values = adam.hyper(lr) if adam is not None else [_value(lr), 0.0, 0.0, 0.0, 0.0]
-    values[3] = torch.finfo(cd).tiny
-    hyper = _hyper(device, cd, values, radii)
-    eps = _eps(device, cd, adam.eps) if adam is not None else dummy
-    m, v, steps = (
-        (bases[2], bases[3], bases[4] if adam.step_tensor else dummy) if adam else (dummy,) * 3
-    )
+    hyper, m, v, steps, eps = _step_args(adam, lr, radii, bases, dummy)
     step_tensor = bool(adam and adam.step_tensor)
     partials = torch.empty(programs * 3, dtype=cd, device=device)
     jit._whole_sums_kernel[(programs,)](
