@@ -23,7 +23,7 @@ per-program partial sums (``BLOCK`` values each, TILES mapping programs to ``(te
 value)``), summed per tensor by one torch reduction, then the update, whose norms follow from
 the sums.
 
-AdamH fuses its moments into the Muon family's step kernels (:class:`AdamMoments`): the
+AdamH fuses its moments into the Muon family's step kernels (``AdamMoments``): the
 gradients take the direction's column and the moments two more, the first launch updates them
 and a second pass (per-tensor angles, whole tensors) recomputes the direction from them.
 
@@ -47,7 +47,7 @@ float64 parameters get float64 hyper-parameters; a tensor ``lr`` and device step
 read by the kernel (``capturable`` by construction: no host read). CUDA graphs: take one step
 before capturing, as for any optimizer (state is created then); tensors first allocated in the
 capture get their tables then, from pinned memory, and whatever a graph reads is kept alive
-for its replays (:func:`_cached`).
+for its replays (``_cached``).
 
 Radius. Each tensor has a radius :math:`r` (1 for ``SphereParameter``; ``|x|`` at construction
 for a whole-tensor sphere): the kernel works on :math:`x/r`, with the step :math:`u/r`, and
