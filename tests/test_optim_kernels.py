@@ -743,18 +743,21 @@ def test_triton_whole_step_property(rule, lr, radius, off, scale, seed):
 )
 def test_tables_built_while_a_cuda_graph_is_captured(make, monkeypatch):
     """A step captured in a CUDA graph, as the kernels' host side sees it (capture simulated:
-    ``_capturing`` true, ``pin_memory`` recorded; the kernels run through the interpreter).
-    Gradients set to None before a capture, and a step's directions, are allocated in the
-    capture at new addresses, so their tables are built then. Such tables come from pinned
-    memory (the only host-to-device copy a graph records), stay out of the cache (their
-    contents exist only once the graph replays: an eager step must not read them), and
-    whatever the graph reads (those and the cached tables it reuses) is kept alive for its
-    replays. The captured step computes what the eager step does."""
+    ``_capturing`` true, the page-locked arena a plain buffer; the kernels run through the
+    interpreter). Gradients set to None before a capture, and a step's directions, are
+    allocated in the capture at new addresses, so their tables are built then. Such tables
+    are copied from the arena set aside before the capture (the only host-to-device copy a
+    graph can record; nothing is allocated or page-locked during it), stay out of the cache
+    (their contents exist only once the graph replays: an eager step must not read them),
+    and whatever the graph reads (those and the cached tables it reuses) is kept alive for
+    its replays. The captured step computes what the eager step does."""
     from spheretorch.kernels import optim as kernels
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv(backend.BACKEND_ENV, "triton")
     monkeypatch.setattr(kernels, "_CAPTURED", [])
+    monkeypatch.setattr(kernels, "_register", lambda buf: None)
+    monkeypatch.setattr(kernels, "_ARENAS", {})
     results = {}
     for mode in ("eager", "captured"):
         kernels._CACHE.clear()
@@ -768,25 +771,37 @@ def test_tables_built_while_a_cuda_graph_is_captured(make, monkeypatch):
                 opt.step()
                 continue
             cached = dict(kernels._CACHE)
-            pinned: list[torch.Tensor] = []
+            arena = kernels._ARENAS[torch.device("cpu")] = kernels._Arena(1 << 16)
             with monkeypatch.context() as m:
                 m.setattr(kernels, "_capturing", lambda device: True)
-
-                def pin(t: torch.Tensor, pinned: list = pinned) -> torch.Tensor:
-                    pinned.append(t.clone())
-                    return pinned[-1]
-
-                m.setattr(torch.Tensor, "pin_memory", pin)
+                m.setattr(kernels, "_Arena", None)  # nothing set aside during a capture
                 opt.step()
-            assert pinned, "no table was built in the capture"
+            assert arena.used > 0, "no table was built in the capture"
             assert dict(kernels._CACHE) == cached, "a table built in a capture was cached"
             kept = {id(v) for v in kernels._CAPTURED}
-            assert all(id(t) in kept for t in pinned)
             reused = [v for k, v in cached.items() if k[0] == "tiles"]
             assert reused and any(id(v) in kept for v in reused)
         results[mode] = params
     for a, b in zip(results["captured"], results["eager"]):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_a_capture_needs_the_arena_set_aside_before_it(monkeypatch):
+    """No eager step on the device before the capture (no arena), or an arena too small:
+    one clear error each, before anything is recorded."""
+    from spheretorch.kernels import optim as kernels
+
+    monkeypatch.setattr(kernels, "_ARENAS", {})
+    monkeypatch.setattr(kernels, "_register", lambda buf: None)
+    monkeypatch.setattr(kernels, "_capturing", lambda device: True)
+    table = torch.arange(6, dtype=torch.int64)
+    with pytest.raises(RuntimeError, match="take one optimizer step on this device before"):
+        kernels._to_device(table, torch.device("cpu"))
+    kernels._ARENAS[torch.device("cpu")] = kernels._Arena(64)
+    out = kernels._to_device(table, torch.device("cpu"))
+    assert torch.equal(out, table)
+    with pytest.raises(RuntimeError, match=r"raise spheretorch\.kernels\.optim\.ARENA_BYTES"):
+        kernels._to_device(torch.arange(16, dtype=torch.int64), torch.device("cpu"))
 
 
 def test_a_host_tensor_lr_is_refused_while_a_cuda_graph_is_captured(monkeypatch):

@@ -46,8 +46,8 @@ Scalars (learning rate, betas, ...) travel as a small float64 tensor (cached by 
 float64 parameters get float64 hyper-parameters; a tensor ``lr`` and device step counters are
 read by the kernel (``capturable`` by construction: no host read). CUDA graphs: take one step
 before capturing, as for any optimizer (state is created then); tensors first allocated in the
-capture get their tables then, from pinned memory, and whatever a graph reads is kept alive
-for its replays (``_cached``).
+capture get their tables then, copied from page-locked memory set aside at an eager step
+(``_Arena``), and whatever a graph reads is kept alive for its replays (``_cached``).
 
 Radius. Each tensor has a radius :math:`r` (1 for ``SphereParameter``; ``|x|`` at construction
 for a whole-tensor sphere): the kernel works on :math:`x/r`, with the step :math:`u/r`, and
@@ -130,10 +130,68 @@ def handles(
 
 _CACHE: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
 _CACHE_SIZE = 64
-#: what the CUDA graphs captured in this process read (tables, hyper-parameters and the
-#: pinned host buffers they are copied from): kept for the process's lifetime, because a graph
-#: reads them at every replay, long after the cache may have evicted them
+#: what the CUDA graphs captured in this process read (tables, hyper-parameters): kept for the
+#: process's lifetime, because a graph reads them at every replay, long after the cache may
+#: have evicted them
 _CAPTURED: list[Any] = []
+#: bytes of page-locked host memory set aside (outside a capture) for the tables a capture
+#: builds; a new arena is set aside when less than half of this is left
+ARENA_BYTES = 1 << 22
+
+
+class _Arena:
+    """Page-locked host memory for the tables built while a CUDA graph is captured.
+
+    A graph can only record a host-to-device copy from page-locked memory, reads it at every
+    replay, and no page-locked memory can be allocated during a capture (``pin_memory()``
+    queries events and may allocate, which a capture forbids). So a plain host buffer is
+    registered with CUDA (``cudaHostRegister``, outside torch's caching host allocator: no
+    event is recorded on it) at an eager step, and a capture takes slices of it, never given
+    back (the graphs that read them may replay at any time)."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.buf = torch.empty(nbytes, dtype=torch.uint8)
+        _register(self.buf)
+        self.used = 0
+
+    def left(self) -> int:
+        return self.buf.numel() - self.used
+
+    def take(self, t: Tensor) -> Tensor:
+        """A page-locked copy of ``t`` (one of this arena's slices, 16-byte aligned)."""
+        nbytes = t.numel() * t.element_size()
+        if nbytes > self.left():
+            raise RuntimeError(
+                "spheretorch kernels: the page-locked tables of the CUDA graphs captured so far "
+                f"fill the {self.buf.numel()} bytes set aside; raise "
+                "spheretorch.kernels.optim.ARENA_BYTES before the eager step that precedes the "
+                "capture"
+            )
+        out = self.buf[self.used : self.used + nbytes].view(t.dtype).view(t.shape)
+        self.used += -(-nbytes // 16) * 16
+        out.copy_(t)
+        return out
+
+
+_ARENAS: dict[torch.device, _Arena] = {}
+
+
+def _register(buf: Tensor) -> None:
+    """Page-lock ``buf`` (a host tensor kept alive by its arena) for CUDA copies."""
+    err = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), buf.numel(), 0)
+    if int(err) != 0:
+        raise RuntimeError(f"spheretorch kernels: cudaHostRegister failed ({err})")
+
+
+def _arena(device: torch.device) -> _Arena:
+    """This device's arena (set aside outside a capture, at the eager step before it)."""
+    arena = _ARENAS.get(device)
+    if arena is None:
+        raise RuntimeError(
+            "spheretorch kernels: take one optimizer step on this device before capturing a "
+            "CUDA graph (its page-locked tables are set aside then)"
+        )
+    return arena
 
 
 def _capturing(device: torch.device) -> bool:
@@ -240,12 +298,16 @@ def _to_device(t: Tensor, device: torch.device) -> Tensor:
 
     While a CUDA graph is being captured (tensors allocated in the capture, such as gradients
     set to None before it or a step's directions, have new addresses, so their tables are
-    built then) the copy is from pinned memory, the only host-to-device copy a graph can
-    record; the graph reads that buffer at every replay, so it is kept alive."""
+    built then) the copy is from page-locked memory (:class:`_Arena`), the only host-to-device
+    copy a graph can record; outside a capture, the arena is set aside (or renewed) first."""
     if _capturing(device):
-        host = t.pin_memory()
-        _CAPTURED.append(host)
-        return host.to(device, non_blocking=True)
+        return _arena(device).take(t).to(device, non_blocking=True)
+    if device.type == "cuda":
+        arena = _ARENAS.get(device)
+        if arena is None or arena.left() < ARENA_BYTES // 2:
+            if arena is not None:
+                _CAPTURED.append(arena)  # graphs captured so far read its slices
+            _ARENAS[device] = _Arena(ARENA_BYTES)
     return t.to(device, non_blocking=True)
 
 
