@@ -255,8 +255,8 @@ def adam_directions(
     r""":func:`adam_direction` of every tensor of the lists, as ``_foreach`` ops (the same
     operations in the same order: equal bit for bit); tensor steps one tensor at a time.
 
-    ``up_to_scale``: each direction times :math:`1 - eta_1^t`, i.e. :math:`m / (\sqrt{v} /
-    \sqrt{1 - eta_2^t} + \epsilon)`, a positive multiple of the direction that every step
+    ``up_to_scale``: each direction times :math:`1 - \beta_1^t`, i.e. :math:`m / (\sqrt{v} /
+    \sqrt{1 - \beta_2^t} + \epsilon)`, a positive multiple of the direction that every step
     normalizing it (``"hyperball"``, ``"angular"``) treats alike; one new tensor each instead
     of two (on the CPU, where a fresh buffer costs page faults, written in place)."""
     if any(isinstance(t, Tensor) for t in steps):
