@@ -64,3 +64,24 @@ def test_pages_to_check(tmp_path):
     (tmp_path / "notebooks" / "01_x.html").write_text("")
     pages = [p.relative_to(tmp_path).as_posix() for p in check_site.pages_to_check(tmp_path)]
     assert pages == ["index.html", "api.html", "geometry.html", "notebooks/01_x.html"]
+
+
+def test_sources_hold_no_control_characters():
+    """No control character (tab included) in the text the docs and API pages are built from:
+    an edit that writes a TeX command through a non-raw string turns ``\\beta`` into a
+    backspace, ``\\frac`` into a form feed, ``\\theta`` into a tab, which the built pages then
+    show as MathJax errors."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    files = [root / "README.md", *(root / "docs").glob("*.md"), *(root / "docs").glob("*.rst")]
+    for folder in ("spheretorch", "benchmarks", "tests"):
+        files += (root / folder).rglob("*.py")
+    bad = re.compile(r"[\x00-\x09\x0b\x0c\x0e-\x1f\x7f]")
+    found = [
+        f"{f.relative_to(root)}:{i}: {line.strip()[:60]!r}"
+        for f in files
+        for i, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1)
+        if bad.search(line)
+    ]
+    assert not found, "\n".join(found)
