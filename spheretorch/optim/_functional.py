@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .. import sphere
 from ..kernels.backend import BACKEND_ENV, Backend, backend_for
+from ..sphere import foreach as sphere_foreach
 from ..sphere.dtensor import global_value, is_dtensor
 from ..sphere.layout import SphereDims, canonical_sphere_dims, sphere_layout
 from . import _native
@@ -381,7 +382,7 @@ def run_stacked(
     fn(stacks, *args)
     for i, (ts, st) in enumerate(zip(lists, stacks)):
         if ts and i not in read_only:
-            torch._foreach_copy_(ts, st.unbind(0))  # type: ignore[union-attr]
+            sphere_foreach.apply_("copy", ts, st.unbind(0))  # type: ignore[union-attr]
     return stacks
 
 

@@ -222,7 +222,7 @@ class HybridOptimizer(SphereOptimizer):
             t2.addcmul_(xs, (xs * t2).sum(dim=1, keepdim=True), value=-1)
             rows_ = [row.view(ts[i].shape) for i, row in zip(idx, t2.unbind(0))]
             if inplace:
-                torch._foreach_copy_([ts[i] for i in idx], rows_)
+                sphere_foreach.apply_("copy", [ts[i] for i in idx], rows_)
             else:
                 for i, row in zip(idx, rows_):
                     out[i] = row
@@ -303,7 +303,7 @@ class HybridOptimizer(SphereOptimizer):
         for (dim, dtype), ps in together.items():
             norms = sphere_foreach.RowReducer(ps, dim).norm(ps)
             torch._foreach_clamp_min_(norms, torch.finfo(dtype).tiny)
-            torch._foreach_div_(ps, norms)
+            sphere_foreach.apply_("div", ps, norms)
 
     def _sphere_steps(
         self,
@@ -440,7 +440,7 @@ class HybridOptimizer(SphereOptimizer):
             back = block.reshape(p.shape) if info.whole else from_rows(block, info.layout, p.shape)
             p.copy_(back)
         if dsts:
-            torch._foreach_copy_(dsts, srcs)
+            sphere_foreach.apply_("copy", dsts, srcs)
         return angle
 
     @staticmethod

@@ -30,6 +30,7 @@ from torch import Tensor
 from .. import sphere
 from ..kernels import optim as kernels
 from ..sphere import compute_dtype
+from ..sphere import foreach as sphere_foreach
 from . import _native
 from ._functional import (
     Retraction,
@@ -638,7 +639,7 @@ def _foreach_group(
         if radius != 1:
             torch._foreach_mul_(xc, radius)
         if xc is not ux:
-            torch._foreach_copy_(ux, xc)
+            sphere_foreach.apply_("copy", ux, xc)
 
 
 def _stacked_bucket(st: list[Tensor | None], *args: Any) -> None:

@@ -30,6 +30,7 @@ from torch import Tensor
 from .. import sphere
 from ..kernels import optim as kernels
 from ..sphere import compute_dtype
+from ..sphere import foreach as sphere_foreach
 from . import _native
 from ._functional import (
     Retraction,
@@ -477,7 +478,7 @@ def _foreach_group(
         for i, b_new in zip(u_idx, bufs):
             momentum_buffers[i] = b_new
         if xc is not xs:
-            torch._foreach_copy_(xs, xc)
+            sphere_foreach.apply_("copy", xs, xc)
 
 
 def _stacked_bucket(st: list[Tensor | None], dim: int, hyper: dict[str, Any]) -> None:

@@ -23,6 +23,7 @@ from .series import sinc
 __all__ = [
     "STACK_MAX_NUMEL",
     "RowReducer",
+    "apply_",
     "expmap_",
     "normalize_",
     "normalize_each_",
@@ -32,6 +33,26 @@ __all__ = [
 
 #: tensors with at most this many elements are reduced together with same-shaped ones
 STACK_MAX_NUMEL = 1 << 15
+
+
+def apply_(op: str, dsts: Sequence[Tensor], *args: object, **kwargs: object) -> None:
+    """``torch._foreach_<op>_(dsts, *args, **kwargs)``; one in-place op per tensor while
+    compiling.
+
+    Inductor (torch 2.13, found on CPU) miscompiles an in-place ``_foreach`` op whose operands
+    read its destination at other positions, e.g. ``_foreach_div_(xs, norms_of_xs_along_0)``
+    or a copy back of values computed from the destination: it computes the operand inside the
+    loop that already overwrote part of the destination (compiled optimizer steps were off by
+    up to 4e-2 on column spheres; ``tests/test_optim_compile.py`` reproduces it in plain
+    torch). Per-tensor in-place ops compile correctly and fuse as well, so every such write of
+    the sphere code goes through here. ``args``: lists (one entry per tensor) or scalars.
+    """
+    if not torch.compiler.is_compiling():
+        getattr(torch, f"_foreach_{op}_")(dsts, *args, **kwargs)
+        return
+    method = getattr(Tensor, f"{op}_")
+    for i, d in enumerate(dsts):
+        method(d, *(a[i] if isinstance(a, (list, tuple)) else a for a in args), **kwargs)
 
 
 class RowReducer:
@@ -140,12 +161,12 @@ def project(xs: Sequence[Tensor], us: Sequence[Tensor], red: RowReducer) -> list
 def project_(xs: Sequence[Tensor], vs: Sequence[Tensor], red: RowReducer) -> None:
     r"""In place :math:`v \leftarrow v - \langle x, v\rangle x`: vector transport by projection
     onto the tangent space at the (new) point ``x``."""
-    torch._foreach_addcmul_(vs, xs, red.inner(xs, vs), value=-1)
+    apply_("addcmul", vs, xs, red.inner(xs, vs), value=-1)
 
 
 def normalize_(xs: Sequence[Tensor], red: RowReducer) -> None:
     r"""In place :math:`x \leftarrow x / \|x\|` along the reducer's axis."""
-    torch._foreach_div_(xs, red.norm(xs))
+    apply_("div", xs, red.norm(xs))
 
 
 def expmap_(
@@ -172,11 +193,11 @@ def expmap_(
         half = [sinc(t * 0.5) for t in n]
         torch._foreach_mul_(half, half)
         torch._foreach_mul_(half, k)  # <u, v> (1 - cos n) / n^2 * 2
-        torch._foreach_addcmul_(transported, us, half, value=-0.5)
+        apply_("addcmul", transported, us, half, value=-0.5)
         torch._foreach_mul_(k, sinc_n)
-        torch._foreach_addcmul_(transported, xs, k, value=-1)
-    torch._foreach_mul_(xs, cos_n)
-    torch._foreach_addcmul_(xs, us, sinc_n)
+        apply_("addcmul", transported, xs, k, value=-1)
+    apply_("mul", xs, cos_n)
+    apply_("addcmul", xs, us, sinc_n)
     normalize_(xs, red)
 
 
@@ -213,7 +234,7 @@ def normalize_each_(
             one = torch.ones((), dtype=norms[0].dtype, device=norms[0].device)
             torch._foreach_lerp_(norms, [one] * len(norms), [keep.to(one.dtype)] * len(norms))
         if foreach:
-            torch._foreach_div_(group, norms)
+            apply_("div", group, norms)
         elif grad_mode:
             for t, x, n in zip(targets, group, norms):
                 t.copy_(x / n)
