@@ -594,10 +594,12 @@ def test_a_zero_gradient_leaves_adamh_spheres_in_place(dim, foreach):
 
 
 def test_adam_directions_up_to_scale_are_positive_multiples():
-    """``up_to_scale``: each direction times ``1 - beta1^t`` (one buffer, written in place on
-    the CPU), for tensors at different steps."""
-    ms = [torch.randn(4, 5, dtype=F64, generator=gen(i)) for i in range(3)]
-    vs = [torch.rand(4, 5, dtype=F64, generator=gen(10 + i)) for i in range(3)]
+    """``up_to_scale``: each direction times ``1 - beta1^t`` (one buffer each, written in place
+    for a large CPU tensor), for tensors at different steps."""
+    # (the large one: divided into its own buffer on the CPU; the small ones: one _foreach op)
+    shapes = [(4, 5), (4, 5), (200, 200)]
+    ms = [torch.randn(*s, dtype=F64, generator=gen(i)) for i, s in enumerate(shapes)]
+    vs = [torch.rand(*s, dtype=F64, generator=gen(10 + i)) for i, s in enumerate(shapes)]
     steps, betas = [1.0, 2.0, 7.0], (0.9, 0.95)
     exact = adam_directions(ms, vs, steps, betas, 1e-8)
     scaled = adam_directions(ms, vs, steps, betas, 1e-8, up_to_scale=True)

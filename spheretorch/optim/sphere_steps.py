@@ -49,6 +49,7 @@ from torch import Tensor
 
 from .. import sphere
 from ..sphere import SphereLayout, compute_dtype, is_dtensor
+from ..sphere.foreach import STACK_MAX_NUMEL
 
 __all__ = [
     "NS_COEFFICIENTS",
@@ -266,14 +267,20 @@ def adam_directions(
     bc1 = [1 - betas[0] ** t for t in steps]
     bc2_sqrt = [math.sqrt(1 - betas[1] ** t) for t in steps]
     if up_to_scale:
-        den = torch._foreach_sqrt(exp_avg_sqs)
+        den = list(torch._foreach_sqrt(exp_avg_sqs))
         torch._foreach_div_(den, bc2_sqrt)
         torch._foreach_add_(den, eps)
-        if not all(d.is_cpu for d in den):
-            return list(torch._foreach_div(exp_avgs, den))
-        for m, d in zip(exp_avgs, den):
-            torch.div(m, d, out=d)
-        return list(den)
+        # a large CPU tensor: into its own buffer (a fresh one costs page faults); the rest,
+        # small or on an accelerator: one _foreach op (launches dominate there)
+        big = [i for i, d in enumerate(den) if d.is_cpu and d.numel() > STACK_MAX_NUMEL]
+        if len(big) < len(den):
+            rest = sorted(set(range(len(den))) - set(big))
+            new = torch._foreach_div([exp_avgs[i] for i in rest], [den[i] for i in rest])
+            for i, d in zip(rest, new):
+                den[i] = d
+        for i in big:
+            torch.div(exp_avgs[i], den[i], out=den[i])
+        return den
     num = torch._foreach_div(exp_avgs, bc1)
     den = torch._foreach_sqrt(exp_avg_sqs)
     torch._foreach_div_(den, bc2_sqrt)
