@@ -207,6 +207,47 @@ def test_device_side_skip_changes_nothing(impl, cls, kwargs):
             torch.testing.assert_close(opt.state[a][key], value, rtol=1e-12, atol=1e-12)
 
 
+@triton_missing
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps: AdamH(ps, lr=0.05, capturable=True),  # moments fused into the kernels
+        lambda ps: AdamH(ps, lr=0.05, capturable=True, angular=True, angle_per="tensor"),
+        lambda ps: SphereMuon(ps, lr=0.1, ns_dtype=None, capturable=True),
+    ],
+    ids=["adamh", "adamh-angular-tensor", "sphere-muon"],
+)
+def test_triton_muon_family_skip_on_the_device_changes_nothing(make, monkeypatch):
+    """The Triton path of AdamH (its moments written by the kernels) and SphereMuon with
+    ``capturable``: a non-finite gradient at step 2 is skipped on the device (parameters,
+    moments, step counters restored bitwise), the run equal to one without that step."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv(backend.BACKEND_ENV, "triton")
+    monkeypatch.setattr("spheretorch.kernels.optim.MAX_ROW", 16)  # whole tensors: 2 passes
+    runs = {}
+    for skip in (True, False):
+        ps = _muon_family_params(torch.float64)
+        opt = make(ps)
+        for t in range(4):
+            if t == 2 and not skip:
+                continue
+            g = torch.Generator().manual_seed(10 + t)
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64)
+            if t == 2:
+                ps[0].grad[0, 0] = float("nan")
+            opt.step()
+        runs[skip] = (ps, opt)
+    (ps_s, opt_s), (ps_r, opt_r) = runs[True], runs[False]
+    with pytest.warns(st.optim.NonfiniteGradientWarning):
+        assert opt_s.skipped_steps == 1
+    for a, b in zip(ps_s, ps_r):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-12, atol=1e-12)
+        for key, value in opt_r.state[b].items():
+            if key != "angle":
+                torch.testing.assert_close(opt_s.state[a][key], value, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("impl", ["fused", "fused-fallback", "triton-fused"], indirect=True)
 @pytest.mark.parametrize("cls", [RiemannianAdam, RiemannianSGD, RenormAdam])
 def test_fused_with_strided_gradients_runs_quietly_and_equals_the_reference(impl, cls):
