@@ -111,7 +111,9 @@ class Plan:
                 quick,
                 copy_mib=1024,
                 matmul_n=8192,
-                lane_s=120,
+                # the lane grew (SphereMuon/AdamH on device, CUDA-graph captures) and compiles
+                # each Triton specialization on first use
+                lane_s=180,
                 lane_select=["-m", "cuda", "tests"],
                 parity_shape=dict(n_layer=2, n_head=4, d_model=256, seq_len=256),
                 parity_batch=8,
