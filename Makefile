@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Nitpicky (-n): every cross-reference must resolve; -W: any warning fails the build.
 SPHINX := $(BIN)/sphinx-build -n -W --keep-going -q -b html docs docs/_build/html
 
-.PHONY: test test-floor gpu-check gpu-study demo docs browser-check lint format install clean
+.PHONY: test test-floor gpu-check gpu-study gpu-study-optims demo docs browser-check lint format install clean
 
 $(STAMP): pyproject.toml requirements-dev.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -53,6 +53,10 @@ demo: $(STAMP)
 # The one-call GPU study (docs/results.md): CUDA by default, at most ~8 minutes on one H200.
 gpu-study: $(STAMP)
 	$(BIN)/python benchmarks/gpu_study.py
+
+# The GPU study's optimizer study (nGPT with six optimizers), a call of its own (<= ~8 min).
+gpu-study-optims: $(STAMP)
+	$(BIN)/python benchmarks/gpu_study.py --studies optims --out runs/gpu_study_optims
 
 docs: $(STAMP)
 	$(SPHINX)

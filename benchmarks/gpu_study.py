@@ -16,12 +16,13 @@
    tokens and wall-clock to the target (GPT's final loss) with Kaplan-Meier intervals over
    seeds, iso-loss speedups across budgets with bootstrap intervals, loss curves.
 
-4. The optimizer study (``--studies`` names which of the two run; both by default, the time
-   budget shared between them): nGPT at the same size trained by each of AdamW, Muon,
-   RenormAdam, RiemannianAdam, AdamH and SphereMuon (``compare --optims``: each recipe its
-   own LR sweep over one grid wide enough for Adam-type and Muon-type LRs, extended at an
-   edge), the same seeds, budgets and statistics; the target is the first recipe's (AdamW's)
-   final loss. The CPU study of the same question: ``benchmarks/study.sh optims``.
+4. The optimizer study (``--studies optims``: a call of its own, within its own time budget;
+   ``--studies models,optims`` shares one budget between the two): nGPT at the preset's width
+   with ``OPTIM_LAYERS`` layers trained by each of AdamW, Muon, RenormAdam, RiemannianAdam,
+   AdamH and SphereMuon (``compare --optims``: each recipe its own LR sweep over one grid wide
+   enough for Adam-type and Muon-type LRs, extended at an edge), the same seeds, budgets and
+   statistics; the target is the first recipe's (AdamW's) final loss. The CPU study of the
+   same question: ``benchmarks/study.sh optims``.
 
 Outputs in ``--out`` (default ``runs/gpu_study``): ``corpus/``, ``compare/`` (the models'
 compare), ``optims/`` (the optimizers' compare), ``gpu_study.md`` (settings, probes, tables)
@@ -57,6 +58,8 @@ OPTIMS = "adamw,muon,renorm,riemannian,adamh,sphere_muon"
 #: allowing two extensions per side
 OPTIM_SWEEP_LRS = "1e-3,4e-3,1.6e-2"
 OPTIM_SWEEP_BOUNDS = (6.25e-5, 0.256)
+#: the optimizer study's depth: six recipes in one call's time budget (gpu-quick has 8 layers)
+OPTIM_LAYERS = 4
 STUDIES = ("models", "optims")
 
 
@@ -154,9 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--param-dtype", default="fp32", help="fp32 (default) or bf16 weights")
     ap.add_argument(
         "--studies",
-        default=",".join(STUDIES),
-        help="which studies, sharing the time budget: models (GPT, nGPT, GeoNorm), optims "
-        "(nGPT with six optimizers); default both",
+        default="models",
+        help="which studies, sharing the time budget: models (GPT, nGPT, GeoNorm; the "
+        "default), optims (nGPT with six optimizers), or models,optims",
     )
     args = ap.parse_args(argv)
     studies = [x.strip() for x in args.studies.split(",") if x.strip()]
@@ -219,10 +222,15 @@ def _study(
     from spheretorch.train.presets import get_preset
 
     p = get_preset(preset)
+    # the optimizer study's depth (the smoke: 1 of its preset's 2 layers, the same path)
+    depth = {"n_layer": 1 if args.quick else OPTIM_LAYERS} if kind == "optims" else {}
     if kind == "models":
         runs = {m: {"model": m} for m in MODELS.split(",")}
     else:
-        runs = {f"{OPTIM_MODEL}+{o}": {"model": OPTIM_MODEL, "optim": o} for o in OPTIMS.split(",")}
+        runs = {
+            f"{OPTIM_MODEL}+{o}": {"model": OPTIM_MODEL, "optim": o, "model_options": depth}
+            for o in OPTIMS.split(",")
+        }
     t0 = time.perf_counter()
     ms = probe(preset, corpus, device, steps=2 if args.quick else 5, runs=runs)
     print(
@@ -251,6 +259,7 @@ def _study(
         setting = dict(
             models=OPTIM_MODEL,
             optims=OPTIMS,
+            options=dict(depth),
             sweep_lrs="1e-2,3e-2" if args.quick else OPTIM_SWEEP_LRS,
             sweep_bounds=(3e-3, 0.1) if args.quick else OPTIM_SWEEP_BOUNDS,
         )
@@ -271,6 +280,7 @@ def _study(
     table = (Path(config.out) / "results.md").read_text(encoding="utf-8")
     return {
         "steps": steps,
+        "options": depth,
         "probe_ms_per_step": ms,
         "wall_s": time.perf_counter() - t0,
         "results": results,
@@ -320,7 +330,7 @@ def _studies(
         "wall_s": wall,
     }
     for kind, d in done.items():
-        info[kind] = {k: d[k] for k in ("steps", "probe_ms_per_step", "wall_s")}
+        info[kind] = {k: d[k] for k in ("steps", "options", "probe_ms_per_step", "wall_s")}
     data: dict[str, Any] = {"info": info}
     if "models" in done:
         data["results"] = done["models"]["results"]
@@ -340,7 +350,9 @@ def _studies(
             "",
             f"## {TITLES[kind]}",
             "",
-            f"{d['steps']} steps at budget 1; probe ms/step {probe_text}; "
+            f"{d['steps']} steps at budget 1"
+            + "".join(f", {k}={v}" for k, v in d["options"].items())
+            + f"; probe ms/step {probe_text}; "
             f"{d['wall_s']:.0f} s. Outputs: `{'compare' if kind == 'models' else 'optims'}/`.",
             "",
             d["table"].strip(),

@@ -23,7 +23,10 @@ def _module():
 def test_gpu_study_quick_on_cpu(tmp_path: Path) -> None:
     gs = _module()
     out = tmp_path / "study"
-    assert gs.main(["--device", "cpu", "--quick", "--out", str(out)]) == 0
+    assert (
+        gs.main(["--device", "cpu", "--quick", "--out", str(out), "--studies", "models,optims"])
+        == 0
+    )
     meta = json.loads((out / "corpus" / "meta.json").read_text())
     assert meta["tokenizer"]["kind"] == "byte" and meta["tokens"]["train"] > 100_000
     data = json.loads((out / "gpu_study.json").read_text())
@@ -44,13 +47,15 @@ def test_gpu_study_quick_on_cpu(tmp_path: Path) -> None:
         assert {"final_val_loss_ci", "steps_to_target_ci", "budget_speedup"} <= set(r)
     assert [r["optim"] for r in optims.values()] == gs.OPTIMS.split(",")
     assert "## ngpt with 6 optimizers" in report and "ngpt+sphere_muon" in report
-    assert set(data["info"]["optims"]) == {"steps", "probe_ms_per_step", "wall_s"}
+    assert set(data["info"]["optims"]) == {"steps", "options", "probe_ms_per_step", "wall_s"}
+    assert data["info"]["optims"]["options"] == {"n_layer": 1}  # the study's own depth
+    assert all(r["n_params"] < res["ngpt"]["n_params"] for r in optims.values())  # 1 layer, not 2
 
 
 def test_gpu_study_one_study_and_bad_studies(tmp_path: Path) -> None:
     gs = _module()
     out = tmp_path / "study"
-    assert gs.main(["--device", "cpu", "--quick", "--out", str(out), "--studies", "models"]) == 0
+    assert gs.main(["--device", "cpu", "--quick", "--out", str(out)]) == 0  # models alone
     data = json.loads((out / "gpu_study.json").read_text())
     assert "optim_results" not in data and not (out / "optims").exists()
     with pytest.raises(SystemExit):
