@@ -61,6 +61,8 @@ OPTIM_SWEEP_BOUNDS = (6.25e-5, 0.256)
 #: the optimizer study's depth: six recipes in one call's time budget (gpu-quick has 8 layers)
 OPTIM_LAYERS = 4
 STUDIES = ("models", "optims")
+#: each study's compare outputs, under --out
+OUT_DIRS = {"models": "compare", "optims": "optims"}
 
 
 def source_files(roots: list[Path], max_bytes: int, seed: int = 0) -> list[Path]:
@@ -105,15 +107,14 @@ def make_corpus(args: argparse.Namespace, out: Path) -> tuple[Path, dict[str, An
 
 
 def probe(
-    preset: str, corpus: Path, device: str, steps: int = 5, runs: dict[str, dict] | None = None
+    preset: str, corpus: Path, device: str, runs: dict[str, dict], steps: int = 5
 ) -> dict[str, float]:
     """ms per training step of each run at the preset's size (after warm-up steps).
-    ``runs``: label -> TrainConfig fields (default: each of ``MODELS`` with its recipe)."""
+    ``runs``: label -> TrainConfig fields."""
     import torch
 
     from spheretorch.train import TrainConfig, Trainer
 
-    runs = runs or {m: {"model": m} for m in MODELS.split(",")}
     out = {}
     for model, fields in runs.items():
         t = Trainer(TrainConfig(preset=preset, data=str(corpus), device=device, **fields))
@@ -232,7 +233,7 @@ def _study(
             for o in OPTIMS.split(",")
         }
     t0 = time.perf_counter()
-    ms = probe(preset, corpus, device, steps=2 if args.quick else 5, runs=runs)
+    ms = probe(preset, corpus, device, runs, steps=2 if args.quick else 5)
     print(
         f"{kind}: probe (ms/step): " + ", ".join(f"{k} {v:.1f}" for k, v in ms.items()), flush=True
     )
@@ -265,7 +266,7 @@ def _study(
         )
     config = CompareConfig(
         preset=preset,
-        out=out / ("compare" if kind == "models" else "optims"),
+        out=out / OUT_DIRS[kind],
         data=str(corpus),
         device=device,
         seeds=seeds,
@@ -353,7 +354,7 @@ def _studies(
             f"{d['steps']} steps at budget 1"
             + "".join(f", {k}={v}" for k, v in d["options"].items())
             + f"; probe ms/step {probe_text}; "
-            f"{d['wall_s']:.0f} s. Outputs: `{'compare' if kind == 'models' else 'optims'}/`.",
+            f"{d['wall_s']:.0f} s. Outputs: `{OUT_DIRS[kind]}/`.",
             "",
             d["table"].strip(),
         ]

@@ -598,13 +598,8 @@ class AdamMoments:
     def lists(self) -> list[Sequence[Tensor | None]]:
         """The moment and (device) step lists, in the INFO table's order (after the
         gradients, which take the direction's column)."""
-        steps = [] if isinstance(self.steps, (int, float)) else [list(self.steps)]
+        steps = [list(self.steps)] if self.step_tensor else []  # type: ignore[arg-type]
         return [self.exp_avgs, self.exp_avg_sqs, *steps]
-
-    def hyper(self, lr: float | Tensor) -> list[float]:
-        """HYPER's values: ``(lr, beta1, beta2, tiny, step)`` (the tiny set by the caller)."""
-        step = float(self.steps) if isinstance(self.steps, (int, float)) else 0.0
-        return [_value(lr), float(self.betas[0]), float(self.betas[1]), 0.0, step]
 
     @property
     def step_tensor(self) -> bool:
@@ -617,18 +612,22 @@ def _step_args(
     radii: Sequence[float],
     bases: list[Tensor | None],
     dummy: Tensor,
+    cd: torch.dtype,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(HYPER, M, V, STEP, EPS)`` of a Muon-family step launch: HYPER =
-    ``(lr, beta1, beta2, tiny, step, radii...)`` in the compute dtype, and with ``adam`` the
-    bases of the moment and step lists (INFO columns 5-7: ``bases[3:6]``) and ``[eps]``."""
-    device, cd = dummy.device, _compute_dtype(next(b for b in bases if b is not None).dtype)
-    values = adam.hyper(lr) if adam is not None else [_value(lr), 0.0, 0.0, 0.0, 0.0]
-    values[3] = torch.finfo(cd).tiny
-    hyper = _hyper(device, cd, values, radii)
+    ``(lr, beta1, beta2, tiny, step, radii...)`` in the compute dtype ``cd`` (betas and step
+    0 without ``adam``; step 0 with device counters), and with ``adam`` the bases of the
+    moment and step lists (INFO columns 5-7: ``bases[3:6]``) and ``[eps]``."""
+    b1 = b2 = step = 0.0
+    if adam is not None:
+        b1, b2 = float(adam.betas[0]), float(adam.betas[1])
+        step = 0.0 if adam.step_tensor else float(adam.steps)  # type: ignore[arg-type]
+    values = [_value(lr), b1, b2, torch.finfo(cd).tiny, step]
+    hyper = _hyper(dummy.device, cd, values, radii)
     if adam is None:
         return hyper, dummy, dummy, dummy, dummy
     steps = bases[5] if adam.step_tensor else dummy
-    eps = _hyper(device, cd, [adam.eps], [])  # cached by value, as HYPER
+    eps = _hyper(dummy.device, cd, [adam.eps], [])  # cached by value, as HYPER
     return hyper, bases[3], bases[4], steps, eps  # type: ignore[return-value]
 
 
@@ -705,7 +704,7 @@ def sphere_rows_step_(
     if adam is not None:
         lists += adam.lists()
     bases, info, tiles = _plan(lists, [layout] * n, block_r)
-    hyper, m, v, steps, eps = _step_args(adam, lr, radii, bases, dummy)
+    hyper, m, v, steps, eps = _step_args(adam, lr, radii, bases, dummy, cd)
     angle = torch.empty(2 * n * count, dtype=cd, device=device) if measure else dummy
     kernel = _jit(device)._rows_step_kernel
     grid = (tiles.shape[0] // 2,)
@@ -748,16 +747,17 @@ def _whole(
     cuda = device.type == "cuda"
     block, warps = (_WHOLE_TILE, 8) if cuda else (_TILE_INTERPRETED, 1)
     has_d = ds is not None or adam is not None
-    flat: list[Tensor | None] = [None] * n if ds is None else [_like(d) for d in ds]
-    lists: list[Sequence[Tensor | None]] = [xs, flat]
+    lists: list[Sequence[Tensor | None]]
     if adam is not None:  # the gradients in the direction's place, columns as the row kernel's
         lists = [xs, adam.grads, [None] * n, *adam.lists()]
+    else:
+        lists = [xs, [None] * n if ds is None else [_like(d) for d in ds]]
     # one "sphere" per value: TILES holds (tensor, first value) per program of BLOCK values
     bases, info, tiles = _plan(lists, [SphereLayout(numel, 1, 1)] * n, block)
     programs = tiles.shape[0] // 2
     dummy = _dummy(xs[0])
     jit = _jit(device)
-    hyper, m, v, steps, eps = _step_args(adam, lr, radii, bases, dummy)
+    hyper, m, v, steps, eps = _step_args(adam, lr, radii, bases, dummy, cd)
     step_tensor = bool(adam and adam.step_tensor)
     partials = torch.empty(programs * 3, dtype=cd, device=device)
     jit._whole_sums_kernel[(programs,)](

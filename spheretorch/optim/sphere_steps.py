@@ -264,7 +264,6 @@ def adam_directions(
         return [
             adam_direction(m, v, t, betas, eps) for m, v, t in zip(exp_avgs, exp_avg_sqs, steps)
         ]
-    bc1 = [1 - betas[0] ** t for t in steps]
     bc2_sqrt = [math.sqrt(1 - betas[1] ** t) for t in steps]
     if up_to_scale:
         den = list(torch._foreach_sqrt(exp_avg_sqs))
@@ -281,7 +280,7 @@ def adam_directions(
         for i in big:
             torch.div(exp_avgs[i], den[i], out=den[i])
         return den
-    num = torch._foreach_div(exp_avgs, bc1)
+    num = torch._foreach_div(exp_avgs, [1 - betas[0] ** t for t in steps])
     den = torch._foreach_sqrt(exp_avg_sqs)
     torch._foreach_div_(den, bc2_sqrt)
     torch._foreach_add_(den, eps)

@@ -43,9 +43,10 @@ def apply_(op: str, dsts: Sequence[Tensor], *args: object, **kwargs: object) -> 
     read its destination at other positions, e.g. ``_foreach_div_(xs, norms_of_xs_along_0)``
     or a copy back of values computed from the destination: it computes the operand inside the
     loop that already overwrote part of the destination (compiled optimizer steps were off by
-    up to 4e-2 on column spheres; ``tests/test_optim_compile.py`` reproduces it in plain
-    torch). Per-tensor in-place ops compile correctly and fuse as well, so every such write of
-    the sphere code goes through here. ``args``: lists (one entry per tensor) or scalars.
+    up to 4e-2 on column spheres; ``tests/test_optim_compile.py`` compiles these writes and
+    every optimizer against eager). Per-tensor in-place ops compile correctly and fuse as
+    well, so every such write of the sphere code goes through here. ``args``: lists (one entry
+    per tensor) or scalars.
     """
     if not torch.compiler.is_compiling():
         getattr(torch, f"_foreach_{op}_")(dsts, *args, **kwargs)
